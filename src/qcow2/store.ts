@@ -1,0 +1,47 @@
+import { ShortReadError } from './errors.js';
+
+/**
+ * The byte-store contract the engine is written against. The engine never touches a file system, the DOM or the
+ * network itself: callers hand it stores (src/io/ has memory, Node file, HTTP Range and OPFS implementations).
+ *
+ * Offsets and lengths are plain numbers: images are bounded well below 2^53 bytes by validation on open.
+ */
+export interface ByteStore {
+  /** What a person calls this store in an error message: a path or a URL. */
+  readonly name: string;
+  /** True when write() and truncate() will refuse. */
+  readonly readOnly: boolean;
+  /** Current size in bytes. */
+  size(): Promise<number>;
+  /**
+   * Reads `length` bytes at `offset`. Bytes past the end of the store are not returned: the result is shorter
+   * (possibly empty) when the range crosses the end. Never reads outside [0, size).
+   */
+  read(offset: number, length: number): Promise<Uint8Array>;
+  /** Writes all of `data` at `offset`, growing the store when needed (the gap reads as zeros). */
+  write(offset: number, data: Uint8Array): Promise<void>;
+  /** Sets the size; growing fills with zeros. */
+  truncate(size: number): Promise<void>;
+  /** Makes every completed write durable (fsync for files). Ordering points in the engine call this. */
+  flush(): Promise<void>;
+  close(): Promise<void>;
+}
+
+/** How a backing (or external data) file is found: the caller decides what a name means. */
+export interface StoreResolver {
+  /**
+   * Opens the store called `name` as written in an image whose own store is `relativeTo`: a relative path is
+   * taken relative to that image's directory, a relative URL relative to its URL; absolute names stand alone.
+   * `fullName` is what qemu-img calls full-backing-filename.
+   */
+  open(name: string, relativeTo: ByteStore, options: { readOnly: boolean }): Promise<{ store: ByteStore; fullName: string }>;
+}
+
+/** Reads exactly `length` bytes or throws a ShortReadError naming the store, offset and what was missing. */
+export async function readExact(store: ByteStore, offset: number, length: number, what: string): Promise<Uint8Array> {
+  const bytes = await store.read(offset, length);
+  if (bytes.length !== length) {
+    throw new ShortReadError(store.name, what, offset, length, bytes.length);
+  }
+  return bytes;
+}
