@@ -1,0 +1,36 @@
+/**
+ * `qcow86 <command>`: a qemu-img-compatible tool. Each command lives in src/node/commands/<name>.ts and exports
+ * `run(args: string[]): Promise<number>` returning qemu-img's exit code for that command.
+ */
+import { Qcow86Error } from '../qcow2/errors.js';
+
+type Command = { run(args: string[]): Promise<number> };
+
+const COMMANDS: Record<string, () => Promise<Command>> = {
+};
+
+const USAGE = `usage: qcow86 <command> [options]
+commands: ${Object.keys(COMMANDS).sort().join(', ')}
+Run 'qcow86 <command> --help' for a command's options.`;
+
+export async function main(argv: string[]): Promise<number> {
+  const [name, ...args] = argv;
+  if (!name || name === '--help' || name === '-h') {
+    console.log(USAGE);
+    return name ? 0 : 1;
+  }
+  const load = COMMANDS[name];
+  if (!load) {
+    console.error(`qcow86: unknown command '${name}'\n${USAGE}`);
+    return 1;
+  }
+  try {
+    return await (await load()).run(args);
+  } catch (error) {
+    if (error instanceof Qcow86Error) {
+      console.error(`qcow86 ${name}: ${error.message}`);
+      return 1;
+    }
+    throw error;
+  }
+}

@@ -1,0 +1,19 @@
+/**
+ * What every opened image is to its users (the v86 adapter, the CLI, convert): a guest-visible disk of
+ * `virtualSize` bytes. qcow2, legacy qcow and raw images all implement it.
+ */
+export interface BlockDevice {
+  /** The image's store name (path or URL), for messages. */
+  readonly name: string;
+  readonly format: 'qcow2' | 'qcow' | 'raw';
+  readonly virtualSize: number;
+  readonly readOnly: boolean;
+  /** Guest-visible bytes; ranges past virtualSize are an error. */
+  read(offset: number, length: number): Promise<Uint8Array>;
+  /** Guest write; copy-on-write for images with a backing file. */
+  write(offset: number, data: Uint8Array): Promise<void>;
+  /** Makes all completed writes (data and metadata) durable, in a crash-safe order. */
+  flush(): Promise<void>;
+  /** Flushes and releases the image and its whole backing chain. */
+  close(): Promise<void>;
+}
