@@ -32,9 +32,11 @@ export interface StoreResolver {
   /**
    * Opens the store called `name` as written in an image whose own store is `relativeTo`: a relative path is
    * taken relative to that image's directory, a relative URL relative to its URL; absolute names stand alone.
-   * `fullName` is what qemu-img calls full-backing-filename.
+   * `fullName` is what qemu-img calls full-backing-filename (the name joined to the image's directory, as
+   * written); `identity` names the underlying file canonically (a real path, a normalised URL) so that loops in a
+   * backing chain are found however the names are spelled.
    */
-  open(name: string, relativeTo: ByteStore, options: { readOnly: boolean }): Promise<{ store: ByteStore; fullName: string }>;
+  open(name: string, relativeTo: ByteStore, options: { readOnly: boolean }): Promise<{ store: ByteStore; fullName: string; identity: string }>;
 }
 
 /** Reads exactly `length` bytes or throws a ShortReadError naming the store, offset and what was missing. */

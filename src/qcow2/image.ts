@@ -1,0 +1,310 @@
+/**
+ * An open qcow2 image: header, active L1 table, L2 cache, backing device and external data file. Reads turn into
+ * extent plans (mapping.ts) that this class executes against the stores.
+ */
+import type { BlockDevice } from './device.js';
+import type { ByteStore } from './store.js';
+import { readExact } from './store.js';
+import { CorruptImageError, FormatError, ReadOnlyError, UnsupportedError } from './errors.js';
+import {
+  AUTOCLEAR_DATA_FILE_RAW,
+  COMPAT_LAZY_REFCOUNTS,
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DATA_FILE,
+  INCOMPAT_DIRTY,
+  clusterSizeOf,
+  hasExtendedL2,
+  parseHeader,
+  peekClusterBits,
+  type Qcow2Header,
+} from './header.js';
+import { L2Cache } from './l2-cache.js';
+import { SUBCLUSTERS, classify, decodeL1Entry, makeGeometry, pushExtent, readL2Entry, type Extent, type Geometry } from './mapping.js';
+import { readSnapshotTable, findSnapshot, type Snapshot } from './snapshots.js';
+import { decompressCluster, type Codecs, type CompressionType } from './compression.js';
+import { checkRange } from './raw.js';
+import { hex } from './bytes.js';
+
+export const DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024;
+
+export interface Qcow2OpenOptions {
+  readOnly: boolean;
+  codecs: Codecs;
+  /** The device unallocated clusters read from; undefined means zeros. */
+  backing?: BlockDevice | undefined;
+  /** The external data file's store, when the image has one. */
+  dataStore?: ByteStore | undefined;
+  /** Bytes of L2 tables to keep cached (QEMU's l2-cache-size). */
+  l2CacheSize?: number;
+}
+
+export class Qcow2Image implements BlockDevice {
+  readonly format = 'qcow2' as const;
+  readonly geometry: Geometry;
+  readonly clusterSize: number;
+  readonly l2Cache: L2Cache;
+  /** The last decompressed cluster: sequential reads of a compressed image hit it once per cluster. */
+  private lastCompressed: { hostOffset: number; data: Uint8Array } | undefined;
+
+  protected constructor(
+    readonly store: ByteStore,
+    readonly header: Qcow2Header,
+    /** The active L1 table, raw big-endian entries. */
+    public l1Table: Uint8Array,
+    readonly snapshots: Snapshot[],
+    readonly readOnly: boolean,
+    readonly codecs: Codecs,
+    readonly backing: BlockDevice | undefined,
+    readonly dataStore: ByteStore | undefined,
+    l2CacheSize: number,
+  ) {
+    this.clusterSize = clusterSizeOf(header);
+    this.geometry = makeGeometry(header.clusterBits, hasExtendedL2(header), dataStore !== undefined, header.version);
+    this.l2Cache = new L2Cache(Math.max(2, Math.floor(l2CacheSize / this.clusterSize)));
+  }
+
+  get name(): string {
+    return this.store.name;
+  }
+
+  get virtualSize(): number {
+    return this.header.size;
+  }
+
+  get compressionType(): CompressionType {
+    return this.header.compressionType === 1 ? 'zstd' : 'deflate';
+  }
+
+  get isCorrupt(): boolean {
+    return (this.header.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n;
+  }
+
+  get isDirty(): boolean {
+    return (this.header.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n;
+  }
+
+  get lazyRefcounts(): boolean {
+    return (this.header.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n;
+  }
+
+  get dataFileRaw(): boolean {
+    return (this.header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n;
+  }
+
+  /** Reads and validates the header, the active L1 table and the snapshot table. */
+  static async readMetadata(store: ByteStore): Promise<{ header: Qcow2Header; l1Table: Uint8Array; snapshots: Snapshot[]; fileSize: number }> {
+    const fileSize = await store.size();
+    const start = await store.read(0, 112);
+    const clusterBits = peekClusterBits(store.name, start);
+    const clusterSize = clusterBits >= 9 && clusterBits <= 21 ? 2 ** clusterBits : 512;
+    const cluster0 = clusterSize <= start.length ? start : await store.read(0, Math.min(clusterSize, fileSize));
+    const header = parseHeader(store.name, cluster0, fileSize);
+    const l1Table = header.l1Size ? await readExact(store, header.l1TableOffset, header.l1Size * 8, 'L1 table') : new Uint8Array(0);
+    const snapshots = await readSnapshotTable(store, header.snapshotsOffset, header.nbSnapshots, clusterSize, fileSize, header.size);
+    return { header, l1Table, snapshots, fileSize };
+  }
+
+  /**
+   * Opens an image whose backing device and data store the caller has already resolved (see open.ts, which walks
+   * backing chains). Refuses what cannot be read correctly; refuses write access where QEMU would.
+   */
+  static async open(store: ByteStore, options: Qcow2OpenOptions): Promise<Qcow2Image> {
+    const { header, l1Table, snapshots } = await Qcow2Image.readMetadata(store);
+    if (header.cryptMethod !== 0) {
+      throw new UnsupportedError(store.name, 'encryption', `encrypted images are not supported (crypt_method ${header.cryptMethod} at offset 32)`);
+    }
+    if (header.incompatibleFeatures & INCOMPAT_DATA_FILE && !options.dataStore) {
+      throw new FormatError(store.name, 'the image keeps its data in an external data file, but none was given or named in the header', { field: 'data file' });
+    }
+    let readOnly = options.readOnly || store.readOnly;
+    if (!readOnly && header.incompatibleFeatures & INCOMPAT_CORRUPT) {
+      throw new CorruptImageError(store.name, 'image is marked corrupt (incompatible feature bit 1): it can only be opened read-only until repaired with check -r');
+    }
+    const image = new this(store, header, l1Table, snapshots, readOnly, options.codecs, options.backing, options.dataStore, options.l2CacheSize ?? DEFAULT_L2_CACHE_BYTES);
+    return image;
+  }
+
+  /** The guest-visible disk as of an internal snapshot (by ID or name), read-only. */
+  async openSnapshot(idOrName: string): Promise<BlockDevice> {
+    const snapshot = findSnapshot(this.snapshots, idOrName);
+    if (!snapshot) throw new FormatError(this.name, `no snapshot with ID or name '${idOrName}'`, { field: 'snapshot', value: idOrName });
+    const l1 = snapshot.l1Size ? await readExact(this.store, snapshot.l1TableOffset, snapshot.l1Size * 8, `L1 table of snapshot ${snapshot.id}`) : new Uint8Array(0);
+    return new SnapshotView(this, snapshot, l1);
+  }
+
+  // ---- mapping -------------------------------------------------------------------------------------------
+
+  async loadL2(l2Offset: number): Promise<Uint8Array> {
+    return this.l2Cache.get(l2Offset, (offset) => readExact(this.store, offset, this.clusterSize, 'L2 table'));
+  }
+
+  /**
+   * Describes guest bytes [offset, offset+length) of this layer only (unallocated extents are not resolved
+   * through the backing chain). `l1Table` selects a snapshot's tables instead of the active ones.
+   */
+  async mapRange(offset: number, length: number, l1Table: Uint8Array = this.l1Table): Promise<Extent[]> {
+    const { clusterSize, l2Entries, extendedL2 } = this.geometry;
+    const extents: Extent[] = [];
+    const end = offset + length;
+    let at = offset;
+    while (at < end) {
+      const clusterIndex = Math.floor(at / clusterSize);
+      const l1Index = Math.floor(clusterIndex / l2Entries);
+      const l2Index = clusterIndex % l2Entries;
+      const clusterStart = clusterIndex * clusterSize;
+      const clusterEnd = Math.min(clusterStart + clusterSize, end);
+      if (l1Index * 8 >= l1Table.length) {
+        // Past the L1 table (a snapshot view of a disk that grew later): nothing allocated there.
+        pushExtent(extents, { guestOffset: at, length: Math.min(end, (l1Index + 1) * l2Entries * clusterSize) - at, kind: 'unallocated' });
+        at = Math.min(end, (l1Index + 1) * l2Entries * clusterSize);
+        continue;
+      }
+      const l1 = decodeL1Entry(this.name, l1Table, l1Index, this.geometry);
+      if (l1.l2Offset === 0) {
+        const l2End = Math.min(end, (l1Index + 1) * l2Entries * clusterSize);
+        pushExtent(extents, { guestOffset: at, length: l2End - at, kind: 'unallocated' });
+        at = l2End;
+        continue;
+      }
+      const table = await this.loadL2(l1.l2Offset);
+      const entry = readL2Entry(table, l2Index, this.geometry);
+      const where = () => `L2 table ${hex(l1.l2Offset)}, L2 index ${l2Index}, guest offset ${hex(clusterStart)}`;
+      if (!extendedL2 || entry.hi & 0x40000000) {
+        const mapping = classify(this.name, entry, this.geometry, 0, where);
+        pushMapping(extents, mapping, at, clusterEnd - at, at - clusterStart);
+        at = clusterEnd;
+        continue;
+      }
+      const subSize = clusterSize / SUBCLUSTERS;
+      while (at < clusterEnd) {
+        const sub = Math.floor((at - clusterStart) / subSize);
+        const subEnd = Math.min(clusterStart + (sub + 1) * subSize, clusterEnd);
+        const mapping = classify(this.name, entry, this.geometry, sub, where);
+        pushMapping(extents, mapping, at, subEnd - at, at - clusterStart - sub * subSize);
+        at = subEnd;
+      }
+    }
+    return extents;
+  }
+
+  // ---- reading -------------------------------------------------------------------------------------------
+
+  async read(offset: number, length: number): Promise<Uint8Array> {
+    checkRange(this, offset, length);
+    return this.readThrough(offset, length, this.l1Table, this.backing);
+  }
+
+  /** Executes the read plan for [offset, offset+length) with the given tables and backing. */
+  async readThrough(offset: number, length: number, l1Table: Uint8Array, backing: BlockDevice | undefined): Promise<Uint8Array> {
+    const out = new Uint8Array(length);
+    const extents = await this.mapRange(offset, length, l1Table);
+    await Promise.all(extents.map((extent) => this.fillExtent(out, offset, extent, backing)));
+    return out;
+  }
+
+  private async fillExtent(out: Uint8Array, base: number, extent: Extent, backing: BlockDevice | undefined): Promise<void> {
+    const at = extent.guestOffset - base;
+    switch (extent.kind) {
+      case 'zero':
+        return; // already zero
+      case 'unallocated': {
+        if (!backing) return;
+        // A backing file shorter than this image reads as zeros past its end.
+        const available = Math.max(0, Math.min(extent.length, backing.virtualSize - extent.guestOffset));
+        if (available > 0) out.set(await backing.read(extent.guestOffset, available), at);
+        return;
+      }
+      case 'data': {
+        const store = this.dataStore ?? this.store;
+        // Data past the end of the file reads as zeros, as it does in QEMU.
+        out.set(await store.read(extent.hostOffset, extent.length), at);
+        return;
+      }
+      case 'compressed': {
+        const cluster = await this.readCompressed(extent.hostOffset, extent.compressedLength);
+        out.set(cluster.subarray(extent.offsetInCluster, extent.offsetInCluster + extent.length), at);
+        return;
+      }
+    }
+  }
+
+  async readCompressed(hostOffset: number, compressedLength: number): Promise<Uint8Array> {
+    if (this.lastCompressed?.hostOffset === hostOffset) return this.lastCompressed.data;
+    // The descriptor's sector count can overstate the length (it is sector-granular, up to two clusters).
+    const raw = await this.store.read(hostOffset, compressedLength);
+    if (raw.length === 0) {
+      throw new CorruptImageError(this.name, `compressed cluster at host offset ${hex(hostOffset)} lies outside the file`, hostOffset);
+    }
+    const data = await decompressCluster(this.name, this.compressionType, raw, this.clusterSize, this.codecs, hostOffset);
+    this.lastCompressed = { hostOffset, data };
+    return data;
+  }
+
+  // ---- writing (the write path lives in its own modules and replaces these) --------------------------------
+
+  async write(_offset: number, _data: Uint8Array): Promise<void> {
+    throw new ReadOnlyError(this.name, this.readOnly ? 'image is open read-only' : 'writing qcow2 images is not supported yet');
+  }
+
+  async flush(): Promise<void> {
+    if (!this.readOnly) await this.store.flush();
+  }
+
+  async close(): Promise<void> {
+    await this.store.close();
+    if (this.dataStore) await this.dataStore.close();
+    if (this.backing) await this.backing.close();
+  }
+}
+
+function pushMapping(extents: Extent[], mapping: ReturnType<typeof classify>, guestOffset: number, length: number, offsetInUnit: number): void {
+  switch (mapping.kind) {
+    case 'unallocated':
+      pushExtent(extents, { guestOffset, length, kind: 'unallocated' });
+      return;
+    case 'zero':
+      pushExtent(extents, { guestOffset, length, kind: 'zero', hostOffset: mapping.hostOffset === undefined ? undefined : mapping.hostOffset + offsetInUnit });
+      return;
+    case 'data':
+      pushExtent(extents, { guestOffset, length, kind: 'data', hostOffset: mapping.hostOffset + offsetInUnit });
+      return;
+    case 'compressed':
+      extents.push({ guestOffset, length, kind: 'compressed', hostOffset: mapping.hostOffset, compressedLength: mapping.compressedLength, offsetInCluster: offsetInUnit });
+      return;
+  }
+}
+
+/** A read-only view of the disk as it was when a snapshot was taken. */
+class SnapshotView implements BlockDevice {
+  readonly format = 'qcow2' as const;
+  readonly readOnly = true;
+
+  constructor(
+    private readonly image: Qcow2Image,
+    readonly snapshot: Snapshot,
+    private readonly l1Table: Uint8Array,
+  ) {}
+
+  get name(): string {
+    return `${this.image.name} (snapshot ${this.snapshot.id} '${this.snapshot.name}')`;
+  }
+
+  get virtualSize(): number {
+    return this.snapshot.diskSize;
+  }
+
+  async read(offset: number, length: number): Promise<Uint8Array> {
+    checkRange(this, offset, length);
+    return this.image.readThrough(offset, length, this.l1Table, this.image.backing);
+  }
+
+  async write(): Promise<void> {
+    throw new ReadOnlyError(this.name, 'snapshots are read-only');
+  }
+
+  async flush(): Promise<void> {}
+
+  async close(): Promise<void> {
+    await this.image.close();
+  }
+}

@@ -1,0 +1,129 @@
+/**
+ * Opening an image with its whole backing chain: format probing (as QEMU does when a format is not recorded),
+ * backing and data-file resolution through the caller's resolver, and loop detection.
+ */
+import type { BlockDevice } from './device.js';
+import type { ByteStore, StoreResolver } from './store.js';
+import { BackingChainError, UnsupportedError } from './errors.js';
+import { u32 } from './bytes.js';
+import { QCOW2_MAGIC, INCOMPAT_DATA_FILE } from './header.js';
+import { Qcow2Image } from './image.js';
+import { QcowV1Image } from './qcow1.js';
+import { RawImage } from './raw.js';
+import { portableCodecs, type Codecs } from './compression.js';
+
+export type ImageFormat = 'qcow2' | 'qcow' | 'raw';
+
+/** Chains deeper than this are refused: each layer holds its L1 table in memory. */
+export const MAX_CHAIN_DEPTH = 64;
+
+export interface OpenOptions {
+  /** Skip probing; the format must match the file. */
+  format?: ImageFormat | undefined;
+  /** Default true. Backing files are always opened read-only. */
+  readOnly?: boolean;
+  /** Finds backing and external data files; without one, an image that names a backing file fails to open. */
+  resolver?: StoreResolver | undefined;
+  /** The top image's canonical identity (a real path or URL), for loop detection; defaults to its store name. */
+  identity?: string | undefined;
+  codecs?: Codecs | undefined;
+  /** Open backing files (default true). qemu-img info without --backing-chain still opens them. */
+  openBacking?: boolean;
+  l2CacheSize?: number | undefined;
+}
+
+export async function probeFormat(store: ByteStore): Promise<ImageFormat> {
+  const start = await store.read(0, 8);
+  if (start.length >= 8 && u32(start, 0) === QCOW2_MAGIC) return u32(start, 4) === 1 ? 'qcow' : 'qcow2';
+  return 'raw';
+}
+
+export async function openImage(store: ByteStore, options: OpenOptions = {}): Promise<BlockDevice> {
+  const codecs = options.codecs ?? portableCodecs();
+  return openLayer(store, options.format, options.readOnly ?? true, options.identity ?? store.name, [], { ...options, codecs });
+}
+
+async function openLayer(
+  store: ByteStore,
+  format: ImageFormat | undefined,
+  readOnly: boolean,
+  identity: string,
+  chain: string[],
+  options: OpenOptions & { codecs: Codecs },
+): Promise<BlockDevice> {
+  if (chain.includes(identity)) {
+    await store.close();
+    throw new BackingChainError(chain[0] ?? identity, `backing chain loop: ${[...chain, identity].join(' -> ')}`);
+  }
+  if (chain.length >= MAX_CHAIN_DEPTH) {
+    await store.close();
+    throw new BackingChainError(chain[0] ?? identity, `backing chain is deeper than ${MAX_CHAIN_DEPTH} images`);
+  }
+  const path = [...chain, identity];
+  try {
+    const actual = await probeFormat(store);
+    const chosen = format ?? actual;
+    if (chosen !== 'raw' && chosen !== actual) {
+      throw new UnsupportedError(store.name, 'format', `image is not in ${chosen} format (it looks like ${actual})`);
+    }
+    if (chosen === 'raw') return await RawImage.open(store, { readOnly });
+    if (chosen === 'qcow') {
+      // The header names the backing file; a first open without it learns the name cheaply.
+      const backingName = (await QcowV1Image.open(store, { codecs: options.codecs })).backingName;
+      const backing = backingName !== undefined && options.openBacking !== false ? await openBacking(store, backingName, undefined, path, options) : undefined;
+      return await QcowV1Image.open(store, { backing, codecs: options.codecs });
+    }
+    const { header } = await Qcow2Image.readMetadata(store);
+    let dataStore: ByteStore | undefined;
+    if (header.incompatibleFeatures & INCOMPAT_DATA_FILE && header.dataFile !== undefined) {
+      if (!options.resolver) throw new UnsupportedError(store.name, 'data file', `cannot open external data file '${header.dataFile}': no resolver given`);
+      dataStore = (await options.resolver.open(header.dataFile, store, { readOnly })).store;
+    }
+    const backing =
+      header.backingFile !== undefined && options.openBacking !== false
+        ? await openBacking(store, header.backingFile, header.backingFormat, path, options)
+        : undefined;
+    return await Qcow2Image.open(store, { readOnly, codecs: options.codecs, backing, dataStore, l2CacheSize: options.l2CacheSize });
+  } catch (error) {
+    await store.close().catch(() => {});
+    throw error;
+  }
+}
+
+async function openBacking(
+  store: ByteStore,
+  name: string,
+  recordedFormat: string | undefined,
+  chain: string[],
+  options: OpenOptions & { codecs: Codecs },
+): Promise<BlockDevice> {
+  if (!options.resolver) throw new BackingChainError(store.name, `cannot open backing file '${name}': no resolver given`);
+  let format: ImageFormat | undefined;
+  if (recordedFormat !== undefined) {
+    if (recordedFormat !== 'qcow2' && recordedFormat !== 'raw' && recordedFormat !== 'qcow') {
+      throw new UnsupportedError(store.name, 'backing format', `backing file '${name}' has format '${recordedFormat}', which is not supported (qcow2, qcow, raw)`);
+    }
+    format = recordedFormat;
+  }
+  let opened: { store: ByteStore; fullName: string; identity: string };
+  try {
+    opened = await options.resolver.open(name, store, { readOnly: true });
+  } catch (error) {
+    throw new BackingChainError(store.name, `could not open backing file '${name}': ${(error as Error).message}`);
+  }
+  const device = await openLayer(opened.store, format, true, opened.identity, chain, options);
+  backingNames.set(device, opened.fullName);
+  return device;
+}
+
+const backingNames = new WeakMap<BlockDevice, string>();
+
+/** The full-backing-filename a backing device was opened under (qemu-img info's key). */
+export function fullNameOf(device: BlockDevice): string {
+  return backingNames.get(device) ?? device.name;
+}
+
+/** The backing device of an image, when it has one. */
+export function backingOf(device: BlockDevice): BlockDevice | undefined {
+  return (device as { backing?: BlockDevice }).backing;
+}
