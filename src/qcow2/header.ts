@@ -38,6 +38,12 @@ export const EXT_FEATURE_NAMES = 0x6803f857;
 export const EXT_BITMAPS = 0x23852875;
 export const EXT_FDE = 0x0537be77;
 export const EXT_DATA_FILE = 0x44415441;
+/**
+ * qcow86's own extension: the validator (ETag or Last-Modified + size) of the backing file this overlay was made
+ * on. QEMU keeps unknown extensions when it rewrites a header, and the backing name itself stays a plain URL so
+ * QEMU can still open the overlay.
+ */
+export const EXT_QCOW86_BACKING_VALIDATOR = 0x71383676; // 'q86v'
 
 export type FeatureType = 'incompatible' | 'compatible' | 'autoclear';
 const FEATURE_TYPES: FeatureType[] = ['incompatible', 'compatible', 'autoclear'];
@@ -448,4 +454,14 @@ export function encodeHeader(header: Qcow2Header): Uint8Array {
   putU64(out, 8, header.backingFileOffset);
   putU32(out, 16, header.backingFileSize);
   return out;
+}
+
+export function backingValidatorOf(header: Qcow2Header): string | undefined {
+  const ext = header.unknownExtensions.find((e) => e.type === EXT_QCOW86_BACKING_VALIDATOR);
+  return ext ? decodeText(ext.data) : undefined;
+}
+
+export function setBackingValidator(header: Qcow2Header, validator: string | undefined): void {
+  header.unknownExtensions = header.unknownExtensions.filter((e) => e.type !== EXT_QCOW86_BACKING_VALIDATOR);
+  if (validator !== undefined) header.unknownExtensions.push({ type: EXT_QCOW86_BACKING_VALIDATOR, data: encodeText(validator) });
 }

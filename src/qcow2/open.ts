@@ -6,7 +6,7 @@ import type { BlockDevice } from './device.js';
 import type { ByteStore, StoreResolver } from './store.js';
 import { BackingChainError, UnsupportedError } from './errors.js';
 import { u32 } from './bytes.js';
-import { QCOW2_MAGIC, INCOMPAT_DATA_FILE } from './header.js';
+import { QCOW2_MAGIC, INCOMPAT_DATA_FILE, backingValidatorOf, type Qcow2Header } from './header.js';
 import { Qcow2Image } from './image.js';
 import { QcowV1Image } from './qcow1.js';
 import { RawImage } from './raw.js';
@@ -30,6 +30,8 @@ export interface OpenOptions {
   /** Open backing files (default true). qemu-img info without --backing-chain still opens them. */
   openBacking?: boolean;
   l2CacheSize?: number | undefined;
+  /** Open an overlay even when its base's recorded validator (ETag...) differs from the base's current one. */
+  forceBackingChange?: boolean;
 }
 
 export async function probeFormat(store: ByteStore): Promise<ImageFormat> {
@@ -83,6 +85,7 @@ async function openLayer(
       header.backingFile !== undefined && options.openBacking !== false
         ? await openBacking(store, header.backingFile, header.backingFormat, path, options)
         : undefined;
+    if (backing) await checkBackingValidator(store, header, backing, options);
     return await Qcow2Image.open(store, { readOnly, codecs: options.codecs, backing, dataStore, l2CacheSize: options.l2CacheSize });
   } catch (error) {
     await store.close().catch(() => {});
@@ -114,6 +117,18 @@ async function openBacking(
   const device = await openLayer(opened.store, format, true, opened.identity, chain, options);
   backingNames.set(device, opened.fullName);
   return device;
+}
+
+/** Refuses an overlay whose base changed since the overlay was made: its blocks would mix two versions. */
+async function checkBackingValidator(store: ByteStore, header: Qcow2Header, backing: BlockDevice, options: OpenOptions): Promise<void> {
+  const recorded = backingValidatorOf(header);
+  const current = (backing as { store?: ByteStore }).store?.validator;
+  if (recorded === undefined || current === undefined || recorded === current || options.forceBackingChange) return;
+  await backing.close().catch(() => {});
+  throw new BackingChainError(
+    store.name,
+    `backing file '${header.backingFile}' has changed since this overlay was made (recorded version ${recorded}, now ${current}); reopen with force to use it anyway`,
+  );
 }
 
 const backingNames = new WeakMap<BlockDevice, string>();

@@ -11,6 +11,11 @@ export interface ByteStore {
   readonly name: string;
   /** True when write() and truncate() will refuse. */
   readonly readOnly: boolean;
+  /**
+   * What identifies this exact version of the bytes, when the store can tell (an HTTP strong ETag, or
+   * Last-Modified + size). Overlays record their base's validator so a changed base is noticed on reopen.
+   */
+  readonly validator?: string | undefined;
   /** Current size in bytes. */
   size(): Promise<number>;
   /**
