@@ -1,0 +1,290 @@
+/**
+ * Compressed-cluster codecs. The engine calls decompressCluster/compressCluster; the byte-level work goes through
+ * an injectable Codecs object so Node can plug in native zlib (src/io/node-codecs.ts) while browsers use the
+ * portable JavaScript/WASM implementations below.
+ *
+ * QEMU's rules (block/qcow2-threads.c, QEMU 7.2):
+ * - deflate is RAW deflate with a 4 KiB window (windowBits -12), default level, memLevel 9. Decoding stops as soon
+ *   as the cluster is full: the stream may end exactly there or carry more, and the input may carry trailing bytes
+ *   because the L2 descriptor only records whole 512-byte sectors.
+ * - zstd input is one or more frames with no length prefix; decoding goes frame by frame until the cluster is
+ *   full and fails when a step makes no progress or a frame would overflow the cluster.
+ * - A compressed cluster must be at most clusterSize - 1 bytes, otherwise QEMU stores the cluster uncompressed.
+ */
+import {
+  ZStream,
+  Z_BUF_ERROR,
+  Z_DEFAULT_STRATEGY,
+  Z_FINISH,
+  Z_OK,
+  Z_STREAM_END,
+  zlibDeflate,
+  zlibDeflateEnd,
+  zlibDeflateInit2,
+  zlibInflate,
+  zlibInflateEnd,
+  zlibInflateInit2,
+} from 'pako';
+import { Decompress as ZstdStream } from 'fzstd';
+import { FormatError } from './errors.js';
+import { hex } from './bytes.js';
+
+export type CompressionType = 'deflate' | 'zstd';
+
+/**
+ * The byte-level codecs. Decoders return at most `maxOutput` bytes: the first `maxOutput` bytes of the decoded
+ * stream, or fewer when the stream (or the input) ends first. They throw on a corrupt stream. Encoders return
+ * the complete compressed form of `src`.
+ */
+export interface Codecs {
+  /** Raw deflate (no zlib header), window 4 KiB as QEMU writes it. */
+  inflateRaw(src: Uint8Array, maxOutput: number): Promise<Uint8Array>;
+  deflateRaw(src: Uint8Array): Promise<Uint8Array>;
+  zstdDecompress(src: Uint8Array, maxOutput: number): Promise<Uint8Array>;
+  zstdCompress(src: Uint8Array): Promise<Uint8Array>;
+}
+
+/** QEMU's zlib settings: raw deflate (negative window bits), 2^12-byte window, memLevel 9, default level. */
+export const QEMU_WINDOW_BITS = 12;
+export const QEMU_MEM_LEVEL = 9;
+export const QEMU_DEFLATE_LEVEL = -1;
+const Z_DEFLATED_METHOD = 8;
+/** ZSTD_CLEVEL_DEFAULT: QEMU creates its compression context without setting a level. */
+export const QEMU_ZSTD_LEVEL = 3;
+
+/** Pure JavaScript deflate (pako), JavaScript zstd decoding (fzstd), WASM zstd encoding loaded on first use. */
+export function portableCodecs(): Codecs {
+  return {
+    inflateRaw: async (src, maxOutput) => pakoInflateRaw(src, maxOutput),
+    deflateRaw: async (src) => pakoDeflateRaw(src),
+    zstdDecompress: async (src, maxOutput) => zstdDecompressPortable(src, maxOutput),
+    zstdCompress: async (src) => (await zstdWasm()).compress(src, QEMU_ZSTD_LEVEL),
+  };
+}
+
+/** Decodes one compressed cluster into exactly `clusterSize` bytes, or throws a FormatError saying why not. */
+export async function decompressCluster(
+  file: string,
+  type: CompressionType,
+  src: Uint8Array,
+  clusterSize: number,
+  codecs: Codecs,
+  hostOffset: number,
+): Promise<Uint8Array> {
+  const where = `compressed cluster at host offset ${hex(hostOffset)}`;
+  let out: Uint8Array;
+  try {
+    out = type === 'zstd' ? await codecs.zstdDecompress(src, clusterSize) : await codecs.inflateRaw(src, clusterSize);
+  } catch (error) {
+    if (error instanceof FormatError) throw error;
+    throw new FormatError(file, `${where}: ${type} data is corrupt (${(error as Error).message})`, { field: 'compressed data', offset: hostOffset });
+  }
+  if (out.length > clusterSize) {
+    throw new FormatError(file, `${where}: ${type} data expands past the cluster size (${clusterSize} bytes)`, { field: 'compressed data', offset: hostOffset });
+  }
+  if (out.length < clusterSize) {
+    throw new FormatError(
+      file,
+      `${where}: ${type} data ends after ${out.length} of ${clusterSize} bytes (${src.length} compressed bytes read)`,
+      { field: 'compressed data', offset: hostOffset, value: out.length },
+    );
+  }
+  return out;
+}
+
+/**
+ * Compresses one cluster the way QEMU does. `data` shorter than a cluster (the image's last, partial cluster) is
+ * padded with zeros. Returns undefined when the result would not be smaller than clusterSize - 1 bytes: QEMU
+ * then writes the cluster uncompressed.
+ */
+export async function compressCluster(type: CompressionType, data: Uint8Array, clusterSize: number, codecs: Codecs): Promise<Uint8Array | undefined> {
+  if (data.length > clusterSize) throw new RangeError(`compressCluster: ${data.length} bytes is more than one cluster (${clusterSize})`);
+  let input = data;
+  if (data.length < clusterSize) {
+    input = new Uint8Array(clusterSize);
+    input.set(data);
+  }
+  const out = type === 'zstd' ? await codecs.zstdCompress(input) : await codecs.deflateRaw(input);
+  return out.length <= clusterSize - 1 ? out : undefined;
+}
+
+// ---- deflate (pako's zlib port, driven like QEMU drives zlib) --------------------------------------------------
+
+/** One inflate(Z_FINISH) call into a fixed buffer: output can never exceed maxOutput, whatever the input says. */
+export function pakoInflateRaw(src: Uint8Array, maxOutput: number): Uint8Array {
+  const strm = new ZStream();
+  const output = new Uint8Array(maxOutput);
+  if (zlibInflateInit2(strm, -QEMU_WINDOW_BITS) !== Z_OK) throw new Error('inflateInit2 failed');
+  strm.input = src;
+  strm.next_in = 0;
+  strm.avail_in = src.length;
+  strm.output = output;
+  strm.next_out = 0;
+  strm.avail_out = maxOutput;
+  const status = zlibInflate(strm, Z_FINISH);
+  const produced = strm.next_out;
+  const message = strm.msg;
+  zlibInflateEnd(strm);
+  // Z_BUF_ERROR means "stopped for lack of room or input": fine, the caller checks the length.
+  if (status !== Z_STREAM_END && status !== Z_BUF_ERROR && status !== Z_OK) throw new Error(message || `inflate status ${status}`);
+  return output.subarray(0, produced);
+}
+
+export function pakoDeflateRaw(src: Uint8Array): Uint8Array {
+  const strm = new ZStream();
+  if (zlibDeflateInit2(strm, QEMU_DEFLATE_LEVEL, Z_DEFLATED_METHOD, -QEMU_WINDOW_BITS, QEMU_MEM_LEVEL, Z_DEFAULT_STRATEGY) !== Z_OK) {
+    throw new Error('deflateInit2 failed');
+  }
+  // Stored blocks cost 5 bytes per 16 KiB at worst; this bound always holds for one call with Z_FINISH.
+  const bound = src.length + 5 * Math.ceil(src.length / 16384 + 1) + 16;
+  const output = new Uint8Array(bound);
+  strm.input = src;
+  strm.next_in = 0;
+  strm.avail_in = src.length;
+  strm.output = output;
+  strm.next_out = 0;
+  strm.avail_out = bound;
+  const status = zlibDeflate(strm, Z_FINISH);
+  const produced = strm.next_out;
+  zlibDeflateEnd(strm);
+  if (status !== Z_STREAM_END) throw new Error(`deflate did not finish (status ${status})`);
+  return output.subarray(0, produced);
+}
+
+// ---- zstd ------------------------------------------------------------------------------------------------------
+
+type ZstdWasm = typeof import('@bokuweb/zstd-wasm');
+let zstdWasmModule: Promise<ZstdWasm> | undefined;
+
+/** The WASM encoder is loaded only when something is first compressed with zstd (never on the read path). */
+function zstdWasm(): Promise<ZstdWasm> {
+  zstdWasmModule ??= (async () => {
+    const module = await import('@bokuweb/zstd-wasm');
+    await module.init();
+    return module;
+  })();
+  return zstdWasmModule;
+}
+
+const ZSTD_MAGIC = 0xfd2fb528;
+const ZSTD_BLOCK_MAX = 128 * 1024;
+
+export interface ZstdFrame {
+  /** Byte length of the whole frame in the input, checksum included. */
+  length: number;
+  skippable: boolean;
+  /** Frame_Content_Size when the header records it. */
+  contentSize: number | undefined;
+  windowSize: number;
+  /** Offset of the Window_Descriptor byte inside the frame, when there is one (not single-segment). */
+  windowDescriptorAt: number | undefined;
+  blocks: number;
+}
+
+function le(bytes: Uint8Array, at: number, n: number): number {
+  let value = 0;
+  for (let i = n - 1; i >= 0; i--) value = value * 256 + bytes[at + i]!;
+  return value;
+}
+
+/**
+ * Walks one frame's header and block headers without decoding anything, so the decoder is only ever handed a
+ * complete, size-checked frame (RFC 8878 section 3.1).
+ */
+export function scanZstdFrame(src: Uint8Array, at: number): ZstdFrame {
+  const need = (n: number, what: string) => {
+    if (at + n > src.length) throw new Error(`${what} at input offset ${at} is truncated`);
+  };
+  need(8, 'frame header');
+  const magic = le(src, at, 4);
+  if ((magic & 0xfffffff0) >>> 0 === 0x184d2a50) {
+    const length = 8 + le(src, at + 4, 4);
+    need(length, 'skippable frame');
+    return { length, skippable: true, contentSize: undefined, windowSize: 0, windowDescriptorAt: undefined, blocks: 0 };
+  }
+  if (magic !== ZSTD_MAGIC) throw new Error(`no zstd frame magic at input offset ${at} (found ${hex(magic)})`);
+  const descriptor = src[at + 4]!;
+  if (descriptor & 0x08) throw new Error('reserved bit set in frame header');
+  const singleSegment = (descriptor >> 5) & 1;
+  const checksum = (descriptor >> 2) & 1;
+  const dictBytes = [0, 1, 2, 4][descriptor & 3]!;
+  const fcsFlag = descriptor >> 6;
+  const fcsBytes = fcsFlag === 0 ? singleSegment : 1 << fcsFlag;
+  let pos = at + 5;
+  let windowSize = 0;
+  let windowDescriptorAt: number | undefined;
+  if (!singleSegment) {
+    const w = src[pos]!;
+    const base = 2 ** (10 + (w >> 3));
+    windowSize = base + (base / 8) * (w & 7);
+    windowDescriptorAt = pos - at;
+    pos++;
+  }
+  need(pos - at + dictBytes + fcsBytes, 'frame header');
+  if (dictBytes && le(src, pos, dictBytes) !== 0) throw new Error('frame needs a dictionary');
+  pos += dictBytes;
+  let contentSize: number | undefined;
+  if (fcsBytes) contentSize = le(src, pos, fcsBytes) + (fcsBytes === 2 ? 256 : 0);
+  pos += fcsBytes;
+  if (singleSegment) windowSize = contentSize!;
+  let blocks = 0;
+  for (;;) {
+    if (pos + 3 > src.length) throw new Error(`block header at input offset ${pos} is truncated`);
+    const header = le(src, pos, 3);
+    const last = header & 1;
+    const type = (header >> 1) & 3;
+    const size = header >>> 3;
+    if (type === 3) throw new Error(`reserved block type at input offset ${pos}`);
+    if (size > Math.min(ZSTD_BLOCK_MAX, Math.max(windowSize, 1))) throw new Error(`block of ${size} bytes exceeds the maximum block size`);
+    pos += 3 + (type === 1 ? 1 : size);
+    if (pos > src.length) throw new Error(`block at input offset ${pos} is truncated`);
+    blocks++;
+    if (last) break;
+  }
+  pos += checksum * 4;
+  if (pos > src.length) throw new Error('frame checksum is truncated');
+  return { length: pos - at, skippable: false, contentSize, windowSize, windowDescriptorAt, blocks };
+}
+
+/**
+ * Frame-by-frame decoding with fzstd, bounded: each frame is scanned first, a frame that declares more content
+ * than the cluster has room for is refused, and the window buffer the decoder allocates is capped at the
+ * cluster size (back-references inside one cluster never reach further). Decoding stops once maxOutput bytes
+ * exist; what follows (padding up to the sector boundary, a neighbour's data) is never looked at.
+ */
+export function zstdDecompressPortable(src: Uint8Array, maxOutput: number): Uint8Array {
+  const output = new Uint8Array(maxOutput);
+  let produced = 0;
+  let at = 0;
+  // Work done by the decoder is about windowSize per block (fzstd shifts its window buffer): a hostile stream of
+  // thousands of empty frames must end in an error, not minutes of copying. Real clusters use a few windows.
+  let budget = 64 * Math.max(maxOutput, ZSTD_BLOCK_MAX);
+  while (produced < maxOutput) {
+    if (at >= src.length) break;
+    const frame = scanZstdFrame(src, at);
+    const bytes = src.subarray(at, at + frame.length);
+    at += frame.length;
+    if (frame.skippable) continue;
+    const room = maxOutput - produced;
+    if (frame.contentSize !== undefined && frame.contentSize > room) {
+      throw new Error(`frame declares ${frame.contentSize} bytes of content but only ${room} bytes of the cluster remain`);
+    }
+    let input = bytes;
+    let window = frame.windowSize;
+    const cap = Math.max(ZSTD_BLOCK_MAX, 2 ** Math.ceil(Math.log2(Math.max(room, 1024))));
+    if (frame.windowDescriptorAt !== undefined && window > cap) {
+      input = bytes.slice();
+      input[frame.windowDescriptorAt] = (Math.log2(cap) - 10) << 3;
+      window = cap;
+    }
+    budget -= window * (frame.blocks + 1);
+    if (budget < 0) throw new Error('zstd stream needs too much work for one cluster (too many frames or blocks)');
+    const decoder = new ZstdStream((chunk) => {
+      if (chunk.length > maxOutput - produced) throw new Error(`zstd data expands past ${maxOutput} bytes`);
+      output.set(chunk, produced);
+      produced += chunk.length;
+    });
+    decoder.push(input, true);
+  }
+  return output.subarray(0, produced);
+}
