@@ -277,7 +277,7 @@ export function zstdDecompressPortable(src: Uint8Array, maxOutput: number): Uint
       input[frame.windowDescriptorAt] = (Math.log2(cap) - 10) << 3;
       window = cap;
     }
-    budget -= window * (frame.blocks + 1);
+    budget -= (window + 4096) * (frame.blocks + 1);
     if (budget < 0) throw new Error('zstd stream needs too much work for one cluster (too many frames or blocks)');
     const decoder = new ZstdStream((chunk) => {
       if (chunk.length > maxOutput - produced) throw new Error(`zstd data expands past ${maxOutput} bytes`);

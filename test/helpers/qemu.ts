@@ -1,0 +1,183 @@
+/**
+ * The QEMU oracle for tests: make images with qemu-img/qemu-io, ask qemu-img what it sees, and compare.
+ * Everything runs the real tools; fixtures are generated per test run in temporary directories.
+ */
+import { execFile, execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { createReadStream, mkdtempSync, rmSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+
+// qemu-utils is the oracle for every image test: install it (as root, on CI) before anything runs.
+const root = resolve(import.meta.dirname, '../..');
+execFileSync(process.execPath, [join(root, 'scripts/system-deps.mjs'), 'qemu-utils'], { stdio: 'inherit' });
+
+const tempDirs: string[] = [];
+process.on('exit', cleanupTempDirs);
+
+/** A fresh temporary directory, removed when the test process exits (or by cleanupTempDirs()). */
+export function tempDir(prefix = 'qcow86-test-'): string {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  tempDirs.push(dir);
+  return dir;
+}
+
+export function cleanupTempDirs(): void {
+  for (const dir of tempDirs.splice(0)) rmSync(dir, { recursive: true, force: true });
+}
+
+export interface RunResult {
+  stdout: string;
+  stderr: string;
+  exitCode: number;
+}
+
+/** Runs a program, never throwing for a non-zero exit: the caller decides what an exit code means. */
+export function run(program: string, args: string[], options: { cwd?: string } = {}): Promise<RunResult> {
+  return new Promise((resolvePromise, reject) => {
+    execFile(program, args, { cwd: options.cwd, maxBuffer: 256 * 1024 * 1024, encoding: 'utf8' }, (error, stdout, stderr) => {
+      if (error && typeof error.code !== 'number') return reject(error);
+      resolvePromise({ stdout, stderr, exitCode: error ? (error.code as number) : 0 });
+    });
+  });
+}
+
+async function runOrThrow(program: string, args: string[], options: { cwd?: string } = {}): Promise<string> {
+  const result = await run(program, args, options);
+  if (result.exitCode !== 0) {
+    throw new Error(`${program} ${args.join(' ')} exited with ${result.exitCode}:\n${result.stderr}${result.stdout}`);
+  }
+  return result.stdout;
+}
+
+/** qemu-img with these arguments; returns stdout, throws with stderr on a non-zero exit. */
+export function qemuImg(args: string[], options: { cwd?: string } = {}): Promise<string> {
+  return runOrThrow('qemu-img', args, options);
+}
+
+/** qemu-io with these arguments; returns stdout, throws with stderr on a non-zero exit. */
+export function qemuIo(args: string[], options: { cwd?: string } = {}): Promise<string> {
+  return runOrThrow('qemu-io', args, options);
+}
+
+export type ImageWrite =
+  /** `write -P pattern offset length` (with `compressed`, `write -c`: whole clusters only). */
+  | { offset: number; length: number; pattern: number; compressed?: boolean }
+  /** `write -z` (with `unmap`, `write -z -u`). */
+  | { offset: number; length: number; zero: true; unmap?: boolean }
+  | { offset: number; length: number; discard: true };
+
+export interface ImageOptions {
+  /** Where to create the image; default: a new temporary directory, file `image.<format>`. */
+  path?: string;
+  format?: 'qcow2' | 'qcow' | 'raw';
+  /** Bytes, or a qemu-img size string such as '64M'. */
+  size: number | string;
+  clusterSize?: number;
+  refcountBits?: number;
+  compat?: '0.10' | '1.1';
+  extendedL2?: boolean;
+  lazyRefcounts?: boolean;
+  compressionType?: 'zlib' | 'zstd';
+  backing?: string;
+  backingFormat?: string;
+  dataFile?: string;
+  dataFileRaw?: boolean;
+  preallocation?: 'off' | 'metadata' | 'falloc' | 'full';
+  /** Extra `-o` options, passed as written. */
+  options?: string[];
+}
+
+/** The qemu-io command for one write, as a -c argument. */
+export function ioCommand(write: ImageWrite): string {
+  if ('pattern' in write) return `write ${write.compressed ? '-c ' : ''}-P ${write.pattern} ${write.offset} ${write.length}`;
+  if ('zero' in write) return `write -z ${write.unmap ? '-u ' : ''}${write.offset} ${write.length}`;
+  return `discard ${write.offset} ${write.length}`;
+}
+
+/** Creates an image with qemu-img, then applies `writes` with one qemu-io run. Returns the image's path. */
+export async function makeImage(options: ImageOptions, writes: ImageWrite[] = []): Promise<string> {
+  const format = options.format ?? 'qcow2';
+  const path = options.path ?? join(tempDir(), `image.${format}`);
+  const o: string[] = [];
+  if (options.clusterSize !== undefined) o.push(`cluster_size=${options.clusterSize}`);
+  if (options.refcountBits !== undefined) o.push(`refcount_bits=${options.refcountBits}`);
+  if (options.compat !== undefined) o.push(`compat=${options.compat}`);
+  if (options.extendedL2 !== undefined) o.push(`extended_l2=${options.extendedL2 ? 'on' : 'off'}`);
+  if (options.lazyRefcounts !== undefined) o.push(`lazy_refcounts=${options.lazyRefcounts ? 'on' : 'off'}`);
+  if (options.compressionType !== undefined) o.push(`compression_type=${options.compressionType}`);
+  if (options.dataFile !== undefined) o.push(`data_file=${options.dataFile}`);
+  if (options.dataFileRaw !== undefined) o.push(`data_file_raw=${options.dataFileRaw ? 'on' : 'off'}`);
+  if (options.preallocation !== undefined) o.push(`preallocation=${options.preallocation}`);
+  o.push(...(options.options ?? []));
+  const args = ['create', '-q', '-f', format];
+  if (o.length) args.push('-o', o.join(','));
+  if (options.backing !== undefined) args.push('-b', options.backing, ...(options.backingFormat ? ['-F', options.backingFormat] : []));
+  args.push(path, String(options.size));
+  await qemuImg(args);
+  if (writes.length) await qemuIo(['-f', format, ...writes.flatMap((w) => ['-c', ioCommand(w)]), path]);
+  return path;
+}
+
+/** `qemu-img info --output=json` parsed (an array with backingChain). */
+export async function qemuInfo(path: string, options: { backingChain?: boolean; format?: string } = {}): Promise<any> {
+  const args = ['info', '--output=json', ...(options.backingChain ? ['--backing-chain'] : []), ...(options.format ? ['-f', options.format] : []), path];
+  return JSON.parse(await qemuImg(args));
+}
+
+export interface MapEntry {
+  start: number;
+  length: number;
+  depth: number;
+  present: boolean;
+  zero: boolean;
+  data: boolean;
+  offset?: number;
+}
+
+/** `qemu-img map --output=json` parsed. */
+export async function qemuMap(path: string, options: { format?: string } = {}): Promise<MapEntry[]> {
+  return JSON.parse(await qemuImg(['map', '--output=json', ...(options.format ? ['-f', options.format] : []), path]));
+}
+
+/**
+ * `qemu-img check --output=json`. Exit codes 0 (clean), 2 (corruptions) and 3 (leaks) still carry a JSON
+ * report, so they are returned rather than thrown; 1 (could not check) and other failures throw.
+ */
+export async function qemuCheck(path: string, options: { format?: string } = {}): Promise<{ exitCode: number; result: any }> {
+  const r = await run('qemu-img', ['check', '--output=json', ...(options.format ? ['-f', options.format] : []), path]);
+  if (r.exitCode !== 0 && r.exitCode !== 2 && r.exitCode !== 3) {
+    throw new Error(`qemu-img check ${path} exited with ${r.exitCode}:\n${r.stderr}${r.stdout}`);
+  }
+  return { exitCode: r.exitCode, result: JSON.parse(r.stdout) };
+}
+
+/** `qemu-img convert -O raw`: the guest-visible bytes. With `out`, writes there and returns the path. */
+export async function qemuConvertToRaw(path: string, options?: { format?: string; snapshot?: string }): Promise<Uint8Array>;
+export async function qemuConvertToRaw(path: string, options: { format?: string; snapshot?: string; out: string }): Promise<string>;
+export async function qemuConvertToRaw(path: string, options: { format?: string; snapshot?: string; out?: string } = {}): Promise<Uint8Array | string> {
+  const out = options.out ?? join(tempDir(), 'converted.raw');
+  const args = ['convert', ...(options.format ? ['-f', options.format] : []), ...(options.snapshot ? ['-l', options.snapshot] : []), '-O', 'raw', path, out];
+  await qemuImg(args);
+  if (options.out !== undefined) return out;
+  const bytes = new Uint8Array(await readFile(out));
+  rmSync(out);
+  return bytes;
+}
+
+/** sha256 of a file (streamed), hex. */
+export function sha256(file: string): Promise<string> {
+  return new Promise((resolvePromise, reject) => {
+    const hash = createHash('sha256');
+    createReadStream(file)
+      .on('data', (chunk) => hash.update(chunk))
+      .on('error', reject)
+      .on('end', () => resolvePromise(hash.digest('hex')));
+  });
+}
+
+/** sha256 of bytes in memory, hex (to compare with sha256(file)). */
+export function sha256Bytes(bytes: Uint8Array): string {
+  return createHash('sha256').update(bytes).digest('hex');
+}
