@@ -7,6 +7,7 @@ import { Qcow86Error } from '../qcow2/errors.js';
 type Command = { run(args: string[]): Promise<number> };
 
 const COMMANDS: Record<string, () => Promise<Command>> = {
+  io: () => import('./commands/io.js'),
 };
 
 const USAGE = `usage: qcow86 <command> [options]
