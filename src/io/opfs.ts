@@ -1,0 +1,203 @@
+/**
+ * Byte stores on the Origin Private File System (OPFS), for overlays that survive reloads and browser restarts.
+ *
+ * The fast path is `FileSystemSyncAccessHandle`, which exists only in dedicated Workers: its reads and writes are
+ * synchronous and go straight to the file, so the whole disk (engine, overlay, base) runs in one Worker and the
+ * page talks to it by postMessage. A sync handle is exclusive: a second one on the same file throws
+ * NoModificationAllowedError, which `OpfsStore.open` reports as a LockError naming the file.
+ *
+ * No `node:` imports here: this module is loaded by browsers only (and type-checked with the DOM library).
+ */
+import type { ByteStore } from '../qcow2/store.js';
+import { LockError, ReadOnlyError, StoreError } from '../qcow2/errors.js';
+
+/** The subset of FileSystemSyncAccessHandle we use (its DOM typings are only in the webworker library). */
+interface SyncHandle {
+  read(buffer: Uint8Array, options: { at: number }): number;
+  write(buffer: Uint8Array, options: { at: number }): number;
+  truncate(size: number): void;
+  getSize(): number;
+  flush(): void;
+  close(): void;
+}
+
+interface SyncCapableFileHandle extends FileSystemFileHandle {
+  createSyncAccessHandle(): Promise<SyncHandle>;
+}
+
+/** Thrown when the browser's storage quota does not let a write through: the UI says so in plain words. */
+export class QuotaError extends StoreError {}
+
+/** The OPFS directory qcow86 keeps its files in (created on first use). */
+export async function opfsDirectory(name = 'qcow86'): Promise<FileSystemDirectoryHandle> {
+  if (!('storage' in navigator) || typeof navigator.storage.getDirectory !== 'function') {
+    throw new StoreError(`opfs:${name}`, 'this browser has no Origin Private File System (navigator.storage.getDirectory is missing)');
+  }
+  const root = await navigator.storage.getDirectory();
+  return root.getDirectoryHandle(name, { create: true });
+}
+
+/** True when `name` exists in `dir`. */
+export async function opfsExists(dir: FileSystemDirectoryHandle, name: string): Promise<boolean> {
+  try {
+    await dir.getFileHandle(name);
+    return true;
+  } catch (error) {
+    if ((error as DOMException).name === 'NotFoundError') return false;
+    throw error;
+  }
+}
+
+/** Removes `name` from `dir`; a missing file is not an error. */
+export async function opfsRemove(dir: FileSystemDirectoryHandle, name: string): Promise<void> {
+  try {
+    await dir.removeEntry(name);
+  } catch (error) {
+    if ((error as DOMException).name !== 'NotFoundError') throw error;
+  }
+}
+
+/**
+ * A ByteStore over one OPFS file through a synchronous access handle. Must run in a dedicated Worker.
+ * Writes are visible to reads at once; flush() makes them durable (the engine calls it at its ordering points).
+ */
+export class OpfsStore implements ByteStore {
+  readonly readOnly: boolean;
+  private closed = false;
+
+  private constructor(
+    readonly name: string,
+    private readonly handle: SyncHandle,
+    readOnly: boolean,
+  ) {
+    this.readOnly = readOnly;
+  }
+
+  /**
+   * Opens (and with `create`, creates) `fileName` in `dir`. The store's name is `opfs:<dir>/<file>` so errors say
+   * where the bytes live.
+   */
+  static async open(dir: FileSystemDirectoryHandle, fileName: string, options: { create?: boolean; readOnly?: boolean } = {}): Promise<OpfsStore> {
+    const name = `opfs:${dir.name}/${fileName}`;
+    let file: SyncCapableFileHandle;
+    try {
+      file = (await dir.getFileHandle(fileName, { create: options.create ?? false })) as SyncCapableFileHandle;
+    } catch (error) {
+      throw new StoreError(name, `cannot open: ${(error as Error).message}`, { cause: error });
+    }
+    if (typeof file.createSyncAccessHandle !== 'function') {
+      throw new StoreError(name, 'synchronous OPFS access is only available in a dedicated Worker');
+    }
+    try {
+      return new OpfsStore(name, await file.createSyncAccessHandle(), options.readOnly ?? false);
+    } catch (error) {
+      if ((error as DOMException).name === 'NoModificationAllowedError') {
+        throw new LockError(name, 'the file is open elsewhere (another tab or worker holds it)');
+      }
+      throw new StoreError(name, `cannot open: ${(error as Error).message}`, { cause: error });
+    }
+  }
+
+  async size(): Promise<number> {
+    this.checkOpen();
+    return this.handle.getSize();
+  }
+
+  async read(offset: number, length: number): Promise<Uint8Array> {
+    this.checkOpen();
+    const end = Math.min(this.handle.getSize(), offset + length);
+    if (offset >= end) return new Uint8Array(0);
+    const out = new Uint8Array(end - offset);
+    let done = 0;
+    // A sync read may return fewer bytes than asked; loop until the range is filled or the file ends.
+    while (done < out.length) {
+      const n = this.handle.read(out.subarray(done), { at: offset + done });
+      if (n <= 0) break;
+      done += n;
+    }
+    return done === out.length ? out : out.subarray(0, done);
+  }
+
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    this.checkWritable();
+    try {
+      let done = 0;
+      while (done < data.length) {
+        const n = this.handle.write(data.subarray(done), { at: offset + done });
+        if (n <= 0) throw new StoreError(this.name, `write of ${data.length} bytes at offset ${offset} stopped after ${done} bytes`);
+        done += n;
+      }
+    } catch (error) {
+      throw this.translate(error, `write of ${data.length} bytes at offset ${offset}`);
+    }
+  }
+
+  async truncate(size: number): Promise<void> {
+    this.checkWritable();
+    try {
+      this.handle.truncate(size);
+    } catch (error) {
+      throw this.translate(error, `resize to ${size} bytes`);
+    }
+  }
+
+  async flush(): Promise<void> {
+    this.checkOpen();
+    if (!this.readOnly) this.handle.flush();
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    if (!this.readOnly) this.handle.flush();
+    this.handle.close();
+  }
+
+  private checkOpen(): void {
+    if (this.closed) throw new StoreError(this.name, 'store is closed');
+  }
+
+  private checkWritable(): void {
+    this.checkOpen();
+    if (this.readOnly) throw new ReadOnlyError(this.name, 'store is read-only');
+  }
+
+  private translate(error: unknown, what: string): Error {
+    if (error instanceof StoreError) return error;
+    if ((error as DOMException).name === 'QuotaExceededError') {
+      return new QuotaError(this.name, `${what} failed: the browser's storage quota for this site is used up`, { cause: error });
+    }
+    return new StoreError(this.name, `${what} failed: ${(error as Error).message}`, { cause: error });
+  }
+}
+
+/** A read-only ByteStore over a Blob (a picked or dropped File, or an OPFS file snapshot from getFile()). */
+export class BlobStore implements ByteStore {
+  readonly readOnly = true;
+  constructor(
+    readonly name: string,
+    private readonly blob: Blob,
+  ) {}
+
+  async size(): Promise<number> {
+    return this.blob.size;
+  }
+
+  async read(offset: number, length: number): Promise<Uint8Array> {
+    const end = Math.min(this.blob.size, offset + length);
+    if (offset >= end) return new Uint8Array(0);
+    return new Uint8Array(await this.blob.slice(offset, end).arrayBuffer());
+  }
+
+  async write(): Promise<void> {
+    throw new ReadOnlyError(this.name, 'store is read-only');
+  }
+
+  async truncate(): Promise<void> {
+    throw new ReadOnlyError(this.name, 'store is read-only');
+  }
+
+  async flush(): Promise<void> {}
+
+  async close(): Promise<void> {}
+}
