@@ -25,7 +25,7 @@ import {
   zlibInflateEnd,
   zlibInflateInit2,
 } from 'pako';
-import { Decompress as ZstdStream } from 'fzstd';
+import { Decompress as ZstdStream, decompress as zstdDecompressWhole } from 'fzstd';
 import { FormatError } from './errors.js';
 import { hex } from './bytes.js';
 
@@ -135,16 +135,24 @@ export function pakoDeflateRaw(src: Uint8Array): Uint8Array {
   if (zlibDeflateInit2(strm, QEMU_DEFLATE_LEVEL, Z_DEFLATED_METHOD, -QEMU_WINDOW_BITS, QEMU_MEM_LEVEL, Z_DEFAULT_STRATEGY) !== Z_OK) {
     throw new Error('deflateInit2 failed');
   }
-  // Stored blocks cost 5 bytes per 16 KiB at worst; this bound always holds for one call with Z_FINISH.
-  const bound = src.length + 5 * Math.ceil(src.length / 16384 + 1) + 16;
-  const output = new Uint8Array(bound);
+  // zlib's conservative deflateBound (a 4 KiB window means stored blocks of at most 4 KiB, 5 bytes each); the
+  // loop below still grows the buffer should a stream ever need more.
+  let output = new Uint8Array(src.length + (src.length >> 3) + (src.length >> 6) + 64);
   strm.input = src;
   strm.next_in = 0;
   strm.avail_in = src.length;
   strm.output = output;
   strm.next_out = 0;
-  strm.avail_out = bound;
-  const status = zlibDeflate(strm, Z_FINISH);
+  strm.avail_out = output.length;
+  let status = zlibDeflate(strm, Z_FINISH);
+  while (status === Z_OK || (status === Z_BUF_ERROR && strm.avail_out === 0)) {
+    const bigger = new Uint8Array(output.length * 2);
+    bigger.set(output.subarray(0, strm.next_out));
+    output = bigger;
+    strm.output = output;
+    strm.avail_out = output.length - strm.next_out;
+    status = zlibDeflate(strm, Z_FINISH);
+  }
   const produced = strm.next_out;
   zlibDeflateEnd(strm);
   if (status !== Z_STREAM_END) throw new Error(`deflate did not finish (status ${status})`);
@@ -247,27 +255,43 @@ export function scanZstdFrame(src: Uint8Array, at: number): ZstdFrame {
 }
 
 /**
- * Frame-by-frame decoding with fzstd, bounded: each frame is scanned first, a frame that declares more content
- * than the cluster has room for is refused, and the window buffer the decoder allocates is capped at the
- * cluster size (back-references inside one cluster never reach further). Decoding stops once maxOutput bytes
- * exist; what follows (padding up to the sector boundary, a neighbour's data) is never looked at.
+ * Frame-by-frame decoding with fzstd, bounded: each frame is scanned first and a frame that declares more
+ * content than the cluster has room for is refused. Decoding stops once maxOutput bytes exist; what follows
+ * (padding up to the sector boundary, a neighbour's data) is never looked at.
+ *
+ * A single-segment frame with a content size (every frame QEMU writes: it compresses a whole cluster in one
+ * ZSTD_e_end call) decodes in one call into a buffer of its declared size, in linear time.
+ * fzstd takes the declared size on trust there: a damaged frame can yield wrong bytes instead of an error, as
+ * any damage zstd has no checksum for would. Other frames go through fzstd's streaming decoder, whose window
+ * buffer is capped at the cluster size (back-references inside one cluster never reach further).
  */
 export function zstdDecompressPortable(src: Uint8Array, maxOutput: number): Uint8Array {
   const output = new Uint8Array(maxOutput);
   let produced = 0;
   let at = 0;
-  // Work done by the decoder is about windowSize per block (fzstd shifts its window buffer): a hostile stream of
-  // thousands of empty frames must end in an error, not minutes of copying. Real clusters use a few windows.
-  let budget = 64 * Math.max(maxOutput, ZSTD_BLOCK_MAX);
+  // The streaming decoder shifts its whole window buffer once per block: a hostile stream of thousands of tiny
+  // frames or blocks must end in an error, not minutes of copying. Real clusters stay far below this.
+  let budget = 512 * Math.max(maxOutput, ZSTD_BLOCK_MAX);
   while (produced < maxOutput) {
     if (at >= src.length) break;
     const frame = scanZstdFrame(src, at);
     const bytes = src.subarray(at, at + frame.length);
     at += frame.length;
+    budget -= 4096 * (frame.blocks + 1);
     if (frame.skippable) continue;
     const room = maxOutput - produced;
     if (frame.contentSize !== undefined && frame.contentSize > room) {
       throw new Error(`frame declares ${frame.contentSize} bytes of content but only ${room} bytes of the cluster remain`);
+    }
+    if (frame.contentSize !== undefined && frame.windowDescriptorAt === undefined) {
+      // fzstd sizes its buffer from the (checked) content size; this is several times faster than handing it
+      // our output slice, which it fills through a slow path.
+      const decoded = zstdDecompressWhole(bytes);
+      if (decoded.length !== frame.contentSize) throw new Error(`frame decoded to ${decoded.length} bytes, not its declared ${frame.contentSize}`);
+      output.set(decoded, produced);
+      produced += decoded.length;
+      if (budget < 0) throw new Error('zstd stream needs too much work for one cluster (too many frames or blocks)');
+      continue;
     }
     let input = bytes;
     let window = frame.windowSize;
@@ -277,7 +301,7 @@ export function zstdDecompressPortable(src: Uint8Array, maxOutput: number): Uint
       input[frame.windowDescriptorAt] = (Math.log2(cap) - 10) << 3;
       window = cap;
     }
-    budget -= (window + 4096) * (frame.blocks + 1);
+    budget -= window * (frame.blocks + 1);
     if (budget < 0) throw new Error('zstd stream needs too much work for one cluster (too many frames or blocks)');
     const decoder = new ZstdStream((chunk) => {
       if (chunk.length > maxOutput - produced) throw new Error(`zstd data expands past ${maxOutput} bytes`);

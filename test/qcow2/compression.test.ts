@@ -90,11 +90,17 @@ describe.each(codecSets)('%s codecs', (_name, codecs) => {
       );
     });
 
-    it('refuses incompressible clusters like QEMU (undefined: write uncompressed)', async () => {
-      const noise = new Uint8Array(4096);
-      let x = 0x9e3779b9;
-      for (let i = 0; i < noise.length; i++) noise[i] = (x ^= x << 13, x ^= x >>> 17, x ^= x << 5) & 0xff;
-      expect(await compressCluster(type, noise, 4096, codecs)).toBeUndefined();
+    it('refuses incompressible clusters like QEMU (undefined: write uncompressed), yet encodes them', async () => {
+      for (const size of [4096, 65536, 2 * 1024 * 1024]) {
+        const noise = new Uint8Array(size);
+        let x = 0x9e3779b9;
+        for (let i = 0; i < noise.length; i++) noise[i] = (x ^= x << 13, x ^= x >>> 17, x ^= x << 5) & 0xff;
+        expect(await compressCluster(type, noise, size, codecs)).toBeUndefined();
+        // The codec itself still produces a complete stream (stored blocks) that decodes back.
+        const raw = await rawCompress(type, noise, codecs);
+        const out = type === 'zstd' ? await codecs.zstdDecompress(raw, size) : await codecs.inflateRaw(raw, size);
+        expect(Buffer.from(out).equals(Buffer.from(noise))).toBe(true);
+      }
     });
 
     it('truncated input gives a FormatError or the exact original cluster, never other bytes', async () => {
@@ -164,6 +170,18 @@ describe('zstd framing', () => {
     const input = new Uint8Array([...a, ...skippable, ...b, 0xde, 0xad]);
     const out = await decompressCluster('img', 'zstd', input, 65536, codecs, 0);
     expect(Buffer.from(out).equals(Buffer.from(data))).toBe(true);
+  });
+
+  it('decodes frames that are not single-segment (streaming path), capping a 2 GiB window', async () => {
+    const single = await codecs.zstdCompress(data);
+    expect(single[4]! & 0x20).toBe(0x20);
+    for (const windowByte of [0x30, 0xa8]) {
+      // Same frame with the single-segment flag cleared and a Window_Descriptor inserted (64 KiB / 2 GiB).
+      const frame = new Uint8Array([...single.subarray(0, 4), single[4]! & ~0x20, windowByte, ...single.subarray(5)]);
+      expect(scanZstdFrame(frame, 0).windowDescriptorAt).toBe(5);
+      const out = await decompressCluster('img', 'zstd', frame, 65536, codecs, 0);
+      expect(Buffer.from(out).equals(Buffer.from(data))).toBe(true);
+    }
   });
 
   it('refuses a frame that declares more content than the cluster holds', async () => {
