@@ -1,10 +1,35 @@
 /// <reference types="vitest/config" />
-import { defineConfig } from 'vite';
+import { resolve } from 'node:path';
+import { defineConfig, type Plugin } from 'vite';
+import { rangeMiddleware } from './src/node/range-middleware.js';
 
-// One config for the web app (src/web) and for Vitest.
+/**
+ * Serves /images/ through a correct Range handler (strong ETag, If-Range, HEAD, 404s) in `vite` and
+ * `vite preview`, ahead of Vite's own static handler, which answers suffix ranges wrongly and returns index.html
+ * for missing files.
+ */
+function imageRanges(): Plugin {
+  return {
+    name: 'qcow86-image-ranges',
+    configureServer(server) {
+      server.middlewares.use(rangeMiddleware('/images/', resolve(server.config.root, 'public/images')));
+    },
+    configurePreviewServer(server) {
+      server.middlewares.use(rangeMiddleware('/images/', resolve(server.config.root, server.config.build.outDir, 'images')));
+    },
+  };
+}
+
+// One config for the web app (index.html + src/web) and for Vitest.
 export default defineConfig({
   root: '.',
   publicDir: 'public',
+  plugins: [imageRanges()],
+  server: { host: '127.0.0.1' },
+  preview: { host: '127.0.0.1' },
+  // dist/ also holds the library's tsc output (dist/qcow2, dist/io...): the app gets its own folder.
+  build: { outDir: 'dist/web', emptyOutDir: true, target: 'es2022' },
+  worker: { format: 'es' },
   test: {
     include: ['test/**/*.test.ts'],
     // Boot tests are costly: they live under test/boot and run in one worker (see the project below).
