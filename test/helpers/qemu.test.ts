@@ -81,3 +81,14 @@ describe('test/helpers/qemu', () => {
     await expect(qemuImg(['info', join(tempDir(), 'missing.qcow2')])).rejects.toThrow(/exited with 1:[\s\S]*Could not open/);
   });
 });
+
+describe('test/helpers/qemu external data files', () => {
+  it('creates a relative data file beside the image, where qemu-img will look for it', async () => {
+    const dir = tempDir();
+    const path = await makeImage({ path: join(dir, 'd.qcow2'), size: '1M', dataFile: 'd.data', dataFileRaw: true }, [{ offset: 0, length: 4096, pattern: 0x44 }]);
+    expect(existsSync(join(dir, 'd.data'))).toBe(true);
+    const info = await qemuInfo(path);
+    expect(info['format-specific'].data).toMatchObject({ 'data-file': 'd.data', 'data-file-raw': true });
+    expect((await readFile(join(dir, 'd.data'))).subarray(0, 4096).every((b) => b === 0x44)).toBe(true);
+  });
+});

@@ -7,7 +7,7 @@ import { createHash } from 'node:crypto';
 import { createReadStream, mkdtempSync, rmSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 
 // qemu-utils is the oracle for every image test: install it (as root, on CI) before anything runs.
 const root = resolve(import.meta.dirname, '../..');
@@ -69,7 +69,10 @@ export type ImageWrite =
   | { offset: number; length: number; discard: true };
 
 export interface ImageOptions {
-  /** Where to create the image; default: a new temporary directory, file `image.<format>`. */
+  /**
+   * Where to create the image; default: a new temporary directory, file `image.<format>`. Relative `backing`
+   * and `dataFile` names are relative to the image's directory, as QEMU resolves them.
+   */
   path?: string;
   format?: 'qcow2' | 'qcow' | 'raw';
   /** Bytes, or a qemu-img size string such as '64M'. */
@@ -99,7 +102,7 @@ export function ioCommand(write: ImageWrite): string {
 /** Creates an image with qemu-img, then applies `writes` with one qemu-io run. Returns the image's path. */
 export async function makeImage(options: ImageOptions, writes: ImageWrite[] = []): Promise<string> {
   const format = options.format ?? 'qcow2';
-  const path = options.path ?? join(tempDir(), `image.${format}`);
+  const path = resolve(options.path ?? join(tempDir(), `image.${format}`));
   const o: string[] = [];
   if (options.clusterSize !== undefined) o.push(`cluster_size=${options.clusterSize}`);
   if (options.refcountBits !== undefined) o.push(`refcount_bits=${options.refcountBits}`);
@@ -115,8 +118,11 @@ export async function makeImage(options: ImageOptions, writes: ImageWrite[] = []
   if (o.length) args.push('-o', o.join(','));
   if (options.backing !== undefined) args.push('-b', options.backing, ...(options.backingFormat ? ['-F', options.backingFormat] : []));
   args.push(path, String(options.size));
-  await qemuImg(args);
-  if (writes.length) await qemuIo(['-f', format, ...writes.flatMap((w) => ['-c', ioCommand(w)]), path]);
+  // From the image's directory: qemu-img creates a relative data_file relative to the working directory but
+  // records the name for resolution relative to the image, so the two must coincide.
+  const cwd = dirname(path);
+  await qemuImg(args, { cwd });
+  if (writes.length) await qemuIo(['-f', format, ...writes.flatMap((w) => ['-c', ioCommand(w)]), path], { cwd });
   return path;
 }
 
