@@ -23,6 +23,7 @@ import { SUBCLUSTERS, classify, decodeL1Entry, makeGeometry, pushExtent, readL2E
 import { readSnapshotTable, findSnapshot, type Snapshot } from './snapshots.js';
 import { decompressCluster, type Codecs, type CompressionType } from './compression.js';
 import { checkRange } from './raw.js';
+import { WriteEngine, type ZeroOptions } from './write-path.js';
 import { hex } from './bytes.js';
 
 export const DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024;
@@ -45,6 +46,9 @@ export class Qcow2Image implements BlockDevice {
   readonly l2Cache: L2Cache;
   /** The last decompressed cluster: sequential reads of a compressed image hit it once per cluster. */
   private lastCompressed: { hostOffset: number; data: Uint8Array } | undefined;
+  /** The write side (write-path.ts), created on the first modification of an image opened for writing. */
+  private engine: WriteEngine | undefined;
+  private enginePromise: Promise<WriteEngine> | undefined;
 
   protected constructor(
     readonly store: ByteStore,
@@ -135,6 +139,8 @@ export class Qcow2Image implements BlockDevice {
   // ---- mapping -------------------------------------------------------------------------------------------
 
   async loadL2(l2Offset: number): Promise<Uint8Array> {
+    const pending = this.engine?.pendingL2(l2Offset);
+    if (pending) return pending;
     return this.l2Cache.get(l2Offset, (offset) => readExact(this.store, offset, this.clusterSize, 'L2 table'));
   }
 
@@ -191,6 +197,8 @@ export class Qcow2Image implements BlockDevice {
 
   async read(offset: number, length: number): Promise<Uint8Array> {
     checkRange(this, offset, length);
+    // While writes are possible, reads wait for them: tables change under a write.
+    if (this.engine) return this.engine.exclusive(() => this.readThrough(offset, length, this.l1Table, this.backing));
     return this.readThrough(offset, length, this.l1Table, this.backing);
   }
 
@@ -240,20 +248,60 @@ export class Qcow2Image implements BlockDevice {
     return data;
   }
 
-  // ---- writing (the write path lives in its own modules and replaces these) --------------------------------
+  // ---- writing (write-path.ts does the work; these serialise it) -------------------------------------------
 
-  async write(_offset: number, _data: Uint8Array): Promise<void> {
-    throw new ReadOnlyError(this.name, this.readOnly ? 'image is open read-only' : 'writing qcow2 images is not supported yet');
+  /** The write engine, loading the refcount table on first use. Refused for read-only and corrupt images. */
+  async writer(): Promise<WriteEngine> {
+    if (this.readOnly) throw new ReadOnlyError(this.name, 'image is open read-only');
+    if (!this.enginePromise) {
+      this.enginePromise = WriteEngine.create(this).then((engine) => (this.engine = engine));
+      this.enginePromise.catch(() => (this.enginePromise = undefined));
+    }
+    return this.enginePromise;
+  }
+
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    checkRange(this, offset, data.length);
+    const engine = await this.writer();
+    return engine.exclusive(() => engine.write(offset, data));
+  }
+
+  /** Makes [offset, offset+length) read as zeros (zero flags where possible; `unmap` frees host clusters). */
+  async writeZeroes(offset: number, length: number, options: ZeroOptions = {}): Promise<void> {
+    checkRange(this, offset, length);
+    const engine = await this.writer();
+    return engine.exclusive(() => engine.writeZeroes(offset, length, options));
+  }
+
+  /** Gives whole clusters in the range back (partial clusters are left alone, as in QEMU). */
+  async discard(offset: number, length: number): Promise<void> {
+    checkRange(this, offset, length);
+    const engine = await this.writer();
+    return engine.exclusive(() => engine.discard(offset, length));
+  }
+
+  /** Writes guest cluster `clusterIndex` compressed with the image's compression type (convert -c). */
+  async writeCompressed(clusterIndex: number, data: Uint8Array): Promise<void> {
+    const engine = await this.writer();
+    return engine.exclusive(() => engine.writeCompressed(clusterIndex, data));
   }
 
   async flush(): Promise<void> {
-    if (!this.readOnly) await this.store.flush();
+    if (this.readOnly) return;
+    const engine = this.engine;
+    if (engine) await engine.exclusive(() => engine.flush());
+    else await this.store.flush();
   }
 
   async close(): Promise<void> {
-    await this.store.close();
-    if (this.dataStore) await this.dataStore.close();
-    if (this.backing) await this.backing.close();
+    try {
+      const engine = this.engine;
+      if (engine) await engine.exclusive(() => engine.close());
+    } finally {
+      await this.store.close();
+      if (this.dataStore) await this.dataStore.close();
+      if (this.backing) await this.backing.close();
+    }
   }
 }
 

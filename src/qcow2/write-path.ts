@@ -1,0 +1,601 @@
+/**
+ * The write side of an open qcow2 image: cluster allocation, copy-on-write, zero writes, discard and compressed
+ * clusters, with L2 and refcount updates batched in memory and written back in a crash-safe order.
+ *
+ * Ordering (without lazy refcounts), the rule everything here follows:
+ *   1. Guest data (including copied-on-write head/tail bytes) is written to its new host cluster at once.
+ *   2. writeBack(): refcount blocks (increments) are written and FLUSHED before any L2 table that points at the
+ *      clusters they count; L2 tables are written and FLUSHED before L1 entries that point at new L2 tables; and
+ *      clusters given up (overwritten compressed/shared clusters, discards) are only decremented after the L2
+ *      tables that stopped using them are durable. Until then they stay counted, so they can never be handed out
+ *      again while an on-disk table still points at them.
+ * A crash at any instant therefore leaves at worst leaked clusters (refcount above the number of references).
+ */
+import type { ByteStore } from './store.js';
+import { CorruptImageError, FormatError, ReadOnlyError } from './errors.js';
+import { hex, putU32, putU64, u32 } from './bytes.js';
+import { SUBCLUSTERS, decodeCompressed, encodeCompressed, isCompressed, isCopied, readL2Entry, standardHostOffset, type L2Entry } from './mapping.js';
+import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, AUTOCLEAR_BITMAPS, KNOWN_AUTOCLEAR, encodeHeader } from './header.js';
+import { Refcounts } from './refcount.js';
+import { MetadataMap } from './overlap.js';
+import { compressCluster } from './compression.js';
+import { encodeSnapshotTable } from './snapshots.js';
+import type { Qcow2Image } from './image.js';
+
+const TWO_32 = 2 ** 32;
+const COPIED = 0x80000000;
+const ALL_SUBCLUSTERS = 0xffffffff;
+/** Dirty tables kept in memory before an internal write-back (bounds memory, keeps flush latency sane). */
+const MAX_DIRTY_TABLES = 256;
+const MAX_PENDING_FREES = 8192;
+
+export interface ZeroOptions {
+  /** Give the host clusters back (QEMU's write -z -u); otherwise keep them allocated where possible. */
+  unmap?: boolean;
+}
+
+/** What to give back once the tables that stopped using it are durable. */
+type PendingFree = { offset: number; length: number };
+
+export class WriteEngine {
+  readonly clusterSize: number;
+  readonly metadata: MetadataMap;
+  private readonly dirtyL2 = new Map<number, Uint8Array>();
+  private readonly dirtyL1 = new Set<number>();
+  private pendingFrees: PendingFree[] = [];
+  private started = false;
+  private corrupt = false;
+  /** Where the next compressed cluster may start (byte-packed, as QEMU packs them). */
+  private compressedCursor = 0;
+  private queue: Promise<unknown> = Promise.resolve();
+
+  private constructor(
+    readonly image: Qcow2Image,
+    readonly refcounts: Refcounts,
+  ) {
+    this.clusterSize = image.clusterSize;
+    this.metadata = new MetadataMap(this.clusterSize);
+  }
+
+  static async create(image: Qcow2Image): Promise<WriteEngine> {
+    const engine: WriteEngine = new WriteEngine(image, await Refcounts.load(image.store, image.header, { writeHeader: () => engine.writeHeader() }));
+    engine.refcounts.onBlockAdded = (offset) => engine.metadata.addRange(offset, engine.clusterSize, 'refcount block');
+    engine.rebuildMetadataMap();
+    return engine;
+  }
+
+  get store(): ByteStore {
+    return this.image.store;
+  }
+
+  private get header() {
+    return this.image.header;
+  }
+
+  /** Runs operations one at a time: tables are shared mutable state. */
+  exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const next = this.queue.then(fn, fn);
+    this.queue = next.catch(() => {});
+    return next;
+  }
+
+  rebuildMetadataMap(): void {
+    const h = this.header;
+    const m = this.metadata;
+    m.clear();
+    m.addRange(0, this.clusterSize, 'header');
+    m.addRange(h.l1TableOffset, h.l1Size * 8, 'active L1 table');
+    m.addRange(h.refcountTableOffset, h.refcountTableClusters * this.clusterSize, 'refcount table');
+    for (const offset of this.refcounts.blockOffsets()) m.addRange(offset, this.clusterSize, 'refcount block');
+    if (h.nbSnapshots) m.addRange(h.snapshotsOffset, encodeSnapshotTable(this.image.snapshots).length, 'snapshot table');
+    for (const s of this.image.snapshots) m.addRange(s.l1TableOffset, s.l1Size * 8, 'inactive L1 table');
+    if (h.bitmaps) m.addRange(h.bitmaps.directoryOffset, h.bitmaps.directorySize, 'bitmap directory');
+    m.addL2Tables(this.image.l1Table);
+  }
+
+  async writeHeader(): Promise<void> {
+    await this.store.write(0, encodeHeader(this.header));
+  }
+
+  /** First modification: refuse a corrupt image, clear autoclear bits we do not maintain, mark lazy images dirty. */
+  async begin(): Promise<void> {
+    if (this.corrupt || this.image.isCorrupt) throw new ReadOnlyError(this.image.name, 'image is marked corrupt; repair it with check -r all');
+    if (this.started) return;
+    const h = this.header;
+    let changed = false;
+    let clear = h.autoclearFeatures & ~KNOWN_AUTOCLEAR;
+    // We do not update persistent bitmaps, so they stop being consistent with the data.
+    if (h.bitmaps) clear |= AUTOCLEAR_BITMAPS;
+    if (clear && h.version === 3) {
+      h.autoclearFeatures &= ~clear;
+      changed = true;
+    }
+    if (this.image.lazyRefcounts && !(h.incompatibleFeatures & INCOMPAT_DIRTY)) {
+      h.incompatibleFeatures |= INCOMPAT_DIRTY;
+      changed = true;
+    }
+    if (changed) {
+      await this.writeHeader();
+      await this.store.flush();
+    }
+    this.started = true;
+  }
+
+  // ---- table access ----------------------------------------------------------------------------------------
+
+  /** An L2 table that is being (or has been) modified and not yet written; the read path looks here first. */
+  pendingL2(offset: number): Uint8Array | undefined {
+    return this.dirtyL2.get(offset);
+  }
+
+  async loadL2(offset: number): Promise<Uint8Array> {
+    return this.dirtyL2.get(offset) ?? this.image.loadL2(offset);
+  }
+
+  /** The L2 table for `l1Index`, private to the active image (allocated or copied from a snapshot if needed). */
+  async l2ForWrite(l1Index: number): Promise<{ offset: number; table: Uint8Array }> {
+    const l1 = this.image.l1Table;
+    if (l1Index * 8 >= l1.length) throw new FormatError(this.image.name, `guest offset beyond the L1 table (index ${l1Index})`, { field: 'l1_size' });
+    const hi = u32(l1, l1Index * 8);
+    const lo = u32(l1, l1Index * 8 + 4);
+    const current = (hi & 0x00ffffff) * TWO_32 + (lo & 0xfffffe00);
+    if (current !== 0 && hi & COPIED) {
+      const table = await this.loadL2(current);
+      return { offset: current, table };
+    }
+    const offset = await this.allocateMetadata(1, 'active L2 table');
+    let table: Uint8Array;
+    if (current === 0) {
+      table = new Uint8Array(this.clusterSize);
+    } else {
+      // Shared with a snapshot: the copy becomes ours; the data clusters keep their counts (still reached twice).
+      table = (await this.loadL2(current)).slice();
+      this.freeLater(current, this.clusterSize);
+      this.metadata.removeRange(current, this.clusterSize);
+    }
+    this.metadata.addRange(offset, this.clusterSize, 'active L2 table');
+    this.dirtyL2.set(offset, table);
+    this.setL1(l1Index, offset);
+    return { offset, table };
+  }
+
+  private setL1(index: number, l2Offset: number): void {
+    const l1 = this.image.l1Table;
+    putU32(l1, index * 8, l2Offset === 0 ? 0 : (Math.floor(l2Offset / TWO_32) | COPIED) >>> 0);
+    putU32(l1, index * 8 + 4, l2Offset % TWO_32);
+    this.dirtyL1.add(index);
+  }
+
+  private markDirty(offset: number, table: Uint8Array): void {
+    this.dirtyL2.set(offset, table);
+  }
+
+  /** Allocates clusters for metadata, refusing space that already holds metadata (a refcount lie). */
+  private async allocateMetadata(count: number, what: string): Promise<number> {
+    const offset = await this.refcounts.allocate(count);
+    await this.guard(offset, count * this.clusterSize, what);
+    return offset;
+  }
+
+  /**
+   * Refuses a write into metadata. Everything acknowledged so far is written back first, then the image is
+   * marked corrupt (incompatible bit 1) and the I/O fails, as QEMU does.
+   */
+  async guard(hostOffset: number, length: number, what: string): Promise<void> {
+    if (this.image.dataStore && what === 'data') return;
+    const hit = this.metadata.overlap(hostOffset, length);
+    if (!hit) return;
+    this.corrupt = true;
+    const message = `Marking image as corrupt: preventing ${what} write at ${hex(hostOffset)} (${length} bytes) that would overwrite the ${hit.kind} at ${hex(hit.offset)}`;
+    try {
+      await this.writeBack();
+    } finally {
+      this.header.incompatibleFeatures |= INCOMPAT_CORRUPT;
+      await this.writeHeader();
+      await this.store.flush();
+    }
+    throw new CorruptImageError(this.image.name, message, hostOffset);
+  }
+
+  freeLater(offset: number, length: number): void {
+    if (length > 0) this.pendingFrees.push({ offset, length });
+  }
+
+  /** Gives back what an L2 entry referenced (after the next write-back). External data is not refcounted. */
+  freeEntry(entry: L2Entry): void {
+    if (isCompressed(entry)) {
+      const { hostOffset, compressedLength } = decodeCompressed(entry, this.header.clusterBits);
+      this.freeLater(hostOffset, compressedLength);
+      return;
+    }
+    if (this.image.dataStore) return;
+    const host = standardHostOffset(entry);
+    if (host !== 0) this.freeLater(host, this.clusterSize);
+  }
+
+  // ---- write-back ------------------------------------------------------------------------------------------
+
+  get hasPending(): boolean {
+    return this.dirtyL2.size > 0 || this.dirtyL1.size > 0 || this.pendingFrees.length > 0 || this.refcounts.hasDirty;
+  }
+
+  async maybeWriteBack(): Promise<void> {
+    if (this.dirtyL2.size > MAX_DIRTY_TABLES || this.refcounts.dirtyCount > MAX_DIRTY_TABLES || this.pendingFrees.length > MAX_PENDING_FREES) await this.writeBack();
+  }
+
+  /** Writes every in-memory update in the crash-safe order described at the top of this file. */
+  async writeBack(): Promise<void> {
+    if (!this.hasPending) return;
+    const lazy = this.image.lazyRefcounts;
+    // FLUSH POINT 1: new data and new refcounts are durable before any table points at them.
+    await this.refcounts.writeBack();
+    if (this.image.dataStore) await this.image.dataStore.flush();
+    if (!lazy || this.dirtyL1.size) await this.store.flush();
+    const tables = [...this.dirtyL2].sort((a, b) => a[0] - b[0]);
+    for (const [offset, table] of tables) {
+      const hit = this.metadata.overlap(offset, this.clusterSize, 'active L2 table');
+      if (hit) throw new CorruptImageError(this.image.name, `L2 table at ${hex(offset)} overlaps the ${hit.kind} at ${hex(hit.offset)}`, offset);
+      await this.store.write(offset, table);
+      this.image.l2Cache.put(offset, table);
+    }
+    this.dirtyL2.clear();
+    if (this.dirtyL1.size) {
+      // FLUSH POINT 2: new L2 tables are durable before the L1 entries that point at them.
+      await this.store.flush();
+      await this.writeL1Entries();
+    }
+    if (this.pendingFrees.length) {
+      // FLUSH POINT 3: tables that stopped using clusters are durable before those clusters can be reused.
+      await this.store.flush();
+      const frees = this.pendingFrees;
+      this.pendingFrees = [];
+      for (const { offset, length } of frees) {
+        const first = Math.floor(offset / this.clusterSize);
+        const last = Math.floor((offset + length - 1) / this.clusterSize);
+        for (let c = first; c <= last; c++) await this.refcounts.change(c, -1);
+      }
+      await this.refcounts.writeBack();
+    }
+    await this.store.flush();
+  }
+
+  private async writeL1Entries(): Promise<void> {
+    const l1 = this.image.l1Table;
+    const indices = [...this.dirtyL1].sort((a, b) => a - b);
+    this.dirtyL1.clear();
+    // Contiguous runs of entries go out as one write.
+    for (let i = 0; i < indices.length; ) {
+      let j = i;
+      while (j + 1 < indices.length && indices[j + 1] === indices[j]! + 1) j++;
+      const from = indices[i]!;
+      const to = indices[j]! + 1;
+      await this.store.write(this.header.l1TableOffset + from * 8, l1.slice(from * 8, to * 8));
+      i = j + 1;
+    }
+  }
+
+  /** Makes everything durable; with lazy refcounts the dirty bit stays set until close. */
+  async flush(): Promise<void> {
+    await this.writeBack();
+  }
+
+  async close(): Promise<void> {
+    await this.writeBack();
+    if (this.started && this.image.lazyRefcounts && this.header.incompatibleFeatures & INCOMPAT_DIRTY && !this.corrupt) {
+      // Refcounts are complete and durable: the image no longer needs a rebuild on the next open.
+      this.header.incompatibleFeatures &= ~INCOMPAT_DIRTY;
+      await this.writeHeader();
+      await this.store.flush();
+    }
+  }
+
+  // ---- guest writes ----------------------------------------------------------------------------------------
+
+  /** Guest bytes [offset, offset+data.length) of cluster `cluster`'s old contents (this layer, then backing). */
+  private async oldContents(guestOffset: number, length: number): Promise<Uint8Array> {
+    const size = this.image.virtualSize;
+    const out = new Uint8Array(length);
+    const readable = Math.max(0, Math.min(length, size - guestOffset));
+    if (readable > 0) out.set(await this.image.readThrough(guestOffset, readable, this.image.l1Table, this.image.backing), 0);
+    return out;
+  }
+
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    await this.begin();
+    const cs = this.clusterSize;
+    const { l2Entries, extendedL2 } = this.image.geometry;
+    const external = this.image.dataStore !== undefined;
+    let pos = 0;
+    // Clusters needing a new host cluster are gathered into runs that get one contiguous allocation and one write.
+    let run: { cluster: number; from: number; to: number; dataPos: number; entry: L2Entry; table: Uint8Array; l2Offset: number; l2Index: number }[] = [];
+    const flushRun = async () => {
+      if (run.length) await this.allocateRun(run, data);
+      run = [];
+    };
+    while (pos < data.length) {
+      const guest = offset + pos;
+      const cluster = Math.floor(guest / cs);
+      const from = guest - cluster * cs;
+      const to = Math.min(cs, from + data.length - pos);
+      const l1Index = Math.floor(cluster / l2Entries);
+      const l2Index = cluster % l2Entries;
+      const { offset: l2Offset, table } = await this.l2ForWrite(l1Index);
+      const entry = readL2Entry(table, l2Index, this.image.geometry);
+      const host = standardHostOffset(entry);
+      const hasHost = host !== 0 || (external && isCopied(entry));
+      const zeroFlag = !extendedL2 && (entry.lo & 1) !== 0;
+      const inPlace = !isCompressed(entry) && hasHost && isCopied(entry) && !zeroFlag;
+      if (inPlace) {
+        await flushRun();
+        await this.writeInPlace(cluster, from, to, data.subarray(pos, pos + to - from), host, entry, table, l2Offset, l2Index);
+      } else {
+        const last = run[run.length - 1];
+        if (last && (last.cluster !== cluster - 1 || last.to !== cs || from !== 0 || run.length >= 2048)) await flushRun();
+        run.push({ cluster, from, to, dataPos: pos, entry, table, l2Offset, l2Index });
+      }
+      pos += to - from;
+    }
+    await flushRun();
+    await this.maybeWriteBack();
+  }
+
+  /** Writes into a host cluster the active image owns; extended L2 subclusters gain their allocated bits. */
+  private async writeInPlace(cluster: number, from: number, to: number, bytes: Uint8Array, host: number, entry: L2Entry, table: Uint8Array, l2Offset: number, l2Index: number): Promise<void> {
+    const cs = this.clusterSize;
+    const store = this.image.dataStore ?? this.store;
+    if (!this.image.geometry.extendedL2) {
+      await this.guard(host + from, to - from, 'data');
+      await store.write(host + from, bytes);
+      return;
+    }
+    const sub = cs / SUBCLUSTERS;
+    const firstSub = Math.floor(from / sub);
+    const lastSub = Math.floor((to - 1) / sub);
+    // A subcluster that was not allocated gets its untouched bytes copied from what it read as before.
+    let start = from;
+    let end = to;
+    if (!(entry.allocMask & (1 << firstSub))) start = firstSub * sub;
+    if (!(entry.allocMask & (1 << lastSub))) end = (lastSub + 1) * sub;
+    let buffer = bytes;
+    if (start !== from || end !== to) {
+      buffer = await this.oldContents(cluster * cs + start, end - start);
+      buffer.set(bytes, from - start);
+    }
+    await this.guard(host + start, end - start, 'data');
+    await store.write(host + start, buffer);
+    let mask = 0;
+    for (let s = firstSub; s <= lastSub; s++) mask |= 1 << s;
+    if ((entry.allocMask & mask) !== mask >>> 0 || entry.zeroMask & mask) {
+      const at = l2Index * 16;
+      putU32(table, at + 8, (entry.zeroMask & ~mask) >>> 0);
+      putU32(table, at + 12, (entry.allocMask | mask) >>> 0);
+      this.markDirty(l2Offset, table);
+    }
+  }
+
+  /**
+   * Gives each cluster of the run a new host cluster (contiguous, first-fit), fills the parts the write does not
+   * cover with the cluster's old contents, writes the whole run at once, then points the L2 entries at it.
+   */
+  private async allocateRun(run: { cluster: number; from: number; to: number; dataPos: number; entry: L2Entry; table: Uint8Array; l2Offset: number; l2Index: number }[], data: Uint8Array): Promise<void> {
+    const cs = this.clusterSize;
+    const extendedL2 = this.image.geometry.extendedL2;
+    const external = this.image.dataStore !== undefined;
+    const first = run[0]!;
+    const count = run.length;
+    const host = external ? first.cluster * cs : await this.refcounts.allocate(count);
+    const buffer = new Uint8Array(count * cs);
+    for (let i = 0; i < count; i++) {
+      const piece = run[i]!;
+      if (piece.from !== 0 || piece.to !== cs) buffer.set(await this.oldContents(piece.cluster * cs, cs), i * cs);
+      buffer.set(data.subarray(piece.dataPos, piece.dataPos + piece.to - piece.from), i * cs + piece.from);
+    }
+    await this.guard(host, count * cs, 'data');
+    await (this.image.dataStore ?? this.store).write(host, buffer);
+    const sub = cs / SUBCLUSTERS;
+    for (let i = 0; i < count; i++) {
+      const piece = run[i]!;
+      const entry = piece.entry;
+      const newHost = host + i * cs;
+      const at = piece.l2Index * (extendedL2 ? 16 : 8);
+      putU32(piece.table, at, (Math.floor(newHost / TWO_32) | COPIED) >>> 0);
+      putU32(piece.table, at + 4, newHost % TWO_32);
+      if (extendedL2) {
+        let touched = 0;
+        for (let s = Math.floor(piece.from / sub); s <= Math.floor((piece.to - 1) / sub); s++) touched |= 1 << s;
+        // Everything the old cluster held as data moves along; zero subclusters stay zero unless written.
+        const oldData = isCompressed(entry) ? ALL_SUBCLUSTERS : standardHostOffset(entry) !== 0 || (external && isCopied(entry)) ? entry.allocMask : 0;
+        const zero = isCompressed(entry) ? 0 : entry.zeroMask & ~touched;
+        putU32(piece.table, at + 8, zero >>> 0);
+        putU32(piece.table, at + 12, (oldData | touched) & ~zero);
+      }
+      if (!external || isCompressed(entry)) this.freeEntry(entry);
+      this.markDirty(piece.l2Offset, piece.table);
+    }
+  }
+
+  /** Zero writes: the zero flag (or zero subcluster bits) on whole units, real zeros on the unaligned rest. */
+  async writeZeroes(offset: number, length: number, options: ZeroOptions = {}): Promise<void> {
+    await this.begin();
+    const cs = this.clusterSize;
+    const { extendedL2, l2Entries } = this.image.geometry;
+    const unit = extendedL2 ? cs / SUBCLUSTERS : cs;
+    const end = offset + length;
+    const v2 = this.header.version === 2;
+    const backing = this.image.backing !== undefined;
+    // In v2 images without a backing file, unallocated reads as zero; with one, zeros have to be written.
+    // A raw external data file must itself read as the guest disk, so zeros are written there.
+    const canFlag = (!v2 || !backing) && !this.image.dataFileRaw;
+    const alignedStart = Math.min(end, Math.ceil(offset / unit) * unit);
+    const alignedEnd = Math.max(alignedStart, Math.floor(end / unit) * unit);
+    const lastPartial = end === this.image.virtualSize && end % unit !== 0;
+    const flagEnd = lastPartial ? end : alignedEnd;
+    if (!canFlag || alignedStart >= flagEnd) {
+      await this.writeZeroBytes(offset, length);
+      return;
+    }
+    if (offset < alignedStart) await this.writeZeroBytes(offset, alignedStart - offset);
+    let at = alignedStart;
+    while (at < flagEnd) {
+      const cluster = Math.floor(at / cs);
+      const clusterEnd = Math.min((cluster + 1) * cs, flagEnd);
+      const { offset: l2Offset, table } = await this.l2ForWrite(Math.floor(cluster / l2Entries));
+      const l2Index = cluster % l2Entries;
+      const entry = readL2Entry(table, l2Index, this.image.geometry);
+      const whole = at === cluster * cs && (clusterEnd === (cluster + 1) * cs || clusterEnd >= this.image.virtualSize);
+      if (!extendedL2 || whole) {
+        this.zeroWholeCluster(table, l2Index, entry, options.unmap === true, v2);
+        this.markDirty(l2Offset, table);
+      } else if (isCompressed(entry) || (standardHostOffset(entry) !== 0 && !isCopied(entry))) {
+        // Subclusters of a cluster we do not own: go through the copy-on-write path.
+        await this.writeZeroBytes(at, clusterEnd - at);
+      } else {
+        const sub = cs / SUBCLUSTERS;
+        let mask = 0;
+        for (let s = (at - cluster * cs) / sub; s < Math.ceil((clusterEnd - cluster * cs) / sub); s++) mask |= 1 << s;
+        putU32(table, l2Index * 16 + 8, (entry.zeroMask | mask) >>> 0);
+        putU32(table, l2Index * 16 + 12, (entry.allocMask & ~mask) >>> 0);
+        this.markDirty(l2Offset, table);
+      }
+      at = clusterEnd;
+    }
+    if (flagEnd < end) await this.writeZeroBytes(flagEnd, end - flagEnd);
+    await this.maybeWriteBack();
+  }
+
+  private zeroWholeCluster(table: Uint8Array, l2Index: number, entry: L2Entry, unmap: boolean, v2: boolean): void {
+    const extendedL2 = this.image.geometry.extendedL2;
+    const external = this.image.dataStore !== undefined;
+    const host = standardHostOffset(entry);
+    const owned = !isCompressed(entry) && (host !== 0 || (external && isCopied(entry))) && isCopied(entry);
+    const keep = owned && !unmap && !v2 && !external;
+    if (!keep) this.freeEntry(entry);
+    const at = l2Index * (extendedL2 ? 16 : 8);
+    if (keep) {
+      // Keep the host cluster (reads as zero, still allocated), as QEMU does without unmap.
+      if (extendedL2) {
+        putU32(table, at + 8, ALL_SUBCLUSTERS);
+        putU32(table, at + 12, 0);
+      } else {
+        putU32(table, at + 4, (u32(table, at + 4) | 1) >>> 0);
+      }
+      return;
+    }
+    putU64(table, at, 0);
+    if (extendedL2) {
+      putU32(table, at + 8, ALL_SUBCLUSTERS);
+      putU32(table, at + 12, 0);
+    } else if (!v2) {
+      putU32(table, at + 4, 1);
+    }
+  }
+
+  private async writeZeroBytes(offset: number, length: number): Promise<void> {
+    const chunk = 4 * 1024 * 1024;
+    for (let at = offset; at < offset + length; at += chunk) await this.write(at, new Uint8Array(Math.min(chunk, offset + length - at)));
+  }
+
+  /**
+   * Discard: whole clusters only (a partial one is left alone, as QEMU's block layer does). v3 images then read
+   * zeros there; v2 images lose the cluster, or keep it when a backing file would show through.
+   */
+  async discard(offset: number, length: number): Promise<void> {
+    await this.begin();
+    const cs = this.clusterSize;
+    const { l2Entries, extendedL2 } = this.image.geometry;
+    const end = offset + length;
+    const first = Math.ceil(offset / cs);
+    const lastCluster = end >= this.image.virtualSize ? Math.ceil(end / cs) : Math.floor(end / cs);
+    const v2 = this.header.version === 2;
+    const backing = this.image.backing !== undefined;
+    if (v2 && backing) return;
+    if (this.image.dataFileRaw) return;
+    for (let cluster = first; cluster < lastCluster; cluster++) {
+      const l1Index = Math.floor(cluster / l2Entries);
+      if (u32(this.image.l1Table, l1Index * 8 + 4) === 0 && u32(this.image.l1Table, l1Index * 8) === 0 && !backing) {
+        cluster = (l1Index + 1) * l2Entries - 1;
+        continue;
+      }
+      const { offset: l2Offset, table } = await this.l2ForWrite(l1Index);
+      const l2Index = cluster % l2Entries;
+      const entry = readL2Entry(table, l2Index, this.image.geometry);
+      this.freeEntry(entry);
+      const at = l2Index * (extendedL2 ? 16 : 8);
+      putU64(table, at, 0);
+      if (extendedL2) {
+        putU32(table, at + 8, backing ? ALL_SUBCLUSTERS : 0);
+        putU32(table, at + 12, 0);
+      } else if (!v2 && backing) {
+        putU32(table, at + 4, 1);
+      }
+      this.markDirty(l2Offset, table);
+    }
+    await this.maybeWriteBack();
+  }
+
+  /**
+   * Writes one whole guest cluster compressed (for convert -c). The cluster must not be allocated yet. Data that
+   * does not compress below a cluster is written as a normal cluster, as QEMU does.
+   */
+  async writeCompressed(clusterIndex: number, data: Uint8Array): Promise<void> {
+    await this.begin();
+    const cs = this.clusterSize;
+    if (this.image.dataStore) throw new FormatError(this.image.name, 'compressed writes are not possible with an external data file', { field: 'data file' });
+    const compressed = await compressCluster(this.image.compressionType, data, cs, this.image.codecs);
+    if (!compressed) {
+      await this.write(clusterIndex * cs, data.length === cs ? data : padTo(data, cs));
+      return;
+    }
+    const { l2Entries, extendedL2 } = this.image.geometry;
+    const { offset: l2Offset, table } = await this.l2ForWrite(Math.floor(clusterIndex / l2Entries));
+    const l2Index = clusterIndex % l2Entries;
+    const old = readL2Entry(table, l2Index, this.image.geometry);
+    const host = await this.allocateBytes(compressed.length);
+    await this.guard(host, compressed.length, 'data');
+    await this.store.write(host, compressed);
+    const at = l2Index * (extendedL2 ? 16 : 8);
+    putU64(table, at, encodeCompressed(host, compressed.length, this.header.clusterBits));
+    if (extendedL2) putU64(table, at + 8, 0);
+    this.freeEntry(old);
+    this.markDirty(l2Offset, table);
+    await this.maybeWriteBack();
+  }
+
+  /**
+   * Byte-granular space for compressed data, packed right after the previous compressed cluster. A host
+   * cluster's refcount counts the compressed clusters that touch it; a run that crosses into the next cluster
+   * needs that cluster to be the next free one, or it starts afresh.
+   */
+  private async allocateBytes(size: number): Promise<number> {
+    const cs = this.clusterSize;
+    let offset = this.compressedCursor;
+    if (offset !== 0 && offset % cs !== 0) {
+      const cluster = Math.floor(offset / cs);
+      const room = (cluster + 1) * cs - offset;
+      if (size <= room) {
+        await this.refcounts.change(cluster, 1);
+        this.compressedCursor = offset + size;
+        return offset;
+      }
+      const extra = Math.ceil((size - room) / cs);
+      const next = await this.refcounts.allocate(extra);
+      if (next === (cluster + 1) * cs) {
+        await this.refcounts.change(cluster, 1);
+        this.compressedCursor = offset + size;
+        return offset;
+      }
+      // Not contiguous: nothing points at these clusters yet, so they can be returned at once.
+      for (let i = 0; i < extra; i++) await this.refcounts.change(next / cs + i, -1);
+    }
+    offset = await this.refcounts.allocate(Math.ceil(size / cs));
+    this.compressedCursor = offset + size;
+    return offset;
+  }
+}
+
+function padTo(data: Uint8Array, size: number): Uint8Array {
+  const out = new Uint8Array(size);
+  out.set(data);
+  return out;
+}
+
