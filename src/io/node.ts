@@ -6,6 +6,7 @@ import { FileStore } from './file.js';
 
 export { FileStore } from './file.js';
 export { MemoryStore } from './memory.js';
+export { nodeCodecs } from './node-codecs.js';
 
 function isUrl(name: string): boolean {
   return /^[a-z][a-z0-9+.-]*:\/\//i.test(name);
