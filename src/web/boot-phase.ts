@@ -1,0 +1,68 @@
+/**
+ * Guesses the boot phase from what a person would see: the machine starting, the first disk reads (boot
+ * loader), the kernel's console output, and finally a shell prompt on the serial console.
+ */
+import type { ConsoleView } from './console-view.js';
+import type { PhaseState } from './status-view.js';
+
+/** A shell prompt at the end of the console text: busybox's `~ # ` or a `$ ` (its ESC[6n is already removed). */
+export const PROMPT = /(^|\n)[^\n]*[#$] $/;
+
+type Listener = (text: string, state: PhaseState) => void;
+
+export class BootPhases {
+  private phase = '';
+  private listeners: Listener[] = [];
+  private running = false;
+  /** The Worker's read counter spans restarts; reads of this boot are counted from here. */
+  private baseline = 0;
+  private needBaseline = false;
+  private readsThisBoot = 0;
+
+  constructor(private readonly console: ConsoleView) {
+    setInterval(() => this.update(), 200);
+  }
+
+  onChange(listener: Listener): void {
+    this.listeners.push(listener);
+  }
+
+  started(): void {
+    this.running = true;
+    this.update();
+  }
+
+  reset(): void {
+    this.needBaseline = true;
+    this.readsThisBoot = 0;
+    this.phase = '';
+  }
+
+  noteDiskReads(total: number): void {
+    if (this.needBaseline) {
+      this.baseline = total;
+      this.needBaseline = false;
+    }
+    this.readsThisBoot = total - this.baseline;
+  }
+
+  private update(): void {
+    if (!this.running) return;
+    const text = this.console.text;
+    let phase: string;
+    let state: PhaseState = 'busy';
+    if (PROMPT.test(text)) {
+      phase = 'Running — shell ready on the serial console';
+      state = 'ready';
+    } else if (/Linux version|\[\s*\d+\.\d+\]|Run \/init|switch_root|Booting the kernel|decompress/i.test(text)) {
+      phase = 'Linux is starting…';
+    } else if (/syslinux|isolinux|Loading|boot:/i.test(text) || this.readsThisBoot > 0) {
+      phase = 'Boot loader: loading the kernel from disk…';
+    } else {
+      phase = 'Firmware (BIOS) is starting…';
+    }
+    if (phase === this.phase) return;
+    this.phase = phase;
+    for (const listener of this.listeners) listener(phase, state);
+  }
+}

@@ -1,0 +1,142 @@
+/**
+ * Opening the tab's disk inside the Worker: the base over HTTP, an overlay on top of it, the backing-name
+ * resolution between them, and checking an overlay a person picked against the base this page runs.
+ */
+import type { BlockDevice } from '../qcow2/device.js';
+import type { ByteStore, StoreResolver } from '../qcow2/store.js';
+import { openImage, probeFormat, Qcow2Image, Qcow86Error } from '../qcow2/index.js';
+import { createQcow2 } from '../qcow2/create.js';
+import { encodeHeader, setBackingValidator, backingValidatorOf } from '../qcow2/header.js';
+import { BlobStore } from '../io/opfs.js';
+import { openBaseStore, baseStats, type BaseStats } from './base-store.js';
+import type { ProblemKind } from './protocol.js';
+
+export interface BaseHandle {
+  url: string;
+  /** Shared by every image opened over the base; its close() is the Worker's alone (see `shared`). */
+  store: ByteStore;
+  device: BlockDevice;
+  format: 'qcow2' | 'qcow' | 'raw';
+  stats(): BaseStats;
+}
+
+export async function openBase(url: string): Promise<BaseHandle> {
+  const store = await openBaseStore(url);
+  const format = await probeFormat(store);
+  const device = await openImage(shared(store), { format, readOnly: true });
+  return { url, store, device, format, stats: () => baseStats(store) };
+}
+
+/** A view of `store` whose close() does nothing: several images open the one base, and closing one must not end it. */
+function shared(store: ByteStore): ByteStore {
+  return {
+    name: store.name,
+    readOnly: true,
+    get validator() {
+      return store.validator;
+    },
+    size: () => store.size(),
+    read: (offset, length) => store.read(offset, length),
+    write: (offset, data) => store.write(offset, data),
+    truncate: (size) => store.truncate(size),
+    flush: async () => {},
+    close: async () => {},
+  };
+}
+
+/**
+ * Backing names in our overlays are the base's absolute URL (so QEMU's curl driver opens them too). A relative
+ * name (an overlay made with `qemu-img create -b base.qcow2`) is taken relative to the base's URL. `snapshot`
+ * stands for the stored overlay when a read-only tab stacks a throwaway overlay on it.
+ */
+function resolver(base: BaseHandle, snapshot?: BlobStore): StoreResolver {
+  return {
+    async open(name) {
+      if (snapshot && name === snapshot.name) return { store: snapshot, fullName: name, identity: name };
+      const url = new URL(name, base.url).href;
+      if (url !== base.url) throw new Error(`this page only reaches its own base image ${base.url}, not ${url}`);
+      return { store: shared(base.store), fullName: url, identity: url };
+    },
+  };
+}
+
+/** Writes an empty overlay of `size` bytes backed by `backingName` into `store`, recording the base's validator. */
+export async function makeOverlay(store: ByteStore, backingName: string, base: BaseHandle | undefined, size: number): Promise<void> {
+  await createQcow2(store, { size, backingFile: backingName, backingFormat: base ? base.format : 'qcow2' });
+  const validator = base?.store.validator;
+  if (validator === undefined) return;
+  // The validator lives in a header extension (QEMU keeps unknown extensions and ignores them).
+  const { header } = await Qcow2Image.readMetadata(store);
+  setBackingValidator(header, validator);
+  await store.write(0, encodeHeader(header));
+  await store.flush();
+}
+
+/** Opens `overlay` over the base (or over a read-only snapshot of the stored overlay) for writing. */
+export async function openTop(overlay: ByteStore, base: BaseHandle, snapshot?: BlobStore): Promise<BlockDevice> {
+  return openImage(sharedOverlay(overlay), { format: 'qcow2', readOnly: false, resolver: resolver(base, snapshot) });
+}
+
+/**
+ * The overlay's store outlives the images opened over it (reset and import reopen the image on the same
+ * handle), so closing an image flushes the store but leaves it open; the Worker closes it at the end.
+ */
+function sharedOverlay(store: ByteStore): ByteStore {
+  return { ...shared(store), readOnly: store.readOnly, flush: () => store.flush(), close: () => store.flush() };
+}
+
+/**
+ * Checks that a picked file is a qcow2 overlay of this page's base. Returns a sentence for a person when it is
+ * not, undefined when it is.
+ */
+export async function validateImport(file: Blob, baseUrl: string, base: BaseHandle): Promise<string | undefined> {
+  const store = new BlobStore(file instanceof File ? file.name : 'the chosen file', file);
+  if ((await probeFormat(store)) !== 'qcow2') return `${store.name} is not a qcow2 image.`;
+  let metadata;
+  try {
+    metadata = await Qcow2Image.readMetadata(store);
+  } catch (error) {
+    return `${store.name} is not a valid qcow2 image: ${(error as Error).message}`;
+  }
+  const { header } = metadata;
+  if (header.backingFile === undefined) {
+    return `${store.name} has no backing file: it is a whole disk, not an overlay of ${baseUrl}.`;
+  }
+  let wanted: string;
+  try {
+    wanted = new URL(header.backingFile, baseUrl).href;
+  } catch {
+    wanted = header.backingFile;
+  }
+  if (wanted !== baseUrl) {
+    return `${store.name} is an overlay of a different base image (${header.backingFile}); this page runs ${baseUrl}. Open the page with ?base=${header.backingFile} to use it.`;
+  }
+  if (header.size !== base.device.virtualSize) {
+    return `${store.name} describes a ${header.size}-byte disk, but the base is ${base.device.virtualSize} bytes: it was not made for this base.`;
+  }
+  const recorded = backingValidatorOf(header);
+  if (recorded !== undefined && base.store.validator !== undefined && recorded !== base.store.validator) {
+    return `${store.name} was made for an earlier version of ${baseUrl} (version ${recorded}; the server now has ${base.store.validator}). Its changes cannot be applied to the new base.`;
+  }
+  try {
+    const image = await openImage(store, { format: 'qcow2', readOnly: true, resolver: resolver(base) });
+    await image.close();
+  } catch (error) {
+    return `${store.name} cannot be used: ${(error as Error).message}`;
+  }
+  return undefined;
+}
+
+/** Puts an error from the base (or the engine) into words for the status panel, and says which kind it is. */
+export function describeBaseProblem(error: unknown): { kind: ProblemKind; message: string } {
+  const message = error instanceof Error ? error.message : String(error);
+  const name = error instanceof Error ? error.name : '';
+  if (/changed/i.test(message) && /(etag|version|validator|changed since|has changed)/i.test(message)) {
+    return { kind: 'base-changed', message: `The base image on the server has changed since this disk was made, so the saved changes no longer fit it. ${message}` };
+  }
+  if (name === 'TypeError' || /network|failed to fetch|timed out|timeout|ECONNRESET|5\d\d/i.test(message)) {
+    return { kind: 'network', message: `Cannot reach the server for the base image: ${message}` };
+  }
+  if (error instanceof Qcow86Error) return { kind: 'other', message };
+  return { kind: 'other', message };
+}

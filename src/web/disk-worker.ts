@@ -1,0 +1,301 @@
+/**
+ * The disk Worker: owns the qcow2 engine, the OPFS overlay (through a synchronous access handle, which only a
+ * dedicated Worker may hold) and the HTTP base. The page's v86 `hda` proxy sends reads and writes here, so no
+ * engine, network or storage work ever runs on the page's main thread.
+ *
+ * One writer per overlay: before opening an overlay for writing the Worker takes the Web Lock named after it and
+ * holds it until it closes; a second tab finds the lock taken and is told so.
+ */
+import type { BlockDevice } from '../qcow2/device.js';
+import { LockError, BackingChainError } from '../qcow2/errors.js';
+import { MemoryStore } from '../io/memory.js';
+import { OpfsStore, BlobStore, QuotaError, opfsDirectory, opfsExists } from '../io/opfs.js';
+import { DiskMap } from './disk-map.js';
+import { describeBaseProblem, makeOverlay, openBase, openTop, validateImport, type BaseHandle } from './disk-open.js';
+import type { OpenRequest, OpenResult, ProblemKind, Reply, Request, Stats, WorkerEvent } from './protocol.js';
+
+interface WorkerScope {
+  postMessage(message: unknown, transfer?: Transferable[]): void;
+  onmessage: ((event: MessageEvent) => void) | null;
+}
+const scope = self as unknown as WorkerScope;
+
+/** Guest writes are made durable this long after the last one (and on request, e.g. when the page hides). */
+const FLUSH_DELAY_MS = 400;
+/** Stats and map changes are batched: the page redraws a few times a second at most. */
+const REPORT_INTERVAL_MS = 250;
+/** Network failures reading the base are retried forever with this backoff (ms), shown as a countdown. */
+const RETRY_DELAYS = [1000, 2000, 4000, 8000, 15000];
+
+class ProblemError extends Error {
+  constructor(
+    readonly kind: ProblemKind,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+interface Session {
+  device: BlockDevice;
+  base: BaseHandle;
+  overlayStore: OpfsStore | MemoryStore;
+  overlayName: string;
+  mode: OpenRequest['mode'];
+  map: DiskMap;
+  releaseLock: (() => void) | undefined;
+  request: OpenRequest;
+}
+
+let session: Session | undefined;
+let unsaved = 0;
+let flushTimer: ReturnType<typeof setTimeout> | undefined;
+const counters = { guestReads: 0, guestWrites: 0, bytesWritten: 0 };
+/** Engine calls run one at a time: v86 has one command in flight per drive, and allocation must not interleave. */
+let queue: Promise<unknown> = Promise.resolve();
+
+function serial<T>(task: () => Promise<T>): Promise<T> {
+  const run = queue.then(task, task);
+  queue = run.catch(() => {});
+  return run;
+}
+
+function emit(event: WorkerEvent, transfer: Transferable[] = []): void {
+  scope.postMessage(event, transfer);
+}
+
+/** Takes the Web Lock `name` if nobody holds it; the returned function releases it. */
+function tryLock(name: string): Promise<(() => void) | undefined> {
+  return new Promise((resolve, reject) => {
+    navigator.locks
+      .request(name, { ifAvailable: true }, (lock) => {
+        if (!lock) {
+          resolve(undefined);
+          return undefined;
+        }
+        return new Promise<void>((release) => resolve(release));
+      })
+      .catch(reject);
+  });
+}
+
+async function open(request: OpenRequest): Promise<OpenResult> {
+  if (session) await close();
+  const dir = await opfsDirectory();
+  let overlayName = request.overlay;
+  let releaseLock: (() => void) | undefined;
+  if (request.mode === 'fresh') {
+    overlayName = request.overlay.replace(/(\.qcow2)?$/, `-${Date.now().toString(36)}.qcow2`);
+  }
+  if (request.mode !== 'readonly') {
+    releaseLock = await tryLock(`qcow86-disk:${overlayName}`);
+    if (!releaseLock) throw new ProblemError('locked', 'This disk is open in another tab. Only one tab at a time may write to it.');
+  }
+  try {
+    const base = await openBase(request.base);
+    let overlayStore: OpfsStore | MemoryStore;
+    let created = false;
+    let snapshot: BlobStore | undefined;
+    if (request.mode === 'readonly') {
+      // The writer tab holds the file's sync handle; a File snapshot can still be read (it is a copy-on-read view).
+      if (await opfsExists(dir, overlayName)) {
+        const file = await (await dir.getFileHandle(overlayName)).getFile();
+        if (file.size > 0) snapshot = new BlobStore(`opfs:${dir.name}/${overlayName} (as of ${new Date().toLocaleTimeString()})`, file);
+      }
+      overlayStore = new MemoryStore('memory:read-only changes');
+      await makeOverlay(overlayStore, snapshot ? snapshot.name : request.base, snapshot ? undefined : base, base.device.virtualSize);
+    } else {
+      overlayStore = await OpfsStore.open(dir, overlayName, { create: true });
+      if ((await overlayStore.size()) === 0) {
+        await makeOverlay(overlayStore, request.base, base, base.device.virtualSize);
+        created = true;
+      }
+    }
+    const device = await openTop(overlayStore, base, snapshot);
+    const map = await DiskMap.build(device);
+    session = { device, base, overlayStore, overlayName, mode: request.mode, map, releaseLock, request };
+    unsaved = 0;
+    return { virtualSize: device.virtualSize, overlay: overlayName, mode: request.mode, created, map: map.snapshot() };
+  } catch (error) {
+    releaseLock?.();
+    throw error;
+  }
+}
+
+async function close(): Promise<void> {
+  const current = session;
+  if (!current) return;
+  session = undefined;
+  clearTimeout(flushTimer);
+  try {
+    await current.device.close();
+  } finally {
+    current.releaseLock?.();
+  }
+}
+
+function need(): Session {
+  if (!session) throw new ProblemError('other', 'the disk is not open');
+  return session;
+}
+
+async function read(offset: number, length: number): Promise<Uint8Array> {
+  const s = need();
+  counters.guestReads++;
+  for (let attempt = 0; ; attempt++) {
+    try {
+      const bytes = await s.device.read(offset, length);
+      if (attempt > 0) emit({ event: 'problem-cleared', kind: 'network' });
+      s.map.noteRead(offset, length);
+      return bytes;
+    } catch (error) {
+      const problem = describeBaseProblem(error);
+      if (problem.kind !== 'network') throw new ProblemError(problem.kind, problem.message);
+      // The guest waits (its drive stays busy) while the network is down: better than an I/O error in the guest.
+      const delay = RETRY_DELAYS[Math.min(attempt, RETRY_DELAYS.length - 1)]!;
+      emit({ event: 'problem', kind: 'network', message: problem.message, retryAt: Date.now() + delay });
+      await new Promise((resolve) => setTimeout(resolve, delay));
+    }
+  }
+}
+
+async function write(offset: number, data: Uint8Array): Promise<void> {
+  const s = need();
+  counters.guestWrites++;
+  counters.bytesWritten += data.length;
+  try {
+    await s.device.write(offset, data);
+  } catch (error) {
+    if (error instanceof QuotaError) {
+      throw new ProblemError('quota', "The browser's storage for this site is full: the guest's last write could not be saved. Download the overlay, then free space or reset the disk.");
+    }
+    throw error;
+  }
+  s.map.noteWrite(offset, data.length);
+  unsaved += data.length;
+  clearTimeout(flushTimer);
+  flushTimer = setTimeout(() => void serial(flush).catch(reportError), FLUSH_DELAY_MS);
+}
+
+async function flush(): Promise<void> {
+  if (!session) return;
+  await session.device.flush();
+  unsaved = 0;
+}
+
+async function exportOverlay(): Promise<Uint8Array> {
+  const s = need();
+  if (s.mode === 'readonly') throw new ProblemError('other', 'This tab is read-only: download the overlay from the tab that is writing it.');
+  await flush();
+  const size = await s.overlayStore.size();
+  return s.overlayStore.read(0, size);
+}
+
+async function importOverlay(file: Blob): Promise<void> {
+  const s = need();
+  if (s.mode === 'readonly') throw new ProblemError('other', 'This tab is read-only: open the overlay in the tab that is writing the disk.');
+  const problem = await validateImport(file, s.request.base, s.base);
+  if (problem) throw new ProblemError('foreign-overlay', problem);
+  // Replace the stored overlay's bytes in place: the sync handle (and the Web Lock) stay ours throughout.
+  await s.device.flush();
+  const store = s.overlayStore;
+  await store.truncate(0);
+  const chunk = 4 * 1024 * 1024;
+  for (let at = 0; at < file.size; at += chunk) {
+    await store.write(at, new Uint8Array(await file.slice(at, at + chunk).arrayBuffer()));
+  }
+  await store.flush();
+  await reopenTop(s);
+}
+
+async function reset(): Promise<void> {
+  const s = need();
+  await s.device.flush().catch(() => {});
+  await s.overlayStore.truncate(0);
+  await makeOverlay(s.overlayStore, s.request.base, s.base, s.base.device.virtualSize);
+  await reopenTop(s);
+}
+
+/** Re-reads the overlay's metadata after its bytes were replaced, keeping the same stores and lock. */
+async function reopenTop(s: Session): Promise<void> {
+  s.device = await openTop(s.overlayStore, s.base);
+  s.map = await DiskMap.build(s.device);
+  unsaved = 0;
+}
+
+function stats(): Stats {
+  const base = session?.base.stats() ?? { fetched: 0, size: 0, requests: 0, hits: 0, misses: 0 };
+  return {
+    baseFetched: base.fetched,
+    baseSize: base.size,
+    requests: base.requests,
+    cacheHits: base.hits,
+    cacheMisses: base.misses,
+    overlaySize: session ? sizeNow(session.overlayStore) : 0,
+    unsaved,
+    ...counters,
+  };
+}
+
+let lastOverlaySize = 0;
+function sizeNow(store: OpfsStore | MemoryStore): number {
+  void store.size().then((n) => (lastOverlaySize = n), () => {});
+  return lastOverlaySize;
+}
+
+function reportError(error: unknown): void {
+  const { kind, message } = classify(error);
+  emit({ event: 'problem', kind, message });
+}
+
+function classify(error: unknown): { kind: ProblemKind; message: string } {
+  if (error instanceof ProblemError) return { kind: error.kind, message: error.message };
+  if (error instanceof QuotaError) return { kind: 'quota', message: "The browser's storage for this site is full." };
+  if (error instanceof LockError) return { kind: 'locked', message: 'This disk is open in another tab.' };
+  if (error instanceof BackingChainError) return describeBaseProblem(error);
+  return describeBaseProblem(error);
+}
+
+setInterval(() => {
+  emit({ event: 'stats', stats: stats() });
+  const changes = session?.map.takeChanges();
+  if (changes) emit({ event: 'map', changes }, [changes.buffer]);
+}, REPORT_INTERVAL_MS);
+
+scope.onmessage = (event: MessageEvent) => {
+  const { id, request } = event.data as { id: number; request: Request };
+  const reply = (value: unknown, transfer: Transferable[] = []) => scope.postMessage({ id, ok: true, value } satisfies Reply, transfer);
+  const fail = (error: unknown) => {
+    const { kind, message } = classify(error);
+    scope.postMessage({ id, ok: false, kind, message } satisfies Reply);
+  };
+  switch (request.op) {
+    case 'open':
+      serial(() => open(request)).then((result) => reply(result), fail);
+      return;
+    case 'read':
+      serial(() => read(request.offset, request.length)).then((bytes) => reply(bytes, [bytes.buffer as ArrayBuffer]), fail);
+      return;
+    case 'write':
+      serial(() => write(request.offset, request.data)).then(() => reply(undefined), fail);
+      return;
+    case 'flush':
+      serial(flush).then(() => reply(undefined), fail);
+      return;
+    case 'export':
+      serial(exportOverlay).then((bytes) => reply({ bytes, name: session?.overlayName }, [bytes.buffer as ArrayBuffer]), fail);
+      return;
+    case 'import':
+      serial(() => importOverlay(request.file)).then(() => reply(session?.map.snapshot()), fail);
+      return;
+    case 'reset':
+      serial(reset).then(() => reply(session?.map.snapshot()), fail);
+      return;
+    case 'close':
+      serial(async () => {
+        await flush();
+        await close();
+      }).then(() => reply(undefined), fail);
+      return;
+  }
+};

@@ -1,0 +1,84 @@
+/**
+ * Messages between the page and the disk Worker. The Worker owns the whole disk (qcow2 engine, OPFS overlay,
+ * HTTP base) so that no engine or storage work ever runs on the page's main thread; the page holds only a proxy.
+ */
+
+/** How the page wants the overlay opened. */
+export type OpenMode =
+  /** The stored overlay for this base, created when missing; this tab becomes its only writer. */
+  | 'write'
+  /** The stored overlay as it is now, with changes kept in memory and thrown away (another tab is writing). */
+  | 'readonly'
+  /** A new, empty overlay under a new name (another tab keeps the old one). */
+  | 'fresh';
+
+export interface OpenRequest {
+  op: 'open';
+  /** Absolute URL of the base image: it becomes the overlay's backing file name. */
+  base: string;
+  /** OPFS file name of the overlay. */
+  overlay: string;
+  mode: OpenMode;
+}
+
+export type Request =
+  | OpenRequest
+  | { op: 'read'; offset: number; length: number }
+  | { op: 'write'; offset: number; data: Uint8Array }
+  | { op: 'flush' }
+  /** Flushes and returns the overlay file's bytes, for a download. */
+  | { op: 'export' }
+  /** Validates a qcow2 file against the current base and, when good, makes it the stored overlay. */
+  | { op: 'import'; file: Blob }
+  /** Replaces the overlay with an empty one (the disk goes back to the base). */
+  | { op: 'reset' }
+  | { op: 'close' };
+
+export interface OpenResult {
+  virtualSize: number;
+  /** The overlay's OPFS file name actually used (differs from the request for 'fresh'). */
+  overlay: string;
+  mode: OpenMode;
+  /** True when the overlay was created by this open (first visit, or fresh). */
+  created: boolean;
+  map: ClusterMap;
+}
+
+/** What a region of the virtual disk currently reads from. Ordered: a cell shows the highest state it holds. */
+export const Cell = { Zero: 0, Base: 1, BaseRead: 2, Overlay: 3 } as const;
+export type CellState = (typeof Cell)[keyof typeof Cell];
+
+/** The virtual disk cut into cells of `cellSize` bytes, one state byte each (see Cell). */
+export interface ClusterMap {
+  cellSize: number;
+  cells: Uint8Array;
+}
+
+export interface Stats {
+  /** Bytes the base store fetched over the network, and the base image's size. */
+  baseFetched: number;
+  baseSize: number;
+  requests: number;
+  /** Reads answered from the base store's cache vs fetched. */
+  cacheHits: number;
+  cacheMisses: number;
+  /** Overlay file size in OPFS. */
+  overlaySize: number;
+  /** Guest bytes written since the last flush to OPFS. */
+  unsaved: number;
+  guestReads: number;
+  guestWrites: number;
+  bytesWritten: number;
+}
+
+export type ProblemKind = 'base-changed' | 'network' | 'quota' | 'locked' | 'foreign-overlay' | 'other';
+
+/** Events the Worker sends without being asked. */
+export type WorkerEvent =
+  | { event: 'stats'; stats: Stats }
+  /** Cells whose state changed: pairs of (cell index, new state). */
+  | { event: 'map'; changes: Uint32Array }
+  | { event: 'problem'; kind: ProblemKind; message: string; retryAt?: number | undefined }
+  | { event: 'problem-cleared'; kind: ProblemKind };
+
+export type Reply = { id: number; ok: true; value: unknown } | { id: number; ok: false; kind: ProblemKind; message: string };

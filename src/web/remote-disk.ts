@@ -1,0 +1,92 @@
+/**
+ * The page's side of the disk Worker: request/reply over postMessage, and a BlockDevice proxy so the v86 disk
+ * adapter works over the remote disk exactly as over a local image.
+ */
+import type { BlockDevice } from '../qcow2/device.js';
+import type { ClusterMap, OpenRequest, OpenResult, ProblemKind, Reply, Request, WorkerEvent } from './protocol.js';
+
+/** A failure the Worker reported, with its kind so the page can choose what to offer. */
+export class DiskProblem extends Error {
+  constructor(
+    readonly kind: ProblemKind,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'DiskProblem';
+  }
+}
+
+export class RemoteDisk {
+  private readonly worker: Worker;
+  private nextId = 1;
+  private readonly waiting = new Map<number, { resolve: (value: unknown) => void; reject: (error: Error) => void }>();
+  private readonly listeners = new Set<(event: WorkerEvent) => void>();
+
+  constructor() {
+    this.worker = new Worker(new URL('./disk-worker.ts', import.meta.url), { type: 'module', name: 'qcow86-disk' });
+    this.worker.onmessage = (event: MessageEvent) => {
+      const data = event.data as Reply | WorkerEvent;
+      if ('event' in data) {
+        for (const listener of this.listeners) listener(data);
+        return;
+      }
+      const pending = this.waiting.get(data.id);
+      if (!pending) return;
+      this.waiting.delete(data.id);
+      if (data.ok) pending.resolve(data.value);
+      else pending.reject(new DiskProblem(data.kind, data.message));
+    };
+    this.worker.onerror = (event) => {
+      const error = new DiskProblem('other', `the disk worker failed: ${event.message}`);
+      for (const pending of this.waiting.values()) pending.reject(error);
+      this.waiting.clear();
+    };
+  }
+
+  on(listener: (event: WorkerEvent) => void): void {
+    this.listeners.add(listener);
+  }
+
+  call<T>(request: Request, transfer: Transferable[] = []): Promise<T> {
+    const id = this.nextId++;
+    return new Promise<T>((resolve, reject) => {
+      this.waiting.set(id, { resolve: resolve as (value: unknown) => void, reject });
+      this.worker.postMessage({ id, request }, transfer);
+    });
+  }
+
+  open(request: Omit<OpenRequest, 'op'>): Promise<OpenResult> {
+    return this.call<OpenResult>({ op: 'open', ...request });
+  }
+
+  exportOverlay(): Promise<{ bytes: Uint8Array; name: string }> {
+    return this.call({ op: 'export' });
+  }
+
+  importOverlay(file: Blob): Promise<ClusterMap> {
+    return this.call({ op: 'import', file });
+  }
+
+  reset(): Promise<ClusterMap> {
+    return this.call({ op: 'reset' });
+  }
+
+  flush(): Promise<void> {
+    return this.call({ op: 'flush' });
+  }
+
+  /** A BlockDevice whose reads and writes run in the Worker. */
+  device(info: { virtualSize: number; name: string; readOnly: boolean }): BlockDevice {
+    return {
+      name: info.name,
+      format: 'qcow2',
+      virtualSize: info.virtualSize,
+      readOnly: info.readOnly,
+      read: (offset, length) => this.call<Uint8Array>({ op: 'read', offset, length }),
+      // The caller may reuse its buffer (v86's PIO scratch): structured clone copies it, so no transfer here.
+      write: (offset, data) => this.call<void>({ op: 'write', offset, data }),
+      flush: () => this.flush(),
+      close: () => this.call<void>({ op: 'close' }),
+    };
+  }
+}

@@ -1,0 +1,96 @@
+/**
+ * The status panel, boot phase pill and problem banner: what a person needs at a glance.
+ */
+import type { ProblemKind, Stats } from './protocol.js';
+import { formatBytes, formatPercent } from './format.js';
+
+const byId = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
+
+export type PhaseState = 'busy' | 'ready' | 'off' | 'error';
+
+export function setPhase(text: string, state: PhaseState = 'busy'): void {
+  const pill = byId('phase');
+  pill.dataset.state = state;
+  pill.querySelector('.text')!.textContent = text;
+}
+
+export function showDisk(info: { base: string; overlay: string; mode: string }): void {
+  byId('base-url').textContent = info.base;
+  const mode = info.mode === 'readonly' ? ' (read-only in this tab: changes are not kept)' : '';
+  byId('overlay-name').textContent = `browser storage: ${info.overlay}${mode}`;
+}
+
+export function showStats(stats: Stats): void {
+  const fraction = stats.baseSize > 0 ? Math.min(1, stats.baseFetched / stats.baseSize) : 0;
+  const bar = byId('base-bar');
+  (bar.firstElementChild as HTMLElement).style.width = `${(fraction * 100).toFixed(1)}%`;
+  bar.setAttribute('aria-valuenow', String(Math.round(fraction * 100)));
+  byId('base-fetched').textContent = stats.baseSize ? `${formatBytes(stats.baseFetched)} of ${formatBytes(stats.baseSize)} (${formatPercent(stats.baseFetched, stats.baseSize)})` : '–';
+  byId('base-requests').textContent = String(stats.requests);
+  const lookups = stats.cacheHits + stats.cacheMisses;
+  byId('base-hits').textContent = lookups ? `${formatPercent(stats.cacheHits, lookups)} of ${lookups} reads` : '–';
+  byId('overlay-size').textContent = formatBytes(stats.overlaySize);
+  const saved = byId('overlay-saved');
+  saved.textContent = stats.unsaved ? `saving ${formatBytes(stats.unsaved)}…` : 'all changes saved in this browser';
+  saved.className = stats.unsaved ? 'pending' : 'ok';
+  byId('guest-io').textContent = `${stats.guestReads} reads, ${stats.guestWrites} writes (${formatBytes(stats.bytesWritten)})`;
+}
+
+const problems = new Map<string, { message: string; retryAt?: number | undefined }>();
+let ticker: ReturnType<typeof setInterval> | undefined;
+
+/** Shows (or replaces) the problem of this kind; network problems count down to their next retry. */
+export function showProblem(kind: ProblemKind | string, message: string, retryAt?: number): void {
+  problems.set(kind, { message, retryAt });
+  renderProblems();
+  if (retryAt !== undefined && !ticker) ticker = setInterval(renderProblems, 500);
+}
+
+export function clearProblem(kind: ProblemKind | string): void {
+  problems.delete(kind);
+  renderProblems();
+}
+
+function renderProblems(): void {
+  const box = byId('problems');
+  const now = Date.now();
+  let counting = false;
+  box.replaceChildren(
+    ...[...problems].map(([kind, problem]) => {
+      const line = document.createElement('p');
+      line.className = kind;
+      line.dataset.kind = kind;
+      let text = problem.message;
+      if (problem.retryAt !== undefined) {
+        const seconds = Math.max(0, Math.ceil((problem.retryAt - now) / 1000));
+        text += seconds > 0 ? ` Retrying in ${seconds} s…` : ' Retrying now…';
+        counting = true;
+      }
+      line.textContent = text;
+      return line;
+    }),
+  );
+  if (!counting && ticker) {
+    clearInterval(ticker);
+    ticker = undefined;
+  }
+}
+
+/** A modal question with buttons; resolves with the chosen button's value ('' when dismissed with Esc). */
+export function ask(title: string, body: string, buttons: Array<{ label: string; value: string; kind?: 'primary' | 'danger' }>): Promise<string> {
+  const dialog = byId<HTMLDialogElement>('dialog');
+  dialog.querySelector('.title')!.textContent = title;
+  dialog.querySelector('.body')!.textContent = body;
+  dialog.querySelector('.buttons')!.replaceChildren(
+    ...buttons.map((button) => {
+      const element = document.createElement('button');
+      element.value = button.value;
+      element.textContent = button.label;
+      if (button.kind) element.className = button.kind;
+      return element;
+    }),
+  );
+  dialog.returnValue = '';
+  dialog.showModal();
+  return new Promise((resolve) => dialog.addEventListener('close', () => resolve(dialog.returnValue), { once: true }));
+}
