@@ -150,7 +150,7 @@ async function withMachineStopped(label: string, change: () => Promise<void>): P
     terminal.clear();
     phases.reset();
     poweredOff = false;
-    byId('power').textContent = '⏻ Power off';
+    byId('power').textContent = 'Power off';
     machine.restart();
     await machine.run();
   }
@@ -202,7 +202,7 @@ async function togglePower(): Promise<void> {
     await machine.stop();
     await disk.flush();
     poweredOff = true;
-    byId('power').textContent = '⏻ Power on';
+    byId('power').textContent = 'Power on';
     setPhase('Powered off — the disk is saved', 'off');
     return;
   }

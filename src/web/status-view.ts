@@ -31,7 +31,7 @@ export function showStats(stats: Stats): void {
   byId('base-hits').textContent = lookups ? `${formatPercent(stats.cacheHits, lookups)} of ${lookups} reads` : '–';
   byId('overlay-size').textContent = formatBytes(stats.overlaySize);
   const saved = byId('overlay-saved');
-  saved.textContent = stats.unsaved ? `saving ${formatBytes(stats.unsaved)}…` : 'all changes saved in this browser';
+  saved.textContent = stats.unsaved ? `saving ${formatBytes(stats.unsaved)}…` : 'all saved in this browser';
   saved.className = stats.unsaved ? 'pending' : 'ok';
   byId('guest-io').textContent = `${stats.guestReads} reads, ${stats.guestWrites} writes (${formatBytes(stats.bytesWritten)})`;
 }
