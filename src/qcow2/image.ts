@@ -24,6 +24,9 @@ import { readSnapshotTable, findSnapshot, type Snapshot } from './snapshots.js';
 import { decompressCluster, type Codecs, type CompressionType } from './compression.js';
 import { checkRange } from './raw.js';
 import { WriteEngine, type ZeroOptions } from './write-path.js';
+import { writeCompressed } from './compressed-write.js';
+import { applySnapshot, createSnapshot, deleteSnapshot, readVmState, type SnapshotOptions } from './snapshot-ops.js';
+import { growDisk } from './l1-table.js';
 import { hex } from './bytes.js';
 
 export const DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024;
@@ -283,7 +286,40 @@ export class Qcow2Image implements BlockDevice {
   /** Writes guest cluster `clusterIndex` compressed with the image's compression type (convert -c). */
   async writeCompressed(clusterIndex: number, data: Uint8Array): Promise<void> {
     const engine = await this.writer();
-    return engine.exclusive(() => engine.writeCompressed(clusterIndex, data));
+    return engine.exclusive(() => writeCompressed(engine, clusterIndex, data));
+  }
+
+  // ---- snapshots and size (snapshot-ops.ts, l1-table.ts) --------------------------------------------------
+
+  /** Takes an internal snapshot of the active disk, optionally with a VM-state blob (readVmState gives it back). */
+  async createSnapshot(name: string, options: SnapshotOptions = {}): Promise<Snapshot> {
+    const engine = await this.writer();
+    return engine.exclusive(() => createSnapshot(engine, name, options));
+  }
+
+  /** Reverts the active disk to a snapshot (by ID or name), like qemu-img snapshot -a. */
+  async applySnapshot(idOrName: string): Promise<void> {
+    const engine = await this.writer();
+    return engine.exclusive(() => applySnapshot(engine, idOrName));
+  }
+
+  async deleteSnapshot(idOrName: string): Promise<void> {
+    const engine = await this.writer();
+    return engine.exclusive(() => deleteSnapshot(engine, idOrName));
+  }
+
+  /** The VM state stored with a snapshot (by ID, name or entry); empty when it has none. */
+  async readVmState(snapshot: Snapshot | string): Promise<Uint8Array> {
+    const entry = typeof snapshot === 'string' ? findSnapshot(this.snapshots, snapshot) : snapshot;
+    if (!entry) throw new FormatError(this.name, `no snapshot with ID or name '${String(snapshot)}'`, { field: 'snapshot', value: String(snapshot) });
+    const read = () => readVmState(this, entry);
+    return this.engine ? this.engine.exclusive(read) : read();
+  }
+
+  /** Grows the virtual disk to `newSize` bytes (qemu-img resize). */
+  async grow(newSize: number): Promise<void> {
+    const engine = await this.writer();
+    return engine.exclusive(() => growDisk(engine, newSize));
   }
 
   async flush(): Promise<void> {

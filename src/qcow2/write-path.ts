@@ -14,11 +14,10 @@
 import type { ByteStore } from './store.js';
 import { CorruptImageError, FormatError, ReadOnlyError } from './errors.js';
 import { hex, putU32, putU64, u32 } from './bytes.js';
-import { SUBCLUSTERS, decodeCompressed, encodeCompressed, isCompressed, isCopied, readL2Entry, standardHostOffset, type L2Entry } from './mapping.js';
+import { SUBCLUSTERS, decodeCompressed, isCompressed, isCopied, readL2Entry, standardHostOffset, type L2Entry } from './mapping.js';
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, AUTOCLEAR_BITMAPS, KNOWN_AUTOCLEAR, encodeHeader } from './header.js';
 import { Refcounts } from './refcount.js';
 import { MetadataMap } from './overlap.js';
-import { compressCluster } from './compression.js';
 import { encodeSnapshotTable } from './snapshots.js';
 import type { Qcow2Image } from './image.js';
 
@@ -45,8 +44,8 @@ export class WriteEngine {
   private pendingFrees: PendingFree[] = [];
   private started = false;
   private corrupt = false;
-  /** Where the next compressed cluster may start (byte-packed, as QEMU packs them). */
-  private compressedCursor = 0;
+  /** Where the next compressed cluster may start (byte-packed, as QEMU packs them); see compressed-write.ts. */
+  compressedCursor = 0;
   private queue: Promise<unknown> = Promise.resolve();
 
   private constructor(
@@ -68,7 +67,7 @@ export class WriteEngine {
     return this.image.store;
   }
 
-  private get header() {
+  get header() {
     return this.image.header;
   }
 
@@ -166,12 +165,29 @@ export class WriteEngine {
     this.dirtyL1.add(index);
   }
 
-  private markDirty(offset: number, table: Uint8Array): void {
+  markL1Dirty(index: number): void {
+    this.dirtyL1.add(index);
+  }
+
+  /** Drops the mapping of whole clusters in a range (VM state the active image no longer needs). */
+  async unmapRange(offset: number, length: number): Promise<void> {
+    const cs = this.clusterSize;
+    const { l2Entries, l2EntryBytes } = this.image.geometry;
+    for (let cluster = Math.floor(offset / cs); cluster < Math.ceil((offset + length) / cs); cluster++) {
+      const { offset: l2Offset, table } = await this.l2ForWrite(Math.floor(cluster / l2Entries));
+      const l2Index = cluster % l2Entries;
+      this.freeEntry(readL2Entry(table, l2Index, this.image.geometry));
+      table.fill(0, l2Index * l2EntryBytes, (l2Index + 1) * l2EntryBytes);
+      this.markDirty(l2Offset, table);
+    }
+  }
+
+  markDirty(offset: number, table: Uint8Array): void {
     this.dirtyL2.set(offset, table);
   }
 
   /** Allocates clusters for metadata, refusing space that already holds metadata (a refcount lie). */
-  private async allocateMetadata(count: number, what: string): Promise<number> {
+  async allocateMetadata(count: number, what: string): Promise<number> {
     const offset = await this.refcounts.allocate(count);
     await this.guard(offset, count * this.clusterSize, what);
     return offset;
@@ -532,70 +548,4 @@ export class WriteEngine {
     }
     await this.maybeWriteBack();
   }
-
-  /**
-   * Writes one whole guest cluster compressed (for convert -c). The cluster must not be allocated yet. Data that
-   * does not compress below a cluster is written as a normal cluster, as QEMU does.
-   */
-  async writeCompressed(clusterIndex: number, data: Uint8Array): Promise<void> {
-    await this.begin();
-    const cs = this.clusterSize;
-    if (this.image.dataStore) throw new FormatError(this.image.name, 'compressed writes are not possible with an external data file', { field: 'data file' });
-    const compressed = await compressCluster(this.image.compressionType, data, cs, this.image.codecs);
-    if (!compressed) {
-      await this.write(clusterIndex * cs, data.length === cs ? data : padTo(data, cs));
-      return;
-    }
-    const { l2Entries, extendedL2 } = this.image.geometry;
-    const { offset: l2Offset, table } = await this.l2ForWrite(Math.floor(clusterIndex / l2Entries));
-    const l2Index = clusterIndex % l2Entries;
-    const old = readL2Entry(table, l2Index, this.image.geometry);
-    const host = await this.allocateBytes(compressed.length);
-    await this.guard(host, compressed.length, 'data');
-    await this.store.write(host, compressed);
-    const at = l2Index * (extendedL2 ? 16 : 8);
-    putU64(table, at, encodeCompressed(host, compressed.length, this.header.clusterBits));
-    if (extendedL2) putU64(table, at + 8, 0);
-    this.freeEntry(old);
-    this.markDirty(l2Offset, table);
-    await this.maybeWriteBack();
-  }
-
-  /**
-   * Byte-granular space for compressed data, packed right after the previous compressed cluster. A host
-   * cluster's refcount counts the compressed clusters that touch it; a run that crosses into the next cluster
-   * needs that cluster to be the next free one, or it starts afresh.
-   */
-  private async allocateBytes(size: number): Promise<number> {
-    const cs = this.clusterSize;
-    let offset = this.compressedCursor;
-    if (offset !== 0 && offset % cs !== 0) {
-      const cluster = Math.floor(offset / cs);
-      const room = (cluster + 1) * cs - offset;
-      if (size <= room) {
-        await this.refcounts.change(cluster, 1);
-        this.compressedCursor = offset + size;
-        return offset;
-      }
-      const extra = Math.ceil((size - room) / cs);
-      const next = await this.refcounts.allocate(extra);
-      if (next === (cluster + 1) * cs) {
-        await this.refcounts.change(cluster, 1);
-        this.compressedCursor = offset + size;
-        return offset;
-      }
-      // Not contiguous: nothing points at these clusters yet, so they can be returned at once.
-      for (let i = 0; i < extra; i++) await this.refcounts.change(next / cs + i, -1);
-    }
-    offset = await this.refcounts.allocate(Math.ceil(size / cs));
-    this.compressedCursor = offset + size;
-    return offset;
-  }
 }
-
-function padTo(data: Uint8Array, size: number): Uint8Array {
-  const out = new Uint8Array(size);
-  out.set(data);
-  return out;
-}
-

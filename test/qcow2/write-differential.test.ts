@@ -14,7 +14,9 @@ type Op =
   | { kind: 'write'; offset: number; length: number; value: number }
   | { kind: 'zero'; offset: number; length: number; unmap: boolean }
   | { kind: 'discard'; offset: number; length: number }
-  | { kind: 'snapshot' };
+  | { kind: 'snapshot' }
+  | { kind: 'apply'; which: number }
+  | { kind: 'delete'; which: number };
 
 interface Variant {
   name: string;
@@ -39,6 +41,8 @@ const variants: Variant[] = [
   { name: 'extended L2 64k backing', image: { extendedL2: true }, backing: true, runs: 30 },
   { name: 'lazy refcounts', image: { lazyRefcounts: true, clusterSize: 16384 }, backing: true, runs: 20 },
   { name: 'v3 64k snapshots', image: {}, snapshots: true, runs: 20 },
+  { name: 'v2 16k snapshots backing', image: { compat: '0.10', clusterSize: 16384 }, backing: true, snapshots: true, runs: 15 },
+  { name: 'extended L2 snapshots', image: { clusterSize: 32768, extendedL2: true }, snapshots: true, runs: 15 },
   { name: 'v3 8k refcount 8 snapshots backing', image: { clusterSize: 8192, refcountBits: 8 }, backing: true, snapshots: true, runs: 20 },
 ];
 
@@ -56,7 +60,10 @@ function opArb(snapshots: boolean): fc.Arbitrary<Op> {
     fc.tuple(offset, length, fc.boolean()).map(([o, l, unmap]) => ({ kind: 'zero' as const, offset: o, length: clip(o, l), unmap })),
     fc.tuple(offset, length).map(([o, l]) => ({ kind: 'discard' as const, offset: o, length: clip(o, l) })),
   ];
-  if (snapshots) arbs.push(fc.constant({ kind: 'snapshot' as const }));
+  if (snapshots) {
+    arbs.push(fc.constant({ kind: 'snapshot' as const }), fc.constant({ kind: 'snapshot' as const }));
+    arbs.push(fc.nat(7).map((which) => ({ kind: 'apply' as const, which })), fc.nat(7).map((which) => ({ kind: 'delete' as const, which })));
+  }
   return fc.oneof(...arbs);
 }
 
@@ -68,7 +75,7 @@ function ioCommand(op: Op): string {
       return `write -z ${op.unmap ? '-u ' : ''}${op.offset} ${op.length}`;
     case 'discard':
       return `discard ${op.offset} ${op.length}`;
-    case 'snapshot':
+    default:
       throw new Error('not a qemu-io command');
   }
 }
@@ -99,42 +106,57 @@ async function replay(variant: Variant, dir: string, start: string, ops: Op[]): 
 
   // QEMU: one qemu-io process per stretch of I/O commands, qemu-img snapshot between stretches.
   let batch: string[] = [];
-  let snapshotCount = 0;
   const runBatch = async () => {
     if (batch.length) await qemuIo(['-f', 'qcow2', ...batch.flatMap((c) => ['-c', c]), theirs]);
     batch = [];
   };
-  for (const op of ops) {
+  // Snapshot names alive at each step, the same for both sides.
+  let live: string[] = [];
+  let made = 0;
+  const plan = ops.map((op) => {
     if (op.kind === 'snapshot') {
+      const name = `s${made++}`;
+      live.push(name);
+      return { op, name };
+    }
+    if (op.kind === 'apply' || op.kind === 'delete') {
+      if (!live.length) return { op, name: undefined };
+      const name = live[op.which % live.length]!;
+      if (op.kind === 'delete') live = live.filter((s) => s !== name);
+      return { op, name };
+    }
+    return { op, name: undefined };
+  });
+  for (const { op, name } of plan) {
+    if (op.kind === 'snapshot' || op.kind === 'apply' || op.kind === 'delete') {
+      if (name === undefined) continue;
       await runBatch();
-      await qemuImg(['snapshot', '-c', `s${snapshotCount++}`, theirs]);
+      await qemuImg(['snapshot', op.kind === 'snapshot' ? '-c' : op.kind === 'apply' ? '-a' : '-d', name, theirs]);
     } else {
       batch.push(ioCommand(op));
     }
   }
   await runBatch();
 
-  let image = await openRw(ours);
-  snapshotCount = 0;
-  for (const op of ops) {
+  const image = await openRw(ours);
+  for (const { op, name } of plan) {
     if (op.kind === 'write') await image.write(op.offset, pattern(op.length, op.value));
     else if (op.kind === 'zero') await image.writeZeroes(op.offset, op.length, { unmap: op.unmap });
     else if (op.kind === 'discard') await image.discard(op.offset, op.length);
-    else {
-      await image.close();
-      await qemuImg(['snapshot', '-c', `s${snapshotCount++}`, ours]);
-      image = await openRw(ours);
-    }
+    else if (name === undefined) continue;
+    else if (op.kind === 'snapshot') await image.createSnapshot(name);
+    else if (op.kind === 'apply') await image.applySnapshot(name);
+    else await image.deleteSnapshot(name);
   }
   await image.close();
 
   await expectClean(ours);
   await expectSameContents(ours, theirs);
-  for (let i = 0; i < snapshotCount; i++) {
+  for (const name of live) {
     const a = join(dir, `a-${n}.raw`);
     const b = join(dir, `b-${n}.raw`);
-    await qemuImg(['convert', '-l', `s${i}`, '-O', 'raw', ours, a]);
-    await qemuImg(['convert', '-l', `s${i}`, '-O', 'raw', theirs, b]);
+    await qemuImg(['convert', '-l', name, '-O', 'raw', ours, a]);
+    await qemuImg(['convert', '-l', name, '-O', 'raw', theirs, b]);
     await expectSameContents(a, b, ['-f', 'raw', '-F', 'raw']);
   }
 }
