@@ -1,10 +1,9 @@
 #!/usr/bin/env node
 // `npm start`: builds what is missing (the default guest image), then serves the web app with Vite's dev server
 // on 127.0.0.1 and prints the address to open. Options: --port N (default 5173, or $PORT), --host H.
-import { existsSync } from 'node:fs';
-import { spawnSync } from 'node:child_process';
 import { dirname, join } from 'node:path';
-import { fileURLToPath, pathToFileURL } from 'node:url';
+import { fileURLToPath } from 'node:url';
+import { ensureImages } from './ensure-images.mjs';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 process.chdir(root);
@@ -12,28 +11,6 @@ process.chdir(root);
 function option(name, fallback) {
   const at = process.argv.indexOf(`--${name}`);
   return at > 0 && process.argv[at + 1] ? process.argv[at + 1] : fallback;
-}
-
-/** The files the page loads from /images/; the images build writes all of them. */
-const IMAGE_FILES = ['base.qcow2', 'bios.bin', 'vgabios-stdvga.bin'];
-
-async function ensureImages() {
-  const missing = IMAGE_FILES.filter((name) => !existsSync(join(root, 'public/images', name)));
-  if (missing.length === 0) return;
-  console.log(`qcow86: building the default guest (missing: ${missing.join(', ')}) — this takes a few minutes the first time`);
-  const build = join(root, 'images/build.mjs');
-  if (!existsSync(build)) throw new Error('images/build.mjs is missing: cannot build the default guest');
-  // Prefer the build's own entry point when it exports one (it knows what is up to date); else run it.
-  const module = await import(pathToFileURL(build).href).catch(() => ({}));
-  const ensure = module.ensureImages ?? module.buildImages ?? module.build;
-  if (typeof ensure === 'function') {
-    await ensure({ outDir: join(root, 'public/images') });
-  } else {
-    const run = spawnSync(process.execPath, [build], { stdio: 'inherit' });
-    if (run.status !== 0) throw new Error(`images/build.mjs failed (exit ${run.status})`);
-  }
-  const still = IMAGE_FILES.filter((name) => !existsSync(join(root, 'public/images', name)));
-  if (still.length) throw new Error(`the images build did not produce ${still.join(', ')}`);
 }
 
 async function main() {
