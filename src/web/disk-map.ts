@@ -28,9 +28,13 @@ export class DiskMap {
     let cellSize = unit;
     while (Math.ceil(top.virtualSize / cellSize) > MAX_CELLS) cellSize *= 2;
     const map = new DiskMap(cellSize, Math.max(1, Math.ceil(top.virtualSize / cellSize)));
-    const base = backingOf(top);
-    if (base) await map.paint(base, Cell.Base);
-    await map.paint(top, Cell.Overlay, base !== undefined);
+    // Bottom-up: the last image of the chain is the base; every layer above it holds overlay data (a read-only
+    // tab stacks a throwaway overlay on the stored one).
+    const chain: BlockDevice[] = [];
+    for (let layer: BlockDevice | undefined = top; layer; layer = backingOf(layer)) chain.unshift(layer);
+    for (const [depth, layer] of chain.entries()) {
+      await map.paint(layer, depth === 0 && chain.length > 1 ? Cell.Base : Cell.Overlay, depth > 0);
+    }
     map.pending.clear();
     return map;
   }

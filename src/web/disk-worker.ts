@@ -257,6 +257,7 @@ function classify(error: unknown): { kind: ProblemKind; message: string } {
 }
 
 setInterval(() => {
+  if (!session) return;
   emit({ event: 'stats', stats: stats() });
   const changes = session?.map.takeChanges();
   if (changes) emit({ event: 'map', changes }, [changes.buffer]);

@@ -89,6 +89,7 @@ async function openDisk(): Promise<OpenResult | undefined> {
 }
 
 async function start(): Promise<void> {
+  byId('base-url').textContent = baseUrl;
   let opened: OpenResult | undefined;
   try {
     opened = await openDisk();
@@ -177,7 +178,6 @@ async function openOverlay(file: File): Promise<void> {
     }
   });
   if (failure) {
-    showProblem('foreign-overlay', `Could not open ${file.name}: ${failure}`);
     await ask('This overlay cannot be used here', failure, [{ label: 'OK', value: 'ok', kind: 'primary' }]);
   }
 }

@@ -18,6 +18,7 @@ export function showDisk(info: { base: string; overlay: string; mode: string }):
   byId('base-url').textContent = info.base;
   const mode = info.mode === 'readonly' ? ' (read-only in this tab: changes are not kept)' : '';
   byId('overlay-name').textContent = `browser storage: ${info.overlay}${mode}`;
+  byId('overlay-name').dataset.mode = info.mode;
 }
 
 export function showStats(stats: Stats): void {
