@@ -28,7 +28,7 @@ export default defineConfig({
   server: { host: '127.0.0.1' },
   preview: { host: '127.0.0.1' },
   // dist/ also holds the library's tsc output (dist/qcow2, dist/io...): the app gets its own folder.
-  build: { outDir: 'dist/web', emptyOutDir: true, target: 'es2022' },
+  build: { outDir: 'dist/web', emptyOutDir: true, target: 'es2022', chunkSizeWarningLimit: 1024 },
   worker: { format: 'es' },
   test: {
     include: ['test/**/*.test.ts'],

@@ -275,7 +275,11 @@ scope.onmessage = (event: MessageEvent) => {
       serial(() => open(request)).then((result) => reply(result), fail);
       return;
     case 'read':
-      serial(() => read(request.offset, request.length)).then((bytes) => reply(bytes, [bytes.buffer as ArrayBuffer]), fail);
+      serial(() => read(request.offset, request.length)).then((bytes) => {
+        // Transfer rather than copy, but only a buffer the bytes own outright (never a view into a cache).
+        const owned = bytes.byteOffset === 0 && bytes.byteLength === bytes.buffer.byteLength ? bytes : bytes.slice();
+        reply(owned, [owned.buffer as ArrayBuffer]);
+      }, fail);
       return;
     case 'write':
       serial(() => write(request.offset, request.data)).then(() => reply(undefined), fail);

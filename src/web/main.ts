@@ -270,4 +270,7 @@ phases.onChange((text, state) => {
   if (!poweredOff) setPhase(text, state);
 });
 
+// Ask the browser not to evict the overlay under storage pressure (granted silently or not at all).
+void navigator.storage?.persist?.().catch(() => false);
+
 void start();
