@@ -27,6 +27,7 @@ import { WriteEngine, type ZeroOptions } from './write-path.js';
 import { writeCompressed } from './compressed-write.js';
 import { applySnapshot, createSnapshot, deleteSnapshot, readVmState, type SnapshotOptions } from './snapshot-ops.js';
 import { growDisk } from './l1-table.js';
+import { repairDirtyImage } from './repair.js';
 import { hex } from './bytes.js';
 
 export const DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024;
@@ -40,6 +41,8 @@ export interface Qcow2OpenOptions {
   dataStore?: ByteStore | undefined;
   /** Bytes of L2 tables to keep cached (QEMU's l2-cache-size). */
   l2CacheSize?: number;
+  /** Open an image marked corrupt read-write, to repair it (check -r). */
+  repair?: boolean;
 }
 
 export class Qcow2Image implements BlockDevice {
@@ -124,10 +127,12 @@ export class Qcow2Image implements BlockDevice {
       throw new FormatError(store.name, 'the image keeps its data in an external data file, but none was given or named in the header', { field: 'data file' });
     }
     let readOnly = options.readOnly || store.readOnly;
-    if (!readOnly && header.incompatibleFeatures & INCOMPAT_CORRUPT) {
+    if (!readOnly && header.incompatibleFeatures & INCOMPAT_CORRUPT && !options.repair) {
       throw new CorruptImageError(store.name, 'image is marked corrupt (incompatible feature bit 1): it can only be opened read-only until repaired with check -r');
     }
     const image = new this(store, header, l1Table, snapshots, readOnly, options.codecs, options.backing, options.dataStore, options.l2CacheSize ?? DEFAULT_L2_CACHE_BYTES);
+    // A writer with lazy refcounts died with the image dirty: its refcounts are rebuilt before any write.
+    if (!readOnly && header.incompatibleFeatures & INCOMPAT_DIRTY && !options.repair) await repairDirtyImage(image);
     return image;
   }
 

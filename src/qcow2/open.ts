@@ -32,6 +32,8 @@ export interface OpenOptions {
   l2CacheSize?: number | undefined;
   /** Open an overlay even when its base's recorded validator (ETag...) differs from the base's current one. */
   forceBackingChange?: boolean;
+  /** Open a qcow2 image marked corrupt (or dirty) read-write in order to repair it (check -r). */
+  repair?: boolean;
 }
 
 export async function probeFormat(store: ByteStore): Promise<ImageFormat> {
@@ -86,7 +88,7 @@ async function openLayer(
         ? await openBacking(store, header.backingFile, header.backingFormat, path, options)
         : undefined;
     if (backing) await checkBackingValidator(store, header, backing, options);
-    return await Qcow2Image.open(store, { readOnly, codecs: options.codecs, backing, dataStore, l2CacheSize: options.l2CacheSize });
+    return await Qcow2Image.open(store, { readOnly, codecs: options.codecs, backing, dataStore, l2CacheSize: options.l2CacheSize, repair: chain.length === 0 && options.repair === true });
   } catch (error) {
     await store.close().catch(() => {});
     throw error;

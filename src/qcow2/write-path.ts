@@ -50,7 +50,7 @@ export class WriteEngine {
 
   private constructor(
     readonly image: Qcow2Image,
-    readonly refcounts: Refcounts,
+    public refcounts: Refcounts,
   ) {
     this.clusterSize = image.clusterSize;
     this.metadata = new MetadataMap(this.clusterSize);
@@ -61,6 +61,13 @@ export class WriteEngine {
     engine.refcounts.onBlockAdded = (offset) => engine.metadata.addRange(offset, engine.clusterSize, 'refcount block');
     engine.rebuildMetadataMap();
     return engine;
+  }
+
+  /** Rereads the refcount table after it was replaced wholesale (repair.ts). */
+  async reloadRefcounts(): Promise<void> {
+    this.refcounts = await Refcounts.load(this.image.store, this.image.header, { writeHeader: () => this.writeHeader() });
+    this.refcounts.onBlockAdded = (offset) => this.metadata.addRange(offset, this.clusterSize, 'refcount block');
+    this.rebuildMetadataMap();
   }
 
   get store(): ByteStore {
