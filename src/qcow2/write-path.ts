@@ -407,11 +407,18 @@ export class WriteEngine {
     const first = run[0]!;
     const count = run.length;
     const host = external ? first.cluster * cs : await this.refcounts.allocate(count);
-    const buffer = new Uint8Array(count * cs);
-    for (let i = 0; i < count; i++) {
-      const piece = run[i]!;
-      if (piece.from !== 0 || piece.to !== cs) buffer.set(await this.oldContents(piece.cluster * cs, cs), i * cs);
-      buffer.set(data.subarray(piece.dataPos, piece.dataPos + piece.to - piece.from), i * cs + piece.from);
+    const last = run[count - 1]!;
+    let buffer: Uint8Array;
+    if (first.from === 0 && last.to === cs) {
+      // Whole clusters only (the common case for large writes): the caller's bytes go out as they are.
+      buffer = data.subarray(first.dataPos, last.dataPos + cs);
+    } else {
+      buffer = new Uint8Array(count * cs);
+      for (let i = 0; i < count; i++) {
+        const piece = run[i]!;
+        if (piece.from !== 0 || piece.to !== cs) buffer.set(await this.oldContents(piece.cluster * cs, cs), i * cs);
+        buffer.set(data.subarray(piece.dataPos, piece.dataPos + piece.to - piece.from), i * cs + piece.from);
+      }
     }
     await this.guard(host, count * cs, 'data');
     await (this.image.dataStore ?? this.store).write(host, buffer);
