@@ -44,6 +44,8 @@ export interface CreateOptions {
 
 /** Writes a new, empty qcow2 image into `store` (which should be empty). */
 export async function createQcow2(store: ByteStore, options: CreateOptions): Promise<void> {
+  // qemu-img rounds the size up to whole 512-byte sectors.
+  const size = Math.ceil(options.size / 512) * 512;
   const clusterSize = options.clusterSize ?? 65536;
   const clusterBits = Math.log2(clusterSize);
   const version = options.compat === '0.10' ? 2 : 3;
@@ -56,7 +58,7 @@ export async function createQcow2(store: ByteStore, options: CreateOptions): Pro
   };
   if (!Number.isInteger(clusterBits) || clusterBits < 9 || clusterBits > 21) bad(`cluster size ${clusterSize} must be a power of two between 512 and 2M`, 'cluster_size');
   if (!Number.isInteger(refcountOrder) || refcountOrder < 0 || refcountOrder > 6) bad(`refcount_bits ${refcountBits} must be a power of two between 1 and 64`, 'refcount_bits');
-  if (!(options.size >= 0) || options.size >= MAX_OFFSET || !Number.isInteger(options.size)) bad(`invalid image size ${options.size}`, 'size');
+  if (!(size >= 0) || size >= MAX_OFFSET || !Number.isInteger(options.size)) bad(`invalid image size ${options.size}`, 'size');
   if (version === 2) {
     if (refcountBits !== 16) bad('different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)', 'refcount_bits');
     if (options.lazyRefcounts) bad('Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)', 'lazy_refcounts');
@@ -114,19 +116,19 @@ export async function createQcow2(store: ByteStore, options: CreateOptions): Pro
   await refcounts.allocate(3);
 
   // Growing from size 0 to the requested size, as qemu-img does: allocate the L1 table, then preallocate.
-  const l1Size = requiredL1Size(options.size, clusterBits, extendedL2);
+  const l1Size = requiredL1Size(size, clusterBits, extendedL2);
   const l1 = new Uint8Array(l1Size * 8);
   if (l1Size > 0) {
     header.l1TableOffset = await refcounts.allocate(Math.ceil((l1Size * 8) / clusterSize));
   }
   header.l1Size = l1Size;
-  header.size = options.size;
+  header.size = size;
 
   const prealloc = options.preallocation === 'metadata' || options.dataFileRaw === true;
-  if (prealloc && options.size > 0) {
+  if (prealloc && size > 0) {
     const entryBytes = extendedL2 ? 16 : 8;
     const l2Entries = clusterSize / entryBytes;
-    const clusters = Math.ceil(options.size / clusterSize);
+    const clusters = Math.ceil(size / clusterSize);
     const external = options.dataFile !== undefined;
     for (let l1Index = 0; l1Index < l1Size; l1Index++) {
       const first = l1Index * l2Entries;
@@ -145,13 +147,13 @@ export async function createQcow2(store: ByteStore, options: CreateOptions): Pro
   }
   await refcounts.writeBack();
   if (l1Size > 0) await store.write(header.l1TableOffset, l1);
-  if (prealloc && options.dataFile === undefined && options.size > 0) {
+  if (prealloc && options.dataFile === undefined && size > 0) {
     // Preallocated data clusters are holes at the end of the file: extend it to cover them.
     const end = (await refcounts.usedEnd()) * clusterSize;
     if ((await store.size()) < end) await store.truncate(end);
   }
   if (options.dataStore) {
-    if ((await options.dataStore.size()) < options.size) await options.dataStore.truncate(options.size);
+    if ((await options.dataStore.size()) < size) await options.dataStore.truncate(size);
   }
   await store.write(0, encodeHeader(header));
   await store.flush();

@@ -539,7 +539,11 @@ export class WriteEngine {
     const v2 = this.header.version === 2;
     const backing = this.image.backing !== undefined;
     if (v2 && backing) return;
-    if (this.image.dataFileRaw) return;
+    if (this.image.dataFileRaw) {
+      // The raw data file must keep reading as the guest disk: discarded clusters read as zeros there too.
+      if (lastCluster > first) await this.writeZeroBytes(first * cs, Math.min(lastCluster * cs, this.image.virtualSize) - first * cs);
+      return;
+    }
     for (let cluster = first; cluster < lastCluster; cluster++) {
       const l1Index = Math.floor(cluster / l2Entries);
       if (u32(this.image.l1Table, l1Index * 8 + 4) === 0 && u32(this.image.l1Table, l1Index * 8) === 0 && !backing) {
