@@ -44,7 +44,8 @@ export async function writeCompressed(engine: WriteEngine, clusterIndex: number,
 async function allocateBytes(engine: WriteEngine, size: number): Promise<number> {
   const cs = engine.clusterSize;
   let offset = engine.compressedCursor;
-  if (offset !== 0 && offset % cs !== 0) {
+  // A cluster shared by as many compressed clusters as its refcount can count is full, whatever room it has left.
+  if (offset !== 0 && offset % cs !== 0 && (await engine.refcounts.get(Math.floor(offset / cs))) < engine.refcounts.max) {
     const cluster = Math.floor(offset / cs);
     const room = (cluster + 1) * cs - offset;
     if (size <= room) {
