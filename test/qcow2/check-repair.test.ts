@@ -101,7 +101,7 @@ describe('check agrees with qemu-img check', () => {
     { name: 'v3 4k', image: base },
     { name: 'v2 64k', image: { size: '16M', compat: '0.10' } as ImageOptions },
     { name: 'extended L2', image: { size: '16M', extendedL2: true } as ImageOptions },
-    { name: 'refcount_bits=4', image: { size: '16M', refcountBits: 4, clusterSize: 8192 } as ImageOptions },
+    { name: 'refcount_bits=8', image: { size: '16M', refcountBits: 8, clusterSize: 8192 } as ImageOptions },
     { name: 'zstd', image: { size: '16M', compressionType: 'zstd' } as ImageOptions },
   ]) {
     it(`clean ${options.name} image, with and without snapshots`, async () => {
