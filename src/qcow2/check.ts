@@ -15,7 +15,10 @@ import { encodeSnapshotTable } from './snapshots.js';
 import type { Qcow2Image } from './image.js';
 
 const TWO_32 = 2 ** 32;
-const MAX_OUT_OF_FILE = 1 << 20;
+/** Chunks of references kept for clusters past the end of the file (a hostile image cannot grow this). */
+const MAX_OUT_OF_FILE = 64;
+const CHUNK = 65536;
+const MAX_MESSAGES = 10000;
 
 export interface CheckResult {
   checkErrors: number;
@@ -49,30 +52,39 @@ export function checkResultJson(result: CheckResult, filename: string): Record<s
   return out;
 }
 
-/** Computed reference counts: dense inside the file, sparse (and capped) beyond it. */
-class References {
-  readonly dense: Uint32Array;
-  readonly beyond = new Map<number, number>();
-  constructor(readonly fileClusters: number) {
-    this.dense = new Uint32Array(fileClusters);
-  }
+/**
+ * Computed reference counts, in chunks allocated only where something points: memory follows what the metadata
+ * references, not how large (or sparse) the file claims to be. References past the end of the file are capped.
+ */
+export class References {
+  private readonly chunks = new Map<number, Uint32Array>();
+  private beyondCount = 0;
+  private maxCluster = -1;
+  constructor(readonly fileClusters: number) {}
   add(cluster: number): boolean {
-    if (cluster < this.fileClusters) {
-      this.dense[cluster] = this.dense[cluster]! + 1;
-      return true;
+    if (cluster >= this.fileClusters && !this.chunks.has(Math.floor(cluster / CHUNK)) && this.beyondCount >= MAX_OUT_OF_FILE) return false;
+    const key = Math.floor(cluster / CHUNK);
+    let chunk = this.chunks.get(key);
+    if (!chunk) {
+      chunk = new Uint32Array(CHUNK);
+      this.chunks.set(key, chunk);
+      if (cluster >= this.fileClusters) this.beyondCount++;
     }
-    if (this.beyond.size >= MAX_OUT_OF_FILE && !this.beyond.has(cluster)) return false;
-    this.beyond.set(cluster, (this.beyond.get(cluster) ?? 0) + 1);
+    const i = cluster % CHUNK;
+    if (chunk[i]! < 0xffffffff) chunk[i] = chunk[i]! + 1;
+    if (cluster > this.maxCluster) this.maxCluster = cluster;
     return true;
   }
   get(cluster: number): number {
-    return cluster < this.fileClusters ? this.dense[cluster]! : (this.beyond.get(cluster) ?? 0);
+    return this.chunks.get(Math.floor(cluster / CHUNK))?.[cluster % CHUNK] ?? 0;
+  }
+  /** True when no cluster in [from, from + CHUNK) was referenced (lets the comparison skip empty ranges). */
+  chunkEmpty(from: number): boolean {
+    return !this.chunks.has(Math.floor(from / CHUNK));
   }
   /** Clusters to compare: the file, plus anything referenced past its end. */
   get extent(): number {
-    let max = this.fileClusters;
-    for (const cluster of this.beyond.keys()) if (cluster + 1 > max) max = cluster + 1;
-    return max;
+    return Math.max(this.fileClusters, this.maxCluster + 1);
   }
 }
 
@@ -122,6 +134,14 @@ export async function analyse(image: Qcow2Image): Promise<Analysis> {
     fragmentedClusters: 0,
     compressedClusters: 0,
     messages: [],
+  };
+  // Findings are counted without limit but listed up to a bound: a hostile image must not fill memory with text.
+  const messages = result.messages;
+  const push = messages.push.bind(messages);
+  messages.push = (...lines: string[]) => {
+    if (messages.length < MAX_MESSAGES) return push(...lines);
+    if (messages.length === MAX_MESSAGES) push('(further findings not listed)');
+    return messages.length;
   };
   const external = image.dataStore !== undefined;
   const refRange = (offset: number, length: number) => {
@@ -268,10 +288,21 @@ export async function analyse(image: Qcow2Image): Promise<Analysis> {
     }
     return block;
   };
+  const blockIndices = [...blocks.keys()].sort((a, b) => a - b);
+  const hasBlockIn = (from: number, to: number): boolean => {
+    const lo = Math.floor(from / blockEntries);
+    const hi = Math.floor((to - 1) / blockEntries);
+    return blockIndices.some((i) => i >= lo && i <= hi);
+  };
   const storedValues = new Map<number, number>();
   const extent = refs.extent;
   let highest = -1;
   for (let c = 0; c < extent; c++) {
+    // Nothing stored and nothing referenced in a whole stretch: skip it (sparse or hostile sizes stay cheap).
+    if (c % CHUNK === 0 && refs.chunkEmpty(c) && !hasBlockIn(c, c + CHUNK)) {
+      c += CHUNK - 1;
+      continue;
+    }
     const block = await readBlock(Math.floor(c / blockEntries));
     const stored = block ? getRefcount(block, c % blockEntries, header.refcountOrder) : 0;
     const computed = refs.get(c);

@@ -136,3 +136,21 @@ describe('check agrees with qemu-img check', () => {
     });
   }
 });
+
+describe('check on hostile images', () => {
+  it('L2 entries pointing far past the end of the file: counted as corruptions in bounded memory', async () => {
+    const dir = tempDir();
+    const path = await makeImage({ path: join(dir, 'h.qcow2'), size: '1G' }, [{ offset: 0, length: 65536, pattern: 1 }]);
+    const bytes = new Uint8Array(await readFile(path));
+    const l2 = entryOffset(bytes, entryOffset(bytes, 40));
+    // 8192 entries, each a different cluster around 2^50: every one a reference to a cluster with refcount 0.
+    for (let i = 0; i < 8192; i++) putU64(bytes, l2 + i * 8, (2n ** 50n + BigInt(i) * 2n ** 36n) | (1n << 63n));
+    await writeFile(path, bytes);
+    const before = process.memoryUsage().rss;
+    const result = await ourCheck(path);
+    expect(result.corruptions).toBeGreaterThan(0);
+    expect(result.checkErrors).toBeGreaterThan(0); // references past the cap are reported as check errors
+    expect(result.messages.length).toBeLessThanOrEqual(20002);
+    expect(process.memoryUsage().rss - before).toBeLessThan(256 * 1024 * 1024);
+  });
+});
