@@ -342,6 +342,9 @@ export class WriteEngine {
       const to = Math.min(cs, from + data.length - pos);
       const l1Index = Math.floor(cluster / l2Entries);
       const l2Index = cluster % l2Entries;
+      // A run ends at an L2 table boundary, so each new L2 table is allocated right before its data (QEMU's
+      // order): with small clusters the file then grows exactly as qemu-img's does.
+      if (run.length && l2Index === 0) await flushRun();
       const { offset: l2Offset, table } = await this.l2ForWrite(l1Index);
       const entry = readL2Entry(table, l2Index, this.image.geometry);
       const host = standardHostOffset(entry);
