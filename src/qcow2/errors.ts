@@ -66,3 +66,13 @@ export class StoreError extends Qcow86Error {
 
 /** Backing chain problems: a loop, a missing file, a chain deeper than allowed. */
 export class BackingChainError extends Qcow86Error {}
+
+/**
+ * An HTTP store refused a response (status, headers or body not what a ranged read of this exact image must
+ * return) or the image changed on the server. `url` is the image; `status` the HTTP status when there was one.
+ */
+export class HttpError extends StoreError {
+  constructor(url: string, message: string, readonly status?: number, options?: { cause?: unknown }) {
+    super(url, message, options);
+  }
+}
