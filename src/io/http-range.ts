@@ -1,0 +1,225 @@
+/**
+ * One validated `bytes=a-b` request, with retries. Every response is checked against what a ranged read of this
+ * exact version of the image must look like before a byte of it is used: 206, no Content-Encoding, not HTML,
+ * the Content-Range asked for with the pinned total size, the pinned validator, and a body of exactly that
+ * length. Runs on the platform's global fetch (browsers, Workers, Node 20): no Node imports here.
+ */
+import { HttpError } from '../qcow2/errors.js';
+
+/** What identifies the version of the image pinned at open. */
+export interface Pinned {
+  size: number;
+  /** Strong ETag: sent as If-Range and compared on every response. */
+  etag?: string | undefined;
+  /** Weak ETag: never sent as If-Range (RFC 9110 forbids it) but a change is still a change. */
+  weakEtag?: string | undefined;
+  lastModified?: string | undefined;
+}
+
+export interface RangeContext {
+  url: string;
+  fetch: typeof fetch;
+  /** Per attempt, from sending the request to the last body byte. */
+  timeoutMs: number;
+  /** Further attempts after the first for network errors, timeouts, short bodies, 408, 429 and 5xx. */
+  retries: number;
+  /** Delay before the first retry; doubles for each further one. */
+  backoffMs: number;
+  /** Aborts every request of the store (close(), or the caller's signal given at open). */
+  signal: AbortSignal;
+  /** Called once per HTTP request sent (retries included), then with the body bytes received. */
+  onRequest(): void;
+  onBytes(count: number): void;
+  onRetry(error: Error): void;
+}
+
+export interface RangeResult {
+  bytes: Uint8Array;
+  /** The total size from Content-Range. */
+  size: number;
+  etag: string | undefined;
+  lastModified: string | undefined;
+}
+
+/** An error worth another attempt: the network or the server had a bad moment. */
+class Transient extends HttpError {
+  constructor(url: string, readonly detail: string, status?: number, options?: { cause?: unknown }) {
+    super(url, detail, status, options);
+  }
+}
+
+const CONTENT_RANGE = /^bytes\s+(\d+)-(\d+)\/(\d+|\*)$/i;
+const UNSATISFIED_RANGE = /^bytes\s+\*\/(\d+)$/i;
+
+/**
+ * Fetches bytes [start, end] (inclusive). With `pinned`, the response must belong to that version and cover the
+ * range exactly; without it (the first request of a store) the server may shorten the range at the end of the
+ * file, and the result carries the size and validators to pin.
+ */
+export async function fetchRange(ctx: RangeContext, start: number, end: number, pinned?: Pinned): Promise<RangeResult> {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await attemptRange(ctx, start, end, pinned);
+    } catch (error) {
+      if (ctx.signal.aborted) throw ctx.signal.reason;
+      if (!(error instanceof Transient)) throw error;
+      if (attempt >= ctx.retries) {
+        const tries = attempt + 1;
+        throw new HttpError(ctx.url, `${error.detail} (gave up after ${tries} attempt${tries === 1 ? '' : 's'})`, error.status, { cause: error });
+      }
+      ctx.onRetry(error);
+      await sleep(ctx.backoffMs * 2 ** attempt, ctx.signal);
+    }
+  }
+}
+
+async function attemptRange(ctx: RangeContext, start: number, end: number, pinned: Pinned | undefined): Promise<RangeResult> {
+  const { url } = ctx;
+  const range = `bytes=${start}-${end}`;
+  const controller = new AbortController();
+  let timedOut = false;
+  const timer = setTimeout(() => {
+    timedOut = true;
+    controller.abort();
+  }, ctx.timeoutMs);
+  const cancel = () => controller.abort(ctx.signal.reason);
+  ctx.signal.addEventListener('abort', cancel);
+  const headers: Record<string, string> = { Range: range };
+  // If-Range turns a changed file into a 200 instead of a 206 of the new bytes, so no new byte passes as old.
+  const ifRange = pinned?.etag ?? pinned?.lastModified;
+  if (ifRange) headers['If-Range'] = ifRange;
+  try {
+    ctx.onRequest();
+    let response: Response;
+    try {
+      // no-store: a browser's HTTP cache may answer ranges from a different version than the one pinned.
+      response = await ctx.fetch(url, { headers, cache: 'no-store', signal: controller.signal });
+    } catch (error) {
+      throw networkError(ctx, range, error, timedOut);
+    }
+    const etag = response.headers.get('ETag') ?? undefined;
+    const lastModified = response.headers.get('Last-Modified') ?? undefined;
+    if (response.status !== 206) {
+      await response.body?.cancel().catch(() => {});
+      throw statusError(ctx, range, response, pinned, etag, lastModified);
+    }
+    checkVersion(url, pinned, etag, lastModified);
+    const encoding = response.headers.get('Content-Encoding');
+    if (encoding && encoding.toLowerCase() !== 'identity') {
+      await response.body?.cancel().catch(() => {});
+      throw new HttpError(url, `the server compressed the image (Content-Encoding: ${encoding}); disk images must be served without compression`, 206);
+    }
+    const type = (response.headers.get('Content-Type') ?? '').toLowerCase();
+    if (type.startsWith('text/html')) {
+      await response.body?.cancel().catch(() => {});
+      throw new HttpError(url, `the server returned an HTML page (Content-Type: ${type}) where image bytes were expected: is the URL right? (some servers answer a missing file with index.html)`, 206);
+    }
+    if (type.startsWith('multipart/')) {
+      await response.body?.cancel().catch(() => {});
+      throw new HttpError(url, `the server answered ${range} with a multipart body (${type})`, 206);
+    }
+    const contentRange = response.headers.get('Content-Range') ?? '';
+    const match = CONTENT_RANGE.exec(contentRange.trim());
+    if (!match) {
+      await response.body?.cancel().catch(() => {});
+      throw new HttpError(url, `206 response to ${range} has ${contentRange ? `an unusable Content-Range '${contentRange}'` : 'no Content-Range'}`, 206);
+    }
+    const [gotStart, gotEnd] = [Number(match[1]), Number(match[2])];
+    if (match[3] === '*') throw new HttpError(url, `the server does not say the image's size (Content-Range '${contentRange}')`, 206);
+    const size = Number(match[3]);
+    if (pinned && size !== pinned.size) throw changed(url, `its size went from ${pinned.size} to ${size} bytes`);
+    // Only the first request (unpinned) may come back shorter: it asks for a block before the size is known.
+    const wantedEnd = pinned ? end : Math.min(end, size - 1);
+    if (gotStart !== start || gotEnd !== wantedEnd) {
+      await response.body?.cancel().catch(() => {});
+      throw new HttpError(url, `asked for ${range}, the server sent bytes ${gotStart}-${gotEnd} (Content-Range '${contentRange}')`, 206);
+    }
+    let bytes: Uint8Array;
+    try {
+      bytes = new Uint8Array(await response.arrayBuffer());
+    } catch (error) {
+      throw networkError(ctx, range, error, timedOut);
+    }
+    ctx.onBytes(bytes.length);
+    const wanted = wantedEnd - start + 1;
+    if (bytes.length < wanted) throw new Transient(url, `short body for ${range}: ${bytes.length} of ${wanted} bytes`, 206);
+    if (bytes.length > wanted) throw new HttpError(url, `body for ${range} is ${bytes.length} bytes, Content-Range says ${wanted}`, 206);
+    if (!pinned && start === 0 && looksLikeHtml(bytes)) {
+      throw new HttpError(url, 'the server returned an HTML page where image bytes were expected: is the URL right? (some servers answer a missing file with index.html)', 206);
+    }
+    return { bytes, size, etag, lastModified };
+  } finally {
+    clearTimeout(timer);
+    ctx.signal.removeEventListener('abort', cancel);
+  }
+}
+
+function statusError(ctx: RangeContext, range: string, response: Response, pinned: Pinned | undefined, etag: string | undefined, lastModified: string | undefined): Error {
+  const { url } = ctx;
+  const status = response.status;
+  if (status === 200) {
+    // With If-Range, a 200 is how a server says the validator no longer matches: the file changed.
+    if (pinned && (pinned.etag || pinned.lastModified)) checkVersion(url, pinned, etag, lastModified, true);
+    return new HttpError(url, `the server ignores Range requests: it answered ${range} with the whole file (200 OK); serve the image from a server that supports byte ranges`, 200);
+  }
+  if (status === 416) {
+    const total = UNSATISFIED_RANGE.exec((response.headers.get('Content-Range') ?? '').trim());
+    if (pinned && total && Number(total[1]) !== pinned.size) return changed(url, `its size went from ${pinned.size} to ${total[1]} bytes`);
+    return new HttpError(url, `the server refused ${range} as not satisfiable (416)${total ? `; it says the file is ${total[1]} bytes` : ''}`, 416);
+  }
+  if (status >= 500 || status === 408 || status === 429) return new Transient(url, `the server answered ${range} with ${status} ${response.statusText}`.trimEnd(), status);
+  if (status === 404 || status === 410) return new HttpError(url, `not found (${status})`, status);
+  return new HttpError(url, `expected 206 Partial Content for ${range}, got ${status} ${response.statusText}`.trimEnd(), status);
+}
+
+/** Throws when a response's validators show another version than the pinned one. */
+function checkVersion(url: string, pinned: Pinned | undefined, etag: string | undefined, lastModified: string | undefined, wasWholeFile = false): void {
+  if (!pinned) return;
+  const was = pinned.etag ?? pinned.weakEtag;
+  if (was && etag && etag !== was) throw changed(url, `its ETag went from ${was} to ${etag}`);
+  if (pinned.etag && !etag) throw changed(url, `it no longer has the ETag ${pinned.etag}`);
+  if (pinned.lastModified && lastModified && lastModified !== pinned.lastModified) throw changed(url, `Last-Modified went from ${pinned.lastModified} to ${lastModified}`);
+  if (wasWholeFile && pinned.etag) throw changed(url, `the server refused If-Range: ${pinned.etag} with the whole file`);
+}
+
+const versionChanges = new WeakSet<object>();
+
+/** True for the error that says the image changed on the server: the store stays failed after it. */
+export function isVersionChange(error: unknown): boolean {
+  return typeof error === 'object' && error !== null && versionChanges.has(error);
+}
+
+function changed(url: string, how: string): HttpError {
+  const error = new HttpError(url, `the image changed on the server during this session (${how}); refusing to mix bytes of two versions`);
+  versionChanges.add(error);
+  return error;
+}
+
+function networkError(ctx: RangeContext, range: string, error: unknown, timedOut: boolean): Error {
+  if (ctx.signal.aborted) return ctx.signal.reason as Error;
+  if (timedOut) return new Transient(ctx.url, `no complete answer to ${range} within ${ctx.timeoutMs} ms`, undefined, { cause: error });
+  const cause = (error as { cause?: { code?: string; message?: string } }).cause;
+  const detail = cause?.code ?? cause?.message ?? (error as Error).message;
+  return new Transient(ctx.url, `network error on ${range}: ${detail}`, undefined, { cause: error });
+}
+
+function looksLikeHtml(bytes: Uint8Array): boolean {
+  const head = new TextDecoder('latin1').decode(bytes.subarray(0, 64)).trimStart().toLowerCase();
+  return head.startsWith('<!doctype html') || head.startsWith('<html');
+}
+
+function sleep(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal.aborted) return reject(signal.reason);
+    const done = () => {
+      signal.removeEventListener('abort', abort);
+      resolve();
+    };
+    const abort = () => {
+      clearTimeout(timer);
+      reject(signal.reason);
+    };
+    const timer = setTimeout(done, ms);
+    signal.addEventListener('abort', abort, { once: true });
+  });
+}

@@ -1,0 +1,338 @@
+/**
+ * A read-only byte store over HTTP Range requests: the lazily fetched base image. The same code runs in
+ * browsers, Workers and Node 20 (global fetch and AbortController only).
+ *
+ * The file is read in fixed blocks kept in an LRU cache under a byte budget. A read that misses turns its
+ * missing blocks into as few requests as possible (adjacent misses coalesce, up to a size cap), joins requests
+ * already in flight for the same blocks, and, while access is sequential, extends the last request with a
+ * readahead window that doubles per miss. The image's version is pinned at open (strong ETag, or Last-Modified
+ * + size) and every response is checked against it, so bytes of two versions are never combined.
+ */
+import type { ByteStore, StoreResolver } from '../qcow2/store.js';
+import { HttpError, ReadOnlyError } from '../qcow2/errors.js';
+import { BlockCache } from './block-cache.js';
+import { fetchRange, isVersionChange, type Pinned, type RangeContext } from './http-range.js';
+import { Readahead, type ReadaheadOptions } from './readahead.js';
+
+export interface HttpStoreOptions {
+  /** Cache and request granularity in bytes (default 64 KiB). */
+  blockSize?: number;
+  /** Byte budget of the block cache (default 64 MiB). */
+  cacheBytes?: number;
+  /** Sequential readahead window in bytes, or false for none (default 128 KiB doubling to 4 MiB). */
+  readahead?: ReadaheadOptions | false;
+  /** Largest single request in bytes when coalescing misses (default 8 MiB). */
+  maxRequestBytes?: number;
+  /** Per attempt, until the last body byte (default 30 s). */
+  timeoutMs?: number;
+  /** Further attempts for network errors, timeouts, short bodies, 408, 429 and 5xx (default 4). */
+  retries?: number;
+  /** First retry delay, doubling per retry (default 250 ms). */
+  backoffMs?: number;
+  /** Cancels the store: every request in flight and every later read fails with the signal's reason. */
+  signal?: AbortSignal;
+  /** The validator recorded earlier (e.g. in an overlay): open refuses a different one unless `force`. */
+  expectedValidator?: string | undefined;
+  force?: boolean;
+  /** Called after every request (and retry) with fresh statistics, for progress displays. */
+  onProgress?: (stats: HttpStats) => void;
+  /** Replaces the global fetch (tests, custom agents). */
+  fetch?: typeof fetch;
+}
+
+export interface HttpStats {
+  url: string;
+  size: number;
+  /** HTTP requests sent, retries included. */
+  requests: number;
+  retries: number;
+  /** Body bytes received. */
+  bytesFetched: number;
+  /** read() calls that needed bytes. */
+  reads: number;
+  /** Reads served entirely from the cache. */
+  hits: number;
+  /** Reads that waited for the network (their own request or one already in flight). */
+  misses: number;
+  /** hits / reads (0 before any read). */
+  hitRate: number;
+  cachedBytes: number;
+  /** Requests currently in flight. */
+  inFlight: number;
+  /** The current readahead window in bytes. */
+  readahead: number;
+}
+
+const DEFAULTS = {
+  blockSize: 64 * 1024,
+  cacheBytes: 64 * 1024 * 1024,
+  readahead: { initial: 128 * 1024, max: 4 * 1024 * 1024 },
+  maxRequestBytes: 8 * 1024 * 1024,
+  timeoutMs: 30_000,
+  retries: 4,
+  backoffMs: 250,
+};
+
+export class HttpStore implements ByteStore {
+  readonly readOnly = true;
+  private readonly cache: BlockCache;
+  private readonly pending = new Map<number, Promise<Uint8Array>>();
+  private readonly readahead: Readahead;
+  private readonly counters = { requests: 0, retries: 0, bytesFetched: 0, reads: 0, hits: 0, misses: 0, inFlight: 0 };
+  /** Set once the image is seen to have changed (or the store is closed): every later read fails with it. */
+  private failure: Error | undefined;
+
+  private constructor(
+    readonly name: string,
+    /** The pinned version: the strong ETag verbatim, or `lm:SIZE:LAST-MODIFIED`; undefined when the server gives neither. */
+    readonly validator: string | undefined,
+    private readonly pinned: Pinned,
+    private readonly ctx: RangeContext,
+    private readonly closer: AbortController,
+    private readonly options: Required<Pick<HttpStoreOptions, 'blockSize' | 'maxRequestBytes'>> & Pick<HttpStoreOptions, 'onProgress'>,
+    cacheBytes: number,
+    readahead: ReadaheadOptions,
+  ) {
+    this.cache = new BlockCache(cacheBytes);
+    this.readahead = new Readahead(readahead);
+  }
+
+  /** Opens `url` with one small ranged request that yields the size, the validator and the first block. */
+  static async open(url: string, options: HttpStoreOptions = {}): Promise<HttpStore> {
+    const blockSize = options.blockSize ?? DEFAULTS.blockSize;
+    if (!Number.isInteger(blockSize) || blockSize < 512) throw new RangeError(`blockSize must be an integer >= 512, not ${blockSize}`);
+    const closer = new AbortController();
+    const outer = options.signal;
+    if (outer) {
+      if (outer.aborted) throw outer.reason;
+      outer.addEventListener('abort', () => closer.abort(outer.reason), { once: true });
+    }
+    let store: HttpStore | undefined;
+    const counters = { requests: 0, retries: 0, bytesFetched: 0 };
+    const ctx: RangeContext = {
+      url,
+      fetch: options.fetch ?? globalThis.fetch.bind(globalThis),
+      timeoutMs: options.timeoutMs ?? DEFAULTS.timeoutMs,
+      retries: options.retries ?? DEFAULTS.retries,
+      backoffMs: options.backoffMs ?? DEFAULTS.backoffMs,
+      signal: closer.signal,
+      onRequest: () => void (store ? store.counters.requests++ : counters.requests++),
+      onBytes: (count) => {
+        if (store) {
+          store.counters.bytesFetched += count;
+          store.progress();
+        } else counters.bytesFetched += count;
+      },
+      onRetry: () => {
+        if (store) {
+          store.counters.retries++;
+          store.progress();
+        } else counters.retries++;
+      },
+    };
+    const first = await fetchRange(ctx, 0, blockSize - 1);
+    const strong = first.etag && !first.etag.startsWith('W/') ? first.etag : undefined;
+    const pinned: Pinned = {
+      size: first.size,
+      etag: strong,
+      weakEtag: strong ? undefined : first.etag,
+      lastModified: strong ? undefined : first.lastModified,
+    };
+    const validator = strong ?? (pinned.lastModified ? `lm:${first.size}:${pinned.lastModified}` : undefined);
+    if (options.expectedValidator !== undefined && validator !== options.expectedValidator && !options.force) {
+      closer.abort();
+      throw new HttpError(url, `the image is not the version recorded earlier (recorded ${options.expectedValidator}, the server now has ${validator ?? 'no validator'}): it changed on the server; open with force to use it anyway`);
+    }
+    const readahead = options.readahead === false ? { initial: 0, max: 0 } : (options.readahead ?? DEFAULTS.readahead);
+    store = new HttpStore(url, validator, pinned, ctx, closer, { blockSize, maxRequestBytes: Math.max(blockSize, options.maxRequestBytes ?? DEFAULTS.maxRequestBytes), onProgress: options.onProgress }, options.cacheBytes ?? DEFAULTS.cacheBytes, readahead);
+    Object.assign(store.counters, counters);
+    store.cache.set(0, first.bytes);
+    store.progress();
+    return store;
+  }
+
+  async size(): Promise<number> {
+    return this.pinned.size;
+  }
+
+  stats(): HttpStats {
+    const c = this.counters;
+    return {
+      url: this.name,
+      size: this.pinned.size,
+      requests: c.requests,
+      retries: c.retries,
+      bytesFetched: c.bytesFetched,
+      reads: c.reads,
+      hits: c.hits,
+      misses: c.misses,
+      hitRate: c.reads ? c.hits / c.reads : 0,
+      cachedBytes: this.cache.bytes,
+      inFlight: c.inFlight,
+      readahead: this.readahead.current,
+    };
+  }
+
+  /**
+   * Reads [offset, offset + length), shorter at the end of the image. `signal` abandons this read only: a
+   * request other reads share keeps going (the store-wide signal given at open cancels requests).
+   */
+  async read(offset: number, length: number, options: { signal?: AbortSignal } = {}): Promise<Uint8Array> {
+    if (this.failure) throw this.failure;
+    const end = Math.min(this.pinned.size, offset + length);
+    if (offset >= end) return new Uint8Array(0);
+    const bs = this.options.blockSize;
+    const first = Math.floor(offset / bs);
+    const last = Math.floor((end - 1) / bs);
+    const known = new Map<number, Uint8Array | Promise<Uint8Array>>();
+    let missing = false;
+    let waits = false;
+    for (let i = first; i <= last; i++) {
+      const block = this.cache.get(i) ?? this.pending.get(i);
+      if (block) {
+        known.set(i, block);
+        if (block instanceof Promise) waits = true;
+      } else missing = true;
+    }
+    this.counters.reads++;
+    if (missing || waits) this.counters.misses++;
+    else this.counters.hits++;
+    const ahead = this.readahead.next(offset, end, missing, bs);
+    if (missing) this.fetchMissing(first, last, Math.min(this.blockCount() - 1, Math.floor((end - 1 + ahead) / bs)));
+    const parts: Array<Uint8Array | Promise<Uint8Array>> = [];
+    for (let i = first; i <= last; i++) parts.push(known.get(i) ?? this.pending.get(i)!);
+    const done = this.assemble(parts, first, offset, new Uint8Array(end - offset));
+    return options.signal ? abortable(done, options.signal) : done;
+  }
+
+  private async assemble(parts: Array<Uint8Array | Promise<Uint8Array>>, first: number, offset: number, out: Uint8Array): Promise<Uint8Array> {
+    const bs = this.options.blockSize;
+    const blocks = await Promise.all(parts);
+    let index = first;
+    for (const block of blocks) {
+      const blockStart = index * bs;
+      const from = Math.max(offset, blockStart);
+      const to = Math.min(offset + out.length, blockStart + block.length);
+      out.set(block.subarray(from - blockStart, to - blockStart), from - offset);
+      index++;
+    }
+    return out;
+  }
+
+  /**
+   * Starts requests for the absent blocks of [first, last] in runs of adjacent blocks (capped at
+   * maxRequestBytes), extending the final run into the readahead range up to `aheadLast` while blocks there are
+   * absent too. Readahead never starts a request of its own: it only lengthens one demand already needs.
+   */
+  private fetchMissing(first: number, last: number, aheadLast: number): void {
+    const maxBlocks = Math.max(1, Math.floor(this.options.maxRequestBytes / this.options.blockSize));
+    const limit = Math.max(last, aheadLast);
+    const present = (i: number) => this.cache.has(i) || this.pending.has(i);
+    let i = first;
+    while (i <= last) {
+      if (present(i)) {
+        i++;
+        continue;
+      }
+      const runStart = i;
+      while (i <= limit && !present(i) && i - runStart < maxBlocks) i++;
+      this.startRun(runStart, i - 1);
+    }
+  }
+
+  private startRun(from: number, to: number): void {
+    const bs = this.options.blockSize;
+    const start = from * bs;
+    const end = Math.min(this.pinned.size, (to + 1) * bs) - 1;
+    this.counters.inFlight++;
+    const run = fetchRange(this.ctx, start, end, this.pinned).then(
+      ({ bytes }) => {
+        for (let i = from; i <= to; i++) {
+          // Copies, so the cache budget counts what is really retained (a view would pin the whole run).
+          this.cache.set(i, bytes.slice((i - from) * bs, (i - from + 1) * bs));
+        }
+        return bytes;
+      },
+      (error: unknown) => {
+        if (isVersionChange(error)) {
+          this.failure = error as Error;
+          this.cache.clear();
+        }
+        throw error;
+      },
+    );
+    const settle = () => {
+      this.counters.inFlight--;
+      for (let i = from; i <= to; i++) this.pending.delete(i);
+      this.progress();
+    };
+    run.then(settle, settle);
+    for (let i = from; i <= to; i++) {
+      const block = run.then((bytes) => bytes.subarray((i - from) * bs, (i - from + 1) * bs));
+      // Readahead blocks nobody waits for must not surface as unhandled rejections.
+      block.catch(() => {});
+      this.pending.set(i, block);
+    }
+  }
+
+  private blockCount(): number {
+    return Math.ceil(this.pinned.size / this.options.blockSize);
+  }
+
+  private progress(): void {
+    this.options.onProgress?.(this.stats());
+  }
+
+  async write(): Promise<void> {
+    throw new ReadOnlyError(this.name, 'an HTTP image is read-only');
+  }
+
+  async truncate(): Promise<void> {
+    throw new ReadOnlyError(this.name, 'an HTTP image is read-only');
+  }
+
+  async flush(): Promise<void> {}
+
+  /** Cancels requests in flight; later reads fail. */
+  async close(): Promise<void> {
+    const closed = new HttpError(this.name, 'the store is closed');
+    this.failure ??= closed;
+    this.closer.abort(closed);
+    this.cache.clear();
+  }
+}
+
+function abortable<T>(promise: Promise<T>, signal: AbortSignal): Promise<T> {
+  if (signal.aborted) return Promise.reject(signal.reason);
+  return new Promise((resolve, reject) => {
+    const abort = () => reject(signal.reason);
+    signal.addEventListener('abort', abort, { once: true });
+    promise.then(resolve, reject).finally(() => signal.removeEventListener('abort', abort));
+  });
+}
+
+export function isHttpUrl(name: string): boolean {
+  return /^https?:\/\//i.test(name);
+}
+
+/**
+ * Resolves backing names for images reached over HTTP: a relative name is taken relative to the naming image's
+ * URL (`new URL(name, base)`), an absolute URL stands alone. Everything opened is read-only.
+ */
+export function httpResolver(options: HttpStoreOptions = {}): StoreResolver {
+  return {
+    async open(name: string, relativeTo: ByteStore, open: { readOnly: boolean }) {
+      let url: URL;
+      try {
+        url = new URL(name, isHttpUrl(relativeTo.name) ? relativeTo.name : undefined);
+      } catch (error) {
+        throw new HttpError(relativeTo.name, `cannot resolve '${name}' as a URL`, undefined, { cause: error });
+      }
+      if (url.protocol !== 'http:' && url.protocol !== 'https:') throw new HttpError(relativeTo.name, `'${name}' is not an http(s) URL`);
+      url.hash = '';
+      if (!open.readOnly) throw new ReadOnlyError(url.href, 'an HTTP image can only be opened read-only');
+      const store = await HttpStore.open(url.href, options);
+      return { store, fullName: url.href, identity: url.href };
+    },
+  };
+}
