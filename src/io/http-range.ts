@@ -99,6 +99,13 @@ async function attemptRange(ctx: RangeContext, start: number, end: number, pinne
     }
     const etag = response.headers.get('ETag') ?? undefined;
     const lastModified = response.headers.get('Last-Modified') ?? undefined;
+    const type = (response.headers.get('Content-Type') ?? '').toLowerCase();
+    // Before the status: a dev server answering a missing file with index.html sends 200, and "the server ignores
+    // Range" would send the reader looking in the wrong place.
+    if ((response.status === 200 || response.status === 206) && type.startsWith('text/html')) {
+      await response.body?.cancel().catch(() => {});
+      throw new HttpError(url, `the server returned an HTML page (Content-Type: ${type}) where image bytes were expected: is the URL right? (some servers answer a missing file with index.html)`, response.status);
+    }
     if (response.status !== 206) {
       await response.body?.cancel().catch(() => {});
       throw statusError(ctx, range, response, pinned, etag, lastModified);
@@ -108,11 +115,6 @@ async function attemptRange(ctx: RangeContext, start: number, end: number, pinne
     if (encoding && encoding.toLowerCase() !== 'identity') {
       await response.body?.cancel().catch(() => {});
       throw new HttpError(url, `the server compressed the image (Content-Encoding: ${encoding}); disk images must be served without compression`, 206);
-    }
-    const type = (response.headers.get('Content-Type') ?? '').toLowerCase();
-    if (type.startsWith('text/html')) {
-      await response.body?.cancel().catch(() => {});
-      throw new HttpError(url, `the server returned an HTML page (Content-Type: ${type}) where image bytes were expected: is the URL right? (some servers answer a missing file with index.html)`, 206);
     }
     if (type.startsWith('multipart/')) {
       await response.body?.cancel().catch(() => {});
@@ -158,8 +160,9 @@ function statusError(ctx: RangeContext, range: string, response: Response, pinne
   const { url } = ctx;
   const status = response.status;
   if (status === 200) {
-    // With If-Range, a 200 is how a server says the validator no longer matches: the file changed.
-    if (pinned && (pinned.etag || pinned.lastModified)) checkVersion(url, pinned, etag, lastModified, true);
+    // With If-Range, a 200 is how a server says the validator no longer matches: the file changed. A 200 that
+    // still carries the pinned validator is the same file sent whole: the server ignored the Range.
+    if (pinned) checkVersion(url, pinned, etag, lastModified);
     return new HttpError(url, `the server ignores Range requests: it answered ${range} with the whole file (200 OK); serve the image from a server that supports byte ranges`, 200);
   }
   if (status === 416) {
@@ -173,13 +176,12 @@ function statusError(ctx: RangeContext, range: string, response: Response, pinne
 }
 
 /** Throws when a response's validators show another version than the pinned one. */
-function checkVersion(url: string, pinned: Pinned | undefined, etag: string | undefined, lastModified: string | undefined, wasWholeFile = false): void {
+function checkVersion(url: string, pinned: Pinned | undefined, etag: string | undefined, lastModified: string | undefined): void {
   if (!pinned) return;
   const was = pinned.etag ?? pinned.weakEtag;
   if (was && etag && etag !== was) throw changed(url, `its ETag went from ${was} to ${etag}`);
   if (pinned.etag && !etag) throw changed(url, `it no longer has the ETag ${pinned.etag}`);
   if (pinned.lastModified && lastModified && lastModified !== pinned.lastModified) throw changed(url, `Last-Modified went from ${pinned.lastModified} to ${lastModified}`);
-  if (wasWholeFile && pinned.etag) throw changed(url, `the server refused If-Range: ${pinned.etag} with the whole file`);
 }
 
 const versionChanges = new WeakSet<object>();

@@ -179,6 +179,7 @@ export class HttpStore implements ByteStore {
    */
   async read(offset: number, length: number, options: { signal?: AbortSignal } = {}): Promise<Uint8Array> {
     if (this.failure) throw this.failure;
+    if (this.closer.signal.aborted) throw this.closer.signal.reason;
     const end = Math.min(this.pinned.size, offset + length);
     if (offset >= end) return new Uint8Array(0);
     const bs = this.options.blockSize;
