@@ -12,6 +12,7 @@ import {
   INCOMPAT_COMPRESSION,
   INCOMPAT_DATA_FILE,
   INCOMPAT_EXTL2,
+  MAX_L1_BYTES,
   MAX_OFFSET,
   QEMU_FEATURE_NAMES,
   encodeHeader,
@@ -117,6 +118,7 @@ export async function createQcow2(store: ByteStore, options: CreateOptions): Pro
 
   // Growing from size 0 to the requested size, as qemu-img does: allocate the L1 table, then preallocate.
   const l1Size = requiredL1Size(size, clusterBits, extendedL2);
+  if (l1Size * 8 > MAX_L1_BYTES) bad(`The image size is too large for file format 'qcow2' (try using a larger cluster size): its L1 table would exceed 32 MiB`, 'size');
   const l1 = new Uint8Array(l1Size * 8);
   if (l1Size > 0) {
     header.l1TableOffset = await refcounts.allocate(Math.ceil((l1Size * 8) / clusterSize));

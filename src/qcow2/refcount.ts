@@ -198,7 +198,9 @@ export class Refcounts {
       let created = false;
       const first = Math.floor(start / this.blockEntries);
       const last = Math.floor((start + count - 1) / this.blockEntries);
-      for (let t = first; t <= last; t++) if (await this.ensureBlock(t)) created = true;
+      // One new block at a time, then search again (QEMU's -EAGAIN): blocks are then placed past the range the
+      // search found, which keeps large allocations (an L1 table) contiguous and sizes equal to qemu-img's.
+      for (let t = first; t <= last && !created; t++) created = await this.ensureBlock(t);
       if (created) {
         this.freeIndex = Math.min(this.freeIndex, start);
         continue;

@@ -4,7 +4,7 @@
 import { describe, expect, it } from 'vitest';
 import { statSync } from 'node:fs';
 import { join } from 'node:path';
-import { makeImage, qemuInfo, qemuIo, tempDir, type ImageOptions } from '../helpers/qemu.js';
+import { makeImage, qemuInfo, qemuIo, run, tempDir, type ImageOptions } from '../helpers/qemu.js';
 import { createFile, expectClean, expectSameContents, openRw, pattern } from '../helpers/engine.js';
 import type { CreateOptions } from '../../src/qcow2/create.js';
 import { FileStore } from '../../src/io/node.js';
@@ -59,6 +59,21 @@ describe('createQcow2 matches qemu-img create', () => {
       }
     });
   }
+
+  it('100 GiB with 512-byte clusters and 64-bit refcounts: the refcount table grows many times while the L1 table is allocated', async () => {
+    const dir = tempDir();
+    await createFile(join(dir, 'ours.qcow2'), { size: 100 * GiB, clusterSize: 512, refcountBits: 64 });
+    await makeImage({ path: join(dir, 'theirs.qcow2'), size: 100 * GiB, clusterSize: 512, refcountBits: 64 });
+    await expectClean(join(dir, 'ours.qcow2'));
+    // Same layout except where the last grown refcount table lands (two 512-byte clusters apart out of 52037).
+    expect(Math.abs(statSync(join(dir, 'ours.qcow2')).size - statSync(join(dir, 'theirs.qcow2')).size)).toBeLessThanOrEqual(1024);
+  });
+
+  it('refuses sizes whose L1 table would pass 32 MiB, as qemu-img does', async () => {
+    const path = join(tempDir(), 'huge.qcow2');
+    await expect(createFile(path, { size: 2 ** 40, clusterSize: 512 })).rejects.toThrow(/too large/);
+    expect((await run('qemu-img', ['create', '-f', 'qcow2', '-o', 'cluster_size=512', path, '1T'])).exitCode).toBe(1);
+  });
 
   it('backing file with its format recorded', async () => {
     const dir = tempDir();
