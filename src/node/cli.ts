@@ -8,6 +8,11 @@ type Command = { run(args: string[]): Promise<number> };
 
 const COMMANDS: Record<string, () => Promise<Command>> = {
   io: () => import('./commands/io.js'),
+  info: () => import('./commands/info.js'),
+  map: () => import('./commands/map.js'),
+  convert: () => import('./commands/convert.js'),
+  compare: () => import('./commands/compare.js'),
+  check: () => import('./commands/check.js'),
 };
 
 const USAGE = `usage: qcow86 <command> [options]
@@ -30,6 +35,11 @@ export async function main(argv: string[]): Promise<number> {
   } catch (error) {
     if (error instanceof Qcow86Error) {
       console.error(`qcow86 ${name}: ${error.message}`);
+      return 1;
+    }
+    // util.parseArgs reports unknown or malformed options with these codes.
+    if (typeof (error as { code?: unknown }).code === 'string' && (error as { code: string }).code.startsWith('ERR_PARSE_ARGS')) {
+      console.error(`qcow86 ${name}: ${(error as Error).message}`);
       return 1;
     }
     throw error;

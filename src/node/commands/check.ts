@@ -1,0 +1,84 @@
+/**
+ * `qcow86 check [-f FMT] [--output=json|human] FILE`: qemu-img check without -r (read-only). Exit codes as
+ * qemu-img: 0 clean, 2 corruptions, 3 leaks only, 1 when the check itself failed, 63 for formats that have no
+ * consistency check (raw, qcow). The engine side is src/qcow2/check.ts.
+ */
+import { parseArgs } from 'node:util';
+import { Qcow2Image } from '../../qcow2/image.js';
+import { Qcow86Error } from '../../qcow2/errors.js';
+import { checkImage, checkResultJson, type CheckResult } from '../../qcow2/check.js';
+import type { BlockDevice } from '../../qcow2/device.js';
+import { openPath, parseFormat } from '../open-image.js';
+import { qemuJson, type JsonValue } from '../qemu-json.js';
+import { usageError } from '../usage.js';
+
+export const USAGE = 'usage: qcow86 check [-f raw|qcow2|qcow] [--output=human|json] [-U] FILE';
+
+export async function run(args: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args,
+    allowPositionals: true,
+    options: {
+      format: { type: 'string', short: 'f' },
+      output: { type: 'string', default: 'human' },
+      'force-share': { type: 'boolean', short: 'U', default: false },
+      quiet: { type: 'boolean', short: 'q', default: false },
+      help: { type: 'boolean', short: 'h', default: false },
+    },
+  });
+  if (values.help) return console.log(USAGE), 0;
+  if (positionals.length !== 1) return usageError('check', 'expecting one image file name', USAGE);
+  const json = values.output === 'json';
+  if (!json && values.output !== 'human') return usageError('check', '--output must be used with human or json as argument', USAGE);
+  const path = positionals[0]!;
+  let device: BlockDevice | undefined;
+  try {
+    // The check looks at this file's metadata only: the backing chain is not needed (and may be missing).
+    device = await openPath(path, { format: parseFormat(values.format), openBacking: false });
+    if (!(device instanceof Qcow2Image)) {
+      console.error('qcow86 check: This image format does not support checks');
+      return 63;
+    }
+    const result = await checkImage(device);
+    for (const message of result.messages) console.error(message);
+    if (result.checkErrors) {
+      // qemu-img reports internal errors and still prints what it found.
+      if (json) process.stdout.write(`${qemuJson(checkResultJson(result, path) as JsonValue)}\n`);
+      else if (!values.quiet) process.stdout.write(humanCheck(result));
+      console.error('qcow86 check: Check failed');
+      return 1;
+    }
+    if (json) process.stdout.write(`${qemuJson(checkResultJson(result, path) as JsonValue)}\n`);
+    else if (!values.quiet) process.stdout.write(humanCheck(result));
+    return result.corruptions ? 2 : result.leaks ? 3 : 0;
+  } catch (error) {
+    if (!(error instanceof Qcow86Error)) throw error;
+    console.error(`qcow86 check: ${error.message}`);
+    return 1;
+  } finally {
+    await device?.close();
+  }
+}
+
+/** qemu-img's dump_human_image_check. */
+export function humanCheck(check: CheckResult): string {
+  const out: string[] = [];
+  if (!(check.corruptions || check.leaks || check.checkErrors)) {
+    out.push('No errors were found on the image.\n');
+  } else {
+    if (check.corruptions) {
+      out.push(`\n${check.corruptions} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n`);
+    }
+    if (check.leaks) out.push(`\n${check.leaks} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n`);
+    if (check.checkErrors) out.push(`\n${check.checkErrors} internal errors have occurred during the check.\n`);
+  }
+  if (check.totalClusters !== 0 && check.allocatedClusters !== 0) {
+    const pct = (n: number, d: number) => ((n * 100) / d).toFixed(2);
+    out.push(
+      `${check.allocatedClusters}/${check.totalClusters} = ${pct(check.allocatedClusters, check.totalClusters)}% allocated, ` +
+        `${pct(check.fragmentedClusters, check.allocatedClusters)}% fragmented, ${pct(check.compressedClusters, check.allocatedClusters)}% compressed clusters\n`,
+    );
+  }
+  if (check.imageEndOffset) out.push(`Image end offset: ${check.imageEndOffset}\n`);
+  return out.join('');
+}

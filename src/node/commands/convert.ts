@@ -1,0 +1,207 @@
+/**
+ * `qcow86 convert [-f FMT] [-O raw] [-l SNAPSHOT] [-p] SRC DST`: qemu-img convert to raw. The output is sparse
+ * like qemu-img's: it is truncated to the disk size, ranges the chain reports as zero or unallocated are never
+ * read or written, and data blocks that turn out all-zero (4 KiB granularity, qemu-img's default -S) are
+ * skipped. Reads go in large chunks with several requests in flight.
+ *
+ * Output formats are targets (ConvertTarget): qcow2 output is a second target behind the same copy loop.
+ */
+import { parseArgs } from 'node:util';
+import { open, type FileHandle } from 'node:fs/promises';
+import type { BlockDevice } from '../../qcow2/device.js';
+import { Qcow2Image } from '../../qcow2/image.js';
+import { QcowV1Image } from '../../qcow2/qcow1.js';
+import { RawImage } from '../../qcow2/raw.js';
+import { blockStatus } from '../../qcow2/block-status.js';
+import { FormatError } from '../../qcow2/errors.js';
+import { isZero } from '../../qcow2/bytes.js';
+import { openPath, parseFormat } from '../open-image.js';
+import { usageError } from '../usage.js';
+
+export const USAGE = 'usage: qcow86 convert [-f raw|qcow2|qcow] [-O raw] [-l SNAPSHOT] [-p] [-U] SRC DST';
+
+/** Bytes per read request, and how many requests run at once. */
+export const CHUNK = 4 * 1024 * 1024;
+export const IN_FLIGHT = 4;
+/** qemu-img's default minimum sparse run (-S 4k): zero runs at least this long become holes. */
+const SPARSE_BLOCK = 4096;
+/** Block status is asked about at most this much at a time, as qemu-img does. */
+const STATUS_LIMIT = 2 ** 30;
+
+/** Where converted bytes go. The target starts out reading as zeros over `size` bytes. */
+export interface ConvertTarget {
+  write(offset: number, data: Uint8Array): Promise<void>;
+  /** Called once, after every write completed. */
+  finish(): Promise<void>;
+  /** Called on failure instead of finish. */
+  abort(): Promise<void>;
+}
+
+export async function run(args: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args,
+    allowPositionals: true,
+    options: {
+      format: { type: 'string', short: 'f' },
+      'output-format': { type: 'string', short: 'O', default: 'raw' },
+      snapshot: { type: 'string', short: 'l' },
+      progress: { type: 'boolean', short: 'p', default: false },
+      'force-share': { type: 'boolean', short: 'U', default: false },
+      help: { type: 'boolean', short: 'h', default: false },
+    },
+  });
+  if (values.help) return console.log(USAGE), 0;
+  if (positionals.length !== 2) return usageError('convert', 'expecting a source and a destination file name', USAGE);
+  const outputFormat = parseFormat(values['output-format'], '-O');
+  if (outputFormat !== 'raw') return usageError('convert', `output format '${outputFormat}' is not supported yet (raw only)`, USAGE);
+  const [src, dst] = positionals as [string, string];
+  const image = await openPath(src, { format: parseFormat(values.format) });
+  try {
+    const source = values.snapshot === undefined ? image : await snapshotOf(image, values.snapshot);
+    const target = await RawTarget.create(dst, source.virtualSize);
+    const progress = values.progress && process.stderr.isTTY ? progressPrinter() : undefined;
+    try {
+      await copyDevice(source, target, progress);
+    } catch (error) {
+      await target.abort();
+      throw error;
+    }
+    await target.finish();
+    progress?.(1, true);
+    return 0;
+  } finally {
+    await image.close();
+  }
+}
+
+async function snapshotOf(image: BlockDevice, idOrName: string): Promise<BlockDevice> {
+  if (!(image instanceof Qcow2Image)) throw new FormatError(image.name, `only qcow2 images have internal snapshots (-l ${idOrName})`);
+  return image.openSnapshot(idOrName);
+}
+
+/** Copies every non-zero block of `source` into `target`, chunk by chunk with IN_FLIGHT reads running. */
+export async function copyDevice(source: BlockDevice, target: ConvertTarget, progress?: (fraction: number) => void): Promise<void> {
+  const size = source.virtualSize;
+  const ranges = dataRanges(source);
+  let done = 0;
+  let failed: unknown;
+  const worker = async () => {
+    for (;;) {
+      if (failed) return;
+      const next = await ranges.next();
+      if (next.done) return;
+      const { offset, length, copy } = next.value;
+      try {
+        if (copy) await writeNonZero(target, offset, await source.read(offset, length));
+      } catch (error) {
+        failed ??= error;
+        return;
+      }
+      done += length;
+      progress?.(done / size);
+    }
+  };
+  await Promise.all(Array.from({ length: IN_FLIGHT }, worker));
+  if (failed) throw failed;
+}
+
+/**
+ * The disk cut into chunks of at most CHUNK bytes, each marked whether it must be read (`copy`) or is known to
+ * read as zeros. Pulled by the workers one at a time, so block status is only asked as far as the copy got.
+ */
+async function* dataRangesOf(source: BlockDevice): AsyncGenerator<{ offset: number; length: number; copy: boolean }> {
+  const size = source.virtualSize;
+  // Snapshot views and foreign devices have no block status: everything is read (zero blocks still skipped).
+  const hasStatus = source instanceof Qcow2Image || source instanceof QcowV1Image || source instanceof RawImage;
+  let at = 0;
+  while (at < size) {
+    const status = hasStatus ? await blockStatus(source, at, Math.min(STATUS_LIMIT, size - at)) : { length: size - at, zero: false };
+    const end = at + status.length;
+    if (status.zero) {
+      yield { offset: at, length: status.length, copy: false };
+    } else {
+      // Chunks aligned to CHUNK keep reads on cluster boundaries.
+      for (let chunk = at; chunk < end; ) {
+        const chunkEnd = Math.min(end, (Math.floor(chunk / CHUNK) + 1) * CHUNK);
+        yield { offset: chunk, length: chunkEnd - chunk, copy: true };
+        chunk = chunkEnd;
+      }
+    }
+    at = end;
+  }
+}
+
+/** Serialises pulls from the generator: several workers share it. */
+function dataRanges(source: BlockDevice): { next(): Promise<IteratorResult<{ offset: number; length: number; copy: boolean }>> } {
+  const generator = dataRangesOf(source);
+  let queue: Promise<unknown> = Promise.resolve();
+  return {
+    next() {
+      const result = queue.then(() => generator.next());
+      queue = result.catch(() => {});
+      return result;
+    },
+  };
+}
+
+/** Writes the runs of `data` that are not all-zero 4 KiB blocks (aligned to the disk), each as one write. */
+async function writeNonZero(target: ConvertTarget, offset: number, data: Uint8Array): Promise<void> {
+  let runStart = -1;
+  let at = 0;
+  const writes: Promise<void>[] = [];
+  while (at < data.length) {
+    const blockEnd = Math.min(data.length, (Math.floor((offset + at) / SPARSE_BLOCK) + 1) * SPARSE_BLOCK - offset);
+    const zero = isZero(data.subarray(at, blockEnd));
+    if (!zero && runStart < 0) runStart = at;
+    if (zero && runStart >= 0) {
+      writes.push(target.write(offset + runStart, data.subarray(runStart, at)));
+      runStart = -1;
+    }
+    at = blockEnd;
+  }
+  if (runStart >= 0) writes.push(target.write(offset + runStart, data.subarray(runStart)));
+  await Promise.all(writes);
+}
+
+/** A raw output file: created (or truncated) and sized up front, so skipped ranges stay holes. */
+export class RawTarget implements ConvertTarget {
+  private constructor(
+    readonly path: string,
+    private readonly handle: FileHandle,
+  ) {}
+
+  static async create(path: string, size: number): Promise<RawTarget> {
+    const handle = await open(path, 'w');
+    await handle.truncate(size);
+    return new RawTarget(path, handle);
+  }
+
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    let done = 0;
+    while (done < data.length) {
+      const { bytesWritten } = await this.handle.write(data, done, data.length - done, offset + done);
+      done += bytesWritten;
+    }
+  }
+
+  async finish(): Promise<void> {
+    // qemu-img flushes the output when it closes it; so do we.
+    await this.handle.datasync();
+    await this.handle.close();
+  }
+
+  async abort(): Promise<void> {
+    await this.handle.close();
+  }
+}
+
+/** qemu-img's progress line, "    (12.34/100%)", redrawn in place. */
+function progressPrinter(): (fraction: number, last?: boolean) => void {
+  let shown = -1;
+  return (fraction, last = false) => {
+    const percent = Math.floor(fraction * 10000) / 100;
+    if (percent === shown && !last) return;
+    shown = percent;
+    process.stderr.write(`    (${percent.toFixed(2)}/100%)\r${last ? '\n' : ''}`);
+  };
+}
