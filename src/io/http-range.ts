@@ -84,7 +84,9 @@ async function attemptRange(ctx: RangeContext, start: number, end: number, pinne
   }, ctx.timeoutMs);
   const cancel = () => controller.abort(ctx.signal.reason);
   ctx.signal.addEventListener('abort', cancel);
-  const headers: Record<string, string> = { Range: range };
+  // Browsers drop Accept-Encoding (a forbidden header) and ask for identity on ranged requests themselves; Node's
+  // fetch would otherwise offer gzip, and a compressed answer can never be a byte range of the image.
+  const headers: Record<string, string> = { Range: range, 'Accept-Encoding': 'identity' };
   // If-Range turns a changed file into a 200 instead of a 206 of the new bytes, so no new byte passes as old.
   const ifRange = pinned?.etag ?? pinned?.lastModified;
   if (ifRange) headers['If-Range'] = ifRange;
@@ -124,7 +126,8 @@ async function attemptRange(ctx: RangeContext, start: number, end: number, pinne
     const match = CONTENT_RANGE.exec(contentRange.trim());
     if (!match) {
       await response.body?.cancel().catch(() => {});
-      throw new HttpError(url, `206 response to ${range} has ${contentRange ? `an unusable Content-Range '${contentRange}'` : 'no Content-Range'}`, 206);
+      // A browser hides Content-Range from a cross-origin page unless the server exposes it.
+      throw new HttpError(url, `206 response to ${range} has ${contentRange ? `an unusable Content-Range '${contentRange}'` : 'no Content-Range (a server on another origin must list it in Access-Control-Expose-Headers)'}`, 206);
     }
     const [gotStart, gotEnd] = [Number(match[1]), Number(match[2])];
     if (match[3] === '*') throw new HttpError(url, `the server does not say the image's size (Content-Range '${contentRange}')`, 206);
