@@ -36,6 +36,7 @@ const variants: Variant[] = [
   { name: 'v2 4k', image: { compat: '0.10', clusterSize: 4096 }, runs: 25 },
   { name: 'v3 512 refcount 1', image: { clusterSize: 512, refcountBits: 1 }, runs: 20 },
   { name: 'v3 4k refcount 64', image: { clusterSize: 4096, refcountBits: 64 }, runs: 20 },
+  { name: 'v3 512 refcount 64 (refcount table grows)', image: { clusterSize: 512, refcountBits: 64 }, runs: 15 },
   { name: 'v3 2k refcount 4 backing', image: { clusterSize: 2048, refcountBits: 4 }, backing: true, runs: 20 },
   { name: 'extended L2 32k', image: { clusterSize: 32768, extendedL2: true }, runs: 30 },
   { name: 'extended L2 64k backing', image: { extendedL2: true }, backing: true, runs: 30 },
