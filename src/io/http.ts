@@ -316,13 +316,25 @@ export function isHttpUrl(name: string): boolean {
   return /^https?:\/\//i.test(name);
 }
 
+export interface HttpResolveOptions {
+  readOnly: boolean;
+  expectedValidator?: string | undefined;
+  force?: boolean | undefined;
+}
+
+export interface HttpResolver extends StoreResolver {
+  open(name: string, relativeTo: ByteStore, options: HttpResolveOptions): Promise<{ store: HttpStore; fullName: string; identity: string }>;
+}
+
 /**
  * Resolves backing names for images reached over HTTP: a relative name is taken relative to the naming image's
- * URL (`new URL(name, base)`), an absolute URL stands alone. Everything opened is read-only.
+ * URL (`new URL(name, base)`), an absolute URL stands alone. Everything opened is read-only. An
+ * `expectedValidator` (and `force`) passed with a single open, e.g. the one an overlay recorded for its base,
+ * overrides the resolver-wide options.
  */
-export function httpResolver(options: HttpStoreOptions = {}): StoreResolver {
+export function httpResolver(options: HttpStoreOptions = {}): HttpResolver {
   return {
-    async open(name: string, relativeTo: ByteStore, open: { readOnly: boolean }) {
+    async open(name, relativeTo, open) {
       let url: URL;
       try {
         url = new URL(name, isHttpUrl(relativeTo.name) ? relativeTo.name : undefined);
@@ -332,7 +344,8 @@ export function httpResolver(options: HttpStoreOptions = {}): StoreResolver {
       if (url.protocol !== 'http:' && url.protocol !== 'https:') throw new HttpError(relativeTo.name, `'${name}' is not an http(s) URL`);
       url.hash = '';
       if (!open.readOnly) throw new ReadOnlyError(url.href, 'an HTTP image can only be opened read-only');
-      const store = await HttpStore.open(url.href, options);
+      const perOpen = open.expectedValidator === undefined ? {} : { expectedValidator: open.expectedValidator, force: open.force ?? options.force ?? false };
+      const store = await HttpStore.open(url.href, { ...options, ...perOpen });
       return { store, fullName: url.href, identity: url.href };
     },
   };

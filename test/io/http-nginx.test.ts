@@ -150,7 +150,13 @@ describe('HttpStore over nginx', () => {
       const resolved = await httpResolver().open('base.qcow2', top, { readOnly: true });
       expect(resolved.fullName).toBe(`${served.url}base.qcow2`);
       expect(resolved.identity).toBe(`${served.url}base.qcow2`);
+      expect(resolved.store.validator).toMatch(/^"[0-9a-f]+-[0-9a-f]+"$/);
       expect(served.requests().every((request) => request.status === 206)).toBe(true);
+      // The validator an overlay recorded for its base travels with the open.
+      await expect(httpResolver().open('base.qcow2', top, { readOnly: true, expectedValidator: '"0-0"' })).rejects.toThrow(/not the version recorded earlier/);
+      await expect(httpResolver().open('base.qcow2', top, { readOnly: true, expectedValidator: resolved.store.validator })).resolves.toBeTruthy();
+      await expect(httpResolver().open('base.qcow2', top, { readOnly: false })).rejects.toThrow(/read-only/);
+      await expect(httpResolver().open('../../elsewhere/x.qcow2', top, { readOnly: true })).rejects.toThrow(`${served.url.replace(/\/$/, '')}/elsewhere/x.qcow2: not found (404)`);
     } finally {
       await served.close();
     }
