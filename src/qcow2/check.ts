@@ -11,7 +11,7 @@ import { hex, u32, u64 } from './bytes.js';
 import { decodeCompressed, isCompressed, isCopied, readL2Entry, standardHostOffset } from './mapping.js';
 import { getRefcount } from './refcount.js';
 import { readExact, type ByteStore } from './store.js';
-import { encodeSnapshotTable } from './snapshots.js';
+import { snapshotTableBytes } from './snapshots.js';
 import type { Qcow2Image } from './image.js';
 
 const TWO_32 = 2 ** 32;
@@ -237,7 +237,7 @@ export async function analyse(image: Qcow2Image): Promise<Analysis> {
     const l1 = snapshot.l1Size ? await readExact(store, snapshot.l1TableOffset, snapshot.l1Size * 8, 'snapshot L1 table') : new Uint8Array(0);
     await walk(l1, false);
   }
-  if (header.nbSnapshots) refRange(header.snapshotsOffset, encodeSnapshotTable(image.snapshots).length);
+  if (header.nbSnapshots) refRange(header.snapshotsOffset, snapshotTableBytes(image.snapshots));
   await referenceBitmaps(image, fileSize, refRange, result);
 
   // Refcount structures: the table, then each block (which must be referenced exactly once).

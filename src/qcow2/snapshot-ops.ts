@@ -11,7 +11,7 @@ import { FormatError } from './errors.js';
 import { hex, putU32, u32 } from './bytes.js';
 import { requiredL1Size } from './header.js';
 import { decodeCompressed, isCompressed, isCopied, readL2Entry, standardHostOffset } from './mapping.js';
-import { encodeSnapshotTable, findSnapshot, type Snapshot } from './snapshots.js';
+import { encodeSnapshotTable, findSnapshot, snapshotTableBytes, type Snapshot } from './snapshots.js';
 import { readExact } from './store.js';
 import { growL1 } from './l1-table.js';
 import type { WriteEngine } from './write-path.js';
@@ -106,7 +106,7 @@ async function replaceSnapshotTable(engine: WriteEngine, snapshots: Snapshot[]):
   const header = image.header;
   const cs = engine.clusterSize;
   const oldOffset = header.snapshotsOffset;
-  const oldBytes = header.nbSnapshots ? encodeSnapshotTable(image.snapshots).length : 0;
+  const oldBytes = header.nbSnapshots ? snapshotTableBytes(image.snapshots) : 0;
   const bytes = encodeSnapshotTable(snapshots);
   let offset = 0;
   if (snapshots.length) {
@@ -121,6 +121,8 @@ async function replaceSnapshotTable(engine: WriteEngine, snapshots: Snapshot[]):
   await engine.writeHeader();
   await engine.store.flush();
   image.snapshots.splice(0, image.snapshots.length, ...snapshots);
+  // The table on disk is now in our encoding, whatever older extra-data sizes it had.
+  for (const snapshot of image.snapshots) snapshot.storedSize = undefined;
   if (oldBytes > 0) {
     for (let c = oldOffset / cs; c < oldOffset / cs + Math.ceil(oldBytes / cs); c++) await engine.refcounts.change(c, -1);
   }

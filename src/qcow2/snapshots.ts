@@ -25,6 +25,8 @@ export interface Snapshot {
   icount: number | undefined;
   /** Extra data bytes past the fields we know, kept on rewrite. */
   extraUnknown: Uint8Array;
+  /** Bytes the entry occupies in the table as read (older QEMUs wrote less extra data); undefined for new entries. */
+  storedSize?: number;
 }
 
 export async function readSnapshotTable(
@@ -72,6 +74,7 @@ export async function readSnapshotTable(
       // QEMU writes -1 when the snapshot was taken without record/replay.
       icount: extraSize >= 24 && u32(extra, 16) !== 0xffffffff ? u64(extra, 16) : undefined,
       extraUnknown: extra.slice(Math.min(extraSize, 24)),
+      storedSize: Math.ceil((40 + extraSize + idSize + nameSize) / 8) * 8,
     });
     at += Math.ceil((40 + extraSize + idSize + nameSize) / 8) * 8;
   }
@@ -109,6 +112,13 @@ export function encodeSnapshotTable(snapshots: Snapshot[]): Uint8Array {
     at += entry.length;
   }
   return out;
+}
+
+/** Bytes the snapshot table occupies on disk as read (what its refcounts cover). */
+export function snapshotTableBytes(snapshots: Snapshot[]): number {
+  let total = 0;
+  for (const snapshot of snapshots) total += snapshot.storedSize ?? encodeSnapshotTable([snapshot]).length;
+  return total;
 }
 
 /** Finds a snapshot by ID first, then by name, like qemu-img's -l / snapshot -a. */

@@ -18,7 +18,7 @@ import { SUBCLUSTERS, decodeCompressed, isCompressed, isCopied, readL2Entry, sta
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, AUTOCLEAR_BITMAPS, KNOWN_AUTOCLEAR, encodeHeader } from './header.js';
 import { Refcounts } from './refcount.js';
 import { MetadataMap } from './overlap.js';
-import { encodeSnapshotTable } from './snapshots.js';
+import { snapshotTableBytes } from './snapshots.js';
 import type { Qcow2Image } from './image.js';
 
 const TWO_32 = 2 ** 32;
@@ -93,7 +93,7 @@ export class WriteEngine {
     m.addRange(h.l1TableOffset, h.l1Size * 8, 'active L1 table');
     m.addRange(h.refcountTableOffset, h.refcountTableClusters * this.clusterSize, 'refcount table');
     for (const offset of this.refcounts.blockOffsets()) m.addRange(offset, this.clusterSize, 'refcount block');
-    if (h.nbSnapshots) m.addRange(h.snapshotsOffset, encodeSnapshotTable(this.image.snapshots).length, 'snapshot table');
+    if (h.nbSnapshots) m.addRange(h.snapshotsOffset, snapshotTableBytes(this.image.snapshots), 'snapshot table');
     for (const s of this.image.snapshots) m.addRange(s.l1TableOffset, s.l1Size * 8, 'inactive L1 table');
     if (h.bitmaps) m.addRange(h.bitmaps.directoryOffset, h.bitmaps.directorySize, 'bitmap directory');
     m.addL2Tables(this.image.l1Table);
