@@ -63,6 +63,16 @@ export interface HttpStats {
   readahead: number;
 }
 
+interface Counters {
+  requests: number;
+  retries: number;
+  bytesFetched: number;
+  reads: number;
+  hits: number;
+  misses: number;
+  inFlight: number;
+}
+
 const DEFAULTS = {
   blockSize: 64 * 1024,
   cacheBytes: 64 * 1024 * 1024,
@@ -78,7 +88,6 @@ export class HttpStore implements ByteStore {
   private readonly cache: BlockCache;
   private readonly pending = new Map<number, Promise<Uint8Array>>();
   private readonly readahead: Readahead;
-  private readonly counters = { requests: 0, retries: 0, bytesFetched: 0, reads: 0, hits: 0, misses: 0, inFlight: 0 };
   /** Set once the image is seen to have changed (or the store is closed): every later read fails with it. */
   private failure: Error | undefined;
 
@@ -89,6 +98,7 @@ export class HttpStore implements ByteStore {
     private readonly pinned: Pinned,
     private readonly ctx: RangeContext,
     private readonly closer: AbortController,
+    private readonly counters: Counters,
     private readonly options: Required<Pick<HttpStoreOptions, 'blockSize' | 'maxRequestBytes'>> & Pick<HttpStoreOptions, 'onProgress'>,
     cacheBytes: number,
     readahead: ReadaheadOptions,
@@ -105,10 +115,14 @@ export class HttpStore implements ByteStore {
     const outer = options.signal;
     if (outer) {
       if (outer.aborted) throw outer.reason;
-      outer.addEventListener('abort', () => closer.abort(outer.reason), { once: true });
+      const forward = () => closer.abort(outer.reason);
+      outer.addEventListener('abort', forward, { once: true });
+      // A long-lived caller signal must not keep closed stores alive.
+      closer.signal.addEventListener('abort', () => outer.removeEventListener('abort', forward), { once: true });
     }
-    let store: HttpStore | undefined;
-    const counters = { requests: 0, retries: 0, bytesFetched: 0 };
+    const counters: Counters = { requests: 0, retries: 0, bytesFetched: 0, reads: 0, hits: 0, misses: 0, inFlight: 0 };
+    // Progress reports start once the store exists; the first request only counts.
+    let notify = () => {};
     const ctx: RangeContext = {
       url,
       fetch: options.fetch ?? globalThis.fetch.bind(globalThis),
@@ -116,21 +130,20 @@ export class HttpStore implements ByteStore {
       retries: options.retries ?? DEFAULTS.retries,
       backoffMs: options.backoffMs ?? DEFAULTS.backoffMs,
       signal: closer.signal,
-      onRequest: () => void (store ? store.counters.requests++ : counters.requests++),
+      onRequest: () => void counters.requests++,
       onBytes: (count) => {
-        if (store) {
-          store.counters.bytesFetched += count;
-          store.progress();
-        } else counters.bytesFetched += count;
+        counters.bytesFetched += count;
+        notify();
       },
       onRetry: () => {
-        if (store) {
-          store.counters.retries++;
-          store.progress();
-        } else counters.retries++;
+        counters.retries++;
+        notify();
       },
     };
-    const first = await fetchRange(ctx, 0, blockSize - 1);
+    const first = await fetchRange(ctx, 0, blockSize - 1).catch((error: unknown) => {
+      closer.abort();
+      throw error;
+    });
     const strong = first.etag && !first.etag.startsWith('W/') ? first.etag : undefined;
     const pinned: Pinned = {
       size: first.size,
@@ -144,8 +157,9 @@ export class HttpStore implements ByteStore {
       throw new HttpError(url, `the image is not the version recorded earlier (recorded ${options.expectedValidator}, the server now has ${validator ?? 'no validator'}): it changed on the server; open with force to use it anyway`);
     }
     const readahead = options.readahead === false ? { initial: 0, max: 0 } : (options.readahead ?? DEFAULTS.readahead);
-    store = new HttpStore(url, validator, pinned, ctx, closer, { blockSize, maxRequestBytes: Math.max(blockSize, options.maxRequestBytes ?? DEFAULTS.maxRequestBytes), onProgress: options.onProgress }, options.cacheBytes ?? DEFAULTS.cacheBytes, readahead);
-    Object.assign(store.counters, counters);
+    const settings = { blockSize, maxRequestBytes: Math.max(blockSize, options.maxRequestBytes ?? DEFAULTS.maxRequestBytes), onProgress: options.onProgress };
+    const store = new HttpStore(url, validator, pinned, ctx, closer, counters, settings, options.cacheBytes ?? DEFAULTS.cacheBytes, readahead);
+    notify = () => store.progress();
     store.cache.set(0, first.bytes);
     store.progress();
     return store;
@@ -180,6 +194,9 @@ export class HttpStore implements ByteStore {
   async read(offset: number, length: number, options: { signal?: AbortSignal } = {}): Promise<Uint8Array> {
     if (this.failure) throw this.failure;
     if (this.closer.signal.aborted) throw this.closer.signal.reason;
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+      throw new RangeError(`${this.name}: cannot read ${length} bytes at offset ${offset}`);
+    }
     const end = Math.min(this.pinned.size, offset + length);
     if (offset >= end) return new Uint8Array(0);
     const bs = this.options.blockSize;
