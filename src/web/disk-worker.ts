@@ -54,8 +54,19 @@ const counters = { guestReads: 0, guestWrites: 0, bytesWritten: 0 };
 /** Engine calls run one at a time: v86 has one command in flight per drive, and allocation must not interleave. */
 let queue: Promise<unknown> = Promise.resolve();
 
-function serial<T>(task: () => Promise<T>): Promise<T> {
-  const run = queue.then(task, task);
+/** What the Worker is doing right now, so a stall can be named (the page shows it when it lasts). */
+let busy: { what: string; since: number } | undefined;
+
+function serial<T>(task: () => Promise<T>, what = 'disk operation'): Promise<T> {
+  const timed = async () => {
+    busy = { what, since: Date.now() };
+    try {
+      return await task();
+    } finally {
+      busy = undefined;
+    }
+  };
+  const run = queue.then(timed, timed);
   queue = run.catch(() => {});
   return run;
 }
@@ -174,7 +185,7 @@ async function write(offset: number, data: Uint8Array): Promise<void> {
   s.map.noteWrite(offset, data.length);
   unsaved += data.length;
   clearTimeout(flushTimer);
-  flushTimer = setTimeout(() => void serial(flush).catch(reportError), FLUSH_DELAY_MS);
+  flushTimer = setTimeout(() => void serial(flush, 'flush').catch(reportError), FLUSH_DELAY_MS);
 }
 
 async function flush(): Promise<void> {
@@ -234,6 +245,7 @@ function stats(): Stats {
     overlaySize: session ? sizeNow(session.overlayStore) : 0,
     unsaved,
     ...counters,
+    busy: busy ? { what: busy.what, ms: Date.now() - busy.since } : undefined,
   };
 }
 
@@ -275,14 +287,14 @@ scope.onmessage = (event: MessageEvent) => {
       serial(() => open(request)).then((result) => reply(result), fail);
       return;
     case 'read':
-      serial(() => read(request.offset, request.length)).then((bytes) => {
+      serial(() => read(request.offset, request.length), `read ${request.length} B at ${request.offset}`).then((bytes) => {
         // Transfer rather than copy, but only a buffer the bytes own outright (never a view into a cache).
         const owned = bytes.byteOffset === 0 && bytes.byteLength === bytes.buffer.byteLength ? bytes : bytes.slice();
         reply(owned, [owned.buffer as ArrayBuffer]);
       }, fail);
       return;
     case 'write':
-      serial(() => write(request.offset, request.data)).then(() => reply(undefined), fail);
+      serial(() => write(request.offset, request.data), `write ${request.data.length} B at ${request.offset}`).then(() => reply(undefined), fail);
       return;
     case 'flush':
       serial(flush).then(() => reply(undefined), fail);

@@ -69,6 +69,8 @@ export interface Stats {
   guestReads: number;
   guestWrites: number;
   bytesWritten: number;
+  /** The operation in progress and for how long, when there is one. */
+  busy?: { what: string; ms: number } | undefined;
 }
 
 export type ProblemKind = 'base-changed' | 'network' | 'quota' | 'locked' | 'foreign-overlay' | 'other';

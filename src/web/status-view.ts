@@ -34,7 +34,8 @@ export function showStats(stats: Stats): void {
   const saved = byId('overlay-saved');
   saved.textContent = stats.unsaved ? `saving ${formatBytes(stats.unsaved)}…` : 'all saved in this browser';
   saved.className = stats.unsaved ? 'pending' : 'ok';
-  byId('guest-io').textContent = `${stats.guestReads} reads, ${stats.guestWrites} writes (${formatBytes(stats.bytesWritten)})`;
+  const stalled = stats.busy && stats.busy.ms > 3000 ? ` · waiting ${Math.round(stats.busy.ms / 1000)} s for ${stats.busy.what}` : '';
+  byId('guest-io').textContent = `${stats.guestReads} reads, ${stats.guestWrites} writes (${formatBytes(stats.bytesWritten)})${stalled}`;
 }
 
 const problems = new Map<string, { message: string; retryAt?: number | undefined }>();
