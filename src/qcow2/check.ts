@@ -10,6 +10,7 @@
 import { hex, u32, u64 } from './bytes.js';
 import { decodeCompressed, isCompressed, isCopied, readL2Entry, standardHostOffset } from './mapping.js';
 import { getRefcount } from './refcount.js';
+import { AUTOCLEAR_BITMAPS } from './header.js';
 import { readExact, type ByteStore } from './store.js';
 import { snapshotTableBytes } from './snapshots.js';
 import type { Qcow2Image } from './image.js';
@@ -331,9 +332,10 @@ export async function analyse(image: Qcow2Image): Promise<Analysis> {
 }
 
 /** Bitmap directory entries reference their bitmap table, which references data clusters. */
-async function referenceBitmaps(image: Qcow2Image, fileSize: number, refRange: (offset: number, length: number) => void, result: CheckResult): Promise<void> {
+export async function referenceBitmaps(image: Qcow2Image, fileSize: number, refRange: (offset: number, length: number) => void, result: CheckResult): Promise<void> {
   const bitmaps = image.header.bitmaps;
-  if (!bitmaps || bitmaps.directorySize === 0) return;
+  // Without autoclear bit 0 the bitmaps extension is stale and QEMU ignores it: so do we.
+  if (!bitmaps || bitmaps.directorySize === 0 || !(image.header.autoclearFeatures & AUTOCLEAR_BITMAPS)) return;
   const cs = image.clusterSize;
   refRange(bitmaps.directoryOffset, bitmaps.directorySize);
   if (bitmaps.directorySize > 64 * 1024 * 1024 || bitmaps.directoryOffset + bitmaps.directorySize > fileSize) {

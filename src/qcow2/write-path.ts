@@ -17,6 +17,7 @@ import { hex, putU32, putU64, u32 } from './bytes.js';
 import { SUBCLUSTERS, decodeCompressed, isCompressed, isCopied, readL2Entry, standardHostOffset, type L2Entry } from './mapping.js';
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, AUTOCLEAR_BITMAPS, KNOWN_AUTOCLEAR, encodeHeader } from './header.js';
 import { Refcounts } from './refcount.js';
+import { referenceBitmaps, type CheckResult } from './check.js';
 import { MetadataMap } from './overlap.js';
 import { snapshotTableBytes } from './snapshots.js';
 import type { Qcow2Image } from './image.js';
@@ -111,7 +112,17 @@ export class WriteEngine {
     let changed = false;
     let clear = h.autoclearFeatures & ~KNOWN_AUTOCLEAR;
     // We do not update persistent bitmaps, so they stop being consistent with the data.
-    if (h.bitmaps) clear |= AUTOCLEAR_BITMAPS;
+    // Persistent bitmaps are not updated here, so they stop being valid. Once bit 0 is clear QEMU ignores the
+    // extension and would count its clusters as leaks: the extension goes and its clusters are freed (after the
+    // header no longer points at them), which keeps the image clean.
+    const stale: { offset: number; length: number }[] = [];
+    if (h.bitmaps) {
+      clear |= AUTOCLEAR_BITMAPS;
+      const sink = { checkErrors: 0 } as CheckResult;
+      await referenceBitmaps(this.image, await this.store.size(), (offset, length) => stale.push({ offset, length }), sink);
+      h.bitmaps = undefined;
+      changed = true;
+    }
     if (clear && h.version === 3) {
       h.autoclearFeatures &= ~clear;
       changed = true;
@@ -124,6 +135,8 @@ export class WriteEngine {
       await this.writeHeader();
       await this.store.flush();
     }
+    for (const { offset, length } of stale) this.freeLater(offset, length);
+    if (stale.length) this.rebuildMetadataMap();
     this.started = true;
   }
 

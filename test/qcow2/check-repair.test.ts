@@ -116,6 +116,21 @@ describe('check agrees with qemu-img check', () => {
     });
   }
 
+  it('image with persistent bitmaps (directory, tables and bitmap data clusters are referenced)', async () => {
+    const path = await makeImage({ size: '64M', path: join(tempDir(), 'b.qcow2') }, [{ offset: 0, length: 2 ** 20, pattern: 1 }]);
+    await qemuImg(['bitmap', '--add', path, 'b1']);
+    await qemuImg(['bitmap', '--add', '-g', '65536', path, 'b2']);
+    await qemuIo(['-c', 'write -P 2 2M 3M', path]);
+    const ours = await expectAgreement(path);
+    expect(ours.leaks).toBeUndefined();
+  });
+
+  it('external data file image', async () => {
+    const dir = tempDir();
+    const path = await makeImage({ size: '16M', path: join(dir, 'd.qcow2'), dataFile: join(dir, 'd.raw') }, writes.filter((w) => !('compressed' in w)));
+    await expectAgreement(path);
+  });
+
   for (const d of damage) {
     it(`${d.name}: same counts, then repair makes qemu-img happy`, async () => {
       const dir = tempDir();

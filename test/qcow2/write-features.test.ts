@@ -221,6 +221,22 @@ describe('header bits on the first write', () => {
     await expectClean(path);
   });
 
+  it('persistent bitmaps we cannot update: bit 0 cleared, the stale bitmaps dropped and their clusters freed', async () => {
+    const dir = tempDir();
+    const path = await makeImage({ path: join(dir, 'b.qcow2'), size: '64M' }, [{ offset: 0, length: 2 ** 20, pattern: 1 }]);
+    await qemuImg(['bitmap', '--add', path, 'b1']);
+    await qemuImg(['bitmap', '--add', '-g', '65536', path, 'b2']);
+    await qemuIo(['-c', 'write -P 2 2M 1M', path]); // gives the bitmaps dirty bits, so they own data clusters
+    expect((await qemuInfo(path))['format-specific'].data.bitmaps).toHaveLength(2);
+    const image = await openRw(path);
+    await image.write(5 * 2 ** 20, pattern(65536, 3));
+    await image.close();
+    const info = await qemuInfo(path);
+    expect(info['format-specific'].data.bitmaps ?? []).toHaveLength(0);
+    await expectClean(path);
+    await qemuIo(['-c', 'read -P 1 0 1M', '-c', 'read -P 2 2M 1M', '-c', 'read -P 3 5M 64k', path]);
+  });
+
   it('lazy refcounts: the dirty bit is set while open for writing and cleared on close', async () => {
     const dir = tempDir();
     const path = await makeImage({ path: join(dir, 'l.qcow2'), size: '4M', lazyRefcounts: true });
