@@ -4,7 +4,8 @@
  */
 import type { BlockDevice } from '../qcow2/device.js';
 import type { ByteStore, StoreResolver } from '../qcow2/store.js';
-import { openImage, probeFormat, Qcow2Image, Qcow86Error } from '../qcow2/index.js';
+import { openImage, probeFormat, Qcow2Image, BackingChainError, HttpError } from '../qcow2/index.js';
+import { isVersionChange } from '../io/http-range.js';
 import { createQcow2 } from '../qcow2/create.js';
 import { encodeHeader, setBackingValidator, backingValidatorOf } from '../qcow2/header.js';
 import { BlobStore } from '../io/opfs.js';
@@ -130,13 +131,17 @@ export async function validateImport(file: Blob, baseUrl: string, base: BaseHand
 /** Puts an error from the base (or the engine) into words for the status panel, and says which kind it is. */
 export function describeBaseProblem(error: unknown): { kind: ProblemKind; message: string } {
   const message = error instanceof Error ? error.message : String(error);
-  const name = error instanceof Error ? error.name : '';
-  if (/changed/i.test(message) && /(etag|version|validator|changed since|has changed)/i.test(message)) {
-    return { kind: 'base-changed', message: `The base image on the server has changed since this disk was made, so the saved changes no longer fit it. ${message}` };
+  const changedOnServer =
+    isVersionChange(error) || (error instanceof BackingChainError && /has changed since this overlay was made/.test(message)) || /not the version recorded earlier/.test(message);
+  if (changedOnServer) {
+    return {
+      kind: 'base-changed',
+      message: `The base image on the server has changed since this disk was made, so your saved changes no longer fit it and it was not opened (${message}). Download the overlay to keep it, or reset the disk to start over on the new base.`,
+    };
   }
-  if (name === 'TypeError' || /network|failed to fetch|timed out|timeout|ECONNRESET|5\d\d/i.test(message)) {
-    return { kind: 'network', message: `Cannot reach the server for the base image: ${message}` };
+  const status = error instanceof HttpError ? error.status : undefined;
+  if (error instanceof TypeError || (error instanceof HttpError && (status === undefined || status >= 500 || status === 408 || status === 429))) {
+    return { kind: 'network', message: `Cannot reach the server for the base image (${message}).` };
   }
-  if (error instanceof Qcow86Error) return { kind: 'other', message };
   return { kind: 'other', message };
 }
