@@ -77,11 +77,16 @@ async function attemptRange(ctx: RangeContext, start: number, end: number, pinne
   const { url } = ctx;
   const range = `bytes=${start}-${end}`;
   const controller = new AbortController();
+  // An idle timeout, re-armed by every body chunk: a large readahead over a slow link is not a stall.
   let timedOut = false;
-  const timer = setTimeout(() => {
-    timedOut = true;
-    controller.abort();
-  }, ctx.timeoutMs);
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const arm = () => {
+    clearTimeout(timer);
+    timer = setTimeout(() => {
+      timedOut = true;
+      controller.abort();
+    }, ctx.timeoutMs);
+  };
   const cancel = () => controller.abort(ctx.signal.reason);
   ctx.signal.addEventListener('abort', cancel);
   // Browsers drop Accept-Encoding (a forbidden header) and ask for identity on ranged requests themselves; Node's
@@ -90,73 +95,97 @@ async function attemptRange(ctx: RangeContext, start: number, end: number, pinne
   // If-Range turns a changed file into a 200 instead of a 206 of the new bytes, so no new byte passes as old.
   const ifRange = pinned?.etag ?? pinned?.lastModified;
   if (ifRange) headers['If-Range'] = ifRange;
+  let response: Response | undefined;
   try {
     ctx.onRequest();
-    let response: Response;
+    arm();
     try {
       // no-store: a browser's HTTP cache may answer ranges from a different version than the one pinned.
       response = await ctx.fetch(url, { headers, cache: 'no-store', signal: controller.signal });
     } catch (error) {
       throw networkError(ctx, range, error, timedOut);
     }
-    const etag = response.headers.get('ETag') ?? undefined;
-    const lastModified = response.headers.get('Last-Modified') ?? undefined;
-    const type = (response.headers.get('Content-Type') ?? '').toLowerCase();
-    // Before the status: a dev server answering a missing file with index.html sends 200, and "the server ignores
-    // Range" would send the reader looking in the wrong place.
-    if ((response.status === 200 || response.status === 206) && type.startsWith('text/html')) {
-      await response.body?.cancel().catch(() => {});
-      throw new HttpError(url, `the server returned an HTML page (Content-Type: ${type}) where image bytes were expected: is the URL right? (some servers answer a missing file with index.html)`, response.status);
-    }
-    if (response.status !== 206) {
-      await response.body?.cancel().catch(() => {});
-      throw statusError(ctx, range, response, pinned, etag, lastModified);
-    }
-    checkVersion(url, pinned, etag, lastModified);
-    const encoding = response.headers.get('Content-Encoding');
-    if (encoding && encoding.toLowerCase() !== 'identity') {
-      await response.body?.cancel().catch(() => {});
-      throw new HttpError(url, `the server compressed the image (Content-Encoding: ${encoding}); disk images must be served without compression`, 206);
-    }
-    if (type.startsWith('multipart/')) {
-      await response.body?.cancel().catch(() => {});
-      throw new HttpError(url, `the server answered ${range} with a multipart body (${type})`, 206);
-    }
-    const contentRange = response.headers.get('Content-Range') ?? '';
-    const match = CONTENT_RANGE.exec(contentRange.trim());
-    if (!match) {
-      await response.body?.cancel().catch(() => {});
-      // A browser hides Content-Range from a cross-origin page unless the server exposes it.
-      throw new HttpError(url, `206 response to ${range} has ${contentRange ? `an unusable Content-Range '${contentRange}'` : 'no Content-Range (a server on another origin must list it in Access-Control-Expose-Headers)'}`, 206);
-    }
-    const [gotStart, gotEnd] = [Number(match[1]), Number(match[2])];
-    if (match[3] === '*') throw new HttpError(url, `the server does not say the image's size (Content-Range '${contentRange}')`, 206);
-    const size = Number(match[3]);
-    if (pinned && size !== pinned.size) throw changed(url, `its size went from ${pinned.size} to ${size} bytes`);
-    // Only the first request (unpinned) may come back shorter: it asks for a block before the size is known.
-    const wantedEnd = pinned ? end : Math.min(end, size - 1);
-    if (gotStart !== start || gotEnd !== wantedEnd) {
-      await response.body?.cancel().catch(() => {});
-      throw new HttpError(url, `asked for ${range}, the server sent bytes ${gotStart}-${gotEnd} (Content-Range '${contentRange}')`, 206);
-    }
+    const { size, wantedEnd } = validateHeaders(ctx, range, start, end, response, pinned);
+    const wanted = wantedEnd - start + 1;
     let bytes: Uint8Array;
     try {
-      bytes = new Uint8Array(await response.arrayBuffer());
+      bytes = await readBody(url, response, wanted, (count) => {
+        arm();
+        ctx.onBytes(count);
+      });
     } catch (error) {
+      if (error instanceof HttpError) throw error;
       throw networkError(ctx, range, error, timedOut);
     }
-    ctx.onBytes(bytes.length);
-    const wanted = wantedEnd - start + 1;
     if (bytes.length < wanted) throw new Transient(url, `short body for ${range}: ${bytes.length} of ${wanted} bytes`, 206);
-    if (bytes.length > wanted) throw new HttpError(url, `body for ${range} is ${bytes.length} bytes, Content-Range says ${wanted}`, 206);
     if (!pinned && start === 0 && looksLikeHtml(bytes)) {
       throw new HttpError(url, 'the server returned an HTML page where image bytes were expected: is the URL right? (some servers answer a missing file with index.html)', 206);
     }
-    return { bytes, size, etag, lastModified };
+    return { bytes, size, etag: response.headers.get('ETag') ?? undefined, lastModified: response.headers.get('Last-Modified') ?? undefined };
+  } catch (error) {
+    // Free the connection of a refused response instead of letting its body trickle in.
+    await response?.body?.cancel().catch(() => {});
+    throw error;
   } finally {
     clearTimeout(timer);
     ctx.signal.removeEventListener('abort', cancel);
   }
+}
+
+/** Everything about a response that can be checked before its body: returns the total size and the range end. */
+function validateHeaders(ctx: RangeContext, range: string, start: number, end: number, response: Response, pinned: Pinned | undefined): { size: number; wantedEnd: number } {
+  const { url } = ctx;
+  const etag = response.headers.get('ETag') ?? undefined;
+  const lastModified = response.headers.get('Last-Modified') ?? undefined;
+  const type = (response.headers.get('Content-Type') ?? '').toLowerCase();
+  // Before the status: a dev server answering a missing file with index.html sends 200, and "the server ignores
+  // Range" would send the reader looking in the wrong place.
+  if ((response.status === 200 || response.status === 206) && type.startsWith('text/html')) {
+    throw new HttpError(url, `the server returned an HTML page (Content-Type: ${type}) where image bytes were expected: is the URL right? (some servers answer a missing file with index.html)`, response.status);
+  }
+  if (response.status !== 206) throw statusError(ctx, range, response, pinned, etag, lastModified);
+  checkVersion(url, pinned, etag, lastModified);
+  const encoding = response.headers.get('Content-Encoding');
+  if (encoding && encoding.toLowerCase() !== 'identity') {
+    throw new HttpError(url, `the server compressed the image (Content-Encoding: ${encoding}); disk images must be served without compression`, 206);
+  }
+  if (type.startsWith('multipart/')) throw new HttpError(url, `the server answered ${range} with a multipart body (${type})`, 206);
+  const contentRange = response.headers.get('Content-Range') ?? '';
+  const match = CONTENT_RANGE.exec(contentRange.trim());
+  if (!match) {
+    // A browser hides Content-Range from a cross-origin page unless the server exposes it.
+    throw new HttpError(url, `206 response to ${range} has ${contentRange ? `an unusable Content-Range '${contentRange}'` : 'no Content-Range (a server on another origin must list it in Access-Control-Expose-Headers)'}`, 206);
+  }
+  const [gotStart, gotEnd] = [Number(match[1]), Number(match[2])];
+  if (match[3] === '*') throw new HttpError(url, `the server does not say the image's size (Content-Range '${contentRange}')`, 206);
+  const size = Number(match[3]);
+  if (pinned && size !== pinned.size) throw changed(url, `its size went from ${pinned.size} to ${size} bytes`);
+  // Only the first request (unpinned) may come back shorter: it asks for a block before the size is known.
+  const wantedEnd = pinned ? end : Math.min(end, size - 1);
+  if (gotStart !== start || gotEnd !== wantedEnd) {
+    throw new HttpError(url, `asked for ${range}, the server sent bytes ${gotStart}-${gotEnd} (Content-Range '${contentRange}')`, 206);
+  }
+  return { size, wantedEnd };
+}
+
+/** Reads at most `wanted` bytes into one buffer; a longer body is refused as soon as it overflows. */
+async function readBody(url: string, response: Response, wanted: number, onChunk: (count: number) => void): Promise<Uint8Array> {
+  const out = new Uint8Array(wanted);
+  if (!response.body) return out.subarray(0, 0);
+  const reader = response.body.getReader();
+  let got = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    onChunk(value.length);
+    if (got + value.length > wanted) {
+      await reader.cancel().catch(() => {});
+      throw new HttpError(url, `the body is longer than the ${wanted} bytes its Content-Range announced`, 206);
+    }
+    out.set(value, got);
+    got += value.length;
+  }
+  return got === wanted ? out : out.subarray(0, got);
 }
 
 function statusError(ctx: RangeContext, range: string, response: Response, pinned: Pinned | undefined, etag: string | undefined, lastModified: string | undefined): Error {
@@ -202,7 +231,7 @@ function changed(url: string, how: string): HttpError {
 
 function networkError(ctx: RangeContext, range: string, error: unknown, timedOut: boolean): Error {
   if (ctx.signal.aborted) return ctx.signal.reason as Error;
-  if (timedOut) return new Transient(ctx.url, `no complete answer to ${range} within ${ctx.timeoutMs} ms`, undefined, { cause: error });
+  if (timedOut) return new Transient(ctx.url, `the server sent nothing for ${range} in ${ctx.timeoutMs} ms`, undefined, { cause: error });
   const cause = (error as { cause?: { code?: string; message?: string } }).cause;
   const detail = cause?.code ?? cause?.message ?? (error as Error).message;
   return new Transient(ctx.url, `network error on ${range}: ${detail}`, undefined, { cause: error });

@@ -15,7 +15,9 @@ export type Fault =
   | 'stall' // never answered
   | '503'
   | 'gzip' // the body gzipped with Content-Encoding: gzip
-  | 'wrong-range'; // a 206 for a range other than the one asked for
+  | 'wrong-range' // a 206 for a range other than the one asked for
+  | 'long-body' // ten bytes more than the Content-Range covers
+  | 'trickle'; // the right body in 30 pieces, 20 ms apart
 
 export interface FaultServerOptions {
   /** Which validators the server sends (default: a strong ETag and Last-Modified). */
@@ -110,6 +112,20 @@ export async function startFaultServer(initial: Uint8Array, options: FaultServer
       return;
     }
     if (fault === 'short-length') body = body.subarray(0, body.length >> 1);
+    if (fault === 'long-body') body = Buffer.concat([body, Buffer.alloc(10, 0xee)]);
+    if (fault === 'trickle') {
+      entry.status = 206;
+      res.writeHead(206, { ...headers, 'Content-Length': body.length });
+      const piece = Math.ceil(body.length / 30);
+      let sent = 0;
+      const next = () => {
+        if (sent >= body.length) return void res.end();
+        res.write(body.subarray(sent, sent + piece));
+        sent += piece;
+        setTimeout(next, 20);
+      };
+      return next();
+    }
     send(206, { ...headers, 'Content-Length': body.length }, body);
   };
 

@@ -123,7 +123,25 @@ describe('HttpStore error cases', () => {
     s.queue('stall');
     await expectTrue(store, 64 * KiB, 10);
     s.always('stall');
-    await expect(store.read(128 * KiB, 10)).rejects.toThrow(/no complete answer to bytes=131072-135167 within 200 ms \(gave up after 2 attempts\)/);
+    await expect(store.read(128 * KiB, 10)).rejects.toThrow(/the server sent nothing for bytes=131072-135167 in 200 ms \(gave up after 2 attempts\)/);
+  }, 20_000);
+
+  it('refuses a body longer than its Content-Range without retrying', async () => {
+    const s = await serve();
+    const store = await HttpStore.open(s.url, quick);
+    s.queue('long-body');
+    await expect(store.read(12 * KiB, 10)).rejects.toThrow(`${s.url}: the body is longer than the 4096 bytes its Content-Range announced`);
+    expect(store.stats().retries).toBe(0);
+    await expectTrue(store, 12 * KiB, 10);
+  });
+
+  it('times out only when the server goes quiet, not while a slow body keeps arriving', async () => {
+    const s = await serve();
+    // 30 pieces 20 ms apart take about 600 ms in all, well past the 400 ms idle limit.
+    const store = await HttpStore.open(s.url, { ...quick, timeoutMs: 400, retries: 0 });
+    s.queue('trickle');
+    await expectTrue(store, 64 * KiB, 4 * KiB);
+    expect(store.stats().retries).toBe(0);
   }, 20_000);
 
   it('stops with an error naming the image when it changes mid-session, and never serves either version after', async () => {
