@@ -106,6 +106,20 @@ describe('HttpStore over nginx', () => {
     expect(stats).toMatchObject({ reads: 6, hits: 1, misses: 5, retries: 0, inFlight: 0 });
   });
 
+  it('evicts the least recently used block when over the byte budget', async () => {
+    const before = nginx.requests().length;
+    const block = 64 * KiB;
+    const store = await HttpStore.open(`${nginx.url}random.img`, { blockSize: block, cacheBytes: 3 * block, readahead: false });
+    // Cache after each read (oldest first): [0 1] [0 1 2] [1 2 0] [2 0 3] [0 3 1] [3 1 0] [1 0 2]
+    for (const index of [1, 2, 0, 3, 1, 0, 2]) {
+      const got = await store.read(index * block + 7, 100);
+      expect(Buffer.from(got).equals(truth.subarray(index * block + 7, index * block + 107))).toBe(true);
+    }
+    const fetched = logged('random.img', before).map((r) => Number(/^bytes=(\d+)-/.exec(r.range)![1]) / block);
+    expect(fetched).toEqual([0, 1, 2, 3, 1, 2]);
+    expect(store.stats()).toMatchObject({ hits: 2, misses: 5, cachedBytes: 3 * block });
+  });
+
   it('grows readahead while reads are sequential and drops it after a jump', async () => {
     const before = nginx.requests().length;
     const store = await HttpStore.open(`${nginx.url}random.img`, { blockSize: 64 * KiB, readahead: { initial: 128 * KiB, max: 1024 * KiB } });
