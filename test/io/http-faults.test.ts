@@ -84,6 +84,17 @@ describe('HttpStore error cases', () => {
     await expect(store.read(8 * KiB, 10)).rejects.toThrow(`asked for bytes=8192-12287, the server sent bytes 8193-12288`);
   });
 
+  it('opens a file smaller than one block and reads it to its end', async () => {
+    const tiny = truth.subarray(0, 100);
+    const s = await serve({}, tiny);
+    const store = await HttpStore.open(s.url, quick);
+    expect(await store.size()).toBe(100);
+    expect(s.requests.map((r) => r.range)).toEqual(['bytes=0-4095']);
+    expect(Buffer.from(await store.read(90, 50)).equals(tiny.subarray(90))).toBe(true);
+    expect(await store.read(100, 10)).toHaveLength(0);
+    expect(s.requests).toHaveLength(1);
+  });
+
   it('retries truncated bodies, resets, short lengths and 5xx, then succeeds with the true bytes', async () => {
     const s = await serve();
     const store = await HttpStore.open(s.url, quick);
