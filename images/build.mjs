@@ -1,0 +1,424 @@
+#!/usr/bin/env node
+// Builds the default guest: a small 32-bit Linux disk from Debian packages, without root-only steps (no mounts,
+// no loop devices). Layout: MBR (syslinux mbr.bin) + FAT16 partition (syslinux, kernel, initramfs) + ext4 root
+// with busybox. Shell on ttyS0 and tty1; `poweroff` ends with the kernel's "reboot: Power down".
+//
+// Outputs (public/images/, git-ignored): base.qcow2 (deflate-compressed qcow2), bios.bin, vgabios-stdvga.bin,
+// vmlinuz, initrd.gz (for direct kernel boots) and manifest.json. Intermediates and downloaded .debs live in
+// .cache/ so a rebuild costs seconds. The bytes are reproducible for the same package versions: every time
+// stamp, UUID, volume id and ordering is pinned (see the comments at each step).
+//
+// Usage: node images/build.mjs [--update] [--force]
+//   --update  refresh the i386 package index (else a cached index is reused, which keeps versions stable)
+//   --force   rebuild even when the outputs exist
+import { execFileSync, spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { chmodSync, copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync, lstatSync } from 'node:fs';
+import { dirname, join, relative } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { ensurePackages } from '../scripts/system-deps.mjs';
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+const CACHE = join(root, '.cache');
+const WORK = join(CACHE, 'images');
+const DEFAULT_OUT = join(root, 'public/images');
+
+/** Every time stamp in the image (files, file systems, archives). 2024-01-01T00:00:00Z. */
+const EPOCH = 1704067200;
+const EXT4_UUID = '5ec0c086-0000-4000-8000-00000000c086';
+const FAT_VOLUME_ID = 'c0860086';
+const MBR_LABEL_ID = '0xc0860086';
+
+const MiB = 1024 * 1024;
+const FAT_START = 1 * MiB;
+const FAT_SIZE = 12 * MiB;
+const ROOT_START = FAT_START + FAT_SIZE;
+const ROOT_SIZE = 16 * MiB;
+const DISK_SIZE = ROOT_START + ROOT_SIZE;
+
+const HOST_PACKAGES = ['seabios', 'mtools', 'syslinux', 'syslinux-common', 'dosfstools', 'fdisk', 'cpio', 'kmod', 'e2fsprogs', 'qemu-utils'];
+
+/**
+ * The modules the Debian 686 kernel needs to reach an ext4 root on an IDE disk (ata_piix), in dependency order:
+ * the .deb ships no modules.dep, so the initramfs loads them with insmod in exactly this order.
+ */
+const MODULES = ['scsi_common', 'scsi_mod', 'libata', 'ata_piix', 'crc64', 'crc64-rocksoft', 'crct10dif_common', 'crc-t10dif', 't10-pi',
+  'sd_mod', 'crc16', 'mbcache', 'jbd2', 'crc32c_generic', 'ext4'];
+
+/** `quiet cryptomgr.notests` saves ~6 s of boot (crypto self-tests); the last console= is /dev/console. */
+export const KERNEL_CMDLINE = 'console=tty1 console=ttyS0,115200 root=/dev/sda2 rw quiet cryptomgr.notests tsc=reliable mitigations=off random.trust_cpu=on';
+
+const FIXED_ENV = {
+  SOURCE_DATE_EPOCH: String(EPOCH),
+  E2FSPROGS_FAKE_TIME: String(EPOCH),
+  TZ: 'UTC',
+  LC_ALL: 'C',
+};
+
+function run(command, args, options = {}) {
+  return execFileSync(command, args, { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, ...FIXED_ENV }, ...options });
+}
+
+function sha256(path) {
+  return createHash('sha256').update(readFileSync(path)).digest('hex');
+}
+
+// ---------------------------------------------------------------- packages
+
+const APT_LISTS = join(CACHE, 'apt/lists');
+const DEBS = join(CACHE, 'debs');
+/** i386 without multiarch on the host: a private state directory with its own lists. */
+const APT_OPTIONS = ['-oAPT::Architecture=i386', '-oAPT::Architectures=i386', `-oDir::State::Lists=${APT_LISTS}`, '-oDebug::NoLocking=1'];
+
+function aptUpdate(force) {
+  mkdirSync(join(APT_LISTS, 'partial'), { recursive: true });
+  const haveIndex = readdirSync(APT_LISTS).some((name) => /_Packages(\.[a-z0-9]+)?$/.test(name));
+  if (haveIndex && !force) return;
+  console.log('images: updating the i386 package index');
+  // The i386 security index sometimes fails to update; the main index is enough, so a non-zero exit is tolerated
+  // as long as some Packages index arrived.
+  spawnSync('apt-get', [...APT_OPTIONS, '-qq', 'update'], { stdio: 'inherit' });
+  if (!readdirSync(APT_LISTS).some((name) => /_Packages(\.[a-z0-9]+)?$/.test(name))) throw new Error('apt-get update produced no i386 package index');
+}
+
+function aptCache(...args) {
+  return run('apt-cache', [...APT_OPTIONS, ...args]).toString();
+}
+
+/** linux-image-686 is a metapackage; its dependency names the versioned kernel (linux-image-6.1.0-NN-686). */
+function resolveKernelPackage() {
+  const depends = aptCache('depends', 'linux-image-686');
+  const match = depends.match(/Depends: (linux-image-[0-9][^\s]*-686)\b/);
+  if (!match) throw new Error(`cannot find the kernel package behind linux-image-686:\n${depends}`);
+  return match[1];
+}
+
+function candidateVersion(name) {
+  const policy = aptCache('policy', name);
+  const match = policy.match(/Candidate: (\S+)/);
+  if (!match || match[1] === '(none)') throw new Error(`no i386 candidate for ${name}`);
+  return match[1];
+}
+
+/** Downloads (once) the .deb for name=version into .cache/debs and returns its path. */
+function fetchDeb(name, version) {
+  mkdirSync(DEBS, { recursive: true });
+  const fileVersion = version.replace(/:/g, '%3a');
+  const path = join(DEBS, `${name}_${fileVersion}_i386.deb`);
+  if (existsSync(path)) return path;
+  console.log(`images: downloading ${name} ${version}`);
+  run('apt-get', [...APT_OPTIONS, '-qq', 'download', `${name}=${version}`], { cwd: DEBS, stdio: 'inherit' });
+  const found = readdirSync(DEBS).find((file) => file.startsWith(`${name}_${fileVersion}_`) && file.endsWith('.deb'));
+  if (!found) throw new Error(`apt-get download ${name}=${version} left no .deb in ${DEBS}`);
+  return join(DEBS, found);
+}
+
+function hostPackageVersion(name) {
+  return run('dpkg-query', ['-W', '-f=${Version}', name]).toString().trim();
+}
+
+// ---------------------------------------------------------------- trees
+
+function unpack(deb, dir) {
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir, { recursive: true });
+  run('dpkg-deb', ['-x', deb, dir]);
+}
+
+function findFile(dir, predicate) {
+  for (const entry of readdirSync(dir, { withFileTypes: true })) {
+    const path = join(dir, entry.name);
+    if (entry.isDirectory()) {
+      const found = findFile(path, predicate);
+      if (found) return found;
+    } else if (predicate(entry.name, path)) {
+      return path;
+    }
+  }
+  return undefined;
+}
+
+/** All paths under dir (relative, sorted bytewise) so archives list them in one order on every machine. */
+function listTree(dir) {
+  const out = [];
+  const walk = (sub) => {
+    for (const name of readdirSync(join(dir, sub)).sort()) {
+      const rel = sub ? `${sub}/${name}` : name;
+      out.push(rel);
+      if (lstatSync(join(dir, rel)).isDirectory()) walk(rel);
+    }
+  };
+  walk('');
+  return out.sort((a, b) => (Buffer.from(a) < Buffer.from(b) ? -1 : a === b ? 0 : 1));
+}
+
+function pinTimes(dir) {
+  // touch -h sets symlinks' own times; mke2fs -d and cpio copy these into the images.
+  const paths = listTree(dir).map((rel) => join(dir, rel));
+  for (let i = 0; i < paths.length; i += 500) run('touch', ['-h', '-d', `@${EPOCH}`, ...paths.slice(i, i + 500)]);
+  run('touch', ['-h', '-d', `@${EPOCH}`, dir]);
+}
+
+function writeExecutable(path, text) {
+  writeFileSync(path, text);
+  chmodSync(path, 0o755);
+}
+
+/**
+ * Busybox's applet names, read from the binary itself: it holds them as one sorted NUL-separated table starting
+ * "[\0[[\0" and ending with an empty name. (Running `busybox --list` would need IA-32 support on the host.)
+ */
+function busyboxApplets(busybox) {
+  const bytes = readFileSync(busybox);
+  const start = bytes.indexOf(Buffer.from('[\0[[\0', 'latin1'));
+  if (start < 0) throw new Error(`no applet table in ${busybox}`);
+  const names = [];
+  for (let at = start; ;) {
+    const end = bytes.indexOf(0, at);
+    if (end === at) break;
+    names.push(bytes.subarray(at, end).toString('latin1'));
+    at = end + 1;
+  }
+  if (names.length < 50 || !names.includes('sh') || !names.includes('init') || !names.includes('switch_root')) {
+    throw new Error(`unexpected applet table in ${busybox}: ${names.slice(0, 20).join(' ')}`);
+  }
+  return names;
+}
+
+/** Every applet as a symlink in /bin; /sbin and /usr/{bin,sbin} point at /bin, so init and PATH find them all. */
+function installBusybox(busybox, tree) {
+  mkdirSync(join(tree, 'bin'), { recursive: true });
+  mkdirSync(join(tree, 'usr'), { recursive: true });
+  copyFileSync(busybox, join(tree, 'bin/busybox'));
+  chmodSync(join(tree, 'bin/busybox'), 0o755);
+  for (const applet of busyboxApplets(busybox)) {
+    if (applet !== 'busybox') symlinkSync('busybox', join(tree, 'bin', applet));
+  }
+  symlinkSync('bin', join(tree, 'sbin'));
+  symlinkSync('../bin', join(tree, 'usr/bin'));
+  symlinkSync('../bin', join(tree, 'usr/sbin'));
+}
+
+const INIT_SCRIPT = (modules) => `#!/bin/sh
+# initramfs: load the disk and ext4 modules, mount the root named by root= and hand over to busybox init.
+mount -t devtmpfs devtmpfs /dev
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+for m in ${modules.join(' ')}; do
+  insmod /lib/modules/$m.ko || echo "initramfs: insmod $m failed"
+done
+root=/dev/sda2
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in root=/dev/*) root="\${arg#root=}" ;; esac
+done
+i=0
+while [ ! -b "$root" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+if ! mount -t ext4 -o rw "$root" /newroot; then
+  echo "initramfs: cannot mount $root; dropping to a shell"
+  exec sh
+fi
+mount --move /dev /newroot/dev
+umount /proc /sys
+exec switch_root /newroot /sbin/init
+`;
+
+const INITTAB = `# busybox init: a root shell on the serial console and on the VGA console, nothing else.
+::sysinit:/bin/mount -t proc proc /proc
+::sysinit:/bin/mount -t sysfs sysfs /sys
+::sysinit:/bin/mount -t tmpfs tmpfs /tmp
+::sysinit:/bin/hostname qcow86
+ttyS0::respawn:-/bin/sh
+tty1::respawn:-/bin/sh
+::ctrlaltdel:/sbin/reboot
+::shutdown:/bin/sync
+::shutdown:/bin/umount -a -r
+`;
+
+function buildInitramfs(kernelTree, kver, busybox, dir, out) {
+  rmSync(dir, { recursive: true, force: true });
+  for (const sub of ['dev', 'proc', 'sys', 'newroot', 'lib/modules']) mkdirSync(join(dir, sub), { recursive: true });
+  installBusybox(busybox, dir);
+  const moduleRoot = join(kernelTree, 'lib/modules', kver);
+  for (const name of MODULES) {
+    // Module file names use - or _ inconsistently (crc-t10dif.ko, scsi_mod.ko): match either spelling.
+    const wanted = name.replace(/[-_]/g, '[-_]');
+    const file = findFile(moduleRoot, (entry) => new RegExp(`^${wanted}\\.ko$`).test(entry));
+    if (!file) throw new Error(`module ${name}.ko not found under ${moduleRoot}`);
+    copyFileSync(file, join(dir, 'lib/modules', `${name}.ko`));
+  }
+  writeExecutable(join(dir, 'init'), INIT_SCRIPT(MODULES));
+  pinTimes(dir);
+  const list = listTree(dir).join('\n') + '\n';
+  const cpio = execFileSync('cpio', ['--quiet', '-o', '-H', 'newc', '--reproducible', '-R', '0:0'], { cwd: dir, input: list, maxBuffer: 256 * MiB });
+  writeFileSync(out, execFileSync('gzip', ['-n', '-9'], { input: cpio, maxBuffer: 256 * MiB }));
+}
+
+function buildRootTree(busybox, dir) {
+  rmSync(dir, { recursive: true, force: true });
+  for (const sub of ['dev', 'proc', 'sys', 'tmp', 'root', 'etc', 'mnt']) mkdirSync(join(dir, sub), { recursive: true });
+  installBusybox(busybox, dir);
+  writeFileSync(join(dir, 'etc/inittab'), INITTAB);
+  writeFileSync(join(dir, 'etc/passwd'), 'root:x:0:0:root:/root:/bin/sh\n');
+  writeFileSync(join(dir, 'etc/group'), 'root:x:0:\n');
+  writeFileSync(join(dir, 'etc/profile'), 'export PATH=/bin:/sbin:/usr/bin:/usr/sbin\nexport HOME=/root\ncd /root\nPS1=\'# \'\n');
+  writeFileSync(join(dir, 'etc/fstab'), '/dev/sda2 / ext4 rw 0 1\n');
+  chmodSync(join(dir, 'tmp'), 0o1777);
+  chmodSync(join(dir, 'root'), 0o700);
+  pinTimes(dir);
+}
+
+// ---------------------------------------------------------------- file systems and disk
+
+function buildExt4(tree, out) {
+  rmSync(out, { force: true });
+  // No journal (smaller, and nothing replays it), -N 1024 because busybox's few hundred symlinks need inodes.
+  run('mke2fs', ['-q', '-F', '-t', 'ext4', '-O', '^has_journal', '-N', '1024', '-L', 'qcow86-root', '-U', EXT4_UUID,
+    '-E', `hash_seed=${EXT4_UUID},root_owner=0:0`, '-d', tree, out, `${ROOT_SIZE / 1024}k`]);
+  // mke2fs -d copies each source file's ctime, which touch cannot set: pin it (and crtime) inode by inode.
+  const commands = ['/', ...listTree(tree).map((rel) => `/${rel}`)]
+    .flatMap((path) => [`sif "${path}" ctime @${EPOCH}`, `sif "${path}" crtime @${EPOCH}`, `sif "${path}" atime @${EPOCH}`, `sif "${path}" mtime @${EPOCH}`]);
+  const script = join(WORK, 'debugfs.cmds');
+  writeFileSync(script, commands.join('\n') + '\n');
+  run('debugfs', ['-w', '-f', script, out], { stdio: ['ignore', 'ignore', 'pipe'] });
+}
+
+function buildFat(files, out) {
+  rmSync(out, { force: true });
+  run('mkfs.fat', ['-F', '16', '-n', 'QCOW86', '-i', FAT_VOLUME_ID, '--invariant', '-C', out, String(FAT_SIZE / 1024)], { stdio: 'ignore' });
+  // mcopy -m keeps the (pinned) source mtimes instead of the current time.
+  run('mcopy', ['-m', '-i', out, ...files, '::/'], { env: { ...process.env, ...FIXED_ENV, MTOOLS_SKIP_CHECK: '1' } });
+  run('syslinux', ['--install', out]);
+}
+
+function syslinuxConfig() {
+  return `SERIAL 0 115200
+DEFAULT linux
+PROMPT 0
+TIMEOUT 0
+LABEL linux
+  KERNEL vmlinuz
+  INITRD initrd.gz
+  APPEND ${KERNEL_CMDLINE}
+`;
+}
+
+function assembleDisk(fat, ext4, out) {
+  rmSync(out, { force: true });
+  run('truncate', ['-s', String(DISK_SIZE), out]);
+  const table = `label: dos\nlabel-id: ${MBR_LABEL_ID}\nunit: sectors\n\n` +
+    `start=${FAT_START / 512}, size=${FAT_SIZE / 512}, type=6, bootable\n` +
+    `start=${ROOT_START / 512}, size=${ROOT_SIZE / 512}, type=83\n`;
+  execFileSync('sfdisk', ['--no-reread', '--no-tell-kernel', '-q', out], { input: table, stdio: ['pipe', 'ignore', 'inherit'] });
+  const mbr = findFile('/usr/lib/syslinux/mbr', (name) => name === 'mbr.bin');
+  // Only the boot code: bytes 440.. hold the disk signature and the partition table sfdisk just wrote.
+  run('dd', [`if=${mbr}`, `of=${out}`, 'bs=440', 'count=1', 'conv=notrunc'], { stdio: 'ignore' });
+  run('dd', [`if=${fat}`, `of=${out}`, 'bs=1M', `seek=${FAT_START / MiB}`, 'conv=notrunc'], { stdio: 'ignore' });
+  run('dd', [`if=${ext4}`, `of=${out}`, 'bs=1M', `seek=${ROOT_START / MiB}`, 'conv=notrunc'], { stdio: 'ignore' });
+}
+
+/** True when our CLI can write compressed qcow2 (`convert -c -O qcow2`). */
+function engineCanCompress() {
+  const cli = join(root, 'bin/qcow86.js');
+  if (!existsSync(join(root, 'dist/node/cli.js'))) return false;
+  const help = spawnSync(process.execPath, [cli, 'convert', '--help'], { encoding: 'utf8' });
+  const text = `${help.stdout}${help.stderr}`;
+  return /-O [^\]]*qcow2/.test(text) && /\[-c\]|-c\b/.test(text);
+}
+
+/**
+ * The final form of the disk: a deflate-compressed qcow2 written by our own engine, the way users will make
+ * theirs. This is the one place that turns the raw disk into base.qcow2.
+ */
+function convertToCompressedQcow2(raw, out) {
+  rmSync(out, { force: true });
+  if (engineCanCompress()) {
+    run(process.execPath, [join(root, 'bin/qcow86.js'), 'convert', '-c', '-O', 'qcow2', raw, out], { stdio: 'inherit' });
+    return 'qcow86 convert -c -O qcow2';
+  }
+  // TODO(engine): remove this fallback once `qcow86 convert -c -O qcow2` exists; the base must come from our engine.
+  console.warn('\n!!! images: WARNING: `qcow86 convert -c -O qcow2` is not available yet;');
+  console.warn('!!! images: WARNING: base.qcow2 is written by qemu-img instead of our engine (temporary fallback)\n');
+  run('qemu-img', ['convert', '-c', '-O', 'qcow2', '-o', 'compression_type=zlib', raw, out], { stdio: 'inherit' });
+  return 'qemu-img convert -c -O qcow2 (fallback)';
+}
+
+function virtualSizeOf(image) {
+  return JSON.parse(run('qemu-img', ['info', '--output=json', image]).toString())['virtual-size'];
+}
+
+// ---------------------------------------------------------------- entry points
+
+export const OUTPUT_FILES = ['base.qcow2', 'bios.bin', 'vgabios-stdvga.bin', 'vmlinuz', 'initrd.gz', 'manifest.json'];
+
+/** Builds everything into outDir (default public/images). Returns the manifest. */
+export async function buildImages({ outDir = DEFAULT_OUT, update = false } = {}) {
+  const started = Date.now();
+  ensurePackages(HOST_PACKAGES);
+  mkdirSync(WORK, { recursive: true });
+  mkdirSync(outDir, { recursive: true });
+
+  aptUpdate(update);
+  const kernelPackage = resolveKernelPackage();
+  const packages = {};
+  for (const name of [kernelPackage, 'busybox-static']) packages[name] = candidateVersion(name);
+  const kernelTree = join(WORK, 'kernel');
+  const busyboxTree = join(WORK, 'busybox');
+  unpack(fetchDeb(kernelPackage, packages[kernelPackage]), kernelTree);
+  unpack(fetchDeb('busybox-static', packages['busybox-static']), busyboxTree);
+  const kver = readdirSync(join(kernelTree, 'lib/modules'))[0];
+  const busybox = join(busyboxTree, 'bin/busybox');
+
+  const boot = join(WORK, 'boot');
+  rmSync(boot, { recursive: true, force: true });
+  mkdirSync(boot, { recursive: true });
+  copyFileSync(join(kernelTree, 'boot', `vmlinuz-${kver}`), join(boot, 'vmlinuz'));
+  buildInitramfs(kernelTree, kver, busybox, join(WORK, 'initramfs'), join(boot, 'initrd.gz'));
+  writeFileSync(join(boot, 'syslinux.cfg'), syslinuxConfig());
+  pinTimes(boot);
+
+  buildRootTree(busybox, join(WORK, 'rootfs'));
+  buildExt4(join(WORK, 'rootfs'), join(WORK, 'root.ext4'));
+  buildFat(['vmlinuz', 'initrd.gz', 'syslinux.cfg'].map((name) => join(boot, name)), join(WORK, 'boot.fat'));
+  const raw = join(WORK, 'disk.raw');
+  assembleDisk(join(WORK, 'boot.fat'), join(WORK, 'root.ext4'), raw);
+
+  const base = join(outDir, 'base.qcow2');
+  const writer = convertToCompressedQcow2(raw, base);
+  for (const name of ['bios.bin', 'vgabios-stdvga.bin']) copyFileSync(join('/usr/share/seabios', name), join(outDir, name));
+  copyFileSync(join(boot, 'vmlinuz'), join(outDir, 'vmlinuz'));
+  copyFileSync(join(boot, 'initrd.gz'), join(outDir, 'initrd.gz'));
+
+  const manifest = {
+    description: 'qcow86 default guest: Debian i386 kernel + busybox, MBR/syslinux/FAT16 boot + ext4 root',
+    packages: { ...packages, seabios: hostPackageVersion('seabios'), syslinux: hostPackageVersion('syslinux'), 'syslinux-common': hostPackageVersion('syslinux-common') },
+    kernel: kver,
+    cmdline: KERNEL_CMDLINE,
+    writer,
+    virtualSize: virtualSizeOf(base),
+    raw: { path: relative(root, raw), sha256: sha256(raw), size: statSync(raw).size },
+    files: Object.fromEntries(['base.qcow2', 'bios.bin', 'vgabios-stdvga.bin', 'vmlinuz', 'initrd.gz'].map((name) => {
+      const path = join(outDir, name);
+      return [name, { sha256: sha256(path), size: statSync(path).size }];
+    })),
+  };
+  writeFileSync(join(outDir, 'manifest.json'), JSON.stringify(manifest, null, 2) + '\n');
+  console.log(`images: built ${relative(root, base)} (${manifest.files['base.qcow2'].size} bytes, raw sha256 ${manifest.raw.sha256.slice(0, 16)}…) in ${((Date.now() - started) / 1000).toFixed(1)} s`);
+  return manifest;
+}
+
+/** Builds only when an output is missing (used by `npm start`, `npm test` and the boot tests). */
+export async function ensureImages({ outDir = DEFAULT_OUT } = {}) {
+  const missing = OUTPUT_FILES.filter((name) => !existsSync(join(outDir, name)));
+  if (missing.length === 0) return JSON.parse(readFileSync(join(outDir, 'manifest.json'), 'utf8'));
+  console.log(`images: building the default guest (missing: ${missing.join(', ')})`);
+  return buildImages({ outDir });
+}
+
+if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
+  const args = process.argv.slice(2);
+  const action = args.includes('--force') ? buildImages({ update: args.includes('--update') }) : ensureImages();
+  action.catch((error) => {
+    console.error(`images: ${error.message}`);
+    process.exit(1);
+  });
+}
