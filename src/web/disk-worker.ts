@@ -139,7 +139,10 @@ async function close(): Promise<void> {
   session = undefined;
   clearTimeout(flushTimer);
   try {
+    // Images opened over the shared stores only flush them on close (see disk-open.ts): close the stores here.
     await current.device.close();
+    await current.overlayStore.close();
+    await current.base.store.close();
   } finally {
     current.releaseLock?.();
   }

@@ -3,7 +3,7 @@
  * map and actions together.
  */
 import './style.css';
-import { V86, type V86Image } from 'v86';
+import type { V86, V86Image } from 'v86';
 import wasmUrl from 'v86/build/v86.wasm?url';
 import { RemoteDisk, DiskProblem } from './remote-disk.js';
 import { v86Disk } from './hda.js';
@@ -111,9 +111,12 @@ async function start(): Promise<void> {
     },
   });
   setPhase('Loading the firmware…');
+  // Loaded here rather than at the top: evaluating v86 is a long script, kept out of the page's first task.
+  const { V86 } = await import('v86');
   emulator = new V86({
     wasm_path: wasmUrl,
-    memory_size: 128 * 1024 * 1024,
+    // The default guest needs no more; a smaller guest memory is also a shorter allocation on the main thread.
+    memory_size: 64 * 1024 * 1024,
     vga_memory_size: 8 * 1024 * 1024,
     bios: { url: `${imagesUrl}bios.bin` },
     vga_bios: { url: `${imagesUrl}vgabios-stdvga.bin` },

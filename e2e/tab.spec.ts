@@ -1,0 +1,118 @@
+/**
+ * The browser tab end to end: boot to a shell, write a file, reload and find it, download the overlay and check
+ * it with qemu-img (including its URL backing through QEMU's curl driver), open it in a fresh profile.
+ */
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, rmSync, utimesSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test, expect, run, waitForConsole, waitForShell, waitSaved } from './fixtures.js';
+import { copyBase, type Server } from './servers.js';
+
+test('the guest boots, keeps its writes across a reload, and its overlay opens in QEMU and in a fresh profile', async ({ page, server, browser, longTasks }, testInfo) => {
+  const seed = 1000 + Math.floor(Math.random() * 9000);
+  const expected = `qcow86-e2e-${seed + 1}`;
+  await page.goto(server.url);
+  await expect(page.getByTestId('terminal').locator('.xterm-rows')).toBeVisible();
+  await waitForShell(page);
+
+  // The shell computes the marker, so the command's echo alone cannot satisfy the check.
+  // Two syncs: the guest's ext4 (no journal) may still write metadata after the first returns.
+  await run(page, `echo qcow86-e2e-$((${seed} + 1)) > /e2e-marker.txt; sync; sleep 1; sync; echo written-$((2 * 21))`);
+  await waitForConsole(page, /written-42/);
+  await page.waitForTimeout(1000);
+  await waitSaved(page);
+  await expect(page.getByTestId('cluster-map')).toBeVisible();
+  const overlayLegend = page.locator('#map-legend li[data-kind="3"] .amount');
+  await expect(overlayLegend).not.toHaveText('0 B');
+  await page.screenshot({ path: testInfo.outputPath('booted-tab.png') });
+  await page.locator('.panel.map').screenshot({ path: testInfo.outputPath('cluster-map.png') });
+  await testInfo.attach('booted-tab', { path: testInfo.outputPath('booted-tab.png'), contentType: 'image/png' });
+  await testInfo.attach('cluster-map', { path: testInfo.outputPath('cluster-map.png'), contentType: 'image/png' });
+
+  const tasks = await longTasks.of(page);
+  expect(Math.max(0, ...tasks), `main-thread long tasks while booting and writing: ${tasks.join(', ')} ms`).toBeLessThan(200);
+
+  // Reload: the overlay in OPFS keeps the file.
+  await page.reload();
+  await waitForShell(page);
+  await run(page, 'cat /e2e-marker.txt');
+  await waitForConsole(page, new RegExp(expected));
+
+  // Download: a valid qcow2 whose backing name is the base's absolute URL.
+  const [download] = await Promise.all([page.waitForEvent('download'), page.getByRole('button', { name: /Download overlay/ }).click()]);
+  const dir = mkdtempSync(join(tmpdir(), 'qcow86-e2e-'));
+  try {
+    const file = join(dir, download.suggestedFilename());
+    await download.saveAs(file);
+    expect(file).toMatch(/\.qcow2$/);
+    const info = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', file], { encoding: 'utf8' })) as Record<string, unknown>;
+    expect(info['format']).toBe('qcow2');
+    expect(info['backing-filename']).toBe(new URL('/images/base.qcow2', server.url).href);
+    // check opens the whole chain: the base is reached through QEMU's curl driver over the same server.
+    execFileSync('qemu-img', ['check', file], { encoding: 'utf8' });
+    const compare = execFileSync('qemu-img', ['info', '--backing-chain', '--output=json', file], { encoding: 'utf8' });
+    expect(compare).toContain('"format": "qcow2"');
+
+    // A fresh profile: nothing stored yet; opening the downloaded overlay brings the file back.
+    const fresh = await browser.newContext();
+    try {
+      const other = await fresh.newPage();
+      await other.goto(server.url);
+      await waitForShell(other);
+      await other.locator('#open-file').setInputFiles(file);
+      await waitForShell(other);
+      await run(other, 'cat /e2e-marker.txt');
+      await waitForConsole(other, new RegExp(expected));
+    } finally {
+      await fresh.close();
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a second tab on the same disk is refused write access and offered read-only or a fresh disk', async ({ context, server }) => {
+  const first = await context.newPage();
+  await first.goto(server.url);
+  await expect(first.getByTestId('overlay-name')).toContainText('browser storage');
+
+  const second = await context.newPage();
+  await second.goto(server.url);
+  const dialog = second.locator('dialog');
+  await expect(dialog).toBeVisible();
+  await expect(dialog).toContainText('open in another tab');
+  await dialog.getByRole('button', { name: 'Open read-only' }).click();
+  await expect(second.getByTestId('overlay-name')).toContainText('read-only');
+  await expect(second.getByRole('button', { name: /Download overlay/ })).toBeDisabled();
+  await waitForShell(second);
+
+  // A third tab takes a fresh disk: a different overlay, writable, remembered in its address.
+  const third = await context.newPage();
+  await third.goto(server.url);
+  await third.locator('dialog').getByRole('button', { name: 'Use a fresh disk' }).click();
+  await expect(third.getByTestId('overlay-name')).not.toContainText('read-only');
+  await expect(third).toHaveURL(/[?&]disk=/);
+  await expect(third.getByRole('button', { name: /Download overlay/ })).toBeEnabled();
+});
+
+test('a base whose ETag changed on the server is refused with a readable message', async ({ page, server }) => {
+  const copy = copyOf(server);
+  try {
+    await page.goto(`${server.url}?base=${copy.path}`);
+    await expect(page.getByTestId('overlay-name')).toContainText('browser storage');
+    await expect(page.getByTestId('base-fetched')).not.toHaveText('–');
+    // A new version of the base on the server: same name, different ETag.
+    const later = new Date(Date.now() + 60_000);
+    utimesSync(copy.file, later, later);
+    await page.reload();
+    await expect(page.locator('#problems')).toContainText('base image on the server has changed');
+    await expect(page.getByTestId('phase')).toContainText(/could not open|changed/i);
+  } finally {
+    copy.remove();
+  }
+});
+
+function copyOf(server: Server) {
+  return copyBase(server, `e2e-changing-${Date.now().toString(36)}.qcow2`);
+}
