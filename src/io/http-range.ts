@@ -33,6 +33,12 @@ export interface RangeContext {
   onRetry(error: Error): void;
 }
 
+/**
+ * Sees the body as it arrives: `buffer` holds the range's first `filled` bytes. The headers were validated
+ * before the first call, so those bytes are the pinned version's; a retry starts again at filled = 0.
+ */
+export type DataCallback = (buffer: Uint8Array, filled: number) => void;
+
 export interface RangeResult {
   bytes: Uint8Array;
   /** The total size from Content-Range. */
@@ -56,10 +62,10 @@ const UNSATISFIED_RANGE = /^bytes\s+\*\/(\d+)$/i;
  * range exactly; without it (the first request of a store) the server may shorten the range at the end of the
  * file, and the result carries the size and validators to pin.
  */
-export async function fetchRange(ctx: RangeContext, start: number, end: number, pinned?: Pinned): Promise<RangeResult> {
+export async function fetchRange(ctx: RangeContext, start: number, end: number, pinned?: Pinned, onData?: DataCallback): Promise<RangeResult> {
   for (let attempt = 0; ; attempt++) {
     try {
-      return await attemptRange(ctx, start, end, pinned);
+      return await attemptRange(ctx, start, end, pinned, onData);
     } catch (error) {
       if (ctx.signal.aborted) throw ctx.signal.reason;
       if (!(error instanceof Transient)) throw error;
@@ -73,7 +79,7 @@ export async function fetchRange(ctx: RangeContext, start: number, end: number, 
   }
 }
 
-async function attemptRange(ctx: RangeContext, start: number, end: number, pinned: Pinned | undefined): Promise<RangeResult> {
+async function attemptRange(ctx: RangeContext, start: number, end: number, pinned: Pinned | undefined, onData: DataCallback | undefined): Promise<RangeResult> {
   const { url } = ctx;
   const range = `bytes=${start}-${end}`;
   const controller = new AbortController();
@@ -109,9 +115,10 @@ async function attemptRange(ctx: RangeContext, start: number, end: number, pinne
     const wanted = wantedEnd - start + 1;
     let bytes: Uint8Array;
     try {
-      bytes = await readBody(url, response, wanted, (count) => {
+      bytes = await readBody(url, response, wanted, (buffer, filled, count) => {
         arm();
         ctx.onBytes(count);
+        onData?.(buffer, filled);
       });
     } catch (error) {
       if (error instanceof HttpError) throw error;
@@ -169,7 +176,7 @@ function validateHeaders(ctx: RangeContext, range: string, start: number, end: n
 }
 
 /** Reads at most `wanted` bytes into one buffer; a longer body is refused as soon as it overflows. */
-async function readBody(url: string, response: Response, wanted: number, onChunk: (count: number) => void): Promise<Uint8Array> {
+async function readBody(url: string, response: Response, wanted: number, onChunk: (buffer: Uint8Array, filled: number, count: number) => void): Promise<Uint8Array> {
   const out = new Uint8Array(wanted);
   if (!response.body) return out.subarray(0, 0);
   const reader = response.body.getReader();
@@ -177,13 +184,13 @@ async function readBody(url: string, response: Response, wanted: number, onChunk
   for (;;) {
     const { done, value } = await reader.read();
     if (done) break;
-    onChunk(value.length);
     if (got + value.length > wanted) {
       await reader.cancel().catch(() => {});
       throw new HttpError(url, `the body is longer than the ${wanted} bytes its Content-Range announced`, 206);
     }
     out.set(value, got);
     got += value.length;
+    onChunk(out, got, value.length);
   }
   return got === wanted ? out : out.subarray(0, got);
 }

