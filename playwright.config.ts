@@ -18,6 +18,7 @@ export default defineConfig({
     headless: true,
     viewport: { width: 1400, height: 900 },
     acceptDownloads: true,
+    screenshot: 'only-on-failure',
     launchOptions: {
       executablePath: '/usr/bin/chromium',
       args: [

@@ -51,7 +51,19 @@ export const PROMPT = /[#$] *$/m;
 
 /** Boots (or waits for) the guest in `page` until its shell prompt, and checks the page says so too. */
 export async function waitForShell(page: Page): Promise<void> {
-  await expect(page.getByTestId('phase')).toContainText('shell ready', { timeout: 300_000 });
+  // Fails at once, with the page's own words, when the page reports an error instead of booting on.
+  await expect
+    .poll(
+      async () => {
+        const phase = page.getByTestId('phase');
+        if ((await phase.getAttribute('data-state')) === 'error') {
+          throw new Error(`the page reports: ${await phase.innerText()} — ${await page.locator('#problems').innerText()}`);
+        }
+        return phase.innerText();
+      },
+      { timeout: 300_000, intervals: [500, 1000] },
+    )
+    .toContain('shell ready');
   await waitForConsole(page, PROMPT, 10_000);
 }
 

@@ -12,17 +12,16 @@ const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const IMAGE_FILES = ['base.qcow2', 'bios.bin', 'vgabios-stdvga.bin'];
 
 export async function ensureImages() {
-  const missing = IMAGE_FILES.filter((name) => !existsSync(join(root, 'public/images', name)));
-  if (missing.length === 0) return;
-  console.log(`qcow86: building the default guest (missing: ${missing.join(', ')}) — this takes a few minutes the first time`);
   const build = join(root, 'images/build.mjs');
   if (!existsSync(build)) throw new Error('images/build.mjs is missing: cannot build the default guest');
-  // Prefer the build's own entry point when it exports one (it knows what is up to date); else run it.
-  const module = await import(pathToFileURL(build).href).catch(() => ({}));
-  const ensure = module.ensureImages ?? module.buildImages ?? module.build;
-  if (typeof ensure === 'function') {
-    await ensure({ outDir: join(root, 'public/images') });
+  // The build knows best what a complete, current set is (its manifest): let it decide when it can.
+  const module = await import(pathToFileURL(build).href);
+  if (typeof module.ensureImages === 'function') {
+    await module.ensureImages({ outDir: join(root, 'public/images') });
   } else {
+    const missing = IMAGE_FILES.filter((name) => !existsSync(join(root, 'public/images', name)));
+    if (missing.length === 0) return;
+    console.log(`qcow86: building the default guest (missing: ${missing.join(', ')}) — this takes a few minutes the first time`);
     const run = spawnSync(process.execPath, [build], { stdio: 'inherit' });
     if (run.status !== 0) throw new Error(`images/build.mjs failed (exit ${run.status})`);
   }
