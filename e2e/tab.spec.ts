@@ -31,7 +31,7 @@ test('the guest boots, keeps its writes across a reload, and its overlay opens i
   await testInfo.attach('cluster-map', { path: testInfo.outputPath('cluster-map.png'), contentType: 'image/png' });
 
   const tasks = await longTasks.of(page);
-  expect(Math.max(0, ...tasks), `main-thread long tasks while booting and writing: ${tasks.join(', ')} ms`).toBeLessThan(200);
+  expect.soft(Math.max(0, ...tasks), `main-thread long tasks while booting and writing: ${tasks.join(', ')} ms`).toBeLessThan(200);
 
   // Reload: the overlay in OPFS keeps the file.
   await page.reload();
