@@ -80,6 +80,10 @@ export class V86DiskAdapter {
   private throttled: Array<() => void> = [];
   private failure: unknown;
   private closed = false;
+  /** Bumped by invalidate(): answers to reads started before it describe a disk that no longer exists. */
+  private generation = 0;
+  private readsInFlight = 0;
+  private readsSettled: Array<() => void> = [];
 
   constructor(readonly device: BlockDevice, options: DiskAdapterOptions = {}) {
     this.byteLength = device.virtualSize;
@@ -97,11 +101,17 @@ export class V86DiskAdapter {
   get(start: number, length: number, callback: ReadCallback, options?: { signal?: AbortSignal }): void {
     this.stats.reads++;
     this.stats.readBytes += length;
+    const generation = this.generation;
+    this.readsInFlight++;
     this.read(start, length).then(
       (bytes) => {
-        if (!options?.signal?.aborted) callback(bytes);
+        this.readSettled();
+        if (!options?.signal?.aborted && generation === this.generation) callback(bytes);
       },
-      (error) => this.fail(error),
+      (error) => {
+        this.readSettled();
+        this.fail(error);
+      },
     );
   }
 
@@ -166,6 +176,28 @@ export class V86DiskAdapter {
     if (this.failure) throw this.failure;
   }
 
+  /**
+   * Resolves once no read is in flight. Saving a machine state waits for this after stopping the CPU: a read
+   * answered later would complete an ATA command in a state that was already saved, and the restored guest would
+   * wait forever for it.
+   */
+  async settle(): Promise<void> {
+    while (this.readsInFlight > 0) await new Promise<void>((resolve) => this.readsSettled.push(resolve));
+  }
+
+  /**
+   * Forgets everything tied to the disk's previous contents, after the device was reverted underneath (a
+   * snapshot applied): answers to reads still in flight are dropped and the cached MBR is discarded. Call it
+   * with the CPU stopped and after flush(): unwritten writes would land on the reverted disk.
+   */
+  invalidate(): void {
+    if (this.pending.length > 0 || this.writeback) {
+      throw new Error(`${this.device.name}: invalidate() with ${this.dirtyBytes} unflushed bytes (flush first)`);
+    }
+    this.generation++;
+    this.mbr = undefined;
+  }
+
   /** Flushes, then closes the device (and its backing chain). Later requests fail. */
   async close(): Promise<void> {
     if (this.closed) return;
@@ -198,6 +230,11 @@ export class V86DiskAdapter {
     const out = bytes.slice();
     overlay(out, start, all);
     return out;
+  }
+
+  private readSettled(): void {
+    if (--this.readsInFlight > 0) return;
+    for (const resolve of this.readsSettled.splice(0)) resolve();
   }
 
   private overlapping(start: number, length: number): Pending[] {
