@@ -1,0 +1,234 @@
+/**
+ * Sessions: a running machine saved inside its qcow2 overlay as an internal snapshot whose VM state is v86's
+ * `save_state()` blob, as QEMU's savevm stores a machine's state. One portable file then holds the disk and the
+ * machine; `qemu-img snapshot -l` lists the sessions with their VM sizes and `qemu-img convert -l NAME` gives the
+ * disk as of a session.
+ *
+ * The VM-state area holds a 32-byte header then the (compressed) blob:
+ *
+ *   0  magic "qcow86vm"     8  u32 header version (1)   12 u32 format (0 raw, 1 raw deflate, 2 zstd)
+ *   16 u64 raw blob length  24 u32 stored payload length 28 u32 CRC-32 of the stored payload
+ *
+ * The lengths and the checksum make a truncated or damaged area fail with a message that says so, before the
+ * disk is touched, instead of v86 restoring garbage.
+ *
+ * Resuming reverts the disk to the session's instant: disk changes made after it are discarded (they stay in any
+ * newer session). No platform imports here: the browser shares this file.
+ */
+import type { Codecs } from '../qcow2/compression.js';
+import type { Qcow2Image } from '../qcow2/image.js';
+import type { Snapshot } from '../qcow2/snapshots.js';
+import { findSnapshot } from '../qcow2/snapshots.js';
+import type { Machine } from './machine.js';
+
+export type SessionFormat = 'raw' | 'deflate' | 'zstd';
+
+const MAGIC = 'qcow86vm';
+const HEADER_BYTES = 32;
+const HEADER_VERSION = 1;
+const FORMAT_CODES: Record<SessionFormat, number> = { raw: 0, deflate: 1, zstd: 2 };
+/** v86 states are tens of MiB at most (RAM is stored sparsely); a larger claim means a damaged header. */
+const MAX_RAW_BYTES = 4 * 1024 * 1024 * 1024;
+
+export class SessionError extends Error {
+  constructor(readonly file: string, readonly session: string, reason: string) {
+    super(`${file}: session '${session}': ${reason}`);
+    this.name = 'SessionError';
+  }
+}
+
+export interface SessionInfo {
+  name: string;
+  id: string;
+  date: Date;
+  /** Bytes of VM state stored in the image (header + compressed blob). */
+  vmStateSize: number;
+  /** Time the guest had run when saved, in nanoseconds (across earlier resumes). */
+  guestClockNsec: number;
+}
+
+export interface SaveResult extends SessionInfo {
+  /** Size of v86's save_state() blob before compression. */
+  rawBytes: number;
+  format: SessionFormat;
+  /** Milliseconds the guest was paused. */
+  pausedMs: number;
+}
+
+export interface SaveOptions {
+  /** Compression of the blob (default zstd). */
+  format?: SessionFormat;
+  /** Replace an existing session of that name instead of failing. */
+  replace?: boolean;
+}
+
+const now = (): number => (typeof performance !== 'undefined' ? performance.now() : Date.now());
+
+/**
+ * Guest run time per machine: v86 exposes no guest clock in nanoseconds, so the session records how long the
+ * guest has been running, carried over from the session a machine was resumed from.
+ */
+const clocks = new WeakMap<Machine, { baseNsec: number; sinceMs: number }>();
+
+function guestClockNsec(machine: Machine): number {
+  let clock = clocks.get(machine);
+  if (!clock) {
+    clock = { baseNsec: 0, sinceMs: now() };
+    clocks.set(machine, clock);
+    void machine.started.then(() => { clock!.sinceMs = now(); });
+  }
+  return clock.baseNsec + Math.max(0, Math.round((now() - clock.sinceMs) * 1e6));
+}
+
+/** Starts the guest-clock count as the machine boots (call right after bootMachine for exact figures). */
+export function trackGuestClock(machine: Machine): void {
+  guestClockNsec(machine);
+}
+
+/**
+ * Pauses the guest, makes the disk durable, stores v86's state in a new internal snapshot named `name`, and lets
+ * the guest continue (unless it was already stopped).
+ */
+export async function saveSession(machine: Machine, image: Qcow2Image, name: string, codecs: Codecs, options: SaveOptions = {}): Promise<SaveResult> {
+  const format = options.format ?? 'zstd';
+  const existing = image.snapshots.find((s) => s.name === name);
+  if (existing && !options.replace) throw new SessionError(image.name, name, 'already exists (delete it or save with replace)');
+  const clock = guestClockNsec(machine);
+  const emulator = machine.emulator;
+  const wasRunning = emulator.is_running();
+  const began = now();
+  await emulator.stop();
+  try {
+    // Answers to reads issued before the stop change device state: they must land before the state is taken.
+    await machine.disk.settle();
+    await machine.disk.flush();
+    const raw = new Uint8Array(await emulator.save_state());
+    const stored = await encodeVmState(raw, format, codecs);
+    if (existing) await image.deleteSnapshot(existing.id);
+    const snapshot = await image.createSnapshot(name, { vmState: stored, vmClockNsec: clock, date: new Date() });
+    await image.flush();
+    return { ...describe(snapshot), rawBytes: raw.length, format, pausedMs: now() - began };
+  } finally {
+    if (wasRunning) emulator.run();
+  }
+}
+
+/**
+ * Reverts the disk to session `name` and restores the machine state saved with it; the guest continues from
+ * there. Disk changes made after the session are discarded. The VM state is read and checked before anything
+ * changes, so a damaged session leaves the disk as it was.
+ */
+export async function resumeSession(machine: Machine, image: Qcow2Image, name: string, codecs: Codecs): Promise<SessionInfo> {
+  const snapshot = findSession(image, name);
+  const state = await decodeVmState(await image.readVmState(snapshot), snapshot.vmStateSize, codecs, image.name, name);
+  const emulator = machine.emulator;
+  await machine.started;
+  await emulator.stop();
+  // The machine's own writes since it started belong to the disk being discarded; they must reach the image
+  // before the revert (an unfinished write-back landing afterwards would corrupt the reverted disk).
+  await machine.disk.flush();
+  await image.applySnapshot(snapshot.id);
+  await image.flush();
+  machine.disk.invalidate();
+  await emulator.restore_state(state.buffer.byteLength === state.length ? state.buffer as ArrayBuffer : state.slice().buffer);
+  clocks.set(machine, { baseNsec: snapshot.vmClockNsec, sinceMs: now() });
+  emulator.run();
+  return describe(snapshot);
+}
+
+/** Sessions are the internal snapshots that carry VM state, oldest first. */
+export function listSessions(image: Qcow2Image): SessionInfo[] {
+  return image.snapshots.filter((s) => s.vmStateSize > 0).map(describe);
+}
+
+export async function deleteSession(image: Qcow2Image, name: string): Promise<void> {
+  await image.deleteSnapshot(findSession(image, name).id);
+  await image.flush();
+}
+
+function findSession(image: Qcow2Image, name: string): Snapshot {
+  const snapshot = findSnapshot(image.snapshots, name);
+  if (!snapshot) {
+    const known = listSessions(image).map((s) => s.name);
+    throw new SessionError(image.name, name, `not found (sessions: ${known.length ? known.join(', ') : 'none'})`);
+  }
+  if (snapshot.vmStateSize === 0) throw new SessionError(image.name, name, 'is a disk-only snapshot (no VM state to resume)');
+  return snapshot;
+}
+
+function describe(s: Snapshot): SessionInfo {
+  return {
+    name: s.name,
+    id: s.id,
+    date: new Date(s.dateSec * 1000 + Math.floor(s.dateNsec / 1e6)),
+    vmStateSize: s.vmStateSize,
+    guestClockNsec: s.vmClockNsec,
+  };
+}
+
+// ------------------------------------------------------------------ the VM-state area
+
+export async function encodeVmState(raw: Uint8Array, format: SessionFormat, codecs: Codecs): Promise<Uint8Array> {
+  const payload = format === 'zstd' ? await codecs.zstdCompress(raw) : format === 'deflate' ? await codecs.deflateRaw(raw) : raw;
+  const out = new Uint8Array(HEADER_BYTES + payload.length);
+  const view = new DataView(out.buffer);
+  for (let i = 0; i < MAGIC.length; i++) out[i] = MAGIC.charCodeAt(i);
+  view.setUint32(8, HEADER_VERSION);
+  view.setUint32(12, FORMAT_CODES[format]);
+  view.setBigUint64(16, BigInt(raw.length));
+  view.setUint32(24, payload.length);
+  view.setUint32(28, crc32(payload));
+  out.set(payload, HEADER_BYTES);
+  return out;
+}
+
+/** Checks and decompresses a VM-state area; every failure names what is wrong with it. */
+export async function decodeVmState(area: Uint8Array, recordedSize: number, codecs: Codecs, file: string, session: string): Promise<Uint8Array> {
+  const fail = (reason: string) => new SessionError(file, session, `VM state ${reason}`);
+  if (area.length < HEADER_BYTES) throw fail(`is ${area.length} bytes, shorter than its ${HEADER_BYTES}-byte header (truncated)`);
+  const magic = String.fromCharCode(...area.subarray(0, MAGIC.length));
+  if (magic !== MAGIC) throw fail(`does not start with '${MAGIC}' (found ${JSON.stringify(magic)}): not saved by qcow86, or damaged`);
+  const view = new DataView(area.buffer, area.byteOffset, area.byteLength);
+  const version = view.getUint32(8);
+  if (version !== HEADER_VERSION) throw fail(`header version ${version} is not supported (expected ${HEADER_VERSION})`);
+  const code = view.getUint32(12);
+  const format = (Object.keys(FORMAT_CODES) as SessionFormat[]).find((f) => FORMAT_CODES[f] === code);
+  if (!format) throw fail(`has unknown compression format ${code}`);
+  const rawLength = Number(view.getBigUint64(16));
+  if (rawLength === 0 || rawLength > MAX_RAW_BYTES) throw fail(`claims ${rawLength} raw bytes (damaged header)`);
+  const storedLength = view.getUint32(24);
+  if (HEADER_BYTES + storedLength > area.length) {
+    throw fail(`is truncated: the header announces ${HEADER_BYTES + storedLength} bytes, the snapshot records ${recordedSize}`);
+  }
+  const payload = area.subarray(HEADER_BYTES, HEADER_BYTES + storedLength);
+  const expected = view.getUint32(28);
+  const actual = crc32(payload);
+  if (actual !== expected) throw fail(`is corrupted: CRC-32 ${hex32(actual)} of ${storedLength} bytes, expected ${hex32(expected)}`);
+  let raw: Uint8Array;
+  try {
+    raw = format === 'zstd' ? await codecs.zstdDecompress(payload, rawLength) : format === 'deflate' ? await codecs.inflateRaw(payload, rawLength) : payload;
+  } catch (error) {
+    throw fail(`does not decompress (${format}): ${error instanceof Error ? error.message : String(error)}`);
+  }
+  if (raw.length !== rawLength) throw fail(`decompresses to ${raw.length} bytes, expected ${rawLength}`);
+  return raw;
+}
+
+const hex32 = (n: number): string => `0x${n.toString(16).padStart(8, '0')}`;
+
+let crcTable: Uint32Array | undefined;
+
+/** CRC-32 (IEEE, as zlib); a table is cheap and keeps this file free of platform code. */
+export function crc32(bytes: Uint8Array): number {
+  if (!crcTable) {
+    crcTable = new Uint32Array(256);
+    for (let n = 0; n < 256; n++) {
+      let c = n;
+      for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+      crcTable[n] = c >>> 0;
+    }
+  }
+  let crc = 0xffffffff;
+  for (let i = 0; i < bytes.length; i++) crc = crcTable[(crc ^ bytes[i]!) & 0xff]! ^ (crc >>> 8);
+  return (crc ^ 0xffffffff) >>> 0;
+}
