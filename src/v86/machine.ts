@@ -44,6 +44,9 @@ export interface ExpectResult {
   match: RegExpExecArray | [string];
 }
 
+/** What the kernel prints last on `poweroff`: with ACPI "Power down", without it (v86 here) "System halted". */
+export const POWERED_OFF = /reboot: (Power down|System halted)/;
+
 export class StepError extends Error {
   constructor(readonly step: string, readonly lastLines: string, reason: string) {
     super(`${step}: ${reason}\n--- last console lines ---\n${lastLines}\n---`);
@@ -121,6 +124,14 @@ export class Machine {
     return this.enqueue(async () => {
       this.emulator.serial0_send(text);
     });
+  }
+
+  /**
+   * Types `poweroff` and waits for the kernel's last words. v86 offers no ACPI tables to this guest, so the
+   * kernel halts ("reboot: System halted") after busybox init has synced and remounted everything read-only.
+   */
+  powerOff(options: { timeoutMs?: number } = {}): Steps<ExpectResult> {
+    return this.send('poweroff\n').expect(POWERED_OFF, options);
   }
 
   /** Stops the CPU and flushes every acknowledged disk write to the device. Safe to call twice. */
