@@ -13,6 +13,7 @@ const COMMANDS: Record<string, () => Promise<Command>> = {
   convert: () => import('./commands/convert.js'),
   compare: () => import('./commands/compare.js'),
   check: () => import('./commands/check.js'),
+  create: () => import('./commands/create.js'),
   boot: () => import('./commands/boot.js'),
 };
 

@@ -1,0 +1,82 @@
+/**
+ * `qcow86 create [-f qcow2|raw] [-o OPTIONS] [-b BACKING [-F FMT]] [-u] FILE [SIZE]`: qemu-img create. Without a
+ * SIZE the backing file's size is used (so the backing must open, unless that is impossible with -u).
+ */
+import { parseArgs } from 'node:util';
+import { open } from 'node:fs/promises';
+import { FileStore, combinePath } from '../../io/node.js';
+import { createQcow2 } from '../../qcow2/create.js';
+import { openPath, parseFormat } from '../open-image.js';
+import { describeQcow2, parseImageSize, parseOptionList, qcow2Options, SIZE_ERROR } from '../image-options.js';
+import { usageError } from '../usage.js';
+
+export const USAGE = 'usage: qcow86 create [-f qcow2|raw] [-o OPTIONS] [-b BACKING [-F FMT]] [-u] [-q] FILE [SIZE]';
+
+export async function run(args: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args,
+    allowPositionals: true,
+    options: {
+      format: { type: 'string', short: 'f', default: 'raw' },
+      options: { type: 'string', short: 'o', multiple: true, default: [] },
+      backing: { type: 'string', short: 'b' },
+      'backing-format': { type: 'string', short: 'F' },
+      unsafe: { type: 'boolean', short: 'u', default: false },
+      quiet: { type: 'boolean', short: 'q', default: false },
+      help: { type: 'boolean', short: 'h', default: false },
+    },
+  });
+  if (values.help) return console.log(USAGE), 0;
+  if (positionals.length < 1 || positionals.length > 2) return usageError('create', 'expecting a file name and an optional size', USAGE);
+  const [file, sizeText] = positionals as [string, string | undefined];
+  const format = values.format;
+  if (format !== 'qcow2' && format !== 'raw') return usageError('create', `Unknown file format '${format}' (create supports qcow2 and raw)`, USAGE);
+  const options = parseOptionList(values.options);
+  if (values.backing !== undefined) options.set('backing_file', values.backing);
+  if (values['backing-format'] !== undefined) options.set('backing_fmt', values['backing-format']);
+  let size: number | undefined;
+  if (sizeText !== undefined) {
+    size = parseImageSize(sizeText);
+    if (size === undefined) return console.error(`qcow86 create: ${SIZE_ERROR}`), 1;
+  } else if (options.has('size')) {
+    size = parseImageSize(options.get('size')!);
+    if (size === undefined) return console.error(`qcow86 create: ${SIZE_ERROR}`), 1;
+  }
+  options.delete('size');
+
+  const backingFile = options.get('backing_file');
+  if (format === 'raw') {
+    if (backingFile !== undefined || options.size > 0) return usageError('create', `raw images take no options (${[...options.keys()].join(', ')})`, USAGE);
+    if (size === undefined) return usageError('create', 'Image creation needs a size parameter', USAGE);
+    if (!values.quiet) console.log(`Formatting '${file}', fmt=raw size=${size}`);
+    const handle = await open(file, 'w');
+    await handle.truncate(size);
+    await handle.close();
+    return 0;
+  }
+
+  const createOptions = qcow2Options(options);
+  if (backingFile !== undefined && (!values.unsafe || size === undefined)) {
+    // Like qemu-img: the backing file must open (this also gives the size when none was given).
+    let backing;
+    try {
+      backing = await openPath(combinePath(file, backingFile), { format: parseFormat(createOptions.backingFormat, '-F') });
+    } catch (error) {
+      console.error(`qcow86 create: ${file}: Could not open '${backingFile}': ${(error as Error).message}\nCould not open backing image.`);
+      return 1;
+    }
+    size ??= backing.virtualSize;
+    await backing.close();
+  }
+  if (size === undefined) return usageError('create', 'Image creation needs a size parameter', USAGE);
+  if (!values.quiet) console.log(`Formatting '${file}', fmt=qcow2 ${describeQcow2(options, size)}`);
+  const store = await FileStore.open(file, { readOnly: false, create: true });
+  const dataStore = createOptions.dataFile !== undefined ? await FileStore.open(combinePath(file, createOptions.dataFile), { readOnly: false, create: true }) : undefined;
+  try {
+    await createQcow2(store, { ...createOptions, size, ...(dataStore ? { dataStore } : {}) });
+  } finally {
+    await store.close();
+    await dataStore?.close();
+  }
+  return 0;
+}
