@@ -16,6 +16,7 @@
  * newer session). No platform imports here: the browser shares this file.
  */
 import type { Codecs } from '../qcow2/compression.js';
+import { Qcow86Error } from '../qcow2/errors.js';
 import type { Qcow2Image } from '../qcow2/image.js';
 import type { Snapshot } from '../qcow2/snapshots.js';
 import { findSnapshot } from '../qcow2/snapshots.js';
@@ -30,10 +31,10 @@ const FORMAT_CODES: Record<SessionFormat, number> = { raw: 0, deflate: 1, zstd: 
 /** v86 states are tens of MiB at most (RAM is stored sparsely); a larger claim means a damaged header. */
 const MAX_RAW_BYTES = 4 * 1024 * 1024 * 1024;
 
-export class SessionError extends Error {
-  constructor(readonly file: string, readonly session: string, reason: string) {
-    super(`${file}: session '${session}': ${reason}`);
-    this.name = 'SessionError';
+/** A session that is missing, not a session, or whose VM state is damaged (the CLI prints it as one line). */
+export class SessionError extends Qcow86Error {
+  constructor(file: string, readonly session: string, reason: string) {
+    super(file, `session '${session}' ${reason}`);
   }
 }
 
@@ -71,18 +72,16 @@ const now = (): number => (typeof performance !== 'undefined' ? performance.now(
 const clocks = new WeakMap<Machine, { baseNsec: number; sinceMs: number }>();
 
 function guestClockNsec(machine: Machine): number {
-  let clock = clocks.get(machine);
-  if (!clock) {
-    clock = { baseNsec: 0, sinceMs: now() };
-    clocks.set(machine, clock);
-    void machine.started.then(() => { clock!.sinceMs = now(); });
-  }
-  return clock.baseNsec + Math.max(0, Math.round((now() - clock.sinceMs) * 1e6));
+  const clock = clocks.get(machine);
+  return clock ? clock.baseNsec + Math.max(0, Math.round((now() - clock.sinceMs) * 1e6)) : 0;
 }
 
-/** Starts the guest-clock count as the machine boots (call right after bootMachine for exact figures). */
+/**
+ * Starts counting the guest clock a session records (call right after bootMachine); without it a session saved
+ * from a fresh boot records clock 0. A resumed machine counts on from its session's clock by itself.
+ */
 export function trackGuestClock(machine: Machine): void {
-  guestClockNsec(machine);
+  if (!clocks.has(machine)) clocks.set(machine, { baseNsec: 0, sinceMs: now() });
 }
 
 /**
@@ -113,14 +112,27 @@ export async function saveSession(machine: Machine, image: Qcow2Image, name: str
   }
 }
 
+/** A session's VM state, read and checked, ready for resumeSession (nothing has changed yet). */
+export interface LoadedSession {
+  snapshot: Snapshot;
+  state: ArrayBuffer;
+}
+
+/** Reads and checks session `name` without touching the disk: a damaged session fails here. */
+export async function loadSession(image: Qcow2Image, name: string, codecs: Codecs): Promise<LoadedSession> {
+  const snapshot = findSession(image, name);
+  const raw = await decodeVmState(await image.readVmState(snapshot), snapshot.vmStateSize, codecs, image.name, name);
+  const state = raw.byteOffset === 0 && raw.byteLength === raw.buffer.byteLength ? raw.buffer as ArrayBuffer : raw.slice().buffer;
+  return { snapshot, state };
+}
+
 /**
  * Reverts the disk to session `name` and restores the machine state saved with it; the guest continues from
  * there. Disk changes made after the session are discarded. The VM state is read and checked before anything
  * changes, so a damaged session leaves the disk as it was.
  */
-export async function resumeSession(machine: Machine, image: Qcow2Image, name: string, codecs: Codecs): Promise<SessionInfo> {
-  const snapshot = findSession(image, name);
-  const state = await decodeVmState(await image.readVmState(snapshot), snapshot.vmStateSize, codecs, image.name, name);
+export async function resumeSession(machine: Machine, image: Qcow2Image, session: string | LoadedSession, codecs: Codecs): Promise<SessionInfo> {
+  const { snapshot, state } = typeof session === 'string' ? await loadSession(image, session, codecs) : session;
   const emulator = machine.emulator;
   await machine.started;
   await emulator.stop();
@@ -130,7 +142,7 @@ export async function resumeSession(machine: Machine, image: Qcow2Image, name: s
   await image.applySnapshot(snapshot.id);
   await image.flush();
   machine.disk.invalidate();
-  await emulator.restore_state(state.buffer.byteLength === state.length ? state.buffer as ArrayBuffer : state.slice().buffer);
+  await emulator.restore_state(state);
   clocks.set(machine, { baseNsec: snapshot.vmClockNsec, sinceMs: now() });
   emulator.run();
   return describe(snapshot);

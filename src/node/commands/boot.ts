@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { bootMachine, POWERED_OFF, StepError, type Machine } from '../../v86/machine.js';
 import { loadMachineAssets, readFileBuffer, DEFAULT_IMAGES_DIR } from '../machine-assets.js';
 import { openBootDisk } from '../boot-disk.js';
+import { prepareBootSession } from '../boot-session.js';
 
 export const USAGE = `usage: qcow86 boot [--base FILE|URL] [--overlay FILE] [--memory 128M] [--cmdline TEXT [--kernel FILE] [--initrd FILE]]
                    [--expect TEXT | --send TEXT]... [--script FILE] [--timeout S] [--serial-log FILE] [--quiet]
@@ -20,6 +21,10 @@ export const USAGE = `usage: qcow86 boot [--base FILE|URL] [--overlay FILE] [--m
   --send      type TEXT exactly as given (the caller supplies the newline, e.g. $'ls\\n')
   --script    more steps from FILE, one per line: 'expect TEXT' or 'send TEXT' (\\n \\t \\\\ \\e escapes; # comments)
   --timeout   seconds each expect step may wait (default 300)
+  --resume NAME        restore session NAME from --overlay first and run the steps from there (the disk goes
+                       back to that session: later disk changes are discarded)
+  --save-on-exit NAME  after the last step, save the running guest into the overlay as session NAME (replaces one
+                       of that name) and exit
 Steps run in the order given. Without steps the guest runs until it powers off or Ctrl+C.`;
 
 type Step = { kind: 'expect' | 'send'; text: string; origin: string };
@@ -35,6 +40,8 @@ interface BootArgs {
   timeoutMs: number;
   serialLog?: string;
   quiet: boolean;
+  resume?: string;
+  saveOnExit?: string;
 }
 
 class UsageError extends Error {}
@@ -91,6 +98,8 @@ async function parseArgs(args: string[]): Promise<BootArgs | 'help'> {
         break;
       }
       case '--serial-log': out.serialLog = value; break;
+      case '--resume': out.resume = value; break;
+      case '--save-on-exit': out.saveOnExit = value; break;
       default: throw new UsageError(`unknown option '${flag}'`);
     }
   }
@@ -131,6 +140,7 @@ export async function run(args: string[]): Promise<number> {
 
   const disk = await openBootDisk({ base: options.base, overlay: options.overlay });
   console.error(`qcow86 boot: ${disk.description}`);
+  const session = await prepareBootSession(options, disk.device, options.overlay);
   const assets = await loadMachineAssets();
   const direct = options.cmdline !== undefined
     ? {
@@ -154,6 +164,7 @@ export async function run(args: string[]): Promise<number> {
 
   let code = 0;
   try {
+    await session.started(machine);
     if (options.steps.length === 0) {
       await machine.expect(POWERED_OFF, { timeoutMs: 2 ** 31 - 1 });
     }
@@ -161,6 +172,7 @@ export async function run(args: string[]): Promise<number> {
       if (step.kind === 'expect') await machine.expect(step.text);
       else await machine.send(step.text);
     }
+    await session.finished(machine);
   } catch (error) {
     if (!(error instanceof StepError)) throw error;
     const step = options.steps[Number(/step (\d+)/.exec(error.step)?.[1] ?? 0) - 1];
