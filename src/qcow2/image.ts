@@ -25,6 +25,7 @@ import { decompressCluster, type Codecs, type CompressionType } from './compress
 import { checkRange } from './raw.js';
 import { WriteEngine, type ZeroOptions } from './write-path.js';
 import { writeCompressed } from './compressed-write.js';
+import { discard, writeZeroes } from './zero-discard.js';
 import { applySnapshot, createSnapshot, deleteSnapshot, readVmState, type SnapshotOptions } from './snapshot-ops.js';
 import { growDisk } from './l1-table.js';
 import { repairDirtyImage } from './repair.js';
@@ -278,14 +279,14 @@ export class Qcow2Image implements BlockDevice {
   async writeZeroes(offset: number, length: number, options: ZeroOptions = {}): Promise<void> {
     checkRange(this, offset, length);
     const engine = await this.writer();
-    return engine.exclusive(() => engine.writeZeroes(offset, length, options));
+    return engine.exclusive(() => writeZeroes(engine, offset, length, options));
   }
 
   /** Gives whole clusters in the range back (partial clusters are left alone, as in QEMU). */
   async discard(offset: number, length: number): Promise<void> {
     checkRange(this, offset, length);
     const engine = await this.writer();
-    return engine.exclusive(() => engine.discard(offset, length));
+    return engine.exclusive(() => discard(engine, offset, length));
   }
 
   /** Writes guest cluster `clusterIndex` compressed with the image's compression type (convert -c). */

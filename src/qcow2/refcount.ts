@@ -86,10 +86,14 @@ export class Refcounts {
   private readonly dirtyTable = new Set<number>();
   /** QEMU's free_cluster_index: where the first-fit search starts; lowered when a count drops to zero. */
   private freeIndex = 0;
+  /** Cluster ranges taken by refcount structures during the current allocation step. */
+  private claimed: [number, number][] = [];
   /** Clean blocks kept in memory beyond the dirty ones. */
   private readonly cacheLimit: number;
   /** Called whenever a cluster becomes metadata or stops being metadata (for the overlap guard). */
   onBlockAdded: ((offset: number) => void) | undefined;
+  /** Called when the refcount table moves (the overlap guard must forget the old place). */
+  onTableMoved: ((oldOffset: number, oldClusters: number) => void) | undefined;
 
   constructor(
     readonly store: ByteStore,
@@ -195,13 +199,19 @@ export class Refcounts {
   async allocate(count: number): Promise<number> {
     for (;;) {
       const start = await this.findFree(count);
-      let created = false;
       const first = Math.floor(start / this.blockEntries);
       const last = Math.floor((start + count - 1) / this.blockEntries);
-      // One new block at a time, then search again (QEMU's -EAGAIN): blocks are then placed past the range the
-      // search found, which keeps large allocations (an L1 table) contiguous and sizes equal to qemu-img's.
-      for (let t = first; t <= last && !created; t++) created = await this.ensureBlock(t);
-      if (created) {
+      // Blocks are created one at a time; a new block (or grown table) that lands inside the range sends the
+      // search back to the start (QEMU's -EAGAIN). Blocks are placed past the range the search found, which keeps
+      // large allocations (an L1 table) contiguous and file sizes equal to qemu-img's.
+      let restart = false;
+      for (let t = first; t <= last && !restart; t++) {
+        this.claimed = [];
+        if (!(await this.ensureBlock(t))) continue;
+        // A grown table frees the old one, which lowers the search start: search again too, as QEMU would.
+        restart = this.freeIndex < start || this.claimed.some(([from, to]) => from < start + count && to > start);
+      }
+      if (restart) {
         this.freeIndex = Math.min(this.freeIndex, start);
         continue;
       }
@@ -222,6 +232,7 @@ export class Refcounts {
   private async ensureBlock(tableIndex: number): Promise<boolean> {
     if ((this.table[tableIndex] ?? 0) !== 0) return false;
     const cluster = await this.findFree(1);
+    this.claimed.push([cluster, cluster + 1]);
     const ownIndex = Math.floor(cluster / this.blockEntries);
     const block = new Uint8Array(this.clusterSize);
     const offset = cluster * this.clusterSize;
@@ -273,6 +284,7 @@ export class Refcounts {
       throw new FormatError(this.store.name, `the refcount table would exceed QEMU's limit of 8 MiB`, { field: 'refcount_table_clusters' });
     }
     const blockCount = total - firstAreaBlock;
+    this.claimed.push([areaStart, areaStart + blockCount + tableClusters]);
     const tableOffset = (areaStart + blockCount) * this.clusterSize;
     for (let i = 0; i < blockCount; i++) {
       const offset = (areaStart + i) * this.clusterSize;
@@ -300,6 +312,7 @@ export class Refcounts {
     this.dirtyTable.clear();
     await this.host.writeHeader();
     await this.store.flush();
+    this.onTableMoved?.(oldOffset, oldClusters);
     for (let i = 0; i < oldClusters; i++) await this.change(oldOffset / this.clusterSize + i, -1);
   }
 

@@ -59,15 +59,24 @@ export class WriteEngine {
 
   static async create(image: Qcow2Image): Promise<WriteEngine> {
     const engine: WriteEngine = new WriteEngine(image, await Refcounts.load(image.store, image.header, { writeHeader: () => engine.writeHeader() }));
-    engine.refcounts.onBlockAdded = (offset) => engine.metadata.addRange(offset, engine.clusterSize, 'refcount block');
+    engine.hookRefcounts();
     engine.rebuildMetadataMap();
     return engine;
+  }
+
+  /** Keeps the overlap guard in step with refcount blocks being added and the refcount table moving. */
+  hookRefcounts(): void {
+    this.refcounts.onBlockAdded = (offset) => this.metadata.addRange(offset, this.clusterSize, 'refcount block');
+    this.refcounts.onTableMoved = (oldOffset, oldClusters) => {
+      this.metadata.removeRange(oldOffset, oldClusters * this.clusterSize);
+      this.metadata.addRange(this.header.refcountTableOffset, this.header.refcountTableClusters * this.clusterSize, 'refcount table');
+    };
   }
 
   /** Rereads the refcount table after it was replaced wholesale (repair.ts). */
   async reloadRefcounts(): Promise<void> {
     this.refcounts = await Refcounts.load(this.image.store, this.image.header, { writeHeader: () => this.writeHeader() });
-    this.refcounts.onBlockAdded = (offset) => this.metadata.addRange(offset, this.clusterSize, 'refcount block');
+    this.hookRefcounts();
     this.rebuildMetadataMap();
   }
 
@@ -458,128 +467,5 @@ export class WriteEngine {
       if (!external || isCompressed(entry)) this.freeEntry(entry);
       this.markDirty(piece.l2Offset, piece.table);
     }
-  }
-
-  /** Zero writes: the zero flag (or zero subcluster bits) on whole units, real zeros on the unaligned rest. */
-  async writeZeroes(offset: number, length: number, options: ZeroOptions = {}): Promise<void> {
-    await this.begin();
-    const cs = this.clusterSize;
-    const { extendedL2, l2Entries } = this.image.geometry;
-    const unit = extendedL2 ? cs / SUBCLUSTERS : cs;
-    const end = offset + length;
-    const v2 = this.header.version === 2;
-    const backing = this.image.backing !== undefined;
-    // In v2 images without a backing file, unallocated reads as zero; with one, zeros have to be written.
-    // A raw external data file must itself read as the guest disk, so zeros are written there.
-    const canFlag = (!v2 || !backing) && !this.image.dataFileRaw;
-    const alignedStart = Math.min(end, Math.ceil(offset / unit) * unit);
-    const alignedEnd = Math.max(alignedStart, Math.floor(end / unit) * unit);
-    const lastPartial = end === this.image.virtualSize && end % unit !== 0;
-    const flagEnd = lastPartial ? end : alignedEnd;
-    if (!canFlag || alignedStart >= flagEnd) {
-      await this.writeZeroBytes(offset, length);
-      return;
-    }
-    if (offset < alignedStart) await this.writeZeroBytes(offset, alignedStart - offset);
-    let at = alignedStart;
-    while (at < flagEnd) {
-      const cluster = Math.floor(at / cs);
-      const clusterEnd = Math.min((cluster + 1) * cs, flagEnd);
-      const { offset: l2Offset, table } = await this.l2ForWrite(Math.floor(cluster / l2Entries));
-      const l2Index = cluster % l2Entries;
-      const entry = readL2Entry(table, l2Index, this.image.geometry);
-      const whole = at === cluster * cs && (clusterEnd === (cluster + 1) * cs || clusterEnd >= this.image.virtualSize);
-      if (!extendedL2 || whole) {
-        this.zeroWholeCluster(table, l2Index, entry, options.unmap === true, v2);
-        this.markDirty(l2Offset, table);
-      } else if (isCompressed(entry) || (standardHostOffset(entry) !== 0 && !isCopied(entry))) {
-        // Subclusters of a cluster we do not own: go through the copy-on-write path.
-        await this.writeZeroBytes(at, clusterEnd - at);
-      } else {
-        const sub = cs / SUBCLUSTERS;
-        let mask = 0;
-        for (let s = (at - cluster * cs) / sub; s < Math.ceil((clusterEnd - cluster * cs) / sub); s++) mask |= 1 << s;
-        putU32(table, l2Index * 16 + 8, (entry.zeroMask | mask) >>> 0);
-        putU32(table, l2Index * 16 + 12, (entry.allocMask & ~mask) >>> 0);
-        this.markDirty(l2Offset, table);
-      }
-      at = clusterEnd;
-    }
-    if (flagEnd < end) await this.writeZeroBytes(flagEnd, end - flagEnd);
-    await this.maybeWriteBack();
-  }
-
-  private zeroWholeCluster(table: Uint8Array, l2Index: number, entry: L2Entry, unmap: boolean, v2: boolean): void {
-    const extendedL2 = this.image.geometry.extendedL2;
-    const external = this.image.dataStore !== undefined;
-    const host = standardHostOffset(entry);
-    const owned = !isCompressed(entry) && (host !== 0 || (external && isCopied(entry))) && isCopied(entry);
-    const keep = owned && !unmap && !v2 && !external;
-    if (!keep) this.freeEntry(entry);
-    const at = l2Index * (extendedL2 ? 16 : 8);
-    if (keep) {
-      // Keep the host cluster (reads as zero, still allocated), as QEMU does without unmap.
-      if (extendedL2) {
-        putU32(table, at + 8, ALL_SUBCLUSTERS);
-        putU32(table, at + 12, 0);
-      } else {
-        putU32(table, at + 4, (u32(table, at + 4) | 1) >>> 0);
-      }
-      return;
-    }
-    putU64(table, at, 0);
-    if (extendedL2) {
-      putU32(table, at + 8, ALL_SUBCLUSTERS);
-      putU32(table, at + 12, 0);
-    } else if (!v2) {
-      putU32(table, at + 4, 1);
-    }
-  }
-
-  private async writeZeroBytes(offset: number, length: number): Promise<void> {
-    const chunk = 4 * 1024 * 1024;
-    for (let at = offset; at < offset + length; at += chunk) await this.write(at, new Uint8Array(Math.min(chunk, offset + length - at)));
-  }
-
-  /**
-   * Discard: whole clusters only (a partial one is left alone, as QEMU's block layer does). v3 images then read
-   * zeros there; v2 images lose the cluster, or keep it when a backing file would show through.
-   */
-  async discard(offset: number, length: number): Promise<void> {
-    await this.begin();
-    const cs = this.clusterSize;
-    const { l2Entries, extendedL2 } = this.image.geometry;
-    const end = offset + length;
-    const first = Math.ceil(offset / cs);
-    const lastCluster = end >= this.image.virtualSize ? Math.ceil(end / cs) : Math.floor(end / cs);
-    const v2 = this.header.version === 2;
-    const backing = this.image.backing !== undefined;
-    if (v2 && backing) return;
-    if (this.image.dataFileRaw) {
-      // The raw data file must keep reading as the guest disk: discarded clusters read as zeros there too.
-      if (lastCluster > first) await this.writeZeroBytes(first * cs, Math.min(lastCluster * cs, this.image.virtualSize) - first * cs);
-      return;
-    }
-    for (let cluster = first; cluster < lastCluster; cluster++) {
-      const l1Index = Math.floor(cluster / l2Entries);
-      if (u32(this.image.l1Table, l1Index * 8 + 4) === 0 && u32(this.image.l1Table, l1Index * 8) === 0 && !backing) {
-        cluster = (l1Index + 1) * l2Entries - 1;
-        continue;
-      }
-      const { offset: l2Offset, table } = await this.l2ForWrite(l1Index);
-      const l2Index = cluster % l2Entries;
-      const entry = readL2Entry(table, l2Index, this.image.geometry);
-      this.freeEntry(entry);
-      const at = l2Index * (extendedL2 ? 16 : 8);
-      putU64(table, at, 0);
-      if (extendedL2) {
-        putU32(table, at + 8, backing ? ALL_SUBCLUSTERS : 0);
-        putU32(table, at + 12, 0);
-      } else if (!v2 && backing) {
-        putU32(table, at + 4, 1);
-      }
-      this.markDirty(l2Offset, table);
-    }
-    await this.maybeWriteBack();
   }
 }

@@ -60,12 +60,12 @@ describe('createQcow2 matches qemu-img create', () => {
     });
   }
 
-  it('100 GiB with 512-byte clusters and 64-bit refcounts: the refcount table grows many times while the L1 table is allocated', async () => {
+  it('10 GiB with 512-byte clusters and 64-bit refcounts: the refcount table grows many times while the L1 table is allocated', async () => {
     const dir = tempDir();
-    await createFile(join(dir, 'ours.qcow2'), { size: 100 * GiB, clusterSize: 512, refcountBits: 64 });
-    await makeImage({ path: join(dir, 'theirs.qcow2'), size: 100 * GiB, clusterSize: 512, refcountBits: 64 });
+    await createFile(join(dir, 'ours.qcow2'), { size: 10 * GiB, clusterSize: 512, refcountBits: 64 });
+    await makeImage({ path: join(dir, 'theirs.qcow2'), size: 10 * GiB, clusterSize: 512, refcountBits: 64 });
     await expectClean(join(dir, 'ours.qcow2'));
-    // Same layout except where the last grown refcount table lands (two 512-byte clusters apart out of 52037).
+    // Same layout except where the last grown refcount table lands (at most two 512-byte clusters apart).
     expect(Math.abs(statSync(join(dir, 'ours.qcow2')).size - statSync(join(dir, 'theirs.qcow2')).size)).toBeLessThanOrEqual(1024);
   });
 
