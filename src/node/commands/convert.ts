@@ -17,6 +17,7 @@ import { FormatError } from '../../qcow2/errors.js';
 import { isZero } from '../../qcow2/bytes.js';
 import { openPath, parseFormat } from '../open-image.js';
 import { usageError } from '../usage.js';
+import { wantsQcow2 } from '../convert-qcow2.js';
 
 export const USAGE = 'usage: qcow86 convert [-f raw|qcow2|qcow] [-O raw] [-l SNAPSHOT] [-p] [-U] SRC DST';
 
@@ -38,6 +39,8 @@ export interface ConvertTarget {
 }
 
 export async function run(args: string[]): Promise<number> {
+  // qcow2 output lives in its own module (src/node/convert-qcow2.ts) with its own options.
+  if (wantsQcow2(args)) return (await import('../convert-qcow2.js')).run(args);
   const { values, positionals } = parseArgs({
     args,
     allowPositionals: true,

@@ -1,0 +1,156 @@
+/**
+ * `qcow86 convert -O qcow2 [-c] [-o OPTIONS] [-B BACKING [-F FMT]] [-f FMT] SRC DST`: the qcow2 output side of
+ * convert. The output is created with the same layout qemu-img create gives it, then filled cluster by
+ * cluster in guest order: clusters that read as zero are never written (a fresh image reads as zeros), so sizes
+ * track qemu-img's; with -c every other cluster goes through the engine's compressed write. With -B the output
+ * gets that backing file and only clusters whose contents differ from it are written.
+ */
+import { parseArgs } from 'node:util';
+import { FileStore, combinePath } from '../io/node.js';
+import { openForWriting } from '../io/lock.js';
+import { createQcow2 } from '../qcow2/create.js';
+import { Qcow2Image } from '../qcow2/image.js';
+import { QcowV1Image } from '../qcow2/qcow1.js';
+import { RawImage } from '../qcow2/raw.js';
+import { blockStatus } from '../qcow2/block-status.js';
+import { isZero } from '../qcow2/bytes.js';
+import type { BlockDevice } from '../qcow2/device.js';
+import { openPath, parseFormat } from './open-image.js';
+import { parseOptionList, qcow2Options } from './image-options.js';
+import { usageError } from './usage.js';
+
+export const USAGE = 'usage: qcow86 convert -O qcow2 [-c] [-o OPTIONS] [-B BACKING [-F FMT]] [-f FMT] [-q] SRC DST';
+
+/** Guest bytes read per step (a multiple of every cluster size). */
+const BATCH = 4 * 1024 * 1024;
+/** Block status is asked about at most this much at a time, as qemu-img does. */
+const STATUS_LIMIT = 2 ** 30;
+
+/** True when a convert command line asks for qcow2 output (convert.ts hands those over to run below). */
+export function wantsQcow2(args: readonly string[]): boolean {
+  for (let i = 0; i < args.length; i++) {
+    if (args[i] === '-O' && args[i + 1] === 'qcow2') return true;
+    if (args[i] === '-Oqcow2' || args[i] === '--output-format=qcow2') return true;
+  }
+  return false;
+}
+
+export async function run(args: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args,
+    allowPositionals: true,
+    options: {
+      format: { type: 'string', short: 'f' },
+      'output-format': { type: 'string', short: 'O' },
+      options: { type: 'string', short: 'o', multiple: true, default: [] },
+      compress: { type: 'boolean', short: 'c', default: false },
+      backing: { type: 'string', short: 'B' },
+      'backing-format': { type: 'string', short: 'F' },
+      progress: { type: 'boolean', short: 'p', default: false },
+      quiet: { type: 'boolean', short: 'q', default: false },
+      'force-share': { type: 'boolean', short: 'U', default: false },
+      help: { type: 'boolean', short: 'h', default: false },
+    },
+  });
+  if (values.help) return console.log(USAGE), 0;
+  if (positionals.length !== 2) return usageError('convert', 'expecting a source and a destination file name', USAGE);
+  const [src, dst] = positionals as [string, string];
+  const options = parseOptionList(values.options);
+  if (values.backing !== undefined) options.set('backing_file', values.backing);
+  if (values['backing-format'] !== undefined) options.set('backing_fmt', values['backing-format']);
+  const createOptions = qcow2Options(options);
+  if (values.compress && createOptions.dataFile !== undefined) return usageError('convert', 'compression is not possible with an external data file', USAGE);
+  if (values.compress && createOptions.preallocation === 'metadata') return usageError('convert', 'Compression and preallocation not supported at the same time', USAGE);
+
+  const source = await openPath(src, { format: parseFormat(values.format) });
+  try {
+    const store = await FileStore.open(dst, { readOnly: false, create: true });
+    const dataStore = createOptions.dataFile !== undefined ? await FileStore.open(combinePath(dst, createOptions.dataFile), { readOnly: false, create: true }) : undefined;
+    try {
+      await createQcow2(store, { ...createOptions, size: source.virtualSize, ...(dataStore ? { dataStore } : {}) });
+    } finally {
+      await store.close();
+      await dataStore?.close();
+    }
+    const target = await openForWriting(dst, { format: 'qcow2' });
+    try {
+      if (!(target instanceof Qcow2Image)) throw new Error(`${dst}: not a qcow2 image after creating it`);
+      await copyToQcow2(source, target, { compress: values.compress });
+      await target.flush();
+    } finally {
+      await target.close();
+    }
+    return 0;
+  } finally {
+    await source.close();
+  }
+}
+
+/**
+ * Copies every cluster of `source` that does not read as zero (or, when the target has a backing file, that
+ * differs from what the target would read from it) into `target`.
+ */
+export async function copyToQcow2(source: BlockDevice, target: Qcow2Image, options: { compress: boolean }): Promise<void> {
+  const cs = target.clusterSize;
+  const size = source.virtualSize;
+  const backing = target.backing;
+  const hasStatus = source instanceof Qcow2Image || source instanceof QcowV1Image || source instanceof RawImage;
+  let at = 0;
+  while (at < size) {
+    const status = hasStatus ? await blockStatus(source, at, Math.min(STATUS_LIMIT, size - at)) : { length: size - at, zero: false };
+    let end = at + status.length;
+    // A zero range only lets whole target clusters be skipped, and only without a backing file to hide.
+    if (status.zero && !backing) {
+      at = end;
+      continue;
+    }
+    // Work in whole target clusters: the range is widened to cluster bounds (the part outside is read anyway).
+    let from = Math.floor(at / cs) * cs;
+    end = Math.min(size, Math.ceil(end / cs) * cs);
+    while (from < end) {
+      const to = Math.min(end, Math.floor(from / BATCH) * BATCH + BATCH);
+      await copyBatch(source, target, backing, from, to, options.compress);
+      from = to;
+    }
+    at = end;
+  }
+}
+
+async function copyBatch(source: BlockDevice, target: Qcow2Image, backing: BlockDevice | undefined, from: number, to: number, compress: boolean): Promise<void> {
+  const cs = target.clusterSize;
+  const data = await source.read(from, to - from);
+  const base = backing ? await readBacking(backing, from, to - from) : undefined;
+  let runStart = -1;
+  const flushRun = async (runEnd: number) => {
+    if (runStart >= 0) await target.write(from + runStart, data.subarray(runStart, runEnd));
+    runStart = -1;
+  };
+  for (let off = 0; off < data.length; off += cs) {
+    const cluster = data.subarray(off, Math.min(data.length, off + cs));
+    const same = base ? equal(cluster, base.subarray(off, off + cluster.length)) : isZero(cluster);
+    if (same) {
+      await flushRun(off);
+      continue;
+    }
+    if (compress) {
+      await target.writeCompressed((from + off) / cs, cluster);
+    } else if (runStart < 0) {
+      runStart = off;
+    }
+  }
+  await flushRun(data.length);
+}
+
+/** What the target reads from its backing file: zeros past the backing file's end. */
+async function readBacking(backing: BlockDevice, offset: number, length: number): Promise<Uint8Array> {
+  const out = new Uint8Array(length);
+  const inside = Math.max(0, Math.min(length, backing.virtualSize - offset));
+  if (inside > 0) out.set(await backing.read(offset, inside));
+  return out;
+}
+
+function equal(a: Uint8Array, b: Uint8Array): boolean {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
+}
