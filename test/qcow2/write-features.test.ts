@@ -83,6 +83,28 @@ describe('refcount structures grow', () => {
   });
 });
 
+describe('file sizes follow qemu-io', () => {
+  for (const [clusterSize, refcountBits] of [
+    [512, 16],
+    [512, 64],
+    [1024, 64],
+    [65536, 16],
+  ] as const) {
+    it(`sequential 1 MiB writes, ${clusterSize}-byte clusters, ${refcountBits}-bit refcounts: same file size as qemu-io`, async () => {
+      const dir = tempDir();
+      const ours = await makeImage({ path: join(dir, 'ours.qcow2'), size: '1G', clusterSize, refcountBits });
+      const theirs = await makeImage({ path: join(dir, 'theirs.qcow2'), size: '1G', clusterSize, refcountBits });
+      const image = await openRw(ours);
+      for (let i = 0; i < 20; i++) await image.write(i * 2 ** 20, pattern(2 ** 20, i + 1));
+      await image.close();
+      await qemuIo(Array.from({ length: 20 }, (_, i) => ['-c', `write -P ${i + 1} ${i}M 1M`]).flat().concat([theirs]));
+      await expectClean(ours);
+      await expectSameContents(ours, theirs);
+      expect(statSync(ours).size).toBe(statSync(theirs).size);
+    });
+  }
+});
+
 describe('snapshots with VM state', () => {
   it('VM state is stored past the disk end, listed by qemu-img, read back, and freed on delete', async () => {
     const dir = tempDir();
