@@ -60,7 +60,9 @@ export function createConsole(container: HTMLElement): ConsoleView {
     pending = [];
     terminal.write(bytes);
     // Keep a plain-text tail for phase detection: drop CSI/OSC escapes (busybox sends ESC[6n after its prompt).
-    text = (text + decoder.decode(bytes, { stream: true }).replace(/\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07/g, '')).slice(-4096);
+    // Stripped after joining, since one sequence can arrive split over two frames; an unfinished one at the end
+    // is hidden too until the rest arrives.
+    text = (text + decoder.decode(bytes, { stream: true })).replace(/\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07/g, '').slice(-4096);
   };
 
   return {
@@ -76,7 +78,7 @@ export function createConsole(container: HTMLElement): ConsoleView {
       terminal.onData(listener);
     },
     get text() {
-      return text;
+      return text.replace(/\x1b[^A-Za-z\x07]*$/, '');
     },
     clear() {
       text = '';
