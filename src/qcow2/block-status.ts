@@ -60,25 +60,27 @@ const PROBE_BLOCK = 4096;
 /** qemu-img map asks for at most 1 GiB at a time. */
 const MAX_REQUEST = 2 ** 30;
 
-/** The default hole probe: all-zero 4 KiB blocks (aligned in the file) count as holes. */
+/**
+ * The default hole probe: all-zero 4 KiB blocks (aligned in the file) count as holes, except the first block of
+ * the file: qemu-img writes it when it creates any file (to probe the alignment later), so QEMU sees data there.
+ */
 export const zeroBlockProbe: HoleProbe = async (store, offset, length) => {
   const fileSize = await store.size();
   if (offset >= fileSize) return { hole: true, length };
-  let at = offset;
-  let hole: boolean | undefined;
+  if (offset < PROBE_BLOCK) return { hole: false, length: Math.min(length, PROBE_BLOCK - offset) };
   const end = Math.min(offset + length, fileSize);
-  while (at < end) {
-    const chunkEnd = Math.min(end, Math.floor(at / PROBE_BLOCK) * PROBE_BLOCK + 64 * PROBE_BLOCK);
-    const bytes = await store.read(at, chunkEnd - at);
-    let i = 0;
-    while (i < bytes.length) {
-      const blockEnd = Math.min(bytes.length, Math.floor((at + i) / PROBE_BLOCK) * PROBE_BLOCK + PROBE_BLOCK - at);
-      const isHole = isZero(bytes.subarray(i, blockEnd));
+  // A file system block is a hole or not as a whole: look at every aligned block the range touches.
+  let block = Math.floor(offset / PROBE_BLOCK) * PROBE_BLOCK;
+  let hole: boolean | undefined;
+  while (block < end) {
+    const chunkEnd = Math.min(Math.ceil(end / PROBE_BLOCK) * PROBE_BLOCK, block + 64 * PROBE_BLOCK);
+    const bytes = await store.read(block, chunkEnd - block);
+    for (let i = 0; i < chunkEnd - block; i += PROBE_BLOCK) {
+      const isHole = isZero(bytes.subarray(i, i + PROBE_BLOCK));
       if (hole === undefined) hole = isHole;
-      else if (hole !== isHole) return { hole, length: at + i - offset };
-      i = blockEnd;
+      else if (hole !== isHole) return { hole, length: block + i - offset };
     }
-    at = chunkEnd;
+    block = chunkEnd;
   }
   // Past the end of the file reads as a hole too.
   if (end < offset + length && hole !== false) return { hole: true, length };
@@ -125,10 +127,26 @@ export function mergeable(a: MapEntry, b: MapEntry): boolean {
 
 class StatusContext {
   private readonly preallocated = new Map<BlockDevice, Promise<boolean>>();
-  readonly probe: HoleProbe;
+  private readonly sparse = new Map<ByteStore, Promise<boolean>>();
+  private readonly holeProbe: HoleProbe;
   constructor(readonly options: BlockStatusOptions) {
-    this.probe = options.holeProbe ?? zeroBlockProbe;
+    this.holeProbe = options.holeProbe ?? zeroBlockProbe;
   }
+
+  /** A file that occupies at least its size on disk has no holes at all, whatever its bytes are. */
+  async probe(store: ByteStore, offset: number, length: number): Promise<{ hole: boolean; length: number }> {
+    let sparse = this.sparse.get(store);
+    if (!sparse) {
+      sparse = (async () => {
+        const allocated = await this.options.allocatedSize?.(store);
+        return allocated === undefined || allocated < (await store.size());
+      })();
+      this.sparse.set(store, sparse);
+    }
+    if (!(await sparse)) return { hole: false, length };
+    return this.holeProbe(store, offset, length);
+  }
+
   metadataPreallocated(image: Qcow2Image): Promise<boolean> {
     let known = this.preallocated.get(image);
     if (!known) {
@@ -250,9 +268,22 @@ async function qcow2Status(context: StatusContext, image: Qcow2Image, offset: nu
     ...(host !== undefined ? { hostOffset: host, file: image.dataStore ?? image.store } : {}),
   };
   // Metadata-preallocated images: holes in the file under data clusters read as zero (QEMU's BDRV_BLOCK_RECURSE).
+  // Only whole clusters count as holes here: QEMU also allocates parts of clusters with zero-range requests
+  // (copy-on-write of zeros), which a content probe cannot tell from holes; whole zero clusters in a
+  // metadata-preallocated image are almost always never-written holes.
   if (status.data && status.hostOffset !== undefined && (await context.metadataPreallocated(image))) {
-    const { hole, length: run } = await context.probe(status.file!, status.hostOffset, status.length);
-    status = { ...status, length: Math.max(1, Math.min(run, status.length)), zero: hole };
+    let run = 0;
+    let hole: boolean | undefined;
+    while (run < status.length) {
+      const at = status.hostOffset + run;
+      const n = Math.min(clusterSize - (at % clusterSize), status.length - run);
+      const probed = await context.probe(status.file!, at, n);
+      const isHole = n === clusterSize && probed.hole && probed.length >= n;
+      if (hole === undefined) hole = isHole;
+      else if (hole !== isHole) break;
+      run += n;
+    }
+    status = { ...status, length: run, zero: hole === true };
   }
   return status;
 }

@@ -8,6 +8,7 @@ import type { BlockDevice } from '../../qcow2/device.js';
 import { Qcow86Error } from '../../qcow2/errors.js';
 import { blockStatus } from '../../qcow2/block-status.js';
 import { openPath, parseFormat } from '../open-image.js';
+import { noHoles } from './convert.js';
 import { usageError } from '../usage.js';
 
 export const USAGE = 'usage: qcow86 compare [-f FMT] [-F FMT] [-U] A B';
@@ -79,7 +80,7 @@ export async function firstDifference(a: BlockDevice, b: BlockDevice, onSizeMism
   onSizeMismatch();
   const larger = a.virtualSize > b.virtualSize ? a : b;
   for (let at = common; at < larger.virtualSize; ) {
-    const status = await blockStatus(larger, at, Math.min(2 ** 30, larger.virtualSize - at));
+    const status = await blockStatus(larger, at, Math.min(2 ** 30, larger.virtualSize - at), { holeProbe: noHoles });
     if (!status.zero) {
       for (let chunk = at; chunk < at + status.length; chunk += CHUNK) {
         const bytes = await larger.read(chunk, Math.min(CHUNK, at + status.length - chunk));
@@ -94,7 +95,7 @@ export async function firstDifference(a: BlockDevice, b: BlockDevice, onSizeMism
 
 /** How far from `at` both disks are known to read as zeros (then nothing needs reading), or else how much to read. */
 async function skippable(a: BlockDevice, b: BlockDevice, at: number, limit: number): Promise<{ length: number; zeroBoth: boolean }> {
-  const [sa, sb] = await Promise.all([blockStatus(a, at, limit), blockStatus(b, at, limit)]);
+  const [sa, sb] = await Promise.all([blockStatus(a, at, limit, { holeProbe: noHoles }), blockStatus(b, at, limit, { holeProbe: noHoles })]);
   const length = Math.min(sa.length, sb.length, limit);
   if (sa.zero && sb.zero) return { length, zeroBoth: true };
   return { length: limit, zeroBoth: false };

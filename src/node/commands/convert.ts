@@ -12,7 +12,7 @@ import type { BlockDevice } from '../../qcow2/device.js';
 import { Qcow2Image } from '../../qcow2/image.js';
 import { QcowV1Image } from '../../qcow2/qcow1.js';
 import { RawImage } from '../../qcow2/raw.js';
-import { blockStatus } from '../../qcow2/block-status.js';
+import { blockStatus, type HoleProbe } from '../../qcow2/block-status.js';
 import { FormatError } from '../../qcow2/errors.js';
 import { isZero } from '../../qcow2/bytes.js';
 import { openPath, parseFormat } from '../open-image.js';
@@ -77,9 +77,33 @@ export async function run(args: string[]): Promise<number> {
   }
 }
 
+/**
+ * The snapshot's contents at the image's CURRENT size, as qemu-img convert -l gives them (QEMU swaps in the
+ * snapshot's L1 table but keeps the disk size): past the snapshot's own disk end, the backing file or zeros.
+ */
 async function snapshotOf(image: BlockDevice, idOrName: string): Promise<BlockDevice> {
   if (!(image instanceof Qcow2Image)) throw new FormatError(image.name, `only qcow2 images have internal snapshots (-l ${idOrName})`);
-  return image.openSnapshot(idOrName);
+  const view = await image.openSnapshot(idOrName);
+  const size = image.virtualSize;
+  return {
+    name: view.name,
+    format: view.format,
+    readOnly: true,
+    virtualSize: size,
+    async read(offset: number, length: number): Promise<Uint8Array> {
+      const out = new Uint8Array(length);
+      const inView = Math.max(0, Math.min(offset + length, view.virtualSize) - offset);
+      if (inView > 0) out.set(await view.read(offset, inView), 0);
+      const from = offset + inView;
+      const backing = image.backing;
+      const fromBacking = backing ? Math.max(0, Math.min(offset + length, backing.virtualSize) - from) : 0;
+      if (backing && fromBacking > 0) out.set(await backing.read(from, fromBacking), inView);
+      return out;
+    },
+    write: view.write.bind(view),
+    flush: async () => {},
+    close: async () => {},
+  };
 }
 
 /** Copies every non-zero block of `source` into `target`, chunk by chunk with IN_FLIGHT reads running. */
@@ -116,9 +140,11 @@ async function* dataRangesOf(source: BlockDevice): AsyncGenerator<{ offset: numb
   const size = source.virtualSize;
   // Snapshot views and foreign devices have no block status: everything is read (zero blocks still skipped).
   const hasStatus = source instanceof Qcow2Image || source instanceof QcowV1Image || source instanceof RawImage;
+  // Raw layers are read, not probed for holes: the zero-block check after reading finds them anyway.
+  const options = { holeProbe: noHoles };
   let at = 0;
   while (at < size) {
-    const status = hasStatus ? await blockStatus(source, at, Math.min(STATUS_LIMIT, size - at)) : { length: size - at, zero: false };
+    const status = hasStatus ? await blockStatus(source, at, Math.min(STATUS_LIMIT, size - at), options) : { length: size - at, zero: false };
     const end = at + status.length;
     if (status.zero) {
       yield { offset: at, length: status.length, copy: false };
@@ -133,6 +159,8 @@ async function* dataRangesOf(source: BlockDevice): AsyncGenerator<{ offset: numb
     at = end;
   }
 }
+
+export const noHoles: HoleProbe = async (_store, _offset, length) => ({ hole: false, length });
 
 /** Serialises pulls from the generator: several workers share it. */
 function dataRanges(source: BlockDevice): { next(): Promise<IteratorResult<{ offset: number; length: number; copy: boolean }>> } {
