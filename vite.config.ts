@@ -31,10 +31,14 @@ export default defineConfig({
   build: { outDir: 'dist/web', emptyOutDir: true, target: 'es2022', chunkSizeWarningLimit: 1024 },
   worker: { format: 'es' },
   test: {
-    include: ['test/**/*.test.ts'],
-    // Boot tests are costly: they live under test/boot and run in one worker (see the project below).
     testTimeout: 60_000,
     hookTimeout: 300_000,
     pool: 'forks',
+    // Boot tests (test/boot) start real guests (~20-120 s each, ~400 MiB): they run after the other tests, one
+    // file at a time, so they neither starve nor slow down the rest of the suite.
+    projects: [
+      { extends: true, test: { name: 'unit', include: ['test/**/*.test.ts'], exclude: ['test/boot/**', 'node_modules/**'] } },
+      { extends: true, test: { name: 'boot', include: ['test/boot/**/*.test.ts'], fileParallelism: false, sequence: { groupOrder: 1 } } },
+    ],
   },
 });

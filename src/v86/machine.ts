@@ -19,6 +19,11 @@ import { V86DiskAdapter, type DiskAdapterOptions } from './disk.js';
 export interface MachineOptions {
   /** The hard disk: a BlockDevice (wrapped in a V86DiskAdapter) or an adapter the caller made. */
   disk: BlockDevice | V86DiskAdapter;
+  /**
+   * Benchmarks only: hand v86 this whole raw image in memory instead of our adapter (v86's own buffer disk, the
+   * reference our adapter is measured against). `disk` is then left idle.
+   */
+  referenceDisk?: { buffer: ArrayBuffer };
   diskOptions?: DiskAdapterOptions;
   bios: ArrayBuffer;
   vgaBios: ArrayBuffer;
@@ -93,7 +98,7 @@ export class Machine {
       bios: { buffer: options.bios },
       vga_bios: { buffer: options.vgaBios },
       // v86 duck-types its disk: any object with get/set/load is used as is (see disk.ts for the contract).
-      hda: this.disk as unknown as V86Image,
+      hda: (options.referenceDisk ?? this.disk) as unknown as V86Image,
       autostart: true,
       disable_keyboard: true,
       disable_mouse: true,

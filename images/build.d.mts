@@ -1,0 +1,14 @@
+// Types for images/build.mjs (plain Node ESM so `npm run images` needs no build step).
+export interface ImagesManifest {
+  packages: Record<string, string>;
+  kernel: string;
+  cmdline: string;
+  writer: string;
+  virtualSize: number;
+  raw: { path: string; sha256: string; size: number };
+  files: Record<string, { sha256: string; size: number }>;
+}
+export const KERNEL_CMDLINE: string;
+export const OUTPUT_FILES: string[];
+export function buildImages(options?: { outDir?: string; update?: boolean }): Promise<ImagesManifest>;
+export function ensureImages(options?: { outDir?: string }): Promise<ImagesManifest>;
