@@ -132,7 +132,11 @@ async function copyBatch(source: BlockDevice, target: Qcow2Image, backing: Block
       await flushRun(off);
       continue;
     }
-    if (compress) {
+    if (base && isZero(cluster)) {
+      // Zeros over backing data: a zero cluster, as qemu-img writes it, not a cluster of zero bytes.
+      await flushRun(off);
+      await target.writeZeroes(from + off, cluster.length);
+    } else if (compress) {
       await target.writeCompressed((from + off) / cs, cluster);
     } else if (runStart < 0) {
       runStart = off;
