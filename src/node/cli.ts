@@ -14,6 +14,7 @@ const COMMANDS: Record<string, () => Promise<Command>> = {
   compare: () => import('./commands/compare.js'),
   check: () => import('./commands/check.js'),
   create: () => import('./commands/create.js'),
+  snapshot: () => import('./commands/snapshot.js'),
   boot: () => import('./commands/boot.js'),
 };
 

@@ -76,7 +76,7 @@ export function humanInfo(info: Info): string {
   return `${lines.join('\n')}\n`;
 }
 
-function snapshotLine(s: Info): string {
+export function snapshotLine(s: Info): string {
   const date = new Date((s['date-sec'] as number) * 1000);
   const two = (n: number) => String(n).padStart(2, '0');
   // qemu-img prints local time; TZ decides, as for qemu-img.
