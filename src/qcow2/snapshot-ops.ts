@@ -126,6 +126,9 @@ async function replaceSnapshotTable(engine: WriteEngine, snapshots: Snapshot[]):
   if (oldBytes > 0) {
     for (let c = oldOffset / cs; c < oldOffset / cs + Math.ceil(oldBytes / cs); c++) await engine.refcounts.change(c, -1);
   }
+  // The old table's clusters may be allocated again by the caller's next step (an L2 copy when the active image
+  // lets go of VM state): the overlap guard must stop calling them the snapshot table.
+  engine.rebuildMetadataMap();
   await engine.refcounts.writeBack();
   await engine.store.flush();
 }
