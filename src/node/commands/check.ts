@@ -73,7 +73,7 @@ export function humanCheck(check: CheckResult): string {
     if (check.checkErrors) out.push(`\n${check.checkErrors} internal errors have occurred during the check.\n`);
   }
   if (check.totalClusters !== 0 && check.allocatedClusters !== 0) {
-    const pct = (n: number, d: number) => ((n * 100) / d).toFixed(2);
+    const pct = (n: number, d: number) => printf2((n * 100) / d);
     out.push(
       `${check.allocatedClusters}/${check.totalClusters} = ${pct(check.allocatedClusters, check.totalClusters)}% allocated, ` +
         `${pct(check.fragmentedClusters, check.allocatedClusters)}% fragmented, ${pct(check.compressedClusters, check.allocatedClusters)}% compressed clusters\n`,
@@ -81,4 +81,12 @@ export function humanCheck(check: CheckResult): string {
   }
   if (check.imageEndOffset) out.push(`Image end offset: ${check.imageEndOffset}\n`);
   return out.join('');
+}
+
+/** printf's %0.2f: exact ties round to even (3.125 prints as 3.12), where toFixed would round up. */
+function printf2(value: number): string {
+  const scaled = value * 100;
+  const floor = Math.floor(scaled);
+  const rounded = scaled - floor === 0.5 ? (floor % 2 === 0 ? floor : floor + 1) : Math.round(scaled);
+  return (rounded / 100).toFixed(2);
 }
