@@ -15,6 +15,7 @@ const COMMANDS: Record<string, () => Promise<Command>> = {
   check: () => import('./commands/check.js'),
   create: () => import('./commands/create.js'),
   snapshot: () => import('./commands/snapshot.js'),
+  resize: () => import('./commands/resize.js'),
   boot: () => import('./commands/boot.js'),
 };
 
