@@ -316,28 +316,20 @@ function assembleDisk(fat, ext4, out) {
   run('dd', [`if=${ext4}`, `of=${out}`, 'bs=1M', `seek=${ROOT_START / MiB}`, 'conv=notrunc'], { stdio: 'ignore' });
 }
 
-/** True when our CLI can write compressed qcow2 (`convert -c -O qcow2`). */
-function engineCanCompress() {
-  const cli = join(root, 'bin/qcow86.js');
-  if (!existsSync(join(root, 'dist/node/cli.js'))) return false;
-  const help = spawnSync(process.execPath, [cli, 'convert', '--help'], { encoding: 'utf8' });
-  const text = `${help.stdout}${help.stderr}`;
-  return /-O [^\]]*qcow2/.test(text) && /\[-c\]|-c\b/.test(text);
-}
-
 /**
  * The final form of the disk: a deflate-compressed qcow2 written by our own engine, the way users will make
  * theirs. This is the one place that turns the raw disk into base.qcow2.
  */
 function convertToCompressedQcow2(raw, out) {
   rmSync(out, { force: true });
-  if (engineCanCompress()) {
-    run(process.execPath, [join(root, 'bin/qcow86.js'), 'convert', '-c', '-O', 'qcow2', raw, out], { stdio: 'inherit' });
-    return 'qcow86 convert -c -O qcow2';
+  if (existsSync(join(root, 'dist/node/cli.js'))) {
+    const ours = spawnSync(process.execPath, [join(root, 'bin/qcow86.js'), 'convert', '-c', '-O', 'qcow2', raw, out], { stdio: ['ignore', 'inherit', 'pipe'], encoding: 'utf8' });
+    if (ours.status === 0) return 'qcow86 convert -c -O qcow2';
+    console.warn(`images: qcow86 convert -c -O qcow2 failed: ${ours.stderr.trim()}`);
+    rmSync(out, { force: true });
   }
-  // TODO(engine): remove this fallback once `qcow86 convert -c -O qcow2` exists; the base must come from our engine.
-  console.warn('\n!!! images: WARNING: `qcow86 convert -c -O qcow2` is not available yet;');
-  console.warn('!!! images: WARNING: base.qcow2 is written by qemu-img instead of our engine (temporary fallback)\n');
+  // TODO(engine): remove this fallback once `qcow86 convert -c -O qcow2` is reliable; the base must come from our engine.
+  console.warn('\n!!! images: WARNING: base.qcow2 is written by qemu-img instead of our engine (temporary fallback)\n');
   run('qemu-img', ['convert', '-c', '-O', 'qcow2', '-o', 'compression_type=zlib', raw, out], { stdio: 'inherit' });
   return 'qemu-img convert -c -O qcow2 (fallback)';
 }
