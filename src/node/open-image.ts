@@ -25,6 +25,8 @@ export interface OpenPathOptions {
   /** Open backing files (default true). */
   openBacking?: boolean;
   l2CacheSize?: number;
+  /** Open read-write even when marked corrupt or dirty, to repair it (check -r). */
+  repair?: boolean;
 }
 
 export async function openPath(path: string, options: OpenPathOptions = {}): Promise<BlockDevice> {
@@ -36,6 +38,7 @@ export async function openPath(path: string, options: OpenPathOptions = {}): Pro
     resolver: nodeResolver(),
     codecs: nodeCodecs(),
     openBacking: options.openBacking ?? true,
+    repair: options.repair === true,
     ...(options.l2CacheSize !== undefined ? { l2CacheSize: options.l2CacheSize } : {}),
   });
 }

@@ -1,7 +1,9 @@
 /**
- * `qcow86 check [-f FMT] [--output=json|human] FILE`: qemu-img check without -r (read-only). Exit codes as
- * qemu-img: 0 clean, 2 corruptions, 3 leaks only, 1 when the check itself failed, 63 for formats that have no
- * consistency check (raw, qcow). The engine side is src/qcow2/check.ts.
+ * `qcow86 check [-f FMT] [--output=json|human] [-r leaks|all] FILE`: qemu-img check. Without -r the image is
+ * opened read-only and never modified; with -r it is opened under the write lock and its refcounts are repaired.
+ * Exit codes as qemu-img (after a repair they describe the repaired image): 0 clean, 2 corruptions, 3 leaks only,
+ * 1 when the check itself failed, 63 for formats that have no consistency check (raw, qcow). The engine side is
+ * src/qcow2/check.ts.
  */
 import { parseArgs } from 'node:util';
 import { Qcow2Image } from '../../qcow2/image.js';
@@ -11,8 +13,9 @@ import type { BlockDevice } from '../../qcow2/device.js';
 import { openPath, parseFormat } from '../open-image.js';
 import { qemuJson, type JsonValue } from '../qemu-json.js';
 import { usageError } from '../usage.js';
+import { WriteLock } from '../../io/lock.js';
 
-export const USAGE = 'usage: qcow86 check [-f raw|qcow2|qcow] [--output=human|json] [-U] FILE';
+export const USAGE = 'usage: qcow86 check [-f raw|qcow2|qcow] [--output=human|json] [-r leaks|all] [-U] FILE';
 
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseArgs({
@@ -21,6 +24,7 @@ export async function run(args: string[]): Promise<number> {
     options: {
       format: { type: 'string', short: 'f' },
       output: { type: 'string', default: 'human' },
+      repair: { type: 'string', short: 'r' },
       'force-share': { type: 'boolean', short: 'U', default: false },
       quiet: { type: 'boolean', short: 'q', default: false },
       help: { type: 'boolean', short: 'h', default: false },
@@ -30,17 +34,28 @@ export async function run(args: string[]): Promise<number> {
   if (positionals.length !== 1) return usageError('check', 'expecting one image file name', USAGE);
   const json = values.output === 'json';
   if (!json && values.output !== 'human') return usageError('check', '--output must be used with human or json as argument', USAGE);
+  const repair = values.repair;
+  if (repair !== undefined && repair !== 'leaks' && repair !== 'all') {
+    return usageError('check', "Unknown option for -r (expecting 'leaks' or 'all'): " + repair, USAGE);
+  }
   const path = positionals[0]!;
   let device: BlockDevice | undefined;
+  let lock: WriteLock | undefined;
   try {
+    if (repair) lock = await WriteLock.acquire(path);
     // The check looks at this file's metadata only: the backing chain is not needed (and may be missing).
-    device = await openPath(path, { format: parseFormat(values.format), openBacking: false });
+    device = await openPath(path, { format: parseFormat(values.format), openBacking: false, ...(repair ? { readOnly: false, repair: true } : {}) });
     if (!(device instanceof Qcow2Image)) {
       console.error('qcow86 check: This image format does not support checks');
       return 63;
     }
-    const result = await checkImage(device);
+    const result = await checkImage(device, repair ? { repair } : {});
     for (const message of result.messages) console.error(message);
+    if (repair && !json && (result.leaksFixed || result.corruptionsFixed)) {
+      process.stdout.write(
+        `The following inconsistencies were found and repaired:\n\n    ${result.leaksFixed} leaked clusters\n    ${result.corruptionsFixed} corruptions\n\nDouble checking the fixed image now...\n`,
+      );
+    }
     if (result.checkErrors) {
       // qemu-img reports internal errors and still prints what it found.
       if (json) process.stdout.write(`${qemuJson(checkResultJson(result, path) as JsonValue)}\n`);
@@ -57,6 +72,7 @@ export async function run(args: string[]): Promise<number> {
     return 1;
   } finally {
     await device?.close();
+    await lock?.release();
   }
 }
 
