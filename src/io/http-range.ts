@@ -111,6 +111,10 @@ async function attemptRange(ctx: RangeContext, start: number, end: number, pinne
     } catch (error) {
       throw networkError(ctx, range, error, timedOut);
     }
+    if (!pinned && start === 0 && isEmptyFile(response)) {
+      await response.body?.cancel().catch(() => {});
+      return { bytes: new Uint8Array(0), size: 0, etag: response.headers.get('ETag') ?? undefined, lastModified: response.headers.get('Last-Modified') ?? undefined };
+    }
     const { size, wantedEnd } = validateHeaders(ctx, range, start, end, response, pinned);
     const wanted = wantedEnd - start + 1;
     let bytes: Uint8Array;
@@ -137,6 +141,18 @@ async function attemptRange(ctx: RangeContext, start: number, end: number, pinne
     clearTimeout(timer);
     ctx.signal.removeEventListener('abort', cancel);
   }
+}
+
+/**
+ * A 0-byte file has no byte 0, so no server can answer the first request with a 206: RFC 9110 servers send
+ * 416 whose Content-Range gives the size as 0, nginx sends the whole (empty) file as a 200 with Content-Length 0. Both
+ * mean an empty image, which QEMU's curl driver opens as a valid 0-byte raw disk; so do we. A 200 with any
+ * other length, or a 416 naming another size, is still the error it was.
+ */
+function isEmptyFile(response: Response): boolean {
+  if (response.status === 416) return Number(UNSATISFIED_RANGE.exec((response.headers.get('Content-Range') ?? '').trim())?.[1] ?? NaN) === 0;
+  const type = (response.headers.get('Content-Type') ?? '').toLowerCase();
+  return response.status === 200 && response.headers.get('Content-Length') === '0' && !type.startsWith('text/html');
 }
 
 /** Everything about a response that can be checked before its body: returns the total size and the range end. */

@@ -160,7 +160,7 @@ export class HttpStore implements ByteStore {
     const settings = { blockSize, maxRequestBytes: Math.max(blockSize, options.maxRequestBytes ?? DEFAULTS.maxRequestBytes), onProgress: options.onProgress };
     const store = new HttpStore(url, validator, pinned, ctx, closer, counters, settings, options.cacheBytes ?? DEFAULTS.cacheBytes, readahead);
     notify = () => store.progress();
-    store.cache.set(0, first.bytes);
+    if (first.bytes.length > 0) store.cache.set(0, first.bytes);
     store.progress();
     return store;
   }

@@ -9,13 +9,15 @@
  * A base given as an http(s) URL is opened by the HTTP Range store through nodeResolver (src/io/http.ts).
  */
 import { existsSync } from 'node:fs';
+import { realpath } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { FileStore, HttpStore, MemoryStore, isHttpUrl, nodeCodecs, nodeResolver } from '../io/node.js';
+import type { HttpStoreOptions } from '../io/http.js';
 import { createQcow2 } from '../qcow2/create.js';
-import { backingOf, openImage, probeFormat } from '../qcow2/open.js';
+import { backingOf, fullNameOf, openImage, probeFormat } from '../qcow2/open.js';
 import type { BlockDevice } from '../qcow2/device.js';
-import type { ByteStore } from '../qcow2/store.js';
-import { FormatError } from '../qcow2/errors.js';
+import type { ByteStore, StoreResolver } from '../qcow2/store.js';
+import { BackingChainError, FormatError } from '../qcow2/errors.js';
 import { DEFAULT_IMAGES_DIR } from './machine-assets.js';
 
 export const DEFAULT_BASE = resolve(DEFAULT_IMAGES_DIR, 'base.qcow2');
@@ -23,32 +25,18 @@ export const DEFAULT_BASE = resolve(DEFAULT_IMAGES_DIR, 'base.qcow2');
 export interface BootDiskOptions {
   base?: string | undefined;
   overlay?: string | undefined;
+  /** Open an existing overlay even though its base changed (new ETag...) since the overlay was made. */
+  forceBaseChange?: boolean | undefined;
+  /** Options for an http(s) base (tests and benchmarks pass their own counters or limits). */
+  http?: HttpStoreOptions | undefined;
 }
 
 export interface BootDisk {
   device: BlockDevice;
   /** What was opened, for the log: "overlay x.qcow2 (created) on base.qcow2". */
   description: string;
-}
-
-/** The base's store: a local file or an http(s) URL (HttpStore: validated Range reads, cache, readahead). */
-async function openBaseStore(base: string): Promise<ByteStore> {
-  return isHttpUrl(base) ? HttpStore.open(base) : FileStore.open(base, { readOnly: true });
-}
-
-/** Virtual size and format of the base, read once to create an overlay of the same size. */
-async function describeBase(base: string): Promise<{ size: number; format: string }> {
-  const store = await openBaseStore(base);
-  try {
-    const format = await probeFormat(store);
-    const device = await openImage(store, { readOnly: true, resolver: nodeResolver(), codecs: nodeCodecs() });
-    const size = device.virtualSize;
-    await device.close();
-    return { size, format };
-  } catch (error) {
-    await store.close().catch(() => {});
-    throw error;
-  }
+  /** The base's HTTP store when the base is reached over http(s), for its request and byte counters. */
+  http?: HttpStore | undefined;
 }
 
 /** The base's name as it is recorded in a new overlay: URLs as given, files as absolute paths. */
@@ -56,30 +44,110 @@ function backingName(base: string): string {
   return isHttpUrl(base) ? base : resolve(base);
 }
 
+/**
+ * The base opened once: its store, format and virtual size. The overlay is then opened through a resolver that
+ * hands back this same store for the base's name, so an HTTP base costs one open (and its metadata stays cached)
+ * instead of a second first-request and header read.
+ */
+interface OpenedBase {
+  store: ByteStore;
+  format: 'qcow2' | 'qcow' | 'raw';
+  size: number;
+}
+
+async function openBase(base: string, http: HttpStoreOptions | undefined): Promise<OpenedBase> {
+  const store = isHttpUrl(base) ? await HttpStore.open(base, http) : await FileStore.open(base, { readOnly: true });
+  try {
+    const format = await probeFormat(store);
+    // A view whose close() is a no-op: closing this probe must not close the store the overlay will use.
+    const device = await openImage(keepOpen(store), { readOnly: true, resolver: nodeResolver(http), codecs: nodeCodecs(), format });
+    const size = device.virtualSize;
+    await device.close();
+    return { store, format, size };
+  } catch (error) {
+    await store.close().catch(() => {});
+    throw error;
+  }
+}
+
+function keepOpen(store: ByteStore): ByteStore {
+  return {
+    name: store.name,
+    readOnly: true,
+    validator: store.validator,
+    size: () => store.size(),
+    read: (offset, length) => store.read(offset, length),
+    write: (offset, data) => store.write(offset, data),
+    truncate: (size) => store.truncate(size),
+    flush: async () => {},
+    close: async () => {},
+  };
+}
+
+/** nodeResolver, except that the base's recorded name resolves to the store already open for it (once). */
+function reusing(base: OpenedBase, name: string, http: HttpStoreOptions | undefined): StoreResolver {
+  const fallback = nodeResolver(http);
+  let unused: ByteStore | undefined = base.store;
+  return {
+    async open(wanted, relativeTo, options) {
+      if (unused && wanted === name && options.readOnly) {
+        const store = unused;
+        unused = undefined;
+        return { store, fullName: name, identity: isHttpUrl(name) ? name : await realpath(name).catch(() => name) };
+      }
+      return fallback.open(wanted, relativeTo, options);
+    },
+  };
+}
+
 export async function openBootDisk(options: BootDiskOptions): Promise<BootDisk> {
   const base = options.base ?? DEFAULT_BASE;
   if (!isHttpUrl(base) && !existsSync(base)) {
     throw new FormatError(base, options.base ? 'base image not found' : 'default guest not built: run `npm run images`');
   }
-  const open = (store: ByteStore) => openImage(store, { readOnly: false, resolver: nodeResolver(), codecs: nodeCodecs(), format: 'qcow2' });
+  const openOptions = { readOnly: false, codecs: nodeCodecs(), format: 'qcow2' as const, forceBackingChange: options.forceBaseChange === true };
+  const httpOf = (device: BlockDevice): HttpStore | undefined => {
+    for (let layer: BlockDevice | undefined = device; layer; layer = backingOf(layer)) {
+      const store = (layer as { store?: ByteStore }).store;
+      if (store instanceof HttpStore) return store;
+    }
+    return undefined;
+  };
 
   if (options.overlay && existsSync(options.overlay)) {
-    const device = await open(await FileStore.open(options.overlay, { readOnly: false }));
+    const device = await openImage(await FileStore.open(options.overlay, { readOnly: false }), { ...openOptions, resolver: nodeResolver(options.http) }).catch((error: unknown) => {
+      // The engine says "reopen with force"; a person at the command line needs the flag's name.
+      if (error instanceof BackingChainError && /has changed since this overlay was made/.test(error.message)) {
+        throw new BackingChainError('', `${error.message.replace(/; reopen with force to use it anyway$/, '')}; boot with --force-base-change to use it anyway`);
+      }
+      throw error;
+    });
     const backing = backingOf(device);
-    if (options.base && backing && backing.name !== backingName(options.base) && backing.name !== options.base) {
-      console.error(`qcow86 boot: note: ${options.overlay} is backed by ${backing.name}, not ${options.base}; using its own backing file`);
+    if (options.base && backing && fullNameOf(backing) !== backingName(options.base) && fullNameOf(backing) !== options.base) {
+      console.error(`qcow86 boot: note: ${options.overlay} is backed by ${fullNameOf(backing)}, not ${options.base}; using its own backing file`);
     }
-    return { device, description: `overlay ${options.overlay} on ${backing?.name ?? '(no backing file)'}` };
+    return { device, description: `overlay ${options.overlay} on ${backing ? fullNameOf(backing) : '(no backing file)'}`, http: httpOf(device) };
   }
 
-  const { size, format } = await describeBase(base);
-  const spec = { size, backingFile: backingName(base), backingFormat: format };
-  if (options.overlay) {
-    const store = await FileStore.open(options.overlay, { readOnly: false, create: true });
+  const opened = await openBase(base, options.http);
+  const name = backingName(base);
+  const spec = { size: opened.size, backingFile: name, backingFormat: opened.format, backingValidator: opened.store.validator };
+  const resolver = reusing(opened, name, options.http);
+  try {
+    let store: ByteStore;
+    let description: string;
+    if (options.overlay) {
+      store = await FileStore.open(options.overlay, { readOnly: false, create: true });
+      description = `overlay ${options.overlay} (created) on ${name}`;
+    } else {
+      store = new MemoryStore('memory-overlay.qcow2');
+      description = `a throw-away overlay in memory on ${name}`;
+    }
     await createQcow2(store, spec);
-    return { device: await open(store), description: `overlay ${options.overlay} (created) on ${spec.backingFile}` };
+    const device = await openImage(store, { ...openOptions, resolver });
+    return { device, description, http: httpOf(device) };
+  } catch (error) {
+    await opened.store.close().catch(() => {});
+    throw error;
   }
-  const store = new MemoryStore('memory-overlay.qcow2');
-  await createQcow2(store, spec);
-  return { device: await open(store), description: `a throw-away overlay in memory on ${spec.backingFile}` };
 }

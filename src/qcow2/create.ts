@@ -17,6 +17,7 @@ import {
   QEMU_FEATURE_NAMES,
   encodeHeader,
   requiredL1Size,
+  setBackingValidator,
   type Qcow2Header,
 } from './header.js';
 import { Refcounts } from './refcount.js';
@@ -36,6 +37,11 @@ export interface CreateOptions {
   /** Backing file name as it is to be written into the header. */
   backingFile?: string;
   backingFormat?: string;
+  /**
+   * The backing file's version (an HTTP base's ETag, or Last-Modified + size), kept in qcow86's 'q86v' header
+   * extension so reopening on a changed base is refused; QEMU preserves unknown extensions and ignores them.
+   */
+  backingValidator?: string | undefined;
   /** External data file name as written into the header; pass its store as dataStore. */
   dataFile?: string;
   dataStore?: ByteStore;
@@ -103,6 +109,7 @@ export async function createQcow2(store: ByteStore, options: CreateOptions): Pro
     fde: undefined,
     unknownExtensions: [],
   };
+  if (options.backingFile !== undefined) setBackingValidator(header, options.backingValidator);
 
   // Cluster 0 header, cluster 1 refcount table naming cluster 2 as its first block; clusters 0..2 counted.
   await store.truncate(0);

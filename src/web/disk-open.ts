@@ -7,7 +7,7 @@ import type { ByteStore, StoreResolver } from '../qcow2/store.js';
 import { openImage, probeFormat, Qcow2Image, BackingChainError, HttpError } from '../qcow2/index.js';
 import { isVersionChange } from '../io/http-range.js';
 import { createQcow2 } from '../qcow2/create.js';
-import { encodeHeader, setBackingValidator, backingValidatorOf } from '../qcow2/header.js';
+import { backingValidatorOf } from '../qcow2/header.js';
 import { BlobStore } from '../io/opfs.js';
 import { openBaseStore, baseStats, type BaseStats } from './base-store.js';
 import type { ProblemKind } from './protocol.js';
@@ -63,13 +63,7 @@ function resolver(base: BaseHandle, snapshot?: BlobStore): StoreResolver {
 
 /** Writes an empty overlay of `size` bytes backed by `backingName` into `store`, recording the base's validator. */
 export async function makeOverlay(store: ByteStore, backingName: string, base: BaseHandle | undefined, size: number): Promise<void> {
-  await createQcow2(store, { size, backingFile: backingName, backingFormat: base ? base.format : 'qcow2' });
-  const validator = base?.store.validator;
-  if (validator === undefined) return;
-  // The validator lives in a header extension (QEMU keeps unknown extensions and ignores them).
-  const { header } = await Qcow2Image.readMetadata(store);
-  setBackingValidator(header, validator);
-  await store.write(0, encodeHeader(header));
+  await createQcow2(store, { size, backingFile: backingName, backingFormat: base ? base.format : 'qcow2', backingValidator: base?.store.validator });
   await store.flush();
 }
 

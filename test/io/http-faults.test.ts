@@ -95,6 +95,24 @@ describe('HttpStore error cases', () => {
     expect(s.requests).toHaveLength(1);
   });
 
+  it('opens a 0-byte file answered 416 (size 0) as an empty image, and a 416 naming another size stays an error', async () => {
+    const s = await serve({}, new Uint8Array(0));
+    const store = await HttpStore.open(s.url, quick);
+    expect(await store.size()).toBe(0);
+    // This server's 416 carries no ETag or Last-Modified: nothing to pin (and nothing to mix up in 0 bytes).
+    expect(store.validator).toBeUndefined();
+    expect(await store.read(0, 512)).toHaveLength(0);
+    expect(s.requests.map((r) => [r.range, r.status])).toEqual([['bytes=0-4095', 416]]);
+    // The same 416 from a file that has bytes is a server refusing a satisfiable range.
+    const full = await startFaultServer(truth);
+    try {
+      full.queue('416');
+      await expect(HttpStore.open(full.url, quick)).rejects.toThrow(`(416); it says the file is ${truth.length} bytes`);
+    } finally {
+      await full.close();
+    }
+  });
+
   it('retries truncated bodies, resets, short lengths and 5xx, then succeeds with the true bytes', async () => {
     const s = await serve();
     const store = await HttpStore.open(s.url, quick);

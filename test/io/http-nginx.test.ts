@@ -77,6 +77,24 @@ describe('HttpStore over nginx', () => {
     await expect(HttpStore.open(`${nginx.url}random.img`, { expectedValidator: store.validator })).resolves.toBeInstanceOf(HttpStore);
   });
 
+  it('opens a 0-byte file as an empty raw image, as QEMU\'s curl driver does, and refuses it as qcow2', async () => {
+    writeFileSync(join(dir, 'empty.img'), new Uint8Array(0));
+    const url = `${nginx.url}empty.img`;
+    const before = nginx.requests().length;
+    const store = await HttpStore.open(url);
+    expect(await store.size()).toBe(0);
+    expect(await store.read(0, 4096)).toHaveLength(0);
+    // nginx answers a range of an empty file with the whole (empty) file: one 200 of 0 bytes, nothing else.
+    expect(logged('empty.img', before).map((r) => [r.status, r.bytes])).toEqual([[200, 0]]);
+    expect(store.validator).toBe((await fetch(url, { method: 'HEAD' })).headers.get('ETag'));
+    const device = await openImage(store);
+    expect(device.virtualSize).toBe(0);
+    // qemu-img reads the same URL through QEMU's curl driver: a raw image of 0 bytes.
+    const info = JSON.parse(await qemuImg(['info', '--output=json', url]));
+    expect(info).toMatchObject({ format: 'raw', 'virtual-size': 0 });
+    await expect(openImage(await HttpStore.open(url), { format: 'qcow2' })).rejects.toThrow(`${url}: image is not in qcow2 format`);
+  });
+
   it('names the URL of a missing image (404)', async () => {
     await expect(HttpStore.open(`${nginx.url}missing.img`)).rejects.toThrow(`${nginx.url}missing.img: not found (404)`);
   });

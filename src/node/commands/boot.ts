@@ -13,7 +13,11 @@ import { prepareBootSession } from '../boot-session.js';
 
 export const USAGE = `usage: qcow86 boot [--base FILE|URL] [--overlay FILE] [--memory 128M] [--cmdline TEXT [--kernel FILE] [--initrd FILE]]
                    [--expect TEXT | --send TEXT]... [--script FILE] [--timeout S] [--serial-log FILE] [--quiet]
-  --base      base image (default public/images/base.qcow2); an http(s) URL is read with Range requests
+                   [--force-base-change]
+  --base      base image (default public/images/base.qcow2); an http(s) URL is read with Range requests, and a
+              new overlay records the base's version (ETag, or Last-Modified + size)
+  --force-base-change  open an existing overlay even though its base changed since the overlay was made (its
+              blocks may then no longer fit the base)
   --overlay   qcow2 overlay for the guest's writes: opened on its own backing file when it exists, created on
               the base when it does not; without it the writes go to a throw-away overlay in memory
   --cmdline   boot the kernel directly (default guest's vmlinuz/initrd.gz) with this command line
@@ -40,6 +44,7 @@ interface BootArgs {
   timeoutMs: number;
   serialLog?: string;
   quiet: boolean;
+  forceBaseChange: boolean;
   resume?: string;
   saveOnExit?: string;
 }
@@ -71,12 +76,16 @@ async function parseScript(path: string): Promise<Step[]> {
 }
 
 async function parseArgs(args: string[]): Promise<BootArgs | 'help'> {
-  const out: BootArgs = { memoryBytes: 128 * 1024 * 1024, steps: [], timeoutMs: 300_000, quiet: false };
+  const out: BootArgs = { memoryBytes: 128 * 1024 * 1024, steps: [], timeoutMs: 300_000, quiet: false, forceBaseChange: false };
   for (let i = 0; i < args.length; i++) {
     const flag = args[i]!;
     if (flag === '--help' || flag === '-h') return 'help';
     if (flag === '--quiet') {
       out.quiet = true;
+      continue;
+    }
+    if (flag === '--force-base-change') {
+      out.forceBaseChange = true;
       continue;
     }
     const value = args[++i];
@@ -138,7 +147,7 @@ export async function run(args: string[]): Promise<number> {
   if (!options.quiet) sinks.push((text) => process.stdout.write(text));
   if (log) sinks.push((text) => log.write(text));
 
-  const disk = await openBootDisk({ base: options.base, overlay: options.overlay });
+  const disk = await openBootDisk({ base: options.base, overlay: options.overlay, forceBaseChange: options.forceBaseChange });
   console.error(`qcow86 boot: ${disk.description}`);
   const session = await prepareBootSession(options, disk.device, options.overlay);
   const assets = await loadMachineAssets();
@@ -185,6 +194,10 @@ export async function run(args: string[]): Promise<number> {
     await new Promise<void>((done) => (log ? log.end(done) : done()));
   }
   const s = machine.disk.stats;
+  if (disk.http) {
+    const h = disk.http.stats();
+    console.error(`qcow86 boot: base over HTTP: ${h.requests} requests, ${(h.bytesFetched / 1048576).toFixed(2)} MiB fetched, ${h.retries} retries, ${(h.hitRate * 100).toFixed(0)}% of reads from the cache`);
+  }
   console.error(`\nqcow86 boot: ${code === 0 ? 'done' : 'failed'} after ${((Date.now() - started) / 1000).toFixed(1)} s; disk: ${s.reads} reads (${(s.readBytes / 1048576).toFixed(1)} MiB), ${s.writes} writes (${(s.writeBytes / 1048576).toFixed(1)} MiB), ${s.cacheHits} cache hits, ${s.deviceFlushes} flushes, ${(s.storeWaitMs / 1000).toFixed(2)} s waiting on the store`);
   return code;
 }
