@@ -16,6 +16,7 @@ const COMMANDS: Record<string, () => Promise<Command>> = {
   create: () => import('./commands/create.js'),
   snapshot: () => import('./commands/snapshot.js'),
   resize: () => import('./commands/resize.js'),
+  commit: () => import('./commands/commit.js'),
   boot: () => import('./commands/boot.js'),
 };
 

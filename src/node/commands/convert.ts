@@ -227,7 +227,7 @@ export class RawTarget implements ConvertTarget {
 }
 
 /** qemu-img's progress line, "    (12.34/100%)", redrawn in place. */
-function progressPrinter(): (fraction: number, last?: boolean) => void {
+export function progressPrinter(): (fraction: number, last?: boolean) => void {
   let shown = -1;
   return (fraction, last = false) => {
     const percent = Math.floor(fraction * 10000) / 100;
