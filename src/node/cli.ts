@@ -17,6 +17,7 @@ const COMMANDS: Record<string, () => Promise<Command>> = {
   snapshot: () => import('./commands/snapshot.js'),
   resize: () => import('./commands/resize.js'),
   commit: () => import('./commands/commit.js'),
+  rebase: () => import('./commands/rebase.js'),
   boot: () => import('./commands/boot.js'),
 };
 

@@ -417,6 +417,7 @@ export function encodeHeader(header: Qcow2Header): Uint8Array {
     putU64(data, 16, header.bitmaps.directoryOffset);
     extension(EXT_BITMAPS, data);
   }
+  let featureTable = -1;
   if (header.version === 3) {
     const names = header.featureNames.length ? header.featureNames : QEMU_FEATURE_NAMES;
     const data = new Uint8Array(names.length * 48);
@@ -426,6 +427,7 @@ export function encodeHeader(header: Qcow2Header): Uint8Array {
       data.set(encodeText(feature.name).subarray(0, 46), i * 48 + 2);
     });
     extension(EXT_FEATURE_NAMES, data);
+    featureTable = parts.length - 1;
   }
   for (const unknown of header.unknownExtensions) extension(unknown.type, unknown.data);
   parts.push(new Uint8Array(8)); // end-of-extensions marker
@@ -433,7 +435,13 @@ export function encodeHeader(header: Qcow2Header): Uint8Array {
   if (backingName && backingName.length > MAX_BACKING_NAME) {
     throw new FormatError('', `backing file name is ${backingName.length} bytes long (limit ${MAX_BACKING_NAME})`, { field: 'backing_file_size' });
   }
-  const extensionsLength = parts.reduce((sum, part) => sum + part.length, 0);
+  let extensionsLength = parts.reduce((sum, part) => sum + part.length, 0);
+  // The feature name table only helps people read error messages: like QEMU, leave it out when the header would
+  // not fit in a (512-byte) cluster with it.
+  if (featureTable >= 0 && extensionsLength + (backingName?.length ?? 0) > clusterSize) {
+    extensionsLength -= parts[featureTable]!.length;
+    parts.splice(featureTable, 1);
+  }
   const total = extensionsLength + (backingName?.length ?? 0);
   if (total > clusterSize) throw new FormatError('', `header, extensions and backing name need ${total} bytes, more than one cluster (${clusterSize})`, { field: 'header' });
   const out = new Uint8Array(total);
