@@ -1,6 +1,10 @@
 #!/usr/bin/env node
 // convert -O raw of a 256 MiB mixed qcow2 (random, zero and text data), ours vs qemu-img in the same run,
-// uncompressed and deflate-compressed. Best of three runs each; prints a table. Needs `npm run build`.
+// uncompressed and deflate-compressed. Needs `npm run build`.
+// Both sides are timed as whole CLI runs (process start, module loading, the copy, exit), as a user gets them.
+// Each side runs RUNS times, alternating, so a load spike from other processes hits both alike; the table shows
+// the best and the median run of each (the ratio of bests is the headline figure, as before this change, when
+// the table showed the best of three run back to back).
 import { execFileSync } from 'node:child_process';
 import { mkdtempSync, openSync, writeSync, closeSync, rmSync } from 'node:fs';
 import { randomFillSync } from 'node:crypto';
@@ -27,24 +31,31 @@ execFileSync('truncate', ['-s', String(SIZE), raw]);
 execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, join(dir, 'plain.qcow2')]);
 execFileSync('qemu-img', ['convert', '-c', '-f', 'raw', '-O', 'qcow2', raw, join(dir, 'deflate.qcow2')]);
 
-function best(run) {
-  let min = Infinity;
-  for (let i = 0; i < 3; i++) {
-    const start = process.hrtime.bigint();
-    run();
-    min = Math.min(min, Number(process.hrtime.bigint() - start) / 1e6);
-  }
-  return min;
-}
+const RUNS = Number(process.env.QCOW86_BENCH_RUNS ?? 5);
+const time = (run) => {
+  const start = process.hrtime.bigint();
+  run();
+  return Number(process.hrtime.bigint() - start) / 1e6;
+};
+const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
 const rows = [];
 for (const name of ['plain', 'deflate']) {
   const src = join(dir, `${name}.qcow2`);
   const out = join(dir, 'out.raw');
-  const theirs = best(() => execFileSync('qemu-img', ['convert', '-O', 'raw', src, out]));
-  const ours = best(() => execFileSync(process.execPath, [cli, 'convert', '-O', 'raw', src, out]));
+  const theirs = [];
+  const ours = [];
+  for (let i = 0; i < RUNS; i++) {
+    theirs.push(time(() => execFileSync('qemu-img', ['convert', '-O', 'raw', src, out])));
+    ours.push(time(() => execFileSync(process.execPath, [cli, 'convert', '-O', 'raw', src, out])));
+  }
   execFileSync('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', out, raw]);
-  rows.push({ image: `${name} (256 MiB mixed)`, 'qemu-img ms': theirs.toFixed(0), 'qcow86 ms': ours.toFixed(0), 'ratio (ours/qemu)': (ours / theirs).toFixed(2), target: name === 'plain' ? '<= 1.0' : '<= 1.3' });
+  const target = name === 'plain' ? '<= 1.0' : '<= 1.3';
+  for (const [figure, pick] of [['best', (xs) => Math.min(...xs)], ['median', median]]) {
+    const t = pick(theirs);
+    const o = pick(ours);
+    rows.push({ image: figure === 'best' ? `${name} (256 MiB mixed)` : '', figure, 'qemu-img ms': t.toFixed(0), 'qcow86 ms': o.toFixed(0), 'ratio (ours/qemu)': (o / t).toFixed(2), target });
+  }
 }
 console.table(rows);
 rmSync(dir, { recursive: true, force: true });

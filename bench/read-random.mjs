@@ -1,6 +1,15 @@
 #!/usr/bin/env node
-// Random 4 KiB reads over a 1 GiB sparse qcow2 (64 MiB of data scattered over it): ops/s of our engine
-// in-process vs `qemu-img bench` (read mode, 4 KiB requests, stepping through the disk). Needs `npm run build`.
+// 4 KiB reads over a 1 GiB sparse qcow2 (64 MiB of data scattered over it), 16 in flight: ops/s of our engine
+// in-process vs `qemu-img bench` (read mode). Needs `npm run build`.
+//
+// Both sides do the same work: qemu-img bench's access pattern (offset k * STEP modulo the disk size, requests
+// issued in that order; QEMU 7.2's bench_cb wraps modulo image_size) and the same request count. STEP is 84 KiB,
+// not a multiple of the 64 KiB cluster, so consecutive requests land in different clusters and sweep all of the
+// disk (zero, unallocated and data clusters alike). Both sides are timed without process start and image open:
+// qemu-img's figure is its own "Run completed in" line, ours the loop after openImage. COUNT is large enough that
+// each side runs for seconds (the first version of this benchmark timed 50k qemu-img requests, ~0.1 s, including
+// its process start, against random offsets on our side: neither the same work nor the same clock).
+// Best and median of RUNS runs, alternating the two sides so machine load hits both alike.
 import { execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -12,32 +21,56 @@ const { FileStore, nodeResolver, nodeCodecs } = await import(pathToFileURL(join(
 const { openImage } = await import(pathToFileURL(join(root, 'dist/qcow2/open.js')).href);
 const dir = mkdtempSync(join(tmpdir(), 'qcow86-bench-read-'));
 const image = join(dir, 'sparse.qcow2');
-const GiB = 1024 ** 3;
+const SIZE = 1024 ** 3;
 execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', image, '1G']);
 const writes = [];
 for (let i = 0; i < 64; i++) writes.push('-c', `write -P ${i + 1} ${i * 16}M 1M`);
 execFileSync('qemu-io', [...writes, image]);
 
-const COUNT = 50_000;
-const start = process.hrtime.bigint();
-execFileSync('qemu-img', ['bench', '-c', String(COUNT), '-s', '4k', '-S', String(20 * 4096 + 4096), '-d', '16', image]);
-const theirs = COUNT / (Number(process.hrtime.bigint() - start) / 1e9);
+const COUNT = Number(process.env.QCOW86_BENCH_COUNT ?? 1_000_000);
+const RUNS = Number(process.env.QCOW86_BENCH_RUNS ?? 3);
+const STEP = 21 * 4096;
+const DEPTH = 16;
 
-const device = await openImage(await FileStore.open(image), { resolver: nodeResolver(), codecs: nodeCodecs() });
-let seed = 12345;
-const next = () => ((seed = (seed * 1103515245 + 12345) >>> 0) % (GiB / 4096)) * 4096;
-const t0 = process.hrtime.bigint();
-let done = 0;
-// 16 requests in flight, like qemu-img bench -d 16.
-await Promise.all(
-  Array.from({ length: 16 }, async () => {
-    while (done < COUNT) {
-      done++;
-      await device.read(next(), 4096);
-    }
-  }),
-);
-const ours = COUNT / (Number(process.hrtime.bigint() - t0) / 1e9);
-await device.close();
-console.table([{ workload: '4 KiB reads, 1 GiB sparse qcow2, 16 in flight', 'qemu-img bench ops/s': theirs.toFixed(0), 'qcow86 ops/s': ours.toFixed(0), 'ratio (ours/qemu)': (ours / theirs).toFixed(2), target: '>= 0.5' }]);
+function qemuRun() {
+  const out = execFileSync('qemu-img', ['bench', '-c', String(COUNT), '-s', '4k', '-S', String(STEP), '-d', String(DEPTH), image], { encoding: 'utf8' });
+  const match = /Run completed in ([\d.]+) seconds/.exec(out);
+  if (!match) throw new Error(`unexpected qemu-img bench output: ${out}`);
+  return COUNT / Number(match[1]);
+}
+
+async function oursRun() {
+  const device = await openImage(await FileStore.open(image), { resolver: nodeResolver(), codecs: nodeCodecs() });
+  let issued = 0;
+  let offset = 0;
+  const t0 = process.hrtime.bigint();
+  // DEPTH requests in flight, each taking the next offset of the pattern when it is issued, like bench_cb.
+  await Promise.all(
+    Array.from({ length: DEPTH }, async () => {
+      while (issued < COUNT) {
+        issued++;
+        const at = offset;
+        offset = (offset + STEP) % SIZE;
+        const bytes = await device.read(at, 4096);
+        if (bytes.length !== 4096) throw new Error(`short read at ${at}`);
+      }
+    }),
+  );
+  const rate = COUNT / (Number(process.hrtime.bigint() - t0) / 1e9);
+  await device.close();
+  return rate;
+}
+
+const theirs = [];
+const ours = [];
+for (let i = 0; i < RUNS; i++) {
+  theirs.push(qemuRun());
+  ours.push(await oursRun());
+}
+const best = (xs) => Math.max(...xs);
+const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+console.table([
+  { workload: `4 KiB reads x${COUNT}, 1 GiB sparse qcow2, 16 in flight`, figure: 'best', 'qemu-img bench ops/s': best(theirs).toFixed(0), 'qcow86 ops/s': best(ours).toFixed(0), 'ratio (ours/qemu)': (best(ours) / best(theirs)).toFixed(2), target: '>= 0.5' },
+  { workload: '', figure: 'median', 'qemu-img bench ops/s': median(theirs).toFixed(0), 'qcow86 ops/s': median(ours).toFixed(0), 'ratio (ours/qemu)': (median(ours) / median(theirs)).toFixed(2), target: '>= 0.5' },
+]);
 rmSync(dir, { recursive: true, force: true });

@@ -10,6 +10,11 @@ export interface BlockDevice {
   readonly readOnly: boolean;
   /** Guest-visible bytes; ranges past virtualSize are an error. */
   read(offset: number, length: number): Promise<Uint8Array>;
+  /**
+   * Optional: fills all of `into` with guest bytes [offset, offset+into.length), overwriting whatever it held.
+   * Lets convert reuse its buffers instead of allocating one per request.
+   */
+  readInto?(offset: number, into: Uint8Array): Promise<void>;
   /** Guest write; copy-on-write for images with a backing file. */
   write(offset: number, data: Uint8Array): Promise<void>;
   /** Makes all completed writes (data and metadata) durable, in a crash-safe order. */

@@ -4,7 +4,7 @@
  */
 import type { BlockDevice } from './device.js';
 import type { ByteStore } from './store.js';
-import { readExact } from './store.js';
+import { readExact, readIntoPadded } from './store.js';
 import { CorruptImageError, FormatError, ReadOnlyError, UnsupportedError } from './errors.js';
 import {
   AUTOCLEAR_DATA_FILE_RAW,
@@ -53,6 +53,7 @@ export class Qcow2Image implements BlockDevice {
   readonly l2Cache: L2Cache;
   /** The last decompressed cluster: sequential reads of a compressed image hit it once per cluster. */
   private lastCompressed: { hostOffset: number; data: Uint8Array } | undefined;
+  private readonly decompressing = new Map<number, Promise<Uint8Array>>();
   /** The write side (write-path.ts), created on the first modification of an image opened for writing. */
   private engine: WriteEngine | undefined;
   private enginePromise: Promise<WriteEngine> | undefined;
@@ -153,15 +154,41 @@ export class Qcow2Image implements BlockDevice {
     return this.l2Cache.get(l2Offset, (offset) => readExact(this.store, offset, this.clusterSize, 'L2 table'));
   }
 
+  /** The L2 table at `l2Offset` if it can be had without I/O (being written, or cached); undefined otherwise. */
+  private l2IfCached(l2Offset: number): Uint8Array | undefined {
+    return this.engine?.pendingL2(l2Offset) ?? this.l2Cache.lookup(l2Offset);
+  }
+
   /**
    * Describes guest bytes [offset, offset+length) of this layer only (unallocated extents are not resolved
    * through the backing chain). `l1Table` selects a snapshot's tables instead of the active ones.
    */
   async mapRange(offset: number, length: number, l1Table: Uint8Array = this.l1Table): Promise<Extent[]> {
-    const { clusterSize, l2Entries, extendedL2 } = this.geometry;
     const extents: Extent[] = [];
     const end = offset + length;
-    let at = offset;
+    const at = this.mapCached(extents, offset, end, l1Table);
+    if (at < end) await this.mapRest(extents, at, end, l1Table);
+    return extents;
+  }
+
+  /** Finishes what mapCached started at `at`, loading the L2 tables it stopped for. */
+  private async mapRest(extents: Extent[], at: number, end: number, l1Table: Uint8Array): Promise<void> {
+    while (at < end) {
+      // Carry on with the loaded table in hand: it may be evicted again before it is used when many reads share
+      // a small cache.
+      const l2Offset = decodeL1Entry(this.name, l1Table, Math.floor(at / this.clusterSize / this.geometry.l2Entries), this.geometry).l2Offset;
+      const table = await this.loadL2(l2Offset);
+      at = this.mapCached(extents, at, end, l1Table, l2Offset, table);
+    }
+  }
+
+  /**
+   * Maps [at, end) into `extents` as far as L2 tables are at hand without I/O (cached, being written, or the
+   * `known` one) and returns where it stopped: `end` when done, else the start of a cluster whose table must be
+   * loaded. Synchronous, so a read whose tables are cached costs no extra promise round trips.
+   */
+  private mapCached(extents: Extent[], at: number, end: number, l1Table: Uint8Array, knownOffset = -1, known?: Uint8Array): number {
+    const { clusterSize, l2Entries, extendedL2 } = this.geometry;
     while (at < end) {
       const clusterIndex = Math.floor(at / clusterSize);
       const l1Index = Math.floor(clusterIndex / l2Entries);
@@ -170,8 +197,9 @@ export class Qcow2Image implements BlockDevice {
       const clusterEnd = Math.min(clusterStart + clusterSize, end);
       if (l1Index * 8 >= l1Table.length) {
         // Past the L1 table (a snapshot view of a disk that grew later): nothing allocated there.
-        pushExtent(extents, { guestOffset: at, length: Math.min(end, (l1Index + 1) * l2Entries * clusterSize) - at, kind: 'unallocated' });
-        at = Math.min(end, (l1Index + 1) * l2Entries * clusterSize);
+        const l2End = Math.min(end, (l1Index + 1) * l2Entries * clusterSize);
+        pushExtent(extents, { guestOffset: at, length: l2End - at, kind: 'unallocated' });
+        at = l2End;
         continue;
       }
       const l1 = decodeL1Entry(this.name, l1Table, l1Index, this.geometry);
@@ -181,11 +209,12 @@ export class Qcow2Image implements BlockDevice {
         at = l2End;
         continue;
       }
-      const table = await this.loadL2(l1.l2Offset);
+      const table = l1.l2Offset === knownOffset ? this.engine?.pendingL2(knownOffset) ?? known : this.l2IfCached(l1.l2Offset);
+      if (!table) return at;
       const entry = readL2Entry(table, l2Index, this.geometry);
-      const where = () => `L2 table ${hex(l1.l2Offset)}, L2 index ${l2Index}, guest offset ${hex(clusterStart)}`;
+      const place = { l2Offset: l1.l2Offset, l2Index, guestOffset: clusterStart };
       if (!extendedL2 || entry.hi & 0x40000000) {
-        const mapping = classify(this.name, entry, this.geometry, 0, where);
+        const mapping = classify(this.name, entry, this.geometry, 0, place);
         pushMapping(extents, mapping, at, clusterEnd - at, at - clusterStart);
         at = clusterEnd;
         continue;
@@ -194,59 +223,99 @@ export class Qcow2Image implements BlockDevice {
       while (at < clusterEnd) {
         const sub = Math.floor((at - clusterStart) / subSize);
         const subEnd = Math.min(clusterStart + (sub + 1) * subSize, clusterEnd);
-        const mapping = classify(this.name, entry, this.geometry, sub, where);
+        const mapping = classify(this.name, entry, this.geometry, sub, place);
         pushMapping(extents, mapping, at, subEnd - at, at - clusterStart - sub * subSize);
         at = subEnd;
       }
     }
-    return extents;
+    return at;
   }
 
   // ---- reading -------------------------------------------------------------------------------------------
 
   async read(offset: number, length: number): Promise<Uint8Array> {
     checkRange(this, offset, length);
+    const out = new Uint8Array(length);
     // While writes are possible, reads wait for them: tables change under a write.
-    if (this.engine) return this.engine.exclusive(() => this.readThrough(offset, length, this.l1Table, this.backing));
-    return this.readThrough(offset, length, this.l1Table, this.backing);
+    if (this.engine) await this.engine.exclusive(() => this.fill(out, offset, this.l1Table, this.backing, true));
+    else await this.fill(out, offset, this.l1Table, this.backing, true);
+    return out;
+  }
+
+  /** Fills all of `into` with guest bytes starting at `offset` (a reused buffer: convert's copy loop). */
+  async readInto(offset: number, into: Uint8Array): Promise<void> {
+    checkRange(this, offset, into.length);
+    if (this.engine) await this.engine.exclusive(() => this.fill(into, offset, this.l1Table, this.backing, false));
+    else await this.fill(into, offset, this.l1Table, this.backing, false);
   }
 
   /** Executes the read plan for [offset, offset+length) with the given tables and backing. */
   async readThrough(offset: number, length: number, l1Table: Uint8Array, backing: BlockDevice | undefined): Promise<Uint8Array> {
     const out = new Uint8Array(length);
-    const extents = await this.mapRange(offset, length, l1Table);
-    await Promise.all(extents.map((extent) => this.fillExtent(out, offset, extent, backing)));
+    await this.fill(out, offset, l1Table, backing, true);
     return out;
   }
 
-  private async fillExtent(out: Uint8Array, base: number, extent: Extent, backing: BlockDevice | undefined): Promise<void> {
+  /**
+   * Fills `out` with guest bytes from `offset`. `fresh` says `out` is newly allocated (already zero), so zero
+   * and unallocated extents need no writing. The common case, one extent with its tables cached, runs without
+   * building any intermediate promises.
+   */
+  private async fill(out: Uint8Array, offset: number, l1Table: Uint8Array, backing: BlockDevice | undefined, fresh: boolean): Promise<void> {
+    const end = offset + out.length;
+    const extents: Extent[] = [];
+    const at = this.mapCached(extents, offset, end, l1Table);
+    if (at < end) await this.mapRest(extents, at, end, l1Table);
+    if (extents.length === 1) return this.fillExtent(out, offset, extents[0]!, backing, fresh);
+    await Promise.all(extents.map((extent) => this.fillExtent(out, offset, extent, backing, fresh)));
+  }
+
+  private fillExtent(out: Uint8Array, base: number, extent: Extent, backing: BlockDevice | undefined, fresh: boolean): Promise<void> | undefined {
     const at = extent.guestOffset - base;
     switch (extent.kind) {
       case 'zero':
-        return; // already zero
+        if (!fresh) out.fill(0, at, at + extent.length);
+        return undefined;
       case 'unallocated': {
-        if (!backing) return;
         // A backing file shorter than this image reads as zeros past its end.
-        const available = Math.max(0, Math.min(extent.length, backing.virtualSize - extent.guestOffset));
-        if (available > 0) out.set(await backing.read(extent.guestOffset, available), at);
-        return;
+        const available = backing ? Math.max(0, Math.min(extent.length, backing.virtualSize - extent.guestOffset)) : 0;
+        if (!fresh) out.fill(0, at + available, at + extent.length);
+        if (available === 0) return undefined;
+        return this.fillFromBacking(backing!, out.subarray(at, at + available), extent.guestOffset);
       }
-      case 'data': {
-        const store = this.dataStore ?? this.store;
+      case 'data':
         // Data past the end of the file reads as zeros, as it does in QEMU.
-        out.set(await store.read(extent.hostOffset, extent.length), at);
-        return;
-      }
-      case 'compressed': {
-        const cluster = await this.readCompressed(extent.hostOffset, extent.compressedLength);
-        out.set(cluster.subarray(extent.offsetInCluster, extent.offsetInCluster + extent.length), at);
-        return;
-      }
+        return readIntoPadded(this.dataStore ?? this.store, extent.hostOffset, out.subarray(at, at + extent.length));
+      case 'compressed':
+        return this.fillCompressed(out, at, extent);
     }
+  }
+
+  private async fillFromBacking(backing: BlockDevice, into: Uint8Array, guestOffset: number): Promise<void> {
+    if (backing.readInto) await backing.readInto(guestOffset, into);
+    else into.set(await backing.read(guestOffset, into.length));
+  }
+
+  private async fillCompressed(out: Uint8Array, at: number, extent: Extent & { kind: 'compressed' }): Promise<void> {
+    const cluster = await this.readCompressed(extent.hostOffset, extent.compressedLength);
+    out.set(cluster.subarray(extent.offsetInCluster, extent.offsetInCluster + extent.length), at);
   }
 
   async readCompressed(hostOffset: number, compressedLength: number): Promise<Uint8Array> {
     if (this.lastCompressed?.hostOffset === hostOffset) return this.lastCompressed.data;
+    // Concurrent reads inside one compressed cluster share its decompression.
+    const pending = this.decompressing.get(hostOffset);
+    if (pending) return pending;
+    const promise = this.decompress(hostOffset, compressedLength);
+    this.decompressing.set(hostOffset, promise);
+    try {
+      return await promise;
+    } finally {
+      this.decompressing.delete(hostOffset);
+    }
+  }
+
+  private async decompress(hostOffset: number, compressedLength: number): Promise<Uint8Array> {
     // The descriptor's sector count can overstate the length (it is sector-granular, up to two clusters).
     const raw = await this.store.read(hostOffset, compressedLength);
     if (raw.length === 0) {

@@ -91,13 +91,16 @@ export function standardHostOffset(entry: L2Entry): number {
 /**
  * A compressed descriptor: bits 0..x-1 host byte offset, bits x..61 additional 512-byte sectors, where
  * x = 62 - (cluster_bits - 8). The stored length is sector-granular, so it may include bytes of a neighbour.
+ * x is 49..61 for the valid cluster sizes (512 B..2 MiB), so the offset holds the whole low word plus the high word's
+ * bottom x - 32 bits, and the sector count is the rest of the high word: plain number arithmetic, no bigint
+ * (this runs once per compressed cluster read).
  */
 export function decodeCompressed(entry: L2Entry, clusterBits: number): { hostOffset: number; compressedLength: number } {
-  const value = ((BigInt(entry.hi & 0x3fffffff) << 32n) | BigInt(entry.lo >>> 0));
-  const shift = BigInt(62 - (clusterBits - 8));
-  const hostOffset = Number(value & ((1n << shift) - 1n));
-  const sectors = Number(value >> shift) + 1;
-  return { hostOffset, compressedLength: sectors * 512 - (hostOffset & 511) };
+  const hiOffsetBits = 62 - (clusterBits - 8) - 32;
+  const hi = entry.hi & 0x3fffffff;
+  const hostOffset = (hi & ((1 << hiOffsetBits) - 1)) * TWO_32 + (entry.lo >>> 0);
+  const sectors = (hi >>> hiOffsetBits) + 1;
+  return { hostOffset, compressedLength: sectors * 512 - (hostOffset % 512) };
 }
 
 export function encodeCompressed(hostOffset: number, compressedLength: number, clusterBits: number): bigint {
@@ -107,20 +110,31 @@ export function encodeCompressed(hostOffset: number, compressedLength: number, c
   return (1n << 62n) | (additional << shift) | BigInt(hostOffset);
 }
 
+/** Where an L2 entry was found, for error messages (built only when one is thrown). */
+export interface EntryPlace {
+  l2Offset: number;
+  l2Index: number;
+  guestOffset: number;
+}
+
+function describe(place: EntryPlace): string {
+  return `L2 table ${hex(place.l2Offset)}, L2 index ${place.l2Index}, guest offset ${hex(place.guestOffset)}`;
+}
+
 /**
  * Classifies the whole cluster of a standard (non-extended) L2 entry, or subcluster `sub` of an extended one.
- * `where` describes the entry for error messages.
+ * `place` says where the entry is, for error messages.
  */
-export function classify(file: string, entry: L2Entry, geometry: Geometry, sub: number, where: () => string): ClusterMapping {
+export function classify(file: string, entry: L2Entry, geometry: Geometry, sub: number, place: EntryPlace): ClusterMapping {
   if (isCompressed(entry)) {
-    if (geometry.externalData) throw new CorruptImageError(file, `compressed cluster in an image with an external data file (${where()})`);
+    if (geometry.externalData) throw new CorruptImageError(file, `compressed cluster in an image with an external data file (${describe(place)})`);
     return { kind: 'compressed', ...decodeCompressed(entry, geometry.clusterBits) };
   }
   const hostOffset = standardHostOffset(entry);
   // With an external data file, offset 0 is a real location when the entry is marked COPIED.
   const hasHost = hostOffset !== 0 || (geometry.externalData && isCopied(entry));
   if (hasHost && hostOffset % geometry.clusterSize !== 0) {
-    throw new CorruptImageError(file, `cluster allocation offset ${hex(hostOffset)} unaligned (${where()})`);
+    throw new CorruptImageError(file, `cluster allocation offset ${hex(hostOffset)} unaligned (${describe(place)})`);
   }
   if (!geometry.extendedL2) {
     if (entry.lo & 1) return { kind: 'zero', hostOffset: hasHost ? hostOffset : undefined };
@@ -129,10 +143,10 @@ export function classify(file: string, entry: L2Entry, geometry: Geometry, sub: 
   const bit = 1 << sub;
   const allocated = (entry.allocMask & bit) !== 0;
   const zero = (entry.zeroMask & bit) !== 0;
-  if (allocated && zero) throw new CorruptImageError(file, `subcluster ${sub} is marked both allocated and zero (${where()})`);
+  if (allocated && zero) throw new CorruptImageError(file, `subcluster ${sub} is marked both allocated and zero (${describe(place)})`);
   if (zero) return { kind: 'zero', hostOffset: undefined };
   if (allocated) {
-    if (!hasHost) throw new CorruptImageError(file, `subcluster ${sub} is allocated in a cluster with no host offset (${where()})`);
+    if (!hasHost) throw new CorruptImageError(file, `subcluster ${sub} is allocated in a cluster with no host offset (${describe(place)})`);
     return { kind: 'data', hostOffset: hostOffset + sub * (geometry.clusterSize / SUBCLUSTERS) };
   }
   return { kind: 'unallocated' };

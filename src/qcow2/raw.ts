@@ -1,5 +1,5 @@
 import type { BlockDevice } from './device.js';
-import type { ByteStore } from './store.js';
+import { readIntoPadded, type ByteStore } from './store.js';
 import { FormatError, ReadOnlyError } from './errors.js';
 
 /**
@@ -26,6 +26,11 @@ export class RawImage implements BlockDevice {
     const padded = new Uint8Array(length);
     padded.set(bytes);
     return padded;
+  }
+
+  async readInto(offset: number, into: Uint8Array): Promise<void> {
+    checkRange(this, offset, into.length);
+    await readIntoPadded(this.store, offset, into);
   }
 
   async write(offset: number, data: Uint8Array): Promise<void> {

@@ -23,6 +23,11 @@ export interface ByteStore {
    * (possibly empty) when the range crosses the end. Never reads outside [0, size).
    */
   read(offset: number, length: number): Promise<Uint8Array>;
+  /**
+   * Optional: reads up to `into.length` bytes at `offset` into `into` and returns how many it read (fewer only at
+   * the end of the store). Lets hot paths (convert, guest reads) reuse buffers and skip a copy.
+   */
+  readInto?(offset: number, into: Uint8Array): Promise<number>;
   /** Writes all of `data` at `offset`, growing the store when needed (the gap reads as zeros). */
   write(offset: number, data: Uint8Array): Promise<void>;
   /** Sets the size; growing fills with zeros. */
@@ -42,6 +47,22 @@ export interface StoreResolver {
    * backing chain are found however the names are spelled.
    */
   open(name: string, relativeTo: ByteStore, options: { readOnly: boolean }): Promise<{ store: ByteStore; fullName: string; identity: string }>;
+}
+
+/**
+ * Fills `into` with the store's bytes at `offset`; bytes past the end of the store read as zeros (as a data
+ * cluster past the end of a truncated file does in QEMU). Uses readInto when the store has it.
+ */
+export async function readIntoPadded(store: ByteStore, offset: number, into: Uint8Array): Promise<void> {
+  let got: number;
+  if (store.readInto) {
+    got = await store.readInto(offset, into);
+  } else {
+    const bytes = await store.read(offset, into.length);
+    into.set(bytes);
+    got = bytes.length;
+  }
+  if (got < into.length) into.fill(0, got);
 }
 
 /** Reads exactly `length` bytes or throws a ShortReadError naming the store, offset and what was missing. */

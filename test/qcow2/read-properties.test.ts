@@ -28,6 +28,18 @@ describe('compressed descriptor', () => {
       }),
     );
   });
+
+  it('decodes every 62-bit descriptor as the spec says (bigint reference, offsets far above 4 GiB)', () => {
+    fc.assert(
+      fc.property(fc.integer({ min: 9, max: 21 }), fc.bigInt({ min: 0n, max: (1n << 62n) - 1n }), (clusterBits, bits) => {
+        const x = BigInt(62 - (clusterBits - 8));
+        const hostOffset = Number(bits & ((1n << x) - 1n));
+        const sectors = Number(bits >> x) + 1;
+        const decoded = decodeCompressed(entryOf((1n << 62n) | bits), clusterBits);
+        expect(decoded).toEqual({ hostOffset, compressedLength: sectors * 512 - (hostOffset % 512) });
+      }),
+    );
+  });
 });
 
 describe('header', () => {

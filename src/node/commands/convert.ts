@@ -7,7 +7,8 @@
  * Output formats are targets (ConvertTarget): qcow2 output is a second target behind the same copy loop.
  */
 import { parseArgs } from 'node:util';
-import { open, type FileHandle } from 'node:fs/promises';
+import { close, ftruncate, open } from 'node:fs';
+import { writeAll } from '../../io/file.js';
 import type { BlockDevice } from '../../qcow2/device.js';
 import { Qcow2Image } from '../../qcow2/image.js';
 import { QcowV1Image } from '../../qcow2/qcow1.js';
@@ -106,20 +107,35 @@ async function snapshotOf(image: BlockDevice, idOrName: string): Promise<BlockDe
   };
 }
 
-/** Copies every non-zero block of `source` into `target`, chunk by chunk with IN_FLIGHT reads running. */
+/**
+ * Copies every non-zero block of `source` into `target`, chunk by chunk with IN_FLIGHT chunks under way: while
+ * one worker's chunk is being written, the others' are being read (and decompressed). Each worker keeps one
+ * CHUNK-sized buffer for the whole copy, so no memory is allocated (and page-faulted in) per chunk.
+ */
 export async function copyDevice(source: BlockDevice, target: ConvertTarget, progress?: (fraction: number) => void): Promise<void> {
   const size = source.virtualSize;
   const ranges = dataRanges(source);
   let done = 0;
   let failed: unknown;
   const worker = async () => {
+    let buffer: Uint8Array | undefined;
     for (;;) {
       if (failed) return;
       const next = await ranges.next();
       if (next.done) return;
       const { offset, length, copy } = next.value;
       try {
-        if (copy) await writeNonZero(target, offset, await source.read(offset, length));
+        if (copy) {
+          let data: Uint8Array;
+          if (source.readInto) {
+            buffer ??= new Uint8Array(CHUNK);
+            data = buffer.subarray(0, length);
+            await source.readInto(offset, data);
+          } else {
+            data = await source.read(offset, length);
+          }
+          await writeNonZero(target, offset, data);
+        }
       } catch (error) {
         failed ??= error;
         return;
@@ -177,12 +193,14 @@ function dataRanges(source: BlockDevice): { next(): Promise<IteratorResult<{ off
 
 /** Writes the runs of `data` that are not all-zero 4 KiB blocks (aligned to the disk), each as one write. */
 async function writeNonZero(target: ConvertTarget, offset: number, data: Uint8Array): Promise<void> {
+  // One word view for the whole chunk: a view per 4 KiB block costs more than checking the block.
+  const words = (data.byteOffset & 3) === 0 ? new Uint32Array(data.buffer, data.byteOffset, data.length >>> 2) : undefined;
   let runStart = -1;
   let at = 0;
   const writes: Promise<void>[] = [];
   while (at < data.length) {
     const blockEnd = Math.min(data.length, (Math.floor((offset + at) / SPARSE_BLOCK) + 1) * SPARSE_BLOCK - offset);
-    const zero = isZero(data.subarray(at, blockEnd));
+    const zero = isZeroBlock(data, words, at, blockEnd);
     if (!zero && runStart < 0) runStart = at;
     if (zero && runStart >= 0) {
       writes.push(target.write(offset + runStart, data.subarray(runStart, at)));
@@ -190,40 +208,56 @@ async function writeNonZero(target: ConvertTarget, offset: number, data: Uint8Ar
     }
     at = blockEnd;
   }
-  if (runStart >= 0) writes.push(target.write(offset + runStart, data.subarray(runStart)));
+  if (runStart >= 0) writes.push(target.write(offset + runStart, runStart === 0 ? data : data.subarray(runStart)));
   await Promise.all(writes);
+}
+
+/** True when data[start, end) is all zero; `words` is a Uint32Array over all of `data` when it is aligned. */
+function isZeroBlock(data: Uint8Array, words: Uint32Array | undefined, start: number, end: number): boolean {
+  // Most data blocks start with a non-zero byte: those are answered without a loop.
+  if (data[start] !== 0) return false;
+  if (words && (start & 3) === 0 && (end & 3) === 0) {
+    for (let i = start >>> 2, last = end >>> 2; i < last; i++) if (words[i] !== 0) return false;
+    return true;
+  }
+  return isZero(data.subarray(start, end));
 }
 
 /** A raw output file: created (or truncated) and sized up front, so skipped ranges stay holes. */
 export class RawTarget implements ConvertTarget {
   private constructor(
     readonly path: string,
-    private readonly handle: FileHandle,
+    private readonly fd: number,
   ) {}
 
   static async create(path: string, size: number): Promise<RawTarget> {
-    const handle = await open(path, 'w');
-    await handle.truncate(size);
-    return new RawTarget(path, handle);
+    const fd = await new Promise<number>((resolve, reject) => open(path, 'w', (error, fd) => (error ? reject(error) : resolve(fd))));
+    try {
+      await new Promise<void>((resolve, reject) => ftruncate(fd, size, (error) => (error ? reject(error) : resolve())));
+    } catch (error) {
+      await closeFd(fd);
+      throw error;
+    }
+    return new RawTarget(path, fd);
   }
 
-  async write(offset: number, data: Uint8Array): Promise<void> {
-    let done = 0;
-    while (done < data.length) {
-      const { bytesWritten } = await this.handle.write(data, done, data.length - done, offset + done);
-      done += bytesWritten;
-    }
+  write(offset: number, data: Uint8Array): Promise<void> {
+    return writeAll(this.fd, data, offset);
   }
 
   async finish(): Promise<void> {
     // No fsync: qemu-img convert does not sync its output either (it runs with cache=unsafe), and on a busy
     // disk a sync costs more than the whole conversion.
-    await this.handle.close();
+    await closeFd(this.fd);
   }
 
   async abort(): Promise<void> {
-    await this.handle.close();
+    await closeFd(this.fd);
   }
+}
+
+function closeFd(fd: number): Promise<void> {
+  return new Promise((resolve, reject) => close(fd, (error) => (error ? reject(error) : resolve())));
 }
 
 /** qemu-img's progress line, "    (12.34/100%)", redrawn in place. */
