@@ -35,6 +35,8 @@ export interface LoggedFaultRequest {
   ifRange: string;
   status: number;
   fault: Fault | undefined;
+  /** performance.now() when the request arrived. */
+  at: number;
 }
 
 export interface FaultServer {
@@ -70,7 +72,7 @@ export async function startFaultServer(initial: Uint8Array, options: FaultServer
     const range = req.headers.range ?? '';
     const ifRange = (req.headers['if-range'] as string | undefined) ?? '';
     const fault = queued.shift() ?? permanent ?? self.chooser?.(requests.length);
-    const entry: LoggedFaultRequest = { path, range, ifRange, status: 0, fault };
+    const entry: LoggedFaultRequest = { path, range, ifRange, status: 0, fault, at: performance.now() };
     requests.push(entry);
     const send = (status: number, headers: Record<string, string | number>, body?: Uint8Array | string) => {
       entry.status = status;

@@ -124,6 +124,19 @@ describe('HttpStore error cases', () => {
     expect(store.stats()).toMatchObject({ retries: 8, requests: 1 + 12 });
   });
 
+  it('waits longer before each retry: the backoff doubles from backoffMs', async () => {
+    const s = await serve();
+    const store = await HttpStore.open(s.url, { ...quick, backoffMs: 40, retries: 3 });
+    s.queue('503', '503', '503');
+    await expectTrue(store, 20 * KiB, 100);
+    const attempts = s.requests.slice(1).map((r) => r.at);
+    expect(attempts).toHaveLength(4);
+    const gaps = attempts.slice(1).map((at, i) => at - attempts[i]!);
+    // Lower bounds only (a busy machine may wait longer): 40, 80 and 160 ms, less 2 ms of timer rounding.
+    gaps.forEach((gap, i) => expect(gap).toBeGreaterThanOrEqual(40 * 2 ** i - 2));
+    expect(store.stats()).toMatchObject({ retries: 3, requests: 5 });
+  });
+
   it('gives up after the documented number of attempts with the last reason', async () => {
     const s = await serve();
     const store = await HttpStore.open(s.url, quick);
