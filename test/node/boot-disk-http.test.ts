@@ -8,7 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { readFileSync, utimesSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { startNginx, type NginxServer } from '../helpers/nginx.js';
-import { makeImage, qemuCheck, qemuImg, qemuInfo, tempDir } from '../helpers/qemu.js';
+import { makeImage, qemuCheck, qemuImg, qemuInfo, qemuIo, tempDir } from '../helpers/qemu.js';
 import { openBootDisk } from '../../src/node/boot-disk.js';
 import { EXT_QCOW86_BACKING_VALIDATOR } from '../../src/qcow2/header.js';
 import { main } from '../../src/node/cli.js';
@@ -66,9 +66,11 @@ describe('qcow86 boot disk over HTTP', () => {
     expect(info['backing-filename']).toBe(url);
     expect(info['backing-filename-format']).toBe('qcow2');
     expect((await qemuCheck(overlay)).exitCode).toBe(0);
-    // QEMU (curl driver for the base) sees the base's data under the overlay's write.
-    const read = await qemuImg(['compare', '-f', 'qcow2', overlay, base]).catch((error: Error) => error.message);
-    expect(read).toMatch(/Content mismatch at offset 4194304/);
+    // QEMU (its curl driver for the base) sees the base's data under the overlay's write. Small sequential reads:
+    // QEMU 7.2's curl driver can hang on large parallel ones.
+    const read = await qemuIo(['-r', '-f', 'qcow2', '-c', 'read -P 0x5a 1M 64k', '-c', 'read -P 0x77 4M 64k', '-c', 'read -P 0 6M 64k', overlay]);
+    expect(read).not.toMatch(/verification failed|error/i);
+    expect(read.match(/read 65536\/65536 bytes/g)).toHaveLength(3);
     // qemu-img amend rewrites the whole header: the unknown extension must survive it.
     await qemuImg(['amend', '-o', 'lazy_refcounts=on', overlay]);
     expect(recordedValidator(overlay)).toBe(await etag());
