@@ -74,10 +74,17 @@ function recording(device) {
   const seen = new Uint8Array(Math.ceil(device.virtualSize / 512));
   const proxy = new Proxy(device, {
     get(target, key) {
+      const mark = (offset, length) => seen.fill(1, Math.floor(offset / 512), Math.ceil(Math.min(target.virtualSize, offset + length) / 512));
       if (key === 'read') {
         return (offset, length) => {
-          seen.fill(1, Math.floor(offset / 512), Math.ceil(Math.min(target.virtualSize, offset + length) / 512));
+          mark(offset, length);
           return target.read(offset, length);
+        };
+      }
+      if (key === 'readInto' && typeof target.readInto === 'function') {
+        return (offset, buffer, ...rest) => {
+          mark(offset, buffer.length);
+          return target.readInto(offset, buffer, ...rest);
         };
       }
       const value = target[key];
