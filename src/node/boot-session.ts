@@ -9,7 +9,7 @@ import { nodeCodecs } from '../io/node.js';
 import type { BlockDevice } from '../qcow2/device.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import type { Machine } from '../v86/machine.js';
-import { SessionError, loadSession, resumeSession, saveSession, trackGuestClock, type LoadedSession } from '../v86/session.js';
+import { SessionError, loadSession, resumeSession, saveSession, trackGuestClock, v86StateMemoryBytes, type LoadedSession } from '../v86/session.js';
 
 export interface BootSessionOptions {
   resume?: string | undefined;
@@ -17,6 +17,8 @@ export interface BootSessionOptions {
 }
 
 export interface BootSession {
+  /** Guest RAM of the session being resumed: v86 restores a state only into a machine of that size. */
+  memoryBytes: number | undefined;
   /** Right after bootMachine: restores the session (the console then shows only what the guest prints next). */
   started(machine: Machine): Promise<void>;
   /** After the script's last step: saves the running guest. */
@@ -39,6 +41,7 @@ export async function prepareBootSession(options: BootSessionOptions, device: Bl
   if (image && options.resume !== undefined) loaded = await loadSession(image, options.resume, codecs);
 
   return {
+    memoryBytes: loaded ? v86StateMemoryBytes(loaded.state) : undefined,
     async started(machine) {
       trackGuestClock(machine);
       if (!image || !loaded) return;

@@ -27,6 +27,12 @@ export interface SnapshotOptions {
   vmClockNsec?: number;
   /** Wall-clock time of the snapshot; default now. */
   date?: Date;
+  /**
+   * Allow a name another snapshot already has (IDs stay unique; the format does not require unique names). A
+   * caller replacing a snapshot writes the new one completely first and deletes the old one by ID afterwards, so
+   * a crash in between leaves both rather than neither.
+   */
+  allowSameName?: boolean;
 }
 
 function l2OffsetAt(l1: Uint8Array, index: number): number {
@@ -146,7 +152,7 @@ export async function createSnapshot(engine: WriteEngine, name: string, options:
   const image = engine.image;
   const header = image.header;
   const cs = engine.clusterSize;
-  if (image.snapshots.some((s) => s.name === name)) throw new FormatError(image.name, `a snapshot named '${name}' already exists`, { field: 'snapshot', value: name });
+  if (!options.allowSameName && image.snapshots.some((s) => s.name === name)) throw new FormatError(image.name, `a snapshot named '${name}' already exists`, { field: 'snapshot', value: name });
   await engine.begin();
   const vmState = options.vmState ?? new Uint8Array(0);
   const vmOffset = vmStateOffset(image, header.size);

@@ -19,7 +19,6 @@ import type { Codecs } from '../qcow2/compression.js';
 import { Qcow86Error } from '../qcow2/errors.js';
 import type { Qcow2Image } from '../qcow2/image.js';
 import type { Snapshot } from '../qcow2/snapshots.js';
-import { findSnapshot } from '../qcow2/snapshots.js';
 import type { Machine } from './machine.js';
 
 export type SessionFormat = 'raw' | 'deflate' | 'zstd';
@@ -89,9 +88,7 @@ export function trackGuestClock(machine: Machine): void {
  * the guest continue (unless it was already stopped).
  */
 export async function saveSession(machine: Machine, image: Qcow2Image, name: string, codecs: Codecs, options: SaveOptions = {}): Promise<SaveResult> {
-  const format = options.format ?? 'zstd';
-  const existing = image.snapshots.find((s) => s.name === name);
-  if (existing && !options.replace) throw new SessionError(image.name, name, 'already exists (delete it or save with replace)');
+  refuseExisting(image, name, options);
   const clock = guestClockNsec(machine);
   const emulator = machine.emulator;
   const wasRunning = emulator.is_running();
@@ -102,14 +99,41 @@ export async function saveSession(machine: Machine, image: Qcow2Image, name: str
     await machine.disk.settle();
     await machine.disk.flush();
     const raw = new Uint8Array(await emulator.save_state());
-    const stored = await encodeVmState(raw, format, codecs);
-    if (existing) await image.deleteSnapshot(existing.id);
-    const snapshot = await image.createSnapshot(name, { vmState: stored, vmClockNsec: clock, date: new Date() });
-    await image.flush();
-    return { ...describe(snapshot), rawBytes: raw.length, format, pausedMs: now() - began };
+    const stored = await storeSession(image, name, raw, codecs, { ...options, clockNsec: clock });
+    return { ...stored, pausedMs: now() - began };
   } finally {
     if (wasRunning) emulator.run();
   }
+}
+
+export interface StoreOptions extends SaveOptions {
+  /** Guest clock to record, in nanoseconds. */
+  clockNsec?: number;
+  date?: Date;
+}
+
+/**
+ * Stores a v86 state blob taken from a stopped machine whose disk writes have all reached `image` (the browser's
+ * disk Worker calls this with the blob the page took). Replacing a session is crash-safe: the new snapshot is
+ * written completely, under the same name, before the old one is deleted by ID; a crash in between leaves both,
+ * and the newer one is the one a lookup by name finds.
+ */
+export async function storeSession(image: Qcow2Image, name: string, raw: Uint8Array, codecs: Codecs, options: StoreOptions = {}): Promise<Omit<SaveResult, 'pausedMs'>> {
+  const format = options.format ?? 'zstd';
+  const replaced = refuseExisting(image, name, options);
+  const stored = await encodeVmState(raw, format, codecs);
+  const snapshot = await image.createSnapshot(name, { vmState: stored, vmClockNsec: options.clockNsec ?? 0, date: options.date ?? new Date(), allowSameName: true });
+  await image.flush();
+  for (const old of replaced) await image.deleteSnapshot(old.id);
+  if (replaced.length) await image.flush();
+  return { ...describe(snapshot), rawBytes: raw.length, format };
+}
+
+/** The snapshots a save of `name` replaces (refused unless options.replace). */
+function refuseExisting(image: Qcow2Image, name: string, options: SaveOptions): Snapshot[] {
+  const existing = image.snapshots.filter((s) => s.name === name);
+  if (existing.length && !options.replace) throw new SessionError(image.name, name, 'already exists (delete it or save with replace)');
+  return existing;
 }
 
 /** A session's VM state, read and checked, ready for resumeSession (nothing has changed yet). */
@@ -118,7 +142,7 @@ export interface LoadedSession {
   state: ArrayBuffer;
 }
 
-/** Reads and checks session `name` without touching the disk: a damaged session fails here. */
+/** Reads and checks session `name` (an ID or a name) without touching the disk: a damaged session fails here. */
 export async function loadSession(image: Qcow2Image, name: string, codecs: Codecs): Promise<LoadedSession> {
   const snapshot = findSession(image, name);
   const raw = await decodeVmState(await image.readVmState(snapshot), snapshot.vmStateSize, codecs, image.name, name);
@@ -132,20 +156,29 @@ export async function loadSession(image: Qcow2Image, name: string, codecs: Codec
  * changes, so a damaged session leaves the disk as it was.
  */
 export async function resumeSession(machine: Machine, image: Qcow2Image, session: string | LoadedSession, codecs: Codecs): Promise<SessionInfo> {
-  const { snapshot, state } = typeof session === 'string' ? await loadSession(image, session, codecs) : session;
+  const loaded = typeof session === 'string' ? await loadSession(image, session, codecs) : session;
   const emulator = machine.emulator;
   await machine.started;
   await emulator.stop();
   // The machine's own writes since it started belong to the disk being discarded; they must reach the image
   // before the revert (an unfinished write-back landing afterwards would corrupt the reverted disk).
   await machine.disk.flush();
-  await image.applySnapshot(snapshot.id);
-  await image.flush();
+  await revertToSession(image, loaded);
   machine.disk.invalidate();
-  await emulator.restore_state(state);
-  clocks.set(machine, { baseNsec: snapshot.vmClockNsec, sinceMs: now() });
+  await emulator.restore_state(loaded.state);
+  clocks.set(machine, { baseNsec: loaded.snapshot.vmClockNsec, sinceMs: now() });
   emulator.run();
-  return describe(snapshot);
+  return describe(loaded.snapshot);
+}
+
+/**
+ * The disk half of a resume: the active disk goes back to the session's instant (later changes are discarded).
+ * The caller has stopped the machine and drained its writes, and restores `loaded.state` into it afterwards.
+ */
+export async function revertToSession(image: Qcow2Image, loaded: LoadedSession): Promise<SessionInfo> {
+  await image.applySnapshot(loaded.snapshot.id);
+  await image.flush();
+  return describe(loaded.snapshot);
 }
 
 /** Sessions are the internal snapshots that carry VM state, oldest first. */
@@ -153,13 +186,18 @@ export function listSessions(image: Qcow2Image): SessionInfo[] {
   return image.snapshots.filter((s) => s.vmStateSize > 0).map(describe);
 }
 
-export async function deleteSession(image: Qcow2Image, name: string): Promise<void> {
-  await image.deleteSnapshot(findSession(image, name).id);
+/** Deletes session `idOrName` (by name: the newest of that name). */
+export async function deleteSession(image: Qcow2Image, idOrName: string): Promise<void> {
+  await image.deleteSnapshot(findSession(image, idOrName).id);
   await image.flush();
 }
 
+/**
+ * By ID, else by name; of several with one name (a replacement interrupted between its two steps) the newest,
+ * which the table lists last.
+ */
 function findSession(image: Qcow2Image, name: string): Snapshot {
-  const snapshot = findSnapshot(image.snapshots, name);
+  const snapshot = image.snapshots.find((s) => s.id === name) ?? image.snapshots.filter((s) => s.name === name).at(-1);
   if (!snapshot) {
     const known = listSessions(image).map((s) => s.name);
     throw new SessionError(image.name, name, `not found (sessions: ${known.length ? known.join(', ') : 'none'})`);
@@ -243,4 +281,27 @@ export function crc32(bytes: Uint8Array): number {
   let crc = 0xffffffff;
   for (let i = 0; i < bytes.length; i++) crc = crcTable[(crc ^ bytes[i]!) & 0xff]! ^ (crc >>> 8);
   return (crc ^ 0xffffffff) >>> 0;
+}
+
+/**
+ * Guest RAM size recorded in a v86 state (uncompressed save_state() layout: four little-endian int32s - magic
+ * 0x86768676, version, total length, info length - then a JSON info block whose `state[0]` is the CPU's memory
+ * size). v86 restores a state only into a machine of the same memory size, so a resume must create the machine
+ * with it: sessions saved by a 64 MiB tab and a 128 MiB CLI guest then resume on either side. Undefined when the
+ * blob is not in that layout.
+ */
+export function v86StateMemoryBytes(state: ArrayBuffer | Uint8Array): number | undefined {
+  const bytes = state instanceof Uint8Array ? state : new Uint8Array(state);
+  if (bytes.length < 16) return undefined;
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  if (view.getUint32(0, true) !== 0x86768676) return undefined;
+  const infoLength = view.getUint32(12, true);
+  if (16 + infoLength > bytes.length) return undefined;
+  try {
+    const info = JSON.parse(new TextDecoder().decode(bytes.subarray(16, 16 + infoLength))) as { state?: unknown[] };
+    const memory = info.state?.[0];
+    return typeof memory === 'number' && memory > 0 ? memory : undefined;
+  } catch {
+    return undefined;
+  }
 }

@@ -13,6 +13,7 @@ import { OpfsStore, BlobStore, QuotaError, opfsDirectory, opfsExists } from '../
 import { DiskMap } from './disk-map.js';
 import { describeBaseProblem, makeOverlay, openBase, openTop, validateImport, type BaseHandle } from './disk-open.js';
 import type { OpenRequest, OpenResult, ProblemKind, Reply, Request, Stats, WorkerEvent } from './protocol.js';
+import { deleteSessionById, resumeSessionState, saveSessionState, sessionsOf } from './disk-sessions.js';
 
 interface WorkerScope {
   postMessage(message: unknown, transfer?: Transferable[]): void;
@@ -197,6 +198,13 @@ async function flush(): Promise<void> {
   unsaved = 0;
 }
 
+/** Sessions live in the stored overlay: a read-only tab's changes (and sessions) would vanish with it. */
+function writable(what: string): Session {
+  const s = need();
+  if (s.mode === 'readonly') throw new ProblemError('other', `This tab is read-only: ${what} in the tab that is writing the disk.`);
+  return s;
+}
+
 async function exportOverlay(): Promise<Uint8Array> {
   const s = need();
   if (s.mode === 'readonly') throw new ProblemError('other', 'This tab is read-only: download the overlay from the tab that is writing it.');
@@ -310,6 +318,32 @@ scope.onmessage = (event: MessageEvent) => {
       return;
     case 'reset':
       serial(reset).then(() => reply(session?.map.snapshot()), fail);
+      return;
+    case 'sessions':
+      serial(async () => sessionsOf(need().device)).then((list) => reply(list), fail);
+      return;
+    case 'save-session':
+      serial(async () => {
+        const s = writable('save a session');
+        await flush();
+        return saveSessionState(s.device, request.name, request.state, request);
+      }, 'saving the session').then((result) => reply(result), fail);
+      return;
+    case 'resume-session':
+      serial(async () => {
+        const s = writable('resume a session');
+        await flush();
+        const resumed = await resumeSessionState(s.device, request.id);
+        s.map = await DiskMap.build(s.device);
+        return { ...resumed, map: s.map.snapshot() };
+      }, 'resuming the session').then((value) => reply(value, [value.state]), fail);
+      return;
+    case 'delete-session':
+      serial(async () => {
+        const s = writable('delete a session');
+        await deleteSessionById(s.device, request.id);
+        return sessionsOf(s.device);
+      }).then((list) => reply(list), fail);
       return;
     case 'close':
       serial(async () => {

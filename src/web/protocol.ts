@@ -32,7 +32,25 @@ export type Request =
   | { op: 'import'; file: Blob }
   /** Replaces the overlay with an empty one (the disk goes back to the base). */
   | { op: 'reset' }
-  | { op: 'close' };
+  | { op: 'close' }
+  // Sessions (disk-sessions.ts): the page takes and restores v86's state; the Worker keeps it in the overlay.
+  | { op: 'sessions' }
+  /** Stores a stopped machine's save_state() whose disk writes have all been sent; replies with the session. */
+  | { op: 'save-session'; name: string; state: ArrayBuffer; clockNsec: number; replace: boolean }
+  /** Reverts the disk to the session and replies with its state ({ session, state, map }). */
+  | { op: 'resume-session'; id: string }
+  | { op: 'delete-session'; id: string };
+
+/** A session stored in the overlay: an internal snapshot carrying v86's machine state. */
+export interface SessionSummary {
+  id: string;
+  name: string;
+  /** Milliseconds since the epoch. */
+  date: number;
+  /** Bytes of VM state in the file (compressed), as qemu-img's VM SIZE. */
+  vmStateSize: number;
+  guestClockNsec: number;
+}
 
 export interface OpenResult {
   virtualSize: number;

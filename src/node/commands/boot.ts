@@ -160,7 +160,7 @@ export async function run(args: string[]): Promise<number> {
     }
     : {};
   const started = Date.now();
-  const machine: Machine = bootMachine({ disk: disk.device, ...assets, memoryBytes: options.memoryBytes, timeoutMs: options.timeoutMs, onSerial: batchedWriter(sinks), ...direct });
+  const machine: Machine = bootMachine({ disk: disk.device, ...assets, memoryBytes: session.memoryBytes ?? options.memoryBytes, timeoutMs: options.timeoutMs, onSerial: batchedWriter(sinks), ...direct });
 
   let interrupted = false;
   const onSignal = () => {
