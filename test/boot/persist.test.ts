@@ -1,14 +1,16 @@
 /**
  * The default guest on a fresh qcow2 overlay: files written in one boot are there, with the same checksums
- * (computed by the guest), in the next boot; qemu-img finds the overlay clean and the base untouched.
- * Two boots in total: each is shared by several assertions.
+ * (computed by the guest), in the next boot; qemu-img finds the overlay clean and the base untouched. Then the
+ * overlay is committed with our CLI into a copy of the (compressed) base, and that copy boots on its own, without
+ * an overlay, with the files in it. Three boots in total: each is shared by several assertions.
  */
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { copyFileSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { tempDir } from '../helpers/qemu.js';
+import { qcow86 } from '../cli/cli.js';
 import { POWERED_OFF, type Machine } from '../../src/v86/machine.js';
 import { bootGuest, shell, BOOT_TIMEOUT_MS, DEFAULT_BASE } from './guest.js';
 
@@ -81,5 +83,36 @@ describe('default guest on a qcow2 overlay', { timeout: BOOT_TIMEOUT_MS + 300_00
     machine = undefined;
     execFileSync('qemu-img', ['check', overlay]);
     expect(sha256(DEFAULT_BASE)).toBe(baseHash);
+  });
+
+  test('commit into a copy of the base with qcow86 commit, then boot the copy alone: files present', async () => {
+    const baseCopy = join(dir, 'base-copy.qcow2');
+    const top = join(dir, 'commit-top.qcow2');
+    copyFileSync(DEFAULT_BASE, baseCopy);
+    copyFileSync(overlay, top);
+    // The copy of the overlay is pointed at the copy of the base (same bytes, so -u is right), then committed.
+    const rebased = await qcow86(['rebase', '-u', '-b', 'base-copy.qcow2', '-F', 'qcow2', 'commit-top.qcow2'], { cwd: dir });
+    expect(rebased.exitCode, rebased.stderr).toBe(0);
+    const committed = await qcow86(['commit', 'commit-top.qcow2'], { cwd: dir });
+    expect(committed.exitCode, committed.stderr).toBe(0);
+    expect(committed.stdout).toBe('Image committed.\n');
+    execFileSync('qemu-img', ['check', baseCopy]);
+    execFileSync('qemu-img', ['check', top]);
+    // qemu-img sees the same disk in the committed base as in the original overlay on the untouched base.
+    execFileSync('qemu-img', ['compare', overlay, baseCopy]);
+    expect(JSON.parse(execFileSync('qemu-img', ['info', '--output=json', baseCopy]).toString())['backing-filename']).toBeUndefined();
+    expect(sha256(DEFAULT_BASE)).toBe(baseHash);
+
+    // The committed base is the guest's only disk: opened read-write as the top, no overlay, no backing file.
+    machine = await bootGuest({ overlay: baseCopy });
+    const check = await shell(machine, 'sha256sum -c /root/sums');
+    expect(check).toMatch(/\/root\/big.bin: OK/);
+    expect(check).toMatch(/\/root\/small.txt: OK/);
+    expect(check).toMatch(/\/root\/odd.bin: OK/);
+    expect(parseSums(await shell(machine, 'sha256sum /root/small.txt /root/big.bin /root/odd.bin'))).toEqual(written);
+    await machine.send('poweroff\n').expect(POWERED_OFF, { timeoutMs: 120_000 });
+    await machine.close();
+    machine = undefined;
+    execFileSync('qemu-img', ['check', baseCopy]);
   });
 });
