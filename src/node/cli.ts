@@ -18,6 +18,7 @@ const COMMANDS: Record<string, () => Promise<Command>> = {
   resize: () => import('./commands/resize.js'),
   commit: () => import('./commands/commit.js'),
   rebase: () => import('./commands/rebase.js'),
+  measure: () => import('./commands/measure.js'),
   boot: () => import('./commands/boot.js'),
 };
 

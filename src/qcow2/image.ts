@@ -146,6 +146,30 @@ export class Qcow2Image implements BlockDevice {
     return new SnapshotView(this, snapshot, l1);
   }
 
+  /**
+   * This image with a snapshot's L1 table in place of the active one, read-only and at the image's CURRENT size,
+   * as QEMU's bdrv_snapshot_load_tmp gives it to qemu-img convert -l and measure -l: past the snapshot's own
+   * disk end the backing file (or zeros) shows through. Being a Qcow2Image, block status works on it.
+   */
+  async loadSnapshotTemporarily(idOrName: string): Promise<Qcow2Image> {
+    const snapshot = findSnapshot(this.snapshots, idOrName);
+    if (!snapshot) throw new FormatError(this.name, `Failed to load snapshot: Can't find snapshot '${idOrName}'`, { field: 'snapshot', value: idOrName });
+    const l1 = snapshot.l1Size ? await readExact(this.store, snapshot.l1TableOffset, snapshot.l1Size * 8, `L1 table of snapshot ${snapshot.id}`) : new Uint8Array(0);
+    const view = Object.create(this) as Qcow2Image;
+    const refuse = async (): Promise<never> => {
+      throw new FormatError(this.name, `snapshot '${idOrName}' is loaded read-only`, { field: 'snapshot', value: idOrName });
+    };
+    Object.defineProperties(view, {
+      l1Table: { value: l1 },
+      readOnly: { value: true },
+      write: { value: refuse },
+      // The view shares everything with its image: closing is the image's business.
+      flush: { value: async () => {} },
+      close: { value: async () => {} },
+    });
+    return view;
+  }
+
   // ---- mapping -------------------------------------------------------------------------------------------
 
   async loadL2(l2Offset: number): Promise<Uint8Array> {
