@@ -2,8 +2,9 @@ import { defineConfig } from '@playwright/test';
 
 /**
  * End-to-end tests of the browser tab, driving Debian's chromium (Playwright never downloads a browser here).
- * Two projects run the same specs: against the Vite dev server and against the `vite build` output served by
- * nginx. Each spec starts its own server through e2e/servers.ts so that both are exercised the same way.
+ * Two projects: the `vite build` output served by nginx (the deployment the app is made for) runs every test;
+ * the Vite dev server runs the tests tagged @dev (boot, write, reload), since guest boots dominate the suite's
+ * time. Each project starts its own server through e2e/servers.ts.
  */
 export default defineConfig({
   testDir: 'e2e',
@@ -34,7 +35,7 @@ export default defineConfig({
     },
   },
   projects: [
-    { name: 'dev', metadata: { server: 'dev' } },
-    { name: 'nginx', metadata: { server: 'nginx' } },
+    { name: 'dev', metadata: { server: 'dev' }, grep: /@dev/ },
+    { name: 'nginx', metadata: { server: 'nginx' }, grepInvert: /@dev/ },
   ],
 });

@@ -25,6 +25,20 @@ export const test = base.extend<{ longTasks: LongTasks }, { server: Server }>({
       new PerformanceObserver((list) => {
         for (const entry of list.getEntries()) tasks.push(entry.duration);
       }).observe({ type: 'longtask', buffered: true });
+      // Long animation frames name the scripts that ran in them: kept to explain a long task when one shows up.
+      const frames: unknown[] = [];
+      (window as unknown as { __longFrames: unknown[] }).__longFrames = frames;
+      try {
+        new PerformanceObserver((list) => {
+          for (const entry of list.getEntries() as unknown as Array<{ startTime: number; duration: number; blockingDuration: number; scripts: Array<{ invoker: string; sourceURL: string; sourceFunctionName: string; duration: number; forcedStyleAndLayoutDuration: number }> }>) {
+            if (entry.blockingDuration < 100) continue;
+            frames.push({
+              at: Math.round(entry.startTime), duration: Math.round(entry.duration), blocking: Math.round(entry.blockingDuration),
+              scripts: entry.scripts.map((s) => `${s.invoker} ${s.sourceFunctionName}@${s.sourceURL.split('/').pop()} ${Math.round(s.duration)}ms`),
+            });
+          }
+        }).observe({ type: 'long-animation-frame', buffered: true });
+      } catch {}
     });
     await use(new LongTasks());
   },
@@ -33,6 +47,11 @@ export const test = base.extend<{ longTasks: LongTasks }, { server: Server }>({
 export class LongTasks {
   async of(page: Page): Promise<number[]> {
     return page.evaluate(() => (window as unknown as { __longTasks?: number[] }).__longTasks ?? []);
+  }
+
+  /** The long animation frames seen so far, with the scripts that ran in each (for the failure message). */
+  async frames(page: Page): Promise<string> {
+    return page.evaluate(() => JSON.stringify((window as unknown as { __longFrames?: unknown[] }).__longFrames ?? []));
   }
 }
 

@@ -10,6 +10,8 @@ export interface ConsoleView {
   terminal: Terminal;
   /** Queues guest output; it is written once per animation frame (one byte per call would be slow). */
   output(byte: number): void;
+  /** Queues several bytes of guest output (the machine Worker sends them in batches). */
+  write(bytes: Uint8Array): void;
   onInput(listener: (data: string) => void): void;
   /** Every line the guest printed since `clear()`, escape sequences removed (for the boot phase). */
   readonly text: string;
@@ -27,12 +29,17 @@ export function createConsole(container: HTMLElement): ConsoleView {
   });
   const fit = new FitAddon();
   terminal.loadAddon(fit);
-  terminal.open(container);
   const refit = () => {
     if (container.offsetParent !== null) fit.fit();
   };
-  new ResizeObserver(refit).observe(container);
-  refit();
+  // Opening measures the font (the browser's first text measurement sets up its font system) and builds the
+  // rows: a task of its own, so that it and the page's module evaluation are two short tasks, not one long one.
+  // Output written before then is buffered by xterm.js.
+  setTimeout(() => {
+    terminal.open(container);
+    new ResizeObserver(refit).observe(container);
+    refit();
+  });
 
   terminal.attachCustomKeyEventHandler((event) => {
     if (event.type !== 'keydown' || !event.ctrlKey || !event.shiftKey) return true;
@@ -70,6 +77,13 @@ export function createConsole(container: HTMLElement): ConsoleView {
     output(byte) {
       pending.push(byte);
       if (!scheduled) {
+        scheduled = true;
+        requestAnimationFrame(flush);
+      }
+    },
+    write(bytes) {
+      for (const byte of bytes) pending.push(byte);
+      if (!scheduled && pending.length > 0) {
         scheduled = true;
         requestAnimationFrame(flush);
       }

@@ -1,6 +1,6 @@
 /**
  * The disk Worker: owns the qcow2 engine, the OPFS overlay (through a synchronous access handle, which only a
- * dedicated Worker may hold) and the HTTP base. The page's v86 `hda` proxy sends reads and writes here, so no
+ * dedicated Worker may hold) and the HTTP base. The machine Worker's disk adapter (over a port the page hands it) sends the guest's reads and writes here, so no
  * engine, network or storage work ever runs on the page's main thread.
  *
  * One writer per overlay: before opening an overlay for writing the Worker takes the Web Lock named after it and
@@ -286,12 +286,29 @@ setInterval(() => {
   if (changes) emit({ event: 'map', changes }, [changes.buffer]);
 }, REPORT_INTERVAL_MS);
 
+/**
+ * Requests come from the page and, over a MessagePort the page hands over ('connect'), from the machine Worker
+ * that runs v86: its disk reads and writes then go Worker to Worker without passing the page's main thread.
+ */
+interface Endpoint {
+  postMessage(message: unknown, transfer?: Transferable[]): void;
+}
+
 scope.onmessage = (event: MessageEvent) => {
-  const { id, request } = event.data as { id: number; request: Request };
-  const reply = (value: unknown, transfer: Transferable[] = []) => scope.postMessage({ id, ok: true, value } satisfies Reply, transfer);
+  const data = event.data as { id: number; request: Request } | { connect: MessagePort };
+  if ('connect' in data) {
+    const port = data.connect;
+    port.onmessage = (message) => handle(message.data as { id: number; request: Request }, port);
+    return;
+  }
+  handle(data, scope);
+};
+
+function handle({ id, request }: { id: number; request: Request }, endpoint: Endpoint): void {
+  const reply = (value: unknown, transfer: Transferable[] = []) => endpoint.postMessage({ id, ok: true, value } satisfies Reply, transfer);
   const fail = (error: unknown) => {
     const { kind, message } = classify(error);
-    scope.postMessage({ id, ok: false, kind, message } satisfies Reply);
+    endpoint.postMessage({ id, ok: false, kind, message } satisfies Reply);
   };
   switch (request.op) {
     case 'open':
@@ -352,4 +369,4 @@ scope.onmessage = (event: MessageEvent) => {
       }).then(() => reply(undefined), fail);
       return;
   }
-};
+}

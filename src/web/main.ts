@@ -3,13 +3,13 @@
  * map and actions together.
  */
 import './style.css';
-import type { V86, V86Image } from 'v86';
 import wasmUrl from 'v86/build/v86.wasm?url';
 import { RemoteDisk, DiskProblem } from './remote-disk.js';
-import { v86Disk } from './hda.js';
+import { MachineClient } from './machine-client.js';
+import { createScreen } from './screen-view.js';
 import { createConsole } from './console-view.js';
 import { MapView } from './map-view.js';
-import { ask, clearProblem, setPhase, showDisk, showProblem, showStats } from './status-view.js';
+import { ask, clearProblem, setPhase, showDisk, showProblem, showStats, type PhaseState } from './status-view.js';
 import { BootPhases } from './boot-phase.js';
 import type { OpenMode, OpenResult } from './protocol.js';
 
@@ -32,14 +32,18 @@ const terminal = createConsole(byId('terminal'));
 const mapView = new MapView(byId<HTMLCanvasElement>('map'), byId('map-legend'), byId('map-hover'), byId('map-scale'));
 const disk = new RemoteDisk();
 const phases = new BootPhases(terminal);
-let emulator: V86 | undefined;
+/** v86 runs in its own Worker; the page draws what it reports (see machine-worker.ts). */
+const machine = new MachineClient();
+const screenView = createScreen(byId('screen'), machine);
+let started = false;
 let mode: OpenMode = 'write';
 let poweredOff = false;
 
 disk.on((event) => {
   switch (event.event) {
     case 'stats':
-      showStats(event.stats);
+      // Writes still held by the machine's disk adapter are unsaved too.
+      showStats({ ...event.stats, unsaved: event.stats.unsaved + machine.dirtyBytes });
       phases.noteDiskReads(event.stats.guestReads);
       return;
     case 'map':
@@ -102,39 +106,41 @@ async function start(): Promise<void> {
   if (!opened) return;
   showDisk({ base: baseUrl, overlay: opened.overlay, mode: opened.mode });
   mapView.show(opened.map);
-  const device = disk.device({ virtualSize: opened.virtualSize, name: opened.overlay, readOnly: false });
-  const hda = v86Disk(device, {
-    onError(error) {
-      const problem = error instanceof DiskProblem ? error : new DiskProblem('other', (error as Error).message);
-      showProblem(problem.kind, problem.message);
-      setPhase('Disk error: the guest is waiting', 'error');
-    },
-  });
   setPhase('Loading the firmware…');
-  // Loaded here rather than at the top: evaluating v86 is a long script, kept out of the page's first task.
-  const { V86 } = await import('v86');
-  emulator = new V86({
-    wasm_path: wasmUrl,
-    // The default guest needs no more; a smaller guest memory is also a shorter allocation on the main thread.
-    memory_size: 64 * 1024 * 1024,
-    vga_memory_size: 8 * 1024 * 1024,
-    bios: { url: `${imagesUrl}bios.bin` },
-    vga_bios: { url: `${imagesUrl}vgabios-stdvga.bin` },
-    hda: hda as unknown as V86Image,
-    screen: { container: byId('screen') },
-    disable_mouse: true,
-    autostart: true,
+  machine.on((event) => {
+    switch (event.event) {
+      case 'started':
+        phases.started();
+        return;
+      case 'serial':
+        terminal.write(event.bytes);
+        return;
+      case 'screen':
+        screenView.apply(event);
+        return;
+      case 'disk-error':
+        showProblem(event.kind as DiskProblem['kind'], event.message);
+        setPhase('Disk error: the guest is waiting', 'error');
+        return;
+      case 'error':
+        showProblem('other', event.message);
+        setPhase('The machine stopped with an error', 'error');
+        return;
+    }
   });
-  const machine = emulator;
-  machine.add_listener('emulator-started', () => phases.started());
-  machine.add_listener('serial0-output-byte', (byte) => terminal.output(byte));
   terminal.onInput((data) => machine.serial0_send(data));
-  // The guest's PS/2 keyboard gets keys only while its screen has focus; the console and buttons keep theirs.
-  machine.keyboard_set_enabled(false);
-  const screen = byId('screen');
-  screen.addEventListener('focus', () => machine.keyboard_set_enabled(true));
-  screen.addEventListener('blur', () => machine.keyboard_set_enabled(false));
-  screen.addEventListener('mousedown', () => screen.focus());
+  await machine.start({
+    disk: disk.connect(),
+    virtualSize: opened.virtualSize,
+    name: opened.overlay,
+    readOnly: false,
+    wasm: new URL(wasmUrl, location.href).href,
+    bios: `${imagesUrl}bios.bin`,
+    vgaBios: `${imagesUrl}vgabios-stdvga.bin`,
+    // The default guest needs no more.
+    memoryBytes: 64 * 1024 * 1024,
+  });
+  started = true;
   terminal.focus();
   for (const button of document.querySelectorAll<HTMLButtonElement>('.actions button')) button.disabled = false;
   byId<HTMLButtonElement>('download').disabled = opened.mode === 'readonly';
@@ -142,25 +148,35 @@ async function start(): Promise<void> {
   byId<HTMLButtonElement>('reset').disabled = opened.mode === 'readonly';
 }
 
-/** Stops the guest, runs `change` on the disk, then boots again from the changed disk. */
-async function withMachineStopped(label: string, change: () => Promise<void>): Promise<void> {
-  const machine = emulator;
-  if (!machine) return;
+/**
+ * Stops the guest and runs `change`, whose answer says how to go on: 'reboot' (the disk is the same), 'disk-changed'
+ * (the disk was replaced underneath: the machine forgets what it read of the old one, then reboots) or 'resume'
+ * (nothing changed: the guest carries on where it stopped).
+ */
+async function withMachineStopped(label: string, change: () => Promise<'reboot' | 'disk-changed' | 'resume'>): Promise<void> {
+  if (!started) return;
+  const before = { text: byId('phase').querySelector('.text')!.textContent ?? '', state: byId('phase').dataset.state as PhaseState };
   await machine.stop();
   setPhase(label);
+  let next: 'reboot' | 'disk-changed' | 'resume' = 'disk-changed';
   try {
-    await change();
+    next = await change();
   } finally {
-    terminal.clear();
-    phases.reset();
-    poweredOff = false;
-    byId('power').textContent = 'Power off';
-    machine.restart();
-    await machine.run();
+    if (next === 'resume') {
+      setPhase(before.text, before.state);
+      if (!poweredOff) await machine.run();
+    } else {
+      terminal.clear();
+      phases.reset();
+      poweredOff = false;
+      byId('power').textContent = 'Power off';
+      await machine.restart(next === 'disk-changed');
+    }
   }
 }
 
 async function download(): Promise<void> {
+  if (started) await machine.flush();
   const { bytes } = await disk.exportOverlay();
   const stem = (new URL(baseUrl).pathname.split('/').pop() || 'disk').replace(/\.qcow2$/, '');
   const link = document.createElement('a');
@@ -176,8 +192,10 @@ async function openOverlay(file: File): Promise<void> {
     try {
       mapView.show(await disk.importOverlay(file));
       clearProblem('foreign-overlay');
+      return 'disk-changed';
     } catch (error) {
       failure = (error as Error).message;
+      return 'resume';
     }
   });
   if (failure) {
@@ -195,12 +213,14 @@ async function resetDisk(): Promise<void> {
     ],
   );
   if (choice !== 'reset') return;
-  await withMachineStopped('Resetting the disk…', async () => mapView.show(await disk.reset()));
+  await withMachineStopped('Resetting the disk…', async () => {
+    mapView.show(await disk.reset());
+    return 'disk-changed';
+  });
 }
 
 async function togglePower(): Promise<void> {
-  const machine = emulator;
-  if (!machine) return;
+  if (!started) return;
   if (!poweredOff) {
     await machine.stop();
     await disk.flush();
@@ -209,7 +229,7 @@ async function togglePower(): Promise<void> {
     setPhase('Powered off — the disk is saved', 'off');
     return;
   }
-  await withMachineStopped('Starting…', async () => {});
+  await withMachineStopped('Starting…', async () => 'reboot');
 }
 
 function guard(action: () => Promise<void>): () => void {
@@ -228,7 +248,10 @@ byId<HTMLInputElement>('open-file').addEventListener('change', (event) => {
   if (file) guard(() => openOverlay(file))();
 });
 byId('reset').addEventListener('click', guard(resetDisk));
-byId('restart').addEventListener('click', guard(() => withMachineStopped('Restarting…', () => disk.flush())));
+byId('restart').addEventListener('click', guard(() => withMachineStopped('Restarting…', async () => {
+  await disk.flush();
+  return 'reboot';
+})));
 byId('power').addEventListener('click', guard(togglePower));
 
 for (const button of document.querySelectorAll<HTMLButtonElement>('[data-view]')) {
@@ -263,10 +286,14 @@ window.addEventListener('drop', (event) => {
   if (file && mode !== 'readonly') guard(() => openOverlay(file))();
 });
 
-// Writes are already in the OPFS file; this makes them durable before the tab goes away.
-addEventListener('pagehide', () => void disk.flush().catch(() => {}));
+// Guest writes reach OPFS within a moment; this makes them durable before the tab goes away.
+function saveNow(): void {
+  if (started) void machine.flush().catch(() => {});
+  void disk.flush().catch(() => {});
+}
+addEventListener('pagehide', saveNow);
 document.addEventListener('visibilitychange', () => {
-  if (document.visibilityState === 'hidden') void disk.flush().catch(() => {});
+  if (document.visibilityState === 'hidden') saveNow();
 });
 
 phases.onChange((text, state) => {

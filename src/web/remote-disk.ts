@@ -16,15 +16,29 @@ export class DiskProblem extends Error {
   }
 }
 
+/** Where requests go: the disk Worker itself (the page) or a MessagePort connected to it (the machine Worker). */
+type Endpoint = Pick<Worker, 'postMessage'> & { onmessage: ((event: MessageEvent) => void) | null };
+
 export class RemoteDisk {
-  private readonly worker: Worker;
+  private readonly endpoint: Endpoint;
   private nextId = 1;
   private readonly waiting = new Map<number, { resolve: (value: unknown) => void; reject: (error: Error) => void }>();
   private readonly listeners = new Set<(event: WorkerEvent) => void>();
 
-  constructor() {
-    this.worker = new Worker(new URL('./disk-worker.ts', import.meta.url), { type: 'module', name: 'qcow86-disk' });
-    this.worker.onmessage = (event: MessageEvent) => {
+  /** Starts the disk Worker (from the page), or talks to one over `port` (from another Worker). */
+  constructor(port?: MessagePort) {
+    if (port) {
+      this.endpoint = port;
+    } else {
+      const worker = new Worker(new URL('./disk-worker.ts', import.meta.url), { type: 'module', name: 'qcow86-disk' });
+      worker.onerror = (event) => {
+        const error = new DiskProblem('other', `the disk worker failed: ${event.message}`);
+        for (const pending of this.waiting.values()) pending.reject(error);
+        this.waiting.clear();
+      };
+      this.endpoint = worker;
+    }
+    this.endpoint.onmessage = (event: MessageEvent) => {
       const data = event.data as Reply | WorkerEvent;
       if ('event' in data) {
         for (const listener of this.listeners) listener(data);
@@ -36,11 +50,13 @@ export class RemoteDisk {
       if (data.ok) pending.resolve(data.value);
       else pending.reject(new DiskProblem(data.kind, data.message));
     };
-    this.worker.onerror = (event) => {
-      const error = new DiskProblem('other', `the disk worker failed: ${event.message}`);
-      for (const pending of this.waiting.values()) pending.reject(error);
-      this.waiting.clear();
-    };
+  }
+
+  /** A port another Worker passes to `new RemoteDisk(port)` to reach the same disk directly. */
+  connect(): MessagePort {
+    const channel = new MessageChannel();
+    this.endpoint.postMessage({ connect: channel.port2 }, [channel.port2]);
+    return channel.port1;
   }
 
   on(listener: (event: WorkerEvent) => void): void {
@@ -51,7 +67,7 @@ export class RemoteDisk {
     const id = this.nextId++;
     return new Promise<T>((resolve, reject) => {
       this.waiting.set(id, { resolve: resolve as (value: unknown) => void, reject });
-      this.worker.postMessage({ id, request }, transfer);
+      this.endpoint.postMessage({ id, request }, transfer);
     });
   }
 

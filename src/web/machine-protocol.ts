@@ -1,0 +1,48 @@
+/**
+ * Messages between the page and the machine Worker, which runs v86 itself. The emulator's instruction loop runs
+ * in slices of its own choosing (tens to hundreds of milliseconds on a busy machine, longer while the BIOS clears
+ * video memory); on the page's main thread those slices froze the tab, so the page keeps only the views.
+ */
+
+export interface MachineStart {
+  op: 'start';
+  /** A port to the disk Worker (RemoteDisk.connect()): the guest's disk requests never touch the page. */
+  disk: MessagePort;
+  virtualSize: number;
+  name: string;
+  readOnly: boolean;
+  /** Absolute URLs of v86's wasm and the firmware. */
+  wasm: string;
+  bios: string;
+  vgaBios: string;
+  memoryBytes: number;
+}
+
+export type MachineRequest =
+  | MachineStart
+  | { op: 'serial'; data: string }
+  | { op: 'keys'; text: string }
+  | { op: 'scancodes'; codes: number[] }
+  /** Stops the CPU and writes every acknowledged guest write to the disk (flushed). */
+  | { op: 'stop' }
+  /** Hands every acknowledged guest write to the disk Worker and flushes it (the machine keeps running). */
+  | { op: 'flush' }
+  /** Resets the machine and runs it; `diskChanged` when the disk was replaced underneath (reset, import). */
+  | { op: 'restart'; diskChanged: boolean }
+  | { op: 'run' }
+  | { op: 'save-state' }
+  | { op: 'restore-state'; state: ArrayBuffer };
+
+export type MachineEvent =
+  | { event: 'started' }
+  | { event: 'stopped' }
+  /** Serial output bytes, batched (a message per byte would flood the page). */
+  | { event: 'serial'; bytes: Uint8Array }
+  /** The VGA text screen, one string per row, sent when it changed (at most a few times a second). */
+  | { event: 'screen'; rows: string[]; cursor: { row: number; col: number } | undefined; graphical: { width: number; height: number } | undefined }
+  /** Guest writes acknowledged but not yet handed to the disk Worker. */
+  | { event: 'dirty'; bytes: number }
+  | { event: 'disk-error'; kind: string; message: string }
+  | { event: 'error'; message: string };
+
+export type MachineReply = { id: number; ok: true; value: unknown } | { id: number; ok: false; message: string };

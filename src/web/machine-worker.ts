@@ -1,0 +1,195 @@
+/**
+ * The machine Worker: v86 and its disk adapter (the same V86DiskAdapter the Node harness uses) over a RemoteDisk
+ * port to the disk Worker. The page only draws what this Worker reports (serial bytes, the VGA text screen) and
+ * forwards keys, so the emulator's long instruction slices never block the page.
+ */
+import { V86, type V86Image, type V86Options } from 'v86';
+import { V86DiskAdapter } from '../v86/disk.js';
+import { RemoteDisk, DiskProblem } from './remote-disk.js';
+import type { MachineEvent, MachineReply, MachineRequest, MachineStart } from './machine-protocol.js';
+
+interface WorkerScope {
+  postMessage(message: unknown, transfer?: Transferable[]): void;
+  onmessage: ((event: MessageEvent) => void) | null;
+}
+const scope = self as unknown as WorkerScope;
+
+/** Serial output is sent this often at most; the screen and the dirty count a few times a second. */
+const SERIAL_BATCH_MS = 16;
+const REPORT_MS = 200;
+
+let emulator: V86 | undefined;
+let adapter: V86DiskAdapter | undefined;
+
+function emit(event: MachineEvent, transfer: Transferable[] = []): void {
+  scope.postMessage(event, transfer);
+}
+
+// ---------------------------------------------------------------- serial output, batched
+
+let serial: number[] = [];
+let serialTimer: ReturnType<typeof setTimeout> | undefined;
+function serialByte(byte: number): void {
+  serial.push(byte);
+  serialTimer ??= setTimeout(() => {
+    serialTimer = undefined;
+    const bytes = Uint8Array.from(serial);
+    serial = [];
+    emit({ event: 'serial', bytes }, [bytes.buffer]);
+  }, SERIAL_BATCH_MS);
+}
+
+// ---------------------------------------------------------------- the VGA text screen
+
+interface TextScreen {
+  get_text_screen(): string[];
+  [method: string]: unknown;
+}
+let screenDirty = false;
+let cursor: { row: number; col: number } | undefined;
+let graphical: { width: number; height: number } | undefined;
+
+/**
+ * Without a page to draw on, v86 keeps the text screen in its plain adapter. Its methods are wrapped so that a
+ * change marks the screen for the next report (the page redraws the whole 80x25 text, which is small).
+ */
+function watchScreen(screen: TextScreen): void {
+  const wrap = (name: string, after: (...args: number[]) => void = () => {}) => {
+    const original = screen[name] as ((...args: unknown[]) => unknown) | undefined;
+    if (typeof original !== 'function') return;
+    screen[name] = (...args: number[]) => {
+      const result = original.apply(screen, args);
+      screenDirty = true;
+      after(...args);
+      return result;
+    };
+  };
+  wrap('put_char');
+  wrap('clear_screen');
+  wrap('set_size_text', () => (graphical = undefined));
+  wrap('set_size_graphical', (width, height) => (graphical = { width: width!, height: height! }));
+  wrap('set_mode', (isGraphical) => {
+    if (!isGraphical) graphical = undefined;
+  });
+  wrap('update_cursor', (row, col) => (cursor = { row: row!, col: col! }));
+  screenDirty = true;
+  setInterval(() => {
+    if (!screenDirty) return;
+    screenDirty = false;
+    emit({ event: 'screen', rows: graphical ? [] : screen.get_text_screen(), cursor, graphical });
+  }, REPORT_MS);
+}
+
+// ---------------------------------------------------------------- the machine
+
+let lastDirty = -1;
+setInterval(() => {
+  const dirty = adapter?.unflushedBytes ?? 0;
+  if (dirty === lastDirty) return;
+  lastDirty = dirty;
+  emit({ event: 'dirty', bytes: dirty });
+}, REPORT_MS);
+
+function start(request: MachineStart): void {
+  const disk = new RemoteDisk(request.disk);
+  const device = disk.device({ virtualSize: request.virtualSize, name: request.name, readOnly: request.readOnly });
+  adapter = new V86DiskAdapter(device, {
+    // The disk Worker makes writes durable shortly after; keeping them here longer only widens the window in
+    // which closing the tab loses them.
+    flushDelayMs: 100,
+    onError(error) {
+      const problem = error instanceof DiskProblem ? error : new DiskProblem('other', (error as Error).message);
+      emit({ event: 'disk-error', kind: problem.kind, message: problem.message });
+    },
+  });
+  const options: V86Options = {
+    wasm_path: request.wasm,
+    memory_size: request.memoryBytes,
+    vga_memory_size: 8 * 1024 * 1024,
+    bios: { url: request.bios },
+    vga_bios: { url: request.vgaBios },
+    hda: adapter as unknown as V86Image,
+    autostart: true,
+    // No DOM here: the page reads keys and forwards them.
+    disable_keyboard: true,
+    disable_mouse: true,
+    disable_speaker: true,
+  } as V86Options;
+  const machine = new V86(options);
+  emulator = machine;
+  // v86 makes its screen adapter once its wasm is in, just before it starts the machine.
+  machine.add_listener('emulator-loaded', () => watchScreen((machine as unknown as { screen_adapter: TextScreen }).screen_adapter));
+  machine.add_listener('emulator-started', () => emit({ event: 'started' }));
+  machine.add_listener('emulator-stopped', () => emit({ event: 'stopped' }));
+  machine.add_listener('serial0-output-byte', serialByte);
+}
+
+function need(): { machine: V86; disk: V86DiskAdapter } {
+  if (!emulator || !adapter) throw new Error('the machine has not been started');
+  return { machine: emulator, disk: adapter };
+}
+
+async function handle(request: MachineRequest): Promise<{ value?: unknown; transfer?: Transferable[] }> {
+  switch (request.op) {
+    case 'start':
+      start(request);
+      return {};
+    case 'serial':
+      need().machine.serial0_send(request.data);
+      return {};
+    case 'keys':
+      need().machine.keyboard_send_text(request.text);
+      return {};
+    case 'scancodes':
+      need().machine.keyboard_send_scancodes(request.codes);
+      return {};
+    case 'stop': {
+      const { machine, disk } = need();
+      await machine.stop();
+      await disk.flush();
+      return {};
+    }
+    case 'restart': {
+      const { machine, disk } = need();
+      if (request.diskChanged) {
+        // Answers to reads of the old disk must not reach the new guest, nor its cached MBR geometry.
+        await disk.flush();
+        disk.invalidate();
+      }
+      machine.restart();
+      await machine.run();
+      return {};
+    }
+    case 'flush':
+      if (adapter) await adapter.flush();
+      return {};
+    case 'run':
+      await need().machine.run();
+      return {};
+    case 'save-state': {
+      const { machine, disk } = need();
+      // The saved machine must not be waiting for a read that completes only in this session.
+      await disk.settle();
+      await disk.flush();
+      const state = await machine.save_state();
+      return { value: state, transfer: [state] };
+    }
+    case 'restore-state': {
+      const { machine, disk } = need();
+      // A restored machine has its own idea of the disk (a session reverts the disk with it): answers to reads
+      // of the previous machine and the cached MBR must not reach it.
+      await disk.flush();
+      disk.invalidate();
+      await machine.restore_state(request.state);
+      return {};
+    }
+  }
+}
+
+scope.onmessage = (event: MessageEvent) => {
+  const { id, request } = event.data as { id: number; request: MachineRequest };
+  handle(request).then(
+    ({ value, transfer }) => scope.postMessage({ id, ok: true, value } satisfies MachineReply, transfer ?? []),
+    (error: unknown) => scope.postMessage({ id, ok: false, message: (error as Error).message ?? String(error) } satisfies MachineReply),
+  );
+};
