@@ -135,6 +135,14 @@ const cases: CommitCase[] = [
     into: 'mid1.qcow2',
   },
   {
+    name: '-b naming the immediate backing file (still implies -d: the top is not emptied)',
+    layers: [
+      { file: 'base.qcow2', size: '4M', writes: [pattern(0, 4 * MiB, 1)] },
+      { file: 'top.qcow2', size: '4M', writes: overlayWrites },
+    ],
+    args: ['-b', 'base.qcow2'],
+  },
+  {
     name: '-d keeps the overlay as it is',
     layers: [
       { file: 'base.qcow2', size: '4M', options: { clusterSize: 4096 }, writes: [pattern(0, 4 * MiB, 1)] },
