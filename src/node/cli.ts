@@ -19,6 +19,7 @@ const COMMANDS: Record<string, () => Promise<Command>> = {
   commit: () => import('./commands/commit.js'),
   rebase: () => import('./commands/rebase.js'),
   measure: () => import('./commands/measure.js'),
+  amend: () => import('./commands/amend.js'),
   boot: () => import('./commands/boot.js'),
 };
 

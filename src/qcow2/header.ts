@@ -418,7 +418,10 @@ export function encodeHeader(header: Qcow2Header): Uint8Array {
     extension(EXT_BITMAPS, data);
   }
   let featureTable = -1;
-  if (header.version === 3) {
+  // QEMU 7.2 writes its feature-name table into version 3 headers only when clusters are larger than 4 KiB
+  // (measured with qemu-img create and amend across 512 B..2 MiB); it rewrites the table whenever it rewrites
+  // the header, so an image's own table is not kept either.
+  if (header.version === 3 && clusterSize > 4096) {
     const names = header.featureNames.length ? header.featureNames : QEMU_FEATURE_NAMES;
     const data = new Uint8Array(names.length * 48);
     names.forEach((feature, i) => {

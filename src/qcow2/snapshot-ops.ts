@@ -107,7 +107,7 @@ export async function rebuildCopiedFlags(engine: WriteEngine): Promise<void> {
 }
 
 /** Writes a new snapshot table (or none), switches the header to it, then frees the old one. */
-async function replaceSnapshotTable(engine: WriteEngine, snapshots: Snapshot[]): Promise<void> {
+export async function replaceSnapshotTable(engine: WriteEngine, snapshots: Snapshot[]): Promise<void> {
   const image = engine.image;
   const header = image.header;
   const cs = engine.clusterSize;

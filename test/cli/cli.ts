@@ -7,6 +7,8 @@ import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { buildEngine } from '../helpers/build.js';
 import type { RunResult } from '../helpers/qemu.js';
+import { vi } from 'vitest';
+import { main } from '../../src/node/cli.js';
 
 export function qcow86(args: string[], options: { cwd?: string; timeoutMs?: number } = {}): Promise<RunResult> {
   const cli = pathToFileURL(join(buildEngine(), 'node/cli.js')).href;
@@ -29,4 +31,24 @@ export async function qcow86Json(args: string[], options: { cwd?: string } = {})
   const result = await qcow86(args, options);
   if (result.exitCode !== 0) throw new Error(`qcow86 ${args.join(' ')} exited with ${result.exitCode}: ${result.stderr}`);
   return JSON.parse(result.stdout);
+}
+
+/**
+ * The CLI run inside the test process (for tests that run it hundreds of times: a child process each would take
+ * minutes), stdout and stderr captured. Tests using it also run the real binary at least once.
+ */
+export async function qcow86InProcess(args: string[]): Promise<RunResult> {
+  let stdout = '';
+  let stderr = '';
+  const out = vi.spyOn(process.stdout, 'write').mockImplementation((chunk: string | Uint8Array) => ((stdout += String(chunk)), true));
+  const log = vi.spyOn(console, 'log').mockImplementation((...parts: unknown[]) => void (stdout += `${parts.join(' ')}\n`));
+  const error = vi.spyOn(console, 'error').mockImplementation((...parts: unknown[]) => void (stderr += `${parts.join(' ')}\n`));
+  try {
+    const exitCode = await main(args);
+    return { stdout, stderr, exitCode };
+  } finally {
+    out.mockRestore();
+    log.mockRestore();
+    error.mockRestore();
+  }
 }

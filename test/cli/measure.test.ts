@@ -4,39 +4,18 @@
  * target options, our stdout and exit code equal qemu-img's exactly, in both output formats. Refused option
  * sets give qemu-img's message.
  */
-import { describe, expect, it, beforeAll, vi } from 'vitest';
+import { describe, expect, it, beforeAll } from 'vitest';
 import { join } from 'node:path';
 import { makeImage, qemuImg, run, tempDir, type ImageWrite } from '../helpers/qemu.js';
-import { main } from '../../src/node/cli.js';
-import { qcow86 } from './cli.js';
+import { qcow86, qcow86InProcess } from './cli.js';
 
 const MiB = 1024 * 1024;
-
-/**
- * Our measure run in this process (hundreds of runs: a child process each would take minutes), with stdout and
- * stderr captured; one test below runs the real CLI binary too.
- */
-async function ourMeasure(args: string[]): Promise<{ stdout: string; stderr: string; exitCode: number }> {
-  let stdout = '';
-  let stderr = '';
-  const out = vi.spyOn(process.stdout, 'write').mockImplementation((chunk: string | Uint8Array) => ((stdout += String(chunk)), true));
-  const log = vi.spyOn(console, 'log').mockImplementation((...parts: unknown[]) => void (stdout += `${parts.join(' ')}\n`));
-  const error = vi.spyOn(console, 'error').mockImplementation((...parts: unknown[]) => void (stderr += `${parts.join(' ')}\n`));
-  try {
-    const exitCode = await main(['measure', ...args]);
-    return { stdout, stderr, exitCode };
-  } finally {
-    out.mockRestore();
-    log.mockRestore();
-    error.mockRestore();
-  }
-}
 
 async function expectSame(args: string[], outputs = ['json']): Promise<void> {
   for (const output of outputs) {
     const full = [`--output=${output}`, ...args];
     const theirs = await run('qemu-img', ['measure', ...full]);
-    const ours = await ourMeasure(full);
+    const ours = await qcow86InProcess(['measure', ...full]);
     expect(ours.stdout, `measure ${full.join(' ')}\n${ours.stderr}`).toBe(theirs.stdout);
     expect(ours.exitCode, full.join(' ')).toBe(theirs.exitCode);
     if (theirs.exitCode !== 0) {

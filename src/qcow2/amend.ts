@@ -1,0 +1,173 @@
+/**
+ * Changing an existing image's format options in place, as qemu-img amend does (QEMU 7.2 qcow2_amend_options,
+ * qcow2_upgrade, qcow2_downgrade): compat 0.10 <-> 1.1 and lazy_refcounts.
+ *
+ * A downgrade to version 2 must leave nothing version 2 cannot express: zero clusters become unallocated (no
+ * backing file, so they read as zeros anyway) or are written out as zeroed clusters; compatible and autoclear
+ * bits and the feature-name table go; incompatible features other than a zstd type with no compressed
+ * cluster make it refuse before anything is touched.
+ */
+import type { Qcow2Image } from './image.js';
+import type { WriteEngine } from './write-path.js';
+import { UnsupportedError } from './errors.js';
+import { encodeHeader, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, hasExtendedL2 } from './header.js';
+import { readExact } from './store.js';
+import { putU64, u32 } from './bytes.js';
+import { rebuildCopiedFlags, replaceSnapshotTable } from './snapshot-ops.js';
+
+const TWO_32 = 2 ** 32;
+const COPIED = 1n << 63n;
+const COMPRESSED_HI = 0x40000000;
+
+export interface AmendOptions {
+  compat?: '0.10' | '1.1';
+  lazyRefcounts?: boolean;
+}
+
+/** Applies the options in QEMU's order: upgrade, lazy refcounts, downgrade. */
+export async function amendQcow2(image: Qcow2Image, options: AmendOptions): Promise<void> {
+  const header = image.header;
+  const newVersion = options.compat === '0.10' ? 2 : options.compat === '1.1' ? 3 : header.version;
+  if (options.lazyRefcounts && newVersion < 3) {
+    throw new UnsupportedError(image.name, 'lazy_refcounts', 'Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)');
+  }
+  if (newVersion < header.version) checkDowngrade(image);
+  const engine = await image.writer();
+  await engine.exclusive(async () => {
+    await engine.begin();
+    if (newVersion > header.version) await upgrade(engine);
+    if (options.lazyRefcounts !== undefined && options.lazyRefcounts !== image.lazyRefcounts) {
+      // Turning lazy refcounts off needs complete refcounts on disk first, which writeBack gives.
+      await engine.writeBack();
+      if (options.lazyRefcounts) header.compatibleFeatures |= COMPAT_LAZY_REFCOUNTS;
+      else {
+        header.compatibleFeatures &= ~COMPAT_LAZY_REFCOUNTS;
+        header.incompatibleFeatures &= ~INCOMPAT_DIRTY;
+      }
+      await engine.writeHeader();
+      await engine.store.flush();
+    }
+    if (newVersion < header.version) await downgrade(engine);
+  });
+}
+
+function checkDowngrade(image: Qcow2Image): void {
+  const header = image.header;
+  if (header.refcountOrder !== 4) throw new UnsupportedError(image.name, 'refcount_bits', 'compat=0.10 requires refcount_bits=16');
+  if (header.incompatibleFeatures & INCOMPAT_DATA_FILE) throw new UnsupportedError(image.name, 'data_file', 'Cannot downgrade an image with a data file');
+  const other = header.incompatibleFeatures & ~(INCOMPAT_COMPRESSION | INCOMPAT_DIRTY);
+  if (other) throw new UnsupportedError(image.name, 'incompatible_features', `Cannot downgrade an image with incompatible features 0x${other.toString(16)} set`);
+}
+
+/** Every L2 table of the active state and of each snapshot, once, with the L1 tables that name it. */
+async function allL2Tables(image: Qcow2Image): Promise<number[]> {
+  const l1s = [image.l1Table];
+  for (const snapshot of image.snapshots) {
+    if (snapshot.l1Size) l1s.push(await readExact(image.store, snapshot.l1TableOffset, snapshot.l1Size * 8, `L1 table of snapshot ${snapshot.id}`));
+  }
+  const offsets = new Set<number>();
+  for (const l1 of l1s) {
+    for (let i = 0; i + 8 <= l1.length; i += 8) {
+      const offset = (u32(l1, i) & 0x00ffffff) * TWO_32 + (u32(l1, i + 4) & 0xfffffe00);
+      if (offset) offsets.add(offset);
+    }
+  }
+  return [...offsets].sort((a, b) => a - b);
+}
+
+async function downgrade(engine: WriteEngine): Promise<void> {
+  const image = engine.image;
+  const header = image.header;
+  const cs = image.clusterSize;
+  const tables = await allL2Tables(image);
+  if (header.compressionType !== 0) {
+    for (const offset of tables) {
+      const table = await engine.loadL2(offset);
+      for (let i = 0; i < cs; i += 8) {
+        if (u32(table, i) & COMPRESSED_HI) {
+          throw new UnsupportedError(image.name, 'compression_type', 'Cannot downgrade an image with zstd compression type and existing compressed clusters');
+        }
+      }
+    }
+  }
+  if (hasExtendedL2(header)) throw new UnsupportedError(image.name, 'incompatible_features', 'Cannot downgrade an image with incompatible features 0x10 set');
+  // Version 2 has no zero flag: expand zero clusters in every table, shared ones in place (their meaning is
+  // the same for every L1 that uses them), as QEMU does.
+  const zeros = new Uint8Array(cs);
+  const backing = image.backing !== undefined || header.backingFile !== undefined;
+  for (const offset of tables) {
+    const table = (await engine.loadL2(offset)).slice();
+    const sharers = await engine.refcounts.get(offset / cs);
+    let changed = false;
+    for (let i = 0; i < cs; i += 8) {
+      const hi = u32(table, i);
+      const lo = u32(table, i + 4);
+      if (hi & COMPRESSED_HI || !(lo & 1)) continue;
+      let host = (hi & 0x00ffffff) * TWO_32 + (lo & 0xfffffe00);
+      changed = true;
+      // A kept host cluster that other tables also use (a snapshot that still reads data there, after the
+      // active layer zeroed it) must not be overwritten: this table lets go of it instead. QEMU 7.2 zeroes it
+      // in place, which changes the snapshot's contents.
+      if (host !== 0 && (await engine.refcounts.get(host / cs)) > sharers) {
+        await engine.refcounts.change(host / cs, -sharers);
+        host = 0;
+      }
+      if (host === 0 && !backing) {
+        putU64(table, i, 0n);
+        continue;
+      }
+      let target = host;
+      let entry: bigint;
+      if (host === 0) {
+        target = await engine.refcounts.allocate(1);
+        if (sharers > 1) await engine.refcounts.change(target / cs, sharers - 1);
+        entry = BigInt(target) | (sharers === 1 ? COPIED : 0n);
+      } else {
+        // The cluster keeps its refcount and COPIED flag; only the zero flag goes.
+        entry = (BigInt(hi) << 32n) | BigInt(lo & ~1 >>> 0);
+      }
+      await engine.guard(target, cs, 'data');
+      await engine.refcounts.writeBack();
+      await engine.store.write(target, zeros);
+      putU64(table, i, entry);
+    }
+    if (changed) engine.markDirty(offset, table);
+  }
+  // Clusters let go of above may now belong to one table only: COPIED follows the refcounts again.
+  await rebuildCopiedFlags(engine);
+  await engine.writeBack();
+  header.incompatibleFeatures &= ~(INCOMPAT_DIRTY | INCOMPAT_COMPRESSION);
+  header.compressionType = 0;
+  header.compatibleFeatures = 0n;
+  header.autoclearFeatures = 0n;
+  header.featureNames = [];
+  header.unknownHeaderBytes = new Uint8Array(0);
+  header.version = 2;
+  await writeWholeHeaderCluster(engine);
+  await engine.store.flush();
+}
+
+async function upgrade(engine: WriteEngine): Promise<void> {
+  const image = engine.image;
+  const header = image.header;
+  // Version 3 snapshot entries carry at least vm_state_size_large and disk_size (16 bytes of extra data):
+  // older tables are rewritten in the current encoding first.
+  const short = image.snapshots.some((s) => {
+    if (s.storedSize === undefined) return false;
+    const names = new TextEncoder().encode(s.id).length + new TextEncoder().encode(s.name).length;
+    return s.storedSize < Math.ceil((40 + 16 + names) / 8) * 8;
+  });
+  if (short) await replaceSnapshotTable(engine, [...image.snapshots]);
+  header.version = 3;
+  header.featureNames = [];
+  await writeWholeHeaderCluster(engine);
+  await engine.store.flush();
+}
+
+/** Like QEMU, the whole first cluster is rewritten: what the longer version 3 header left behind is zeroed. */
+async function writeWholeHeaderCluster(engine: WriteEngine): Promise<void> {
+  const bytes = encodeHeader(engine.image.header);
+  const cluster = new Uint8Array(engine.image.clusterSize);
+  cluster.set(bytes);
+  await engine.store.write(0, cluster);
+}
