@@ -9,7 +9,8 @@ import { defineConfig } from '@playwright/test';
 export default defineConfig({
   testDir: 'e2e',
   outputDir: 'test-results/e2e',
-  timeout: 900_000,
+  // A test boots the guest up to four times; QCOW86_E2E_TEST_MS raises the limit on a busy machine.
+  timeout: Number(process.env.QCOW86_E2E_TEST_MS ?? 900_000),
   expect: { timeout: 120_000 },
   // One guest boot at a time: they are CPU-bound and the machines have two cores.
   workers: 1,

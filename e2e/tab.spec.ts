@@ -6,7 +6,7 @@ import { execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync, utimesSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { test, expect, run, waitForConsole, waitForShell, waitSaved } from './fixtures.js';
+import { test, expect, run, waitForConsole, waitForShell, waitSaved, BOOT_TIMEOUT } from './fixtures.js';
 import { copyBase, type Server } from './servers.js';
 
 test('@dev the guest boots from the dev server and keeps a file across a reload', async ({ page, server }) => {
@@ -129,3 +129,27 @@ test('a base whose ETag changed on the server is refused with a readable message
 function copyOf(server: Server) {
   return copyBase(server, `e2e-changing-${Date.now().toString(36)}.qcow2`);
 }
+
+test('a network failure while the guest reads the base shows a retry countdown, and the boot goes on once it is back', async ({ page, server }) => {
+  // Opening the base gets through; once the disk is open, the guest's reads of the base fail until `back`.
+  let failing = false;
+  let back = false;
+  let refused = 0;
+  await page.route('**/images/base.qcow2', (route) => {
+    if (!failing || back) return route.continue();
+    refused++;
+    return route.abort('connectionrefused');
+  });
+  await page.goto(server.url);
+  await expect(page.getByTestId('overlay-name')).toContainText('browser storage');
+  failing = true;
+  const problems = page.locator('#problems');
+  await expect(problems).toContainText(/Cannot reach the server for the base image .*Retrying in \d+ s/);
+  // The countdown counts: the number changes while the page waits.
+  const first = await problems.innerText();
+  await expect.poll(() => problems.innerText(), { timeout: 20_000 }).not.toBe(first);
+  expect(refused).toBeGreaterThan(0);
+  back = true;
+  await expect(problems).toBeEmpty({ timeout: 60_000 });
+  await expect(page.getByTestId('phase')).toContainText(/Linux is starting|shell ready/, { timeout: BOOT_TIMEOUT });
+});
