@@ -18,8 +18,10 @@ import type { BlockDevice } from '../qcow2/device.js';
 import { openPath, parseFormat } from './open-image.js';
 import { parseOptionList, qcow2Options } from './image-options.js';
 import { usageError } from './usage.js';
+import { FormatError } from '../qcow2/errors.js';
+import { progressPrinter } from './commands/convert.js';
 
-export const USAGE = 'usage: qcow86 convert -O qcow2 [-c] [-o OPTIONS] [-B BACKING [-F FMT]] [-f FMT] [-q] SRC DST';
+export const USAGE = 'usage: qcow86 convert -O qcow2 [-c] [-o OPTIONS] [-B BACKING [-F FMT]] [-f FMT] [-l SNAPSHOT] [-p] [-q] SRC DST';
 
 /** Guest bytes read per step (a multiple of every cluster size). */
 const BATCH = 4 * 1024 * 1024;
@@ -46,6 +48,7 @@ export async function run(args: string[]): Promise<number> {
       compress: { type: 'boolean', short: 'c', default: false },
       backing: { type: 'string', short: 'B' },
       'backing-format': { type: 'string', short: 'F' },
+      snapshot: { type: 'string', short: 'l' },
       progress: { type: 'boolean', short: 'p', default: false },
       quiet: { type: 'boolean', short: 'q', default: false },
       'force-share': { type: 'boolean', short: 'U', default: false },
@@ -62,8 +65,15 @@ export async function run(args: string[]): Promise<number> {
   if (values.compress && createOptions.dataFile !== undefined) return usageError('convert', 'compression is not possible with an external data file', USAGE);
   if (values.compress && createOptions.preallocation === 'metadata') return usageError('convert', 'Compression and preallocation not supported at the same time', USAGE);
 
-  const source = await openPath(src, { format: parseFormat(values.format) });
+  const image = await openPath(src, { format: parseFormat(values.format) });
   try {
+    let source = image;
+    if (values.snapshot !== undefined) {
+      if (!(image instanceof Qcow2Image)) throw new FormatError(image.name, `only qcow2 images have internal snapshots (-l ${values.snapshot})`);
+      // The snapshot at the image's current size, as qemu-img convert -l reads it.
+      source = await image.loadSnapshotTemporarily(values.snapshot);
+    }
+    const progress = values.progress && !values.quiet ? progressPrinter() : undefined;
     const store = await FileStore.open(dst, { readOnly: false, create: true });
     const dataStore = createOptions.dataFile !== undefined ? await FileStore.open(combinePath(dst, createOptions.dataFile), { readOnly: false, create: true }) : undefined;
     try {
@@ -75,14 +85,15 @@ export async function run(args: string[]): Promise<number> {
     const target = await openForWriting(dst, { format: 'qcow2' });
     try {
       if (!(target instanceof Qcow2Image)) throw new Error(`${dst}: not a qcow2 image after creating it`);
-      await copyToQcow2(source, target, { compress: values.compress });
+      await copyToQcow2(source, target, { compress: values.compress, ...(progress ? { progress } : {}) });
       await target.flush();
     } finally {
       await target.close();
     }
+    progress?.(1, true);
     return 0;
   } finally {
-    await source.close();
+    await image.close();
   }
 }
 
@@ -90,7 +101,7 @@ export async function run(args: string[]): Promise<number> {
  * Copies every cluster of `source` that does not read as zero (or, when the target has a backing file, that
  * differs from what the target would read from it) into `target`.
  */
-export async function copyToQcow2(source: BlockDevice, target: Qcow2Image, options: { compress: boolean }): Promise<void> {
+export async function copyToQcow2(source: BlockDevice, target: Qcow2Image, options: { compress: boolean; progress?: (fraction: number) => void }): Promise<void> {
   const cs = target.clusterSize;
   const size = source.virtualSize;
   const backing = target.backing;
@@ -111,8 +122,10 @@ export async function copyToQcow2(source: BlockDevice, target: Qcow2Image, optio
       const to = Math.min(end, Math.floor(from / BATCH) * BATCH + BATCH);
       await copyBatch(source, target, backing, from, to, options.compress);
       from = to;
+      options.progress?.(from / size);
     }
     at = end;
+    options.progress?.(at / size);
   }
 }
 

@@ -20,7 +20,7 @@ import { openPath, parseFormat } from '../open-image.js';
 import { usageError } from '../usage.js';
 import { wantsQcow2 } from '../convert-qcow2.js';
 
-export const USAGE = 'usage: qcow86 convert [-f raw|qcow2|qcow] [-O raw] [-l SNAPSHOT] [-p] [-U] SRC DST';
+export const USAGE = 'usage: qcow86 convert [-f raw|qcow2|qcow] [-O raw] [-l SNAPSHOT] [-p] [-q] [-U] SRC DST';
 
 /** Bytes per read request, and how many requests run at once. */
 export const CHUNK = 4 * 1024 * 1024;
@@ -50,6 +50,7 @@ export async function run(args: string[]): Promise<number> {
       'output-format': { type: 'string', short: 'O', default: 'raw' },
       snapshot: { type: 'string', short: 'l' },
       progress: { type: 'boolean', short: 'p', default: false },
+      quiet: { type: 'boolean', short: 'q', default: false },
       'force-share': { type: 'boolean', short: 'U', default: false },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -63,7 +64,7 @@ export async function run(args: string[]): Promise<number> {
   try {
     const source = values.snapshot === undefined ? image : await snapshotOf(image, values.snapshot);
     const target = await RawTarget.create(dst, source.virtualSize);
-    const progress = values.progress && process.stderr.isTTY ? progressPrinter() : undefined;
+    const progress = values.progress && !values.quiet ? progressPrinter() : undefined;
     try {
       await copyDevice(source, target, progress);
     } catch (error) {
@@ -260,13 +261,17 @@ function closeFd(fd: number): Promise<void> {
   return new Promise((resolve, reject) => close(fd, (error) => (error ? reject(error) : resolve())));
 }
 
-/** qemu-img's progress line, "    (12.34/100%)", redrawn in place. */
+/**
+ * qemu-img's progress output: "    (12.34/100%)\r" on stdout (whether or not it is a terminal), starting at
+ * 0.00 and ending with 100.00 and a newline.
+ */
 export function progressPrinter(): (fraction: number, last?: boolean) => void {
-  let shown = -1;
+  let shown = 0;
+  process.stdout.write('    (0.00/100%)\r');
   return (fraction, last = false) => {
     const percent = Math.floor(fraction * 10000) / 100;
     if (percent === shown && !last) return;
     shown = percent;
-    process.stderr.write(`    (${percent.toFixed(2)}/100%)\r${last ? '\n' : ''}`);
+    process.stdout.write(`    (${percent.toFixed(2)}/100%)\r${last ? '\n' : ''}`);
   };
 }
