@@ -33,6 +33,11 @@ export interface SnapshotOptions {
    * a crash in between leaves both rather than neither.
    */
   allowSameName?: boolean;
+  /**
+   * Guest instruction count (QEMU's icount); undefined is stored as -1, "not recorded", as QEMU's savevm does
+   * outside record/replay. qemu-img snapshot -c stores 0.
+   */
+  icount?: number;
 }
 
 function l2OffsetAt(l1: Uint8Array, index: number): number {
@@ -188,7 +193,7 @@ export async function createSnapshot(engine: WriteEngine, name: string, options:
     vmClockNsec: options.vmClockNsec ?? 0,
     vmStateSize: vmState.length,
     diskSize: header.size,
-    icount: undefined,
+    icount: options.icount,
     extraUnknown: new Uint8Array(0),
   };
   await replaceSnapshotTable(engine, [...image.snapshots, snapshot]);

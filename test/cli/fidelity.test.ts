@@ -5,8 +5,9 @@
 import { describe, expect, it } from 'vitest';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { qemuImg, tempDir } from '../helpers/qemu.js';
-import { qcow86InProcess } from './cli.js';
+import { makeImage, qemuImg, run, tempDir } from '../helpers/qemu.js';
+import { copyFile } from 'node:fs/promises';
+import { qcow86, qcow86InProcess } from './cli.js';
 
 describe('fidelity with qemu-img 7.2', () => {
   it('create writes the same bytes as qemu-img create, 512 B..2 MiB clusters, v2 and v3, with and without backing', async () => {
@@ -27,5 +28,26 @@ describe('fidelity with qemu-img 7.2', () => {
         }
       }
     }
+  });
+
+  it('snapshot -c: icount 0 like qemu-img, a duplicate name is allowed, -d NAME deletes the first of them', async () => {
+    const ours = await makeImage({ size: '1M' }, [{ offset: 0, length: 4096, pattern: 1 }]);
+    const theirs = `${ours}.theirs`;
+    await copyFile(ours, theirs);
+    for (const step of [['-c', 'a'], ['-c', 'a'], ['-c', 'b'], ['-d', 'a']]) {
+      const result = await qcow86(['snapshot', ...step, ours]);
+      expect(result.exitCode, `${step.join(' ')}: ${result.stderr}`).toBe(0);
+      await qemuImg(['snapshot', ...step, theirs]);
+      const check = await run('qemu-img', ['check', ours]);
+      expect(check.exitCode, check.stdout).toBe(0);
+    }
+    const strip = (info: any) => info.snapshots.map((s: any) => ({ id: s.id, name: s.name, icount: s.icount, 'vm-state-size': s['vm-state-size'] }));
+    const a = strip(JSON.parse(await qemuImg(['info', '--output=json', ours])));
+    const b = strip(JSON.parse(await qemuImg(['info', '--output=json', theirs])));
+    expect(a).toEqual(b);
+    expect(a).toEqual([
+      { id: '2', name: 'a', icount: 0, 'vm-state-size': 0 },
+      { id: '3', name: 'b', icount: 0, 'vm-state-size': 0 },
+    ]);
   });
 });

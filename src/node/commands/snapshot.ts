@@ -58,7 +58,7 @@ export async function run(args: string[]): Promise<number> {
       console.error(`qcow86 snapshot: Could not ${what} snapshot '${name}': ${(error as Error).message}`);
       return 1;
     };
-    if (values.create !== undefined) await device.createSnapshot(values.create).catch((e) => { throw fail('create', values.create!, e); });
+    if (values.create !== undefined) await device.createSnapshot(values.create, { allowSameName: true, icount: 0 }).catch((e) => { throw fail('create', values.create!, e); });
     if (values.apply !== undefined) await device.applySnapshot(values.apply).catch((e) => { throw fail('apply', values.apply!, e); });
     if (values.delete !== undefined) await device.deleteSnapshot(values.delete).catch((e) => { throw fail('delete', values.delete!, e); });
     await device.flush();
