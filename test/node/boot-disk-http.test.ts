@@ -58,7 +58,7 @@ describe('qcow86 boot disk over HTTP', () => {
     expect(disk.http?.stats().requests).toBe(requests.length);
     await disk.device.close();
     // One first request: the overlay reuses the store that read the base's size and format.
-    expect(requests.filter((r) => r.range === 'bytes=0-65535')).toHaveLength(1);
+    expect(requests.filter((r) => r.range.startsWith('bytes=0-'))).toHaveLength(1);
     expect(requests.every((r) => r.status === 206 && /^bytes=\d+-\d+$/.test(r.range))).toBe(true);
 
     expect(recordedValidator(overlay)).toBe(await etag());
