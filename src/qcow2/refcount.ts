@@ -340,6 +340,45 @@ export class Refcounts {
     }
   }
 
+  /**
+   * Takes refcount blocks that count nothing but themselves out of the table, as QEMU does after shrinking an
+   * image (qcow2_shrink_reftable), so the file can be truncated behind them. Every block is judged on the counts
+   * as they are before any is dropped; the table entries go (durably) before the blocks' own counts are
+   * released. Returns the dropped blocks' offsets.
+   */
+  async dropUnusedBlocks(): Promise<number[]> {
+    const cs = this.clusterSize;
+    const unused: number[] = [];
+    for (let t = 0; t < this.table.length; t++) {
+      const offset = this.table[t]!;
+      if (!offset) continue;
+      const block = (await this.block(t))!;
+      const own = offset / cs;
+      const selfIndex = Math.floor(own / this.blockEntries) === t ? own % this.blockEntries : -1;
+      let empty = true;
+      for (let i = 0; i < this.blockEntries && empty; i++) if (i !== selfIndex && getRefcount(block, i, this.order) !== 0) empty = false;
+      if (empty) unused.push(t);
+    }
+    if (!unused.length) return [];
+    const offsets = unused.map((t) => this.table[t]!);
+    for (const t of unused) {
+      const offset = this.table[t]!;
+      this.setTableEntry(t, 0);
+      this.blocks.delete(offset);
+      this.dirtyBlocks.delete(offset);
+    }
+    await this.writeBack();
+    await this.store.flush();
+    const gone = new Set(unused);
+    for (const offset of offsets) {
+      const describedBy = Math.floor(offset / cs / this.blockEntries);
+      // A block counted by itself took its count with it; one counted by a remaining block is released there.
+      if (!gone.has(describedBy) && this.table[describedBy]) await this.change(offset / cs, -1);
+    }
+    await this.writeBack();
+    return offsets;
+  }
+
   /** Offsets of all refcount blocks (for the overlap guard). */
   blockOffsets(): number[] {
     return this.table.filter((offset) => offset !== 0);

@@ -2,8 +2,8 @@
  * Resizing the virtual disk as qemu-img resize does. Growing extends the L1 table (l1-table.ts). Shrinking
  * drops every cluster wholly past the new end (full discard: the entries become unallocated, so neither a
  * backing file nor stale data shows through if the disk grows again), frees L2 tables that now lie wholly past
- * the end while keeping the L1 table's size (QEMU keeps it too), then truncates the file after the last cluster
- * still in use.
+ * the end while keeping the L1 table's size (QEMU keeps it too), drops refcount blocks that now count nothing
+ * but themselves, then truncates the file after the last cluster still in use.
  */
 import { FormatError } from './errors.js';
 import { requiredL1Size } from './header.js';
@@ -65,6 +65,9 @@ async function shrink(engine: WriteEngine, size: number): Promise<void> {
   await engine.writeHeader();
   await engine.store.flush();
   await engine.writeBack();
+  // Refcount blocks left counting nothing go, as in QEMU, so the truncation below can reach behind them.
+  for (const offset of await engine.refcounts.dropUnusedBlocks()) engine.metadata.removeRange(offset, cs);
+  await engine.store.flush();
   const end = (await engine.refcounts.usedEnd()) * cs;
   if (end < (await engine.store.size())) await engine.store.truncate(end);
 }
