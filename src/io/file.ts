@@ -40,9 +40,13 @@ export class FileStore implements ByteStore {
     return done === length ? buffer : buffer.subarray(0, done);
   }
 
-  async readInto(offset: number, into: Uint8Array): Promise<number> {
-    let done = await readAt(this.fd, into, 0, into.length, offset);
-    // A short read before the end of the file is legal (signals, huge requests): ask for the rest.
+  readInto(offset: number, into: Uint8Array): Promise<number> {
+    // One request in the common case; a short read before the end of the file (legal: signals, huge requests)
+    // asks for the rest.
+    return readAt(this.fd, into, 0, into.length, offset).then((done) => (done === into.length || done === 0 ? done : this.readRest(offset, into, done)));
+  }
+
+  private async readRest(offset: number, into: Uint8Array, done: number): Promise<number> {
     while (done < into.length) {
       const more = await readAt(this.fd, into, done, into.length - done, offset + done);
       if (more === 0) break;

@@ -1,39 +1,6 @@
 /** Node entry point for stores: local files and http(s) URLs, plus native codecs. */
-import { realpath } from 'node:fs/promises';
-import { isAbsolute, resolve } from 'node:path';
-import type { ByteStore, StoreResolver } from '../qcow2/store.js';
-import { FileStore } from './file.js';
-import { httpResolver, type HttpStoreOptions } from './http.js';
-
 export { FileStore } from './file.js';
 export { MemoryStore } from './memory.js';
 export { nodeCodecs } from './node-codecs.js';
 export { HttpStore, httpResolver, isHttpUrl } from './http.js';
-
-function isUrl(name: string): boolean {
-  return /^[a-z][a-z0-9+.-]*:\/\//i.test(name);
-}
-
-/**
- * Resolves backing and data file names as QEMU does: for files, relative names are relative to the directory of
- * the image that names them (not to the working directory); URLs, and names inside an image reached by URL, go
- * through the HTTP Range store.
- */
-export function nodeResolver(http: HttpStoreOptions = {}): StoreResolver {
-  const urls = httpResolver(http);
-  return {
-    async open(name: string, relativeTo: ByteStore, options: { readOnly: boolean }) {
-      if (isUrl(name) || isUrl(relativeTo.name)) return urls.open(name, relativeTo, options);
-      const fullName = combinePath(relativeTo.name, name);
-      const store = await FileStore.open(fullName, { readOnly: options.readOnly });
-      return { store, fullName, identity: await realpath(fullName).catch(() => resolve(fullName)) };
-    },
-  };
-}
-
-/** QEMU's rule: a relative backing name is joined to the naming image's directory as written, unnormalised. */
-export function combinePath(imageName: string, name: string): string {
-  if (isAbsolute(name)) return name;
-  const slash = imageName.lastIndexOf('/');
-  return slash < 0 ? name : imageName.slice(0, slash + 1) + name;
-}
+export { nodeResolver, combinePath } from './node-resolver.js';

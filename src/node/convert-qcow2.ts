@@ -28,15 +28,6 @@ const BATCH = 4 * 1024 * 1024;
 /** Block status is asked about at most this much at a time, as qemu-img does. */
 const STATUS_LIMIT = 2 ** 30;
 
-/** True when a convert command line asks for qcow2 output (convert.ts hands those over to run below). */
-export function wantsQcow2(args: readonly string[]): boolean {
-  for (let i = 0; i < args.length; i++) {
-    if (args[i] === '-O' && args[i + 1] === 'qcow2') return true;
-    if (args[i] === '-Oqcow2' || args[i] === '--output-format=qcow2') return true;
-  }
-  return false;
-}
-
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseArgs({
     args,

@@ -8,7 +8,7 @@ import { QcowV1Image } from '../qcow2/qcow1.js';
 import { RawImage } from '../qcow2/raw.js';
 import { INCOMPAT_DATA_FILE } from '../qcow2/header.js';
 import { decodeText, u32 } from '../qcow2/bytes.js';
-import { combinePath } from '../io/node.js';
+import { combinePath } from '../io/node-resolver.js';
 import type { Snapshot } from '../qcow2/snapshots.js';
 import type { JsonValue } from './qemu-json.js';
 import { allocatedSize } from './open-image.js';

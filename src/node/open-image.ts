@@ -3,7 +3,8 @@
  * resolver (QEMU-style relative backing names), native zlib and an optional -f format.
  */
 import { stat } from 'node:fs/promises';
-import { FileStore, nodeResolver } from '../io/node.js';
+import { FileStore } from '../io/file.js';
+import { nodeResolver } from '../io/node-resolver.js';
 import { nodeCodecs } from '../io/node-codecs.js';
 import { openImage, type ImageFormat } from '../qcow2/open.js';
 import type { BlockDevice } from '../qcow2/device.js';

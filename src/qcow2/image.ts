@@ -23,15 +23,22 @@ import { SUBCLUSTERS, classify, decodeL1Entry, makeGeometry, pushExtent, readL2E
 import { readSnapshotTable, findSnapshot, type Snapshot } from './snapshots.js';
 import { decompressCluster, type Codecs, type CompressionType } from './compression.js';
 import { checkRange } from './raw.js';
-import { WriteEngine, type ZeroOptions } from './write-path.js';
-import { writeCompressed } from './compressed-write.js';
-import { discard, writeZeroes } from './zero-discard.js';
-import { applySnapshot, createSnapshot, deleteSnapshot, readVmState, type SnapshotOptions } from './snapshot-ops.js';
-import { growDisk } from './l1-table.js';
-import { repairDirtyImage } from './repair.js';
+import type { WriteEngine, ZeroOptions } from './write-path.js';
+import type { SnapshotOptions } from './snapshot-ops.js';
 import { hex } from './bytes.js';
 
 export const DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024;
+
+type WriteSide = typeof import('./write-side.js');
+let writeSideModule: Promise<WriteSide> | undefined;
+/** Set once write-side.ts has loaded; writer() resolves only after that, so methods past it can use it at once. */
+let writeSideLoaded: WriteSide | undefined;
+
+/** The write side's code (write-side.ts), loaded on first use: a read-only open never needs it. */
+function writeSide(): Promise<WriteSide> {
+  writeSideModule ??= import('./write-side.js').then((module) => (writeSideLoaded = module));
+  return writeSideModule;
+}
 
 export interface Qcow2OpenOptions {
   readOnly: boolean;
@@ -134,7 +141,7 @@ export class Qcow2Image implements BlockDevice {
     }
     const image = new this(store, header, l1Table, snapshots, readOnly, options.codecs, options.backing, options.dataStore, options.l2CacheSize ?? DEFAULT_L2_CACHE_BYTES);
     // A writer with lazy refcounts died with the image dirty: its refcounts are rebuilt before any write.
-    if (!readOnly && header.incompatibleFeatures & INCOMPAT_DIRTY && !options.repair) await repairDirtyImage(image);
+    if (!readOnly && header.incompatibleFeatures & INCOMPAT_DIRTY && !options.repair) await (await writeSide()).repairDirtyImage(image);
     return image;
   }
 
@@ -261,16 +268,24 @@ export class Qcow2Image implements BlockDevice {
     checkRange(this, offset, length);
     const out = new Uint8Array(length);
     // While writes are possible, reads wait for them: tables change under a write.
-    if (this.engine) await this.engine.exclusive(() => this.fill(out, offset, this.l1Table, this.backing, true));
-    else await this.fill(out, offset, this.l1Table, this.backing, true);
+    if (this.engine) {
+      await this.engine.exclusive(async () => this.fill(out, offset, this.l1Table, this.backing, true));
+    } else {
+      const pending = this.fill(out, offset, this.l1Table, this.backing, true);
+      if (pending) await pending;
+    }
     return out;
   }
 
   /** Fills all of `into` with guest bytes starting at `offset` (a reused buffer: convert's copy loop). */
   async readInto(offset: number, into: Uint8Array): Promise<void> {
     checkRange(this, offset, into.length);
-    if (this.engine) await this.engine.exclusive(() => this.fill(into, offset, this.l1Table, this.backing, false));
-    else await this.fill(into, offset, this.l1Table, this.backing, false);
+    if (this.engine) {
+      await this.engine.exclusive(async () => this.fill(into, offset, this.l1Table, this.backing, false));
+    } else {
+      const pending = this.fill(into, offset, this.l1Table, this.backing, false);
+      if (pending) await pending;
+    }
   }
 
   /** Executes the read plan for [offset, offset+length) with the given tables and backing. */
@@ -282,16 +297,62 @@ export class Qcow2Image implements BlockDevice {
 
   /**
    * Fills `out` with guest bytes from `offset`. `fresh` says `out` is newly allocated (already zero), so zero
-   * and unallocated extents need no writing. The common case, one extent with its tables cached, runs without
-   * building any intermediate promises.
+   * and unallocated extents need no writing. Returns undefined when it finished without I/O: a read of a hole
+   * with its L2 table cached, most of a sparse disk, costs no promise beyond the caller's own.
    */
-  private async fill(out: Uint8Array, offset: number, l1Table: Uint8Array, backing: BlockDevice | undefined, fresh: boolean): Promise<void> {
+  private fill(out: Uint8Array, offset: number, l1Table: Uint8Array, backing: BlockDevice | undefined, fresh: boolean): Promise<void> | undefined {
     const end = offset + out.length;
     const extents: Extent[] = [];
     const at = this.mapCached(extents, offset, end, l1Table);
-    if (at < end) await this.mapRest(extents, at, end, l1Table);
+    if (at < end) return this.fillMapped(out, offset, extents, at, l1Table, backing, fresh);
     if (extents.length === 1) return this.fillExtent(out, offset, extents[0]!, backing, fresh);
-    await Promise.all(extents.map((extent) => this.fillExtent(out, offset, extent, backing, fresh)));
+    return this.fillExtents(out, offset, extents, backing, fresh);
+  }
+
+  /** fill, after loading the L2 tables mapCached stopped for. */
+  private async fillMapped(out: Uint8Array, offset: number, extents: Extent[], at: number, l1Table: Uint8Array, backing: BlockDevice | undefined, fresh: boolean): Promise<void> {
+    await this.mapRest(extents, at, offset + out.length, l1Table);
+    await this.fillExtents(out, offset, extents, backing, fresh);
+  }
+
+  private async fillExtents(out: Uint8Array, offset: number, extents: Extent[], backing: BlockDevice | undefined, fresh: boolean): Promise<void> {
+    const jobs: Promise<void>[] = [];
+    for (let i = 0; i < extents.length; i++) {
+      const extent = extents[i]!;
+      if (extent.kind === 'compressed') {
+        const run = compressedRun(extents, i);
+        if (run > 1) {
+          jobs.push(this.fillCompressedRun(out, offset, extents.slice(i, i + run) as CompressedExtent[]));
+          i += run - 1;
+          continue;
+        }
+      }
+      const job = this.fillExtent(out, offset, extent, backing, fresh);
+      if (job) jobs.push(job);
+    }
+    await Promise.all(jobs);
+  }
+
+  /**
+   * Compressed clusters that lie next to each other in the file (QEMU writes them back to back) are fetched with
+   * one store read and decompressed from it: one request instead of one per cluster, which is what a convert or
+   * a sequential read of a compressed image is made of (and, over HTTP, one Range request).
+   */
+  private async fillCompressedRun(out: Uint8Array, base: number, run: CompressedExtent[]): Promise<void> {
+    const start = run[0]!.hostOffset;
+    let end = start;
+    for (const extent of run) end = Math.max(end, extent.hostOffset + extent.compressedLength);
+    const span = await this.store.read(start, end - start);
+    for (const extent of run) {
+      let cluster: Uint8Array;
+      if (this.lastCompressed?.hostOffset === extent.hostOffset) {
+        cluster = this.lastCompressed.data;
+      } else {
+        const raw = span.subarray(extent.hostOffset - start, extent.hostOffset - start + extent.compressedLength);
+        cluster = await this.decodeCompressed(extent.hostOffset, raw);
+      }
+      out.set(cluster.subarray(extent.offsetInCluster, extent.offsetInCluster + extent.length), extent.guestOffset - base);
+    }
   }
 
   private fillExtent(out: Uint8Array, base: number, extent: Extent, backing: BlockDevice | undefined, fresh: boolean): Promise<void> | undefined {
@@ -341,7 +402,11 @@ export class Qcow2Image implements BlockDevice {
 
   private async decompress(hostOffset: number, compressedLength: number): Promise<Uint8Array> {
     // The descriptor's sector count can overstate the length (it is sector-granular, up to two clusters).
-    const raw = await this.store.read(hostOffset, compressedLength);
+    return this.decodeCompressed(hostOffset, await this.store.read(hostOffset, compressedLength));
+  }
+
+  /** Decompresses a cluster's stored bytes (`raw`, short or empty where the file ends) and remembers it. */
+  private async decodeCompressed(hostOffset: number, raw: Uint8Array): Promise<Uint8Array> {
     if (raw.length === 0) {
       throw new CorruptImageError(this.name, `compressed cluster at host offset ${hex(hostOffset)} lies outside the file`, hostOffset);
     }
@@ -356,7 +421,9 @@ export class Qcow2Image implements BlockDevice {
   async writer(): Promise<WriteEngine> {
     if (this.readOnly) throw new ReadOnlyError(this.name, 'image is open read-only');
     if (!this.enginePromise) {
-      this.enginePromise = WriteEngine.create(this).then((engine) => (this.engine = engine));
+      this.enginePromise = writeSide()
+        .then(({ WriteEngine }) => WriteEngine.create(this))
+        .then((engine) => (this.engine = engine));
       this.enginePromise.catch(() => (this.enginePromise = undefined));
     }
     return this.enginePromise;
@@ -372,6 +439,7 @@ export class Qcow2Image implements BlockDevice {
   async writeZeroes(offset: number, length: number, options: ZeroOptions = {}): Promise<void> {
     checkRange(this, offset, length);
     const engine = await this.writer();
+    const { writeZeroes } = writeSideLoaded!;
     return engine.exclusive(() => writeZeroes(engine, offset, length, options));
   }
 
@@ -379,12 +447,14 @@ export class Qcow2Image implements BlockDevice {
   async discard(offset: number, length: number): Promise<void> {
     checkRange(this, offset, length);
     const engine = await this.writer();
+    const { discard } = writeSideLoaded!;
     return engine.exclusive(() => discard(engine, offset, length));
   }
 
   /** Writes guest cluster `clusterIndex` compressed with the image's compression type (convert -c). */
   async writeCompressed(clusterIndex: number, data: Uint8Array): Promise<void> {
     const engine = await this.writer();
+    const { writeCompressed } = writeSideLoaded!;
     return engine.exclusive(() => writeCompressed(engine, clusterIndex, data));
   }
 
@@ -393,17 +463,20 @@ export class Qcow2Image implements BlockDevice {
   /** Takes an internal snapshot of the active disk, optionally with a VM-state blob (readVmState gives it back). */
   async createSnapshot(name: string, options: SnapshotOptions = {}): Promise<Snapshot> {
     const engine = await this.writer();
+    const { createSnapshot } = writeSideLoaded!;
     return engine.exclusive(() => createSnapshot(engine, name, options));
   }
 
   /** Reverts the active disk to a snapshot (by ID or name), like qemu-img snapshot -a. */
   async applySnapshot(idOrName: string): Promise<void> {
     const engine = await this.writer();
+    const { applySnapshot } = writeSideLoaded!;
     return engine.exclusive(() => applySnapshot(engine, idOrName));
   }
 
   async deleteSnapshot(idOrName: string): Promise<void> {
     const engine = await this.writer();
+    const { deleteSnapshot } = writeSideLoaded!;
     return engine.exclusive(() => deleteSnapshot(engine, idOrName));
   }
 
@@ -411,6 +484,7 @@ export class Qcow2Image implements BlockDevice {
   async readVmState(snapshot: Snapshot | string): Promise<Uint8Array> {
     const entry = typeof snapshot === 'string' ? findSnapshot(this.snapshots, snapshot) : snapshot;
     if (!entry) throw new FormatError(this.name, `no snapshot with ID or name '${String(snapshot)}'`, { field: 'snapshot', value: String(snapshot) });
+    const { readVmState } = await import('./snapshot-ops.js');
     const read = () => readVmState(this, entry);
     return this.engine ? this.engine.exclusive(read) : read();
   }
@@ -418,6 +492,7 @@ export class Qcow2Image implements BlockDevice {
   /** Grows the virtual disk to `newSize` bytes (qemu-img resize). */
   async grow(newSize: number): Promise<void> {
     const engine = await this.writer();
+    const { growDisk } = writeSideLoaded!;
     return engine.exclusive(() => growDisk(engine, newSize));
   }
 
@@ -438,6 +513,29 @@ export class Qcow2Image implements BlockDevice {
       if (this.backing) await this.backing.close();
     }
   }
+}
+
+type CompressedExtent = Extent & { kind: 'compressed' };
+
+/** Compressed reads closer than this in the file are merged into one (the gap is read and thrown away). */
+const COMPRESSED_GAP = 4096;
+/** ...up to this many bytes per merged read. */
+const COMPRESSED_SPAN = 4 * 1024 * 1024;
+
+/** How many extents from `first` on are compressed clusters stored close together, in file order. */
+function compressedRun(extents: Extent[], first: number): number {
+  const head = extents[first] as CompressedExtent;
+  let end = head.hostOffset + head.compressedLength;
+  let count = 1;
+  for (let i = first + 1; i < extents.length; i++) {
+    const next = extents[i]!;
+    if (next.kind !== 'compressed' || next.hostOffset < head.hostOffset || next.hostOffset > end + COMPRESSED_GAP) break;
+    const nextEnd = Math.max(end, next.hostOffset + next.compressedLength);
+    if (nextEnd - head.hostOffset > COMPRESSED_SPAN) break;
+    end = nextEnd;
+    count++;
+  }
+  return count;
 }
 
 function pushMapping(extents: Extent[], mapping: ReturnType<typeof classify>, guestOffset: number, length: number, offsetInUnit: number): void {

@@ -53,16 +53,16 @@ export interface StoreResolver {
  * Fills `into` with the store's bytes at `offset`; bytes past the end of the store read as zeros (as a data
  * cluster past the end of a truncated file does in QEMU). Uses readInto when the store has it.
  */
-export async function readIntoPadded(store: ByteStore, offset: number, into: Uint8Array): Promise<void> {
-  let got: number;
+export function readIntoPadded(store: ByteStore, offset: number, into: Uint8Array): Promise<void> {
   if (store.readInto) {
-    got = await store.readInto(offset, into);
-  } else {
-    const bytes = await store.read(offset, into.length);
-    into.set(bytes);
-    got = bytes.length;
+    return store.readInto(offset, into).then((got) => {
+      if (got < into.length) into.fill(0, got);
+    });
   }
-  if (got < into.length) into.fill(0, got);
+  return store.read(offset, into.length).then((bytes) => {
+    into.set(bytes);
+    if (bytes.length < into.length) into.fill(0, bytes.length);
+  });
 }
 
 /** Reads exactly `length` bytes or throws a ShortReadError naming the store, offset and what was missing. */

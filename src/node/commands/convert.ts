@@ -18,7 +18,6 @@ import { FormatError } from '../../qcow2/errors.js';
 import { isZero } from '../../qcow2/bytes.js';
 import { openPath, parseFormat } from '../open-image.js';
 import { usageError } from '../usage.js';
-import { wantsQcow2 } from '../convert-qcow2.js';
 
 export const USAGE = 'usage: qcow86 convert [-f raw|qcow2|qcow] [-O raw] [-l SNAPSHOT] [-p] [-q] [-U] SRC DST';
 
@@ -39,8 +38,17 @@ export interface ConvertTarget {
   abort(): Promise<void>;
 }
 
+/** True when a convert command line asks for qcow2 output (handed over to src/node/convert-qcow2.ts). */
+export function wantsQcow2(args: readonly string[]): boolean {
+  for (let i = 0; i < args.length; i++) {
+    if (args[i] === '-O' && args[i + 1] === 'qcow2') return true;
+    if (args[i] === '-Oqcow2' || args[i] === '--output-format=qcow2') return true;
+  }
+  return false;
+}
+
 export async function run(args: string[]): Promise<number> {
-  // qcow2 output lives in its own module (src/node/convert-qcow2.ts) with its own options.
+  // qcow2 output lives in its own module, loaded only for it (src/node/convert-qcow2.ts) with its own options.
   if (wantsQcow2(args)) return (await import('../convert-qcow2.js')).run(args);
   const { values, positionals } = parseArgs({
     args,
