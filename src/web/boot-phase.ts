@@ -18,6 +18,7 @@ export class BootPhases {
   private baseline = 0;
   private needBaseline = false;
   private readsThisBoot = 0;
+  private resumedFrom: string | undefined;
 
   constructor(private readonly console: ConsoleView) {
     setInterval(() => this.update(), 200);
@@ -32,7 +33,16 @@ export class BootPhases {
     this.update();
   }
 
+  /** The machine continues from a saved session: it is running, not booting. */
+  resumed(name: string): void {
+    this.resumedFrom = name;
+    this.running = true;
+    this.phase = '';
+    this.update();
+  }
+
   reset(): void {
+    this.resumedFrom = undefined;
     this.needBaseline = true;
     this.readsThisBoot = 0;
     this.phase = '';
@@ -53,6 +63,9 @@ export class BootPhases {
     let state: PhaseState = 'busy';
     if (PROMPT.test(text)) {
       phase = 'Running — shell ready on the serial console';
+      state = 'ready';
+    } else if (this.resumedFrom !== undefined) {
+      phase = `Running — resumed session '${this.resumedFrom}'`;
       state = 'ready';
     } else if (/Linux version|\[\s*\d+\.\d+\]|Run \/init|switch_root|Booting the kernel|decompress/i.test(text)) {
       phase = 'Linux is starting…';

@@ -50,7 +50,7 @@ export class MachineClient {
 
   /** Boots v86 in the Worker on the disk reached through `start.disk` (a port from RemoteDisk.connect()). */
   start(start: Omit<MachineStart, 'op'>): Promise<void> {
-    return this.call({ op: 'start', ...start }, [start.disk]);
+    return this.call({ op: 'start', ...start }, start.initialState ? [start.disk, start.initialState] : [start.disk]);
   }
 
   serial0_send(data: string): void {

@@ -16,6 +16,8 @@ export interface MachineStart {
   bios: string;
   vgaBios: string;
   memoryBytes: number;
+  /** A session's v86 state to start from instead of booting (it fixes memoryBytes: v86 needs the same size). */
+  initialState?: ArrayBuffer | undefined;
 }
 
 export type MachineRequest =
@@ -31,6 +33,7 @@ export type MachineRequest =
   | { op: 'restart'; diskChanged: boolean }
   | { op: 'run' }
   | { op: 'save-state' }
+  /** Restores a session's state into the stopped machine, whose disk was reverted underneath; does not run it. */
   | { op: 'restore-state'; state: ArrayBuffer };
 
 export type MachineEvent =

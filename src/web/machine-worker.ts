@@ -109,6 +109,8 @@ function start(request: MachineStart): void {
     bios: { url: request.bios },
     vga_bios: { url: request.vgaBios },
     hda: adapter as unknown as V86Image,
+    // A resumed session: v86 restores it once loaded, before it runs (no boot).
+    ...(request.initialState ? { initial_state: { buffer: request.initialState } } : {}),
     autostart: true,
     // No DOM here: the page reads keys and forwards them.
     disable_keyboard: true,

@@ -12,6 +12,8 @@ import { MapView } from './map-view.js';
 import { ask, clearProblem, setPhase, showDisk, showProblem, showStats, type PhaseState } from './status-view.js';
 import { BootPhases } from './boot-phase.js';
 import type { OpenMode, OpenResult } from './protocol.js';
+import { SessionUi } from './session-ui.js';
+import { v86StateMemoryBytes } from '../v86/session.js';
 
 const byId = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
 
@@ -38,6 +40,17 @@ const screenView = createScreen(byId('screen'), machine);
 let started = false;
 let mode: OpenMode = 'write';
 let poweredOff = false;
+/** The default guest needs no more. */
+const DEFAULT_MEMORY_BYTES = 64 * 1024 * 1024;
+const sessions = new SessionUi(disk, {
+  withMachineStopped: (label, change) =>
+    withMachineStopped(label, async () => {
+      await change();
+      return 'disk-changed';
+    }),
+  showMap: (map) => mapView.show(map),
+  resumed: (session) => phases.resumed(session.name),
+});
 
 disk.on((event) => {
   switch (event.event) {
@@ -106,6 +119,10 @@ async function start(): Promise<void> {
   if (!opened) return;
   showDisk({ base: baseUrl, overlay: opened.overlay, mode: opened.mode });
   mapView.show(opened.map);
+  // Before the machine exists: a resumed session starts from its state instead of booting.
+  const initialState = opened.mode === 'readonly' ? undefined : await sessions.offerOnLoad();
+  // v86 restores a state only into a machine of the memory size it was saved with.
+  const memoryBytes = (initialState && v86StateMemoryBytes(initialState)) ?? DEFAULT_MEMORY_BYTES;
   setPhase('Loading the firmware…');
   machine.on((event) => {
     switch (event.event) {
@@ -137,10 +154,20 @@ async function start(): Promise<void> {
     wasm: new URL(wasmUrl, location.href).href,
     bios: `${imagesUrl}bios.bin`,
     vgaBios: `${imagesUrl}vgabios-stdvga.bin`,
-    // The default guest needs no more.
-    memoryBytes: 64 * 1024 * 1024,
+    memoryBytes,
+    initialState,
   });
   started = true;
+  sessions.attach(
+    {
+      stop: () => machine.stop(),
+      run: () => machine.run(),
+      save_state: () => machine.save_state(),
+      isRunning: () => !poweredOff,
+      memoryBytes,
+    },
+    opened.mode !== 'readonly',
+  );
   terminal.focus();
   for (const button of document.querySelectorAll<HTMLButtonElement>('.actions button')) button.disabled = false;
   byId<HTMLButtonElement>('download').disabled = opened.mode === 'readonly';
@@ -170,7 +197,15 @@ async function withMachineStopped(label: string, change: () => Promise<'reboot' 
       phases.reset();
       poweredOff = false;
       byId('power').textContent = 'Power off';
-      await machine.restart(next === 'disk-changed');
+      // A session resumed while stopped starts from its state; otherwise the machine boots again.
+      const state = sessions.takePendingState();
+      if (state) {
+        await machine.restore_state(state);
+        await machine.run();
+      } else {
+        await machine.restart(next === 'disk-changed');
+      }
+      sessions.afterRestart();
     }
   }
 }
@@ -192,6 +227,7 @@ async function openOverlay(file: File): Promise<void> {
     try {
       mapView.show(await disk.importOverlay(file));
       clearProblem('foreign-overlay');
+      await sessions.offerAfterOpen(file.name);
       return 'disk-changed';
     } catch (error) {
       failure = (error as Error).message;

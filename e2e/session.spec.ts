@@ -1,0 +1,137 @@
+/**
+ * Sessions through the tab (issue 8): a counter runs in the guest, Save session stores the machine in the
+ * overlay; after a reload the page offers to resume and the counter continues from its saved value without a
+ * boot; the downloaded overlay lists the session in qemu-img, checks clean, resumes in `qcow86 boot --resume`,
+ * and, opened in a fresh profile, offers to resume there too. One guest boot in all.
+ */
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync, symlinkSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import type { Page } from '@playwright/test';
+import { test, expect, consoleText, run, waitForConsole, waitForShell, waitSaved } from './fixtures.js';
+import { ROOT } from './servers.js';
+import { buildEngine } from '../test/helpers/build.js';
+
+/** `qcow86 ARGS` from a private build of src/ (dist/ may be stale or missing in a fresh clone). */
+function qcow86(args: string[], cwd: string): string {
+  const dist = buildEngine();
+  // machine-assets.ts finds the BIOS in ../../public/images relative to the compiled file.
+  const publicDir = resolve(dist, '../public');
+  if (!existsSync(publicDir)) symlinkSync(join(ROOT, 'public'), publicDir);
+  const script = 'const { main } = await import(process.argv[1]); process.exitCode = await main(process.argv.slice(2));';
+  return execFileSync(process.execPath, ['--input-type=module', '-e', script, join(dist, 'node/cli.js'), ...args], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], cwd });
+}
+
+const COUNTER = 'i=0; while true; do i=$((i+1)); echo $i > /c; echo C=$i; sleep 1; done &';
+/** What only a boot prints on the serial console (the kernel, init, the boot loader). */
+const BOOT_OUTPUT = /Linux version|SYSLINUX|ISOLINUX|Run \/init|Booting the kernel|Freeing unused/;
+
+async function counts(page: Page): Promise<number[]> {
+  return [...(await consoleText(page)).matchAll(/C=(\d+)/g)].map((m) => Number(m[1]));
+}
+
+async function lastCount(page: Page): Promise<number> {
+  const all = await counts(page);
+  expect(all.length).toBeGreaterThan(0);
+  return all.at(-1)!;
+}
+
+/** Accepts the page's resume offer and returns the first counter value the resumed guest prints. */
+async function acceptResume(page: Page, title: RegExp): Promise<number> {
+  const dialog = page.locator('dialog');
+  await expect(dialog).toBeVisible();
+  await expect(dialog).toContainText(title);
+  await expect(dialog).toContainText(/disk changes .* discarded/);
+  await dialog.getByRole('button', { name: "Resume 'counter'" }).click();
+  await expect(page.getByTestId('phase')).toContainText("resumed session 'counter'", { timeout: 60_000 });
+  await expect.poll(() => counts(page), { timeout: 60_000 }).not.toEqual([]);
+  return (await counts(page))[0]!;
+}
+
+/** After a resume: the counter counts on in steps of one, the file agrees with it, the later file is gone. */
+async function checkContinues(page: Page, first: number): Promise<void> {
+  await waitForConsole(page, new RegExp(`C=${first + 2}\\b`), 30_000);
+  await run(page, 'cat /c; ls /after-save; echo DONE$((1+1))');
+  await waitForConsole(page, /DONE2/, 30_000);
+  const text = await consoleText(page);
+  expect(text).not.toMatch(BOOT_OUTPUT);
+  const values = [...text.matchAll(/C=(\d+)/g)].map((m) => Number(m[1]));
+  expect(values).toEqual(values.map((_, i) => first + i));
+  const after = text.slice(text.lastIndexOf('cat /c'));
+  const file = /^\s*(\d+)\s*$/m.exec(after);
+  expect(file, after).not.toBeNull();
+  const printed = [...text.slice(0, text.lastIndexOf('cat /c') + file!.index).matchAll(/C=(\d+)/g)].map((m) => Number(m[1]));
+  // `echo $i > /c` runs just before `echo C=$i`: the file holds the last printed value or the next one.
+  expect([printed.at(-1)!, printed.at(-1)! + 1]).toContain(Number(file![1]));
+  expect(after).toMatch(/after-save: No such file or directory/);
+}
+
+test('save a session, resume it after a reload, download it, resume it in qcow86 and in a fresh profile', async ({ page, server, browser }, testInfo) => {
+  await page.goto(server.url);
+  await waitForShell(page);
+  await run(page, COUNTER);
+  await waitForConsole(page, /C=3\b/);
+
+  // The saved value lies between what the console showed before the save and right after it.
+  const before = await lastCount(page);
+  await page.locator('#session-name').fill('counter');
+  await page.getByRole('button', { name: /Save session/ }).click();
+  await expect(page.getByTestId('session-status')).toContainText("Session 'counter' saved", { timeout: 120_000 });
+  const after = await lastCount(page);
+  const listed = page.getByTestId('session-list').locator('li[data-session="counter"]');
+  await expect(listed).toContainText(/\d+(\.\d+)? (KiB|MiB)/);
+  await page.screenshot({ path: testInfo.outputPath('session-saved.png') });
+
+  // The guest runs on and changes the disk after the save: a resume must discard that.
+  await run(page, 'echo later > /after-save; sync; echo synced-$((40+2))');
+  await waitForConsole(page, /synced-42/);
+  await waitForConsole(page, new RegExp(`C=${after + 4}\\b`));
+  await waitSaved(page);
+
+  await page.reload();
+  const first = await acceptResume(page, /Resume your saved session/);
+  expect(first).toBeGreaterThanOrEqual(before + 1);
+  expect(first).toBeLessThanOrEqual(after + 1);
+  await checkContinues(page, first);
+  await page.screenshot({ path: testInfo.outputPath('session-resumed.png') });
+
+  const [download] = await Promise.all([page.waitForEvent('download'), page.getByRole('button', { name: /Download overlay/ }).click()]);
+  const dir = mkdtempSync(join(tmpdir(), 'qcow86-e2e-session-'));
+  try {
+    const file = join(dir, download.suggestedFilename());
+    await download.saveAs(file);
+    const list = execFileSync('qemu-img', ['snapshot', '-l', file], { encoding: 'utf8' });
+    const line = list.split('\n').find((l) => l.split(/\s+/)[1] === 'counter');
+    expect(line, list).toBeDefined();
+    expect(line).toMatch(/\s\d+(\.\d+)? (KiB|MiB)\s/);
+    const info = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', file], { encoding: 'utf8' })) as { snapshots: Array<{ name: string; 'vm-state-size': number }> };
+    expect(info.snapshots.find((s) => s.name === 'counter')!['vm-state-size']).toBeGreaterThan(100_000);
+    // check opens the whole chain: the base through QEMU's curl driver over the same server.
+    execFileSync('qemu-img', ['check', file], { encoding: 'utf8' });
+
+    // The CLI resumes the session the tab saved (its 64 MiB machine, the base over HTTP).
+    const cli = qcow86(['boot', '--overlay', file, '--resume', 'counter', '--timeout', '120', '--expect', 'C=', '--send', 'cat /c; echo CLI$((1+1))\n', '--expect', 'CLI2'], dir);
+    const cliCounts = [...cli.matchAll(/C=(\d+)/g)].map((m) => Number(m[1]));
+    expect(cliCounts[0]).toBeGreaterThanOrEqual(before + 1);
+    expect(cliCounts[0]).toBeLessThanOrEqual(after + 1);
+    expect(cli).not.toMatch(BOOT_OUTPUT);
+
+    // A fresh profile: opening the file offers its session, and the machine continues from it.
+    const fresh = await browser.newContext();
+    try {
+      const other = await fresh.newPage();
+      await other.goto(server.url);
+      await expect(other.getByRole('button', { name: /Open overlay/ })).toBeEnabled({ timeout: 120_000 });
+      await other.locator('#open-file').setInputFiles(file);
+      const resumedFirst = await acceptResume(other, /Resume the session saved in/);
+      expect(resumedFirst).toBeGreaterThanOrEqual(before + 1);
+      expect(resumedFirst).toBeLessThanOrEqual(after + 1);
+      await checkContinues(other, resumedFirst);
+    } finally {
+      await fresh.close();
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
