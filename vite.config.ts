@@ -1,4 +1,5 @@
 /// <reference types="vitest/config" />
+import { realpathSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { defineConfig, type Plugin } from 'vite';
 import { rangeMiddleware } from './src/node/range-middleware.js';
@@ -25,11 +26,15 @@ export default defineConfig({
   root: '.',
   publicDir: 'public',
   plugins: [imageRanges()],
-  server: { host: '127.0.0.1' },
+  // node_modules may be a symlink to a shared install (git worktrees): excluded deps are served from its real path.
+  server: { host: '127.0.0.1', fs: { allow: ['.', realpathSync('node_modules')] } },
   preview: { host: '127.0.0.1' },
   // dist/ also holds the library's tsc output (dist/qcow2, dist/io...): the app gets its own folder.
   build: { outDir: 'dist/web', emptyOutDir: true, target: 'es2022', chunkSizeWarningLimit: 1024 },
   worker: { format: 'es' },
+  // zstd's encoder finds its .wasm next to itself (new URL('./zstd.wasm', import.meta.url)): pre-bundling would
+  // move the script away from the file, and discovering it only when a session is first saved would reload deps.
+  optimizeDeps: { exclude: ['@bokuweb/zstd-wasm'] },
   test: {
     testTimeout: 60_000,
     hookTimeout: 300_000,

@@ -26,7 +26,8 @@ export interface Codecs {
   inflateRaw(src: Uint8Array, maxOutput: number): Promise<Uint8Array>;
   deflateRaw(src: Uint8Array): Promise<Uint8Array>;
   zstdDecompress(src: Uint8Array, maxOutput: number): Promise<Uint8Array>;
-  zstdCompress(src: Uint8Array): Promise<Uint8Array>;
+  /** `level` defaults to QEMU's (3); clusters always use that, larger blobs (session VM state) may ask for more. */
+  zstdCompress(src: Uint8Array, level?: number): Promise<Uint8Array>;
 }
 
 /** QEMU's zlib settings: raw deflate (negative window bits), 2^12-byte window, memLevel 9, default level. */
@@ -54,7 +55,7 @@ export function portableCodecs(): Codecs {
     inflateRaw: async (src, maxOutput) => (await portableCodecModule()).pakoInflateRaw(src, maxOutput),
     deflateRaw: async (src) => (await portableCodecModule()).pakoDeflateRaw(src),
     zstdDecompress: async (src, maxOutput) => (await portableCodecModule()).zstdDecompressPortable(src, maxOutput),
-    zstdCompress: async (src) => (await zstdWasm()).compress(src, QEMU_ZSTD_LEVEL),
+    zstdCompress: async (src, level) => (await zstdWasm()).compress(src, level ?? QEMU_ZSTD_LEVEL),
   };
 }
 

@@ -198,6 +198,15 @@ async function flush(): Promise<void> {
   unsaved = 0;
 }
 
+/**
+ * A failed session operation is about the session (its VM state, the codec, the overlay's space), never the
+ * base image's server, whatever type the error has: only a full disk keeps its own kind.
+ */
+function sessionProblem(error: unknown): unknown {
+  if (error instanceof ProblemError || error instanceof QuotaError) return error;
+  return new ProblemError('other', error instanceof Error ? error.message : String(error));
+}
+
 /** Sessions live in the stored overlay: a read-only tab's changes (and sessions) would vanish with it. */
 function writable(what: string): Session {
   const s = need();
@@ -344,7 +353,7 @@ function handle({ id, request }: { id: number; request: Request }, endpoint: End
         const s = writable('save a session');
         await flush();
         return saveSessionState(s.device, request.name, request.state, request);
-      }, 'saving the session').then((result) => reply(result), fail);
+      }, 'saving the session').then((result) => reply(result), (error) => fail(sessionProblem(error)));
       return;
     case 'resume-session':
       serial(async () => {
@@ -353,7 +362,7 @@ function handle({ id, request }: { id: number; request: Request }, endpoint: End
         const resumed = await resumeSessionState(s.device, request.id);
         s.map = await DiskMap.build(s.device);
         return { ...resumed, map: s.map.snapshot() };
-      }, 'resuming the session').then((value) => reply(value, [value.state]), fail);
+      }, 'resuming the session').then((value) => reply(value, [value.state]), (error) => fail(sessionProblem(error)));
       return;
     case 'delete-session':
       serial(async () => {
