@@ -67,9 +67,22 @@ async function checkContinues(page: Page, first: number): Promise<void> {
   expect(after).toMatch(/after-save: No such file or directory/);
 }
 
-test('save a session, resume it after a reload, download it, resume it in qcow86 and in a fresh profile', async ({ page, server, browser }, testInfo) => {
-  await page.goto(server.url);
+/** The one boot of this test: on a loaded shared machine it can take longer than the fixture's limit. */
+async function waitForFirstShell(page: Page): Promise<void> {
+  await expect
+    .poll(async () => {
+      const phase = page.getByTestId('phase');
+      if ((await phase.getAttribute('data-state')) === 'error') throw new Error(`the page reports: ${await phase.innerText()}`);
+      return phase.innerText();
+    }, { timeout: 900_000, intervals: [1000] })
+    .toContain('shell ready');
   await waitForShell(page);
+}
+
+test('save a session, resume it after a reload, download it, resume it in qcow86 and in a fresh profile', async ({ page, server, browser }, testInfo) => {
+  test.setTimeout(1_800_000);
+  await page.goto(server.url);
+  await waitForFirstShell(page);
   await run(page, COUNTER);
   await waitForConsole(page, /C=3\b/);
 

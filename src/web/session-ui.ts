@@ -2,7 +2,7 @@
  * Sessions in the tab: save the running machine into the overlay, list, resume and delete saved sessions, and
  * offer to resume when the page opens a disk (or an opened overlay file) that holds one.
  *
- * The page owns the emulator and the disk Worker owns the overlay: saving stops the machine, drains the guest's
+ * The machine Worker runs v86 and the disk Worker owns the overlay: saving stops the machine, drains the guest's
  * disk requests, takes v86's state and hands it to the Worker, which stores it as an internal snapshot in
  * src/v86/session.ts's format (so `qcow86 boot --resume NAME` resumes it, and the other way round). Resuming
  * reverts the disk in the Worker first and restores the state into the stopped machine only once that worked.
@@ -18,7 +18,7 @@ const RESUME_PARAM = 'resume-session';
 
 /** What the session actions need from the emulator (v86's own method names; in-page or in a Worker). */
 export interface SessionMachine {
-  /** Stops the CPU; resolves once every guest disk request issued so far has been answered. */
+  /** Stops the CPU; resolves once every guest write acknowledged so far has reached the disk Worker. */
   stop(): Promise<void>;
   run(): Promise<void>;
   save_state(): Promise<ArrayBuffer>;
@@ -174,6 +174,8 @@ export class SessionUi {
     this.resumedAfterRestart = undefined;
     if (session) this.hooks.resumed(session);
     else this.rebooted();
+    // The disk may have been replaced (reset, another overlay opened): its sessions are listed afresh.
+    void this.refresh().catch(() => {});
   }
 
   private resumedAfterRestart: SessionSummary | undefined;
@@ -220,20 +222,18 @@ export class SessionUi {
     const began = performance.now();
     setPhase(`Saving session '${name}'…`);
     await machine.stop();
-    let saving: Promise<SessionSummary & { rawBytes: number }>;
-    let pausedMs: number;
+    let saved: SessionSummary & { rawBytes: number };
     try {
       const state = await machine.save_state();
-      // The Worker runs requests in order: the guest's next disk requests wait behind this save, so the disk
-      // snapshot is of this instant even though the machine runs on while the Worker compresses and writes.
-      saving = this.disk.call({ op: 'save-session', name, state, clockNsec, replace: true }, [state]);
+      // The machine stays stopped until the snapshot exists: its disk requests reach the disk Worker over
+      // another channel than this one, so nothing would order them after the save.
+      saved = await this.disk.call({ op: 'save-session', name, state, clockNsec, replace: true }, [state]);
     } finally {
-      pausedMs = performance.now() - began;
       if (wasRunning) await machine.run();
     }
-    const saved = await saving;
-    const seconds = ((performance.now() - began) / 1000).toFixed(1);
-    const message = `Session '${saved.name}' saved: ${formatBytes(saved.vmStateSize)} in the overlay (machine state ${formatBytes(saved.rawBytes)} before compression); machine paused ${(pausedMs / 1000).toFixed(1)} s, saved in ${seconds} s.`;
+    const pausedMs = performance.now() - began;
+    const seconds = (pausedMs / 1000).toFixed(1);
+    const message = `Session '${saved.name}' saved: ${formatBytes(saved.vmStateSize)} in the overlay (machine state ${formatBytes(saved.rawBytes)} before compression); machine paused ${seconds} s.`;
     this.status(message);
     setPhase(`Session '${saved.name}' saved`, wasRunning ? 'ready' : 'off');
     byId<HTMLInputElement>('session-name').value = '';
