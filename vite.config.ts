@@ -1,5 +1,5 @@
 /// <reference types="vitest/config" />
-import { realpathSync } from 'node:fs';
+import { existsSync, realpathSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { defineConfig, type Plugin } from 'vite';
 import { rangeMiddleware } from './src/node/range-middleware.js';
@@ -21,13 +21,15 @@ function imageRanges(): Plugin {
   };
 }
 
+const nodeModules = resolve(import.meta.dirname, 'node_modules');
+
 // One config for the web app (index.html + src/web) and for Vitest.
 export default defineConfig({
   root: '.',
   publicDir: 'public',
   plugins: [imageRanges()],
   // node_modules may be a symlink to a shared install (git worktrees): excluded deps are served from its real path.
-  server: { host: '127.0.0.1', fs: { allow: ['.', realpathSync('node_modules')] } },
+  server: { host: '127.0.0.1', fs: { allow: ['.', ...(existsSync(nodeModules) ? [realpathSync(nodeModules)] : [])] } },
   preview: { host: '127.0.0.1' },
   // dist/ also holds the library's tsc output (dist/qcow2, dist/io...): the app gets its own folder.
   build: { outDir: 'dist/web', emptyOutDir: true, target: 'es2022', chunkSizeWarningLimit: 1024 },

@@ -44,8 +44,8 @@ async function acceptResume(page: Page, title: RegExp): Promise<number> {
   await expect(dialog).toContainText(title);
   await expect(dialog).toContainText(/disk changes .* discarded/);
   await dialog.getByRole('button', { name: "Resume 'counter'" }).click();
-  await expect(page.getByTestId('phase')).toContainText("resumed session 'counter'", { timeout: 60_000 });
-  await expect.poll(() => counts(page), { timeout: 60_000 }).not.toEqual([]);
+  await expect.poll(() => counts(page), { timeout: 180_000 }).not.toEqual([]);
+  await expect(page.getByTestId('phase')).toContainText("resumed session 'counter'");
   return (await counts(page))[0]!;
 }
 

@@ -158,6 +158,7 @@ async function start(): Promise<void> {
     initialState,
   });
   started = true;
+  sessions.afterRestart();
   sessions.attach(
     {
       stop: () => machine.stop(),

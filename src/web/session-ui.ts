@@ -102,7 +102,7 @@ export class SessionUi {
       const session = this.sessions.find((s) => s.id === requested);
       if (session) {
         const resumed = await this.revert(session);
-        this.hooks.resumed(resumed.session);
+        this.resumedAfterRestart = resumed.session;
         return resumed.state;
       }
     }
@@ -121,7 +121,8 @@ export class SessionUi {
     if (choice !== 'resume') return undefined;
     try {
       const resumed = await this.revert(newest);
-      this.hooks.resumed(resumed.session);
+      // Said once the machine runs (afterRestart): the page's start-up phases would overwrite it before.
+      this.resumedAfterRestart = resumed.session;
       return resumed.state;
     } catch (error) {
       await ask('The session cannot be resumed', `${(error as Error).message}. The disk was not changed; the machine starts normally.`, [{ label: 'OK', value: 'ok', kind: 'primary' }]);
@@ -168,7 +169,7 @@ export class SessionUi {
     this.resumedAfterRestart = session;
   }
 
-  /** Called by the page once the machine runs again after withMachineStopped. */
+  /** Called by the page once the machine runs: after it started, and again after withMachineStopped. */
   afterRestart(): void {
     const session = this.resumedAfterRestart;
     this.resumedAfterRestart = undefined;
