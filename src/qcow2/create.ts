@@ -134,6 +134,7 @@ export async function createQcow2(store: ByteStore, options: CreateOptions): Pro
   header.size = size;
 
   const prealloc = options.preallocation === 'metadata' || options.dataFileRaw === true;
+  let preallocatedEnd = 0;
   if (prealloc && size > 0) {
     const entryBytes = extendedL2 ? 16 : 8;
     const l2Entries = clusterSize / entryBytes;
@@ -145,10 +146,16 @@ export async function createQcow2(store: ByteStore, options: CreateOptions): Pro
       const l2Offset = await refcounts.allocate(1);
       // Guest offset == host offset in an external data file; otherwise one contiguous run per L2 table.
       const dataOffset = external ? first * clusterSize : await refcounts.allocate(count);
+      // QEMU extends the file over the last cluster only as far as the guest's last allocation unit (the whole
+      // cluster, or with extended L2 the subcluster holding the disk's last byte).
+      const unit = extendedL2 ? clusterSize / SUBCLUSTERS : clusterSize;
+      const tail = size - (first + count - 1) * clusterSize;
+      preallocatedEnd = dataOffset + (count - 1) * clusterSize + Math.ceil(tail / unit) * unit;
       const l2 = new Uint8Array(clusterSize);
       for (let i = 0; i < count; i++) {
+        // With extended L2 the subcluster bitmap stays 0, as QEMU leaves it for preallocated clusters: the host
+        // cluster is reserved but its subclusters read as unallocated until written.
         putU64(l2, i * entryBytes, BigInt(dataOffset + i * clusterSize) | (1n << 63n));
-        if (extendedL2) putU64(l2, i * entryBytes + 8, 2 ** SUBCLUSTERS - 1);
       }
       await store.write(l2Offset, l2);
       putU64(l1, l1Index * 8, BigInt(l2Offset) | (1n << 63n));
@@ -158,8 +165,7 @@ export async function createQcow2(store: ByteStore, options: CreateOptions): Pro
   if (l1Size > 0) await store.write(header.l1TableOffset, l1);
   if (prealloc && options.dataFile === undefined && size > 0) {
     // Preallocated data clusters are holes at the end of the file: extend it to cover them.
-    const end = (await refcounts.usedEnd()) * clusterSize;
-    if ((await store.size()) < end) await store.truncate(end);
+    if ((await store.size()) < preallocatedEnd) await store.truncate(preallocatedEnd);
   }
   if (options.dataStore) {
     if ((await options.dataStore.size()) < size) await options.dataStore.truncate(size);

@@ -50,4 +50,24 @@ describe('fidelity with qemu-img 7.2', () => {
       { id: '3', name: 'b', icount: 0, 'vm-state-size': 0 },
     ]);
   });
+
+  it('extended_l2 + preallocation=metadata: subcluster bitmaps stay 0 as in qemu-img; writes into it match qemu-io', async () => {
+    const dir = tempDir();
+    for (const [cs, ext] of [['16k', 'on'], ['64k', 'on'], ['2M', 'on'], ['2M', 'off']]) {
+      const args = ['create', '-q', '-f', 'qcow2', '-o', `extended_l2=${ext},preallocation=metadata,cluster_size=${cs}`];
+      const ours = join(dir, `ours-${cs}.qcow2`);
+      const theirs = join(dir, `theirs-${cs}.qcow2`);
+      // 5001k: the file ends inside the last cluster (at a subcluster boundary with extended L2), as QEMU's does.
+      expect((await qcow86InProcess([...args, ours, '5001k'])).exitCode).toBe(0);
+      await qemuImg([...args, theirs, '5001k']);
+      expect(Buffer.compare(await readFile(ours), await readFile(theirs)), cs).toBe(0);
+      const io = ['-c', 'write -P 0x5a 1000 3000', '-c', 'write -z 1M 64k', '-c', 'write -P 0x11 4M 100k'];
+      const result = await qcow86(['io', ...io, ours]);
+      expect(result.exitCode, result.stderr).toBe(0);
+      await run('qemu-io', [...io, theirs]);
+      const check = await run('qemu-img', ['check', ours]);
+      expect(check.exitCode, check.stdout).toBe(0);
+      expect((await run('qemu-img', ['compare', ours, theirs])).exitCode).toBe(0);
+    }
+  });
 });
