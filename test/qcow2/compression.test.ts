@@ -127,11 +127,12 @@ describe.each(codecSets)('%s codecs', (_name, codecs) => {
           const started = Date.now();
           const result = await outcome(decompressCluster('img', type, input, 4096, codecs, 0));
           if (result !== 'error') expect(result.length).toBe(4096);
-          expect(Date.now() - started).toBeLessThan(1000);
+          // A hang guard, not a speed target: generous so a loaded CI machine cannot fail it.
+          expect(Date.now() - started).toBeLessThan(10_000);
         }),
         { numRuns: 200 },
       );
-    });
+    }, 120_000);
   });
 
   it('deflate: a stream longer than the cluster is cut at the cluster, as QEMU does', async () => {
@@ -196,9 +197,13 @@ describe('zstd framing', () => {
     const input = new Uint8Array(empty.length * 200000);
     for (let i = 0; i < 200000; i++) input.set(empty, i * empty.length);
     const started = Date.now();
-    await expect(decompressCluster('img', 'zstd', input, 2 * 1024 * 1024, codecs, 0)).rejects.toThrow(FormatError);
-    expect(Date.now() - started).toBeLessThan(2000);
-  });
+    const attempt = decompressCluster('img', 'zstd', input, 2 * 1024 * 1024, codecs, 0);
+    await expect(attempt).rejects.toThrow(FormatError);
+    // The error must come from the work budget (without it this walks all 200,000 frames); the time limit only
+    // guards against a hang, generous enough for a loaded CI machine.
+    await expect(attempt).rejects.toThrow(/too much work/);
+    expect(Date.now() - started).toBeLessThan(30_000);
+  }, 60_000);
 
   it('refuses a frame whose blocks run past the input', () => {
     expect(() => scanZstdFrame(new Uint8Array([0x28, 0xb5, 0x2f, 0xfd, 0x20, 0x10, 0x00, 0x00, 0x00]), 0)).toThrow(/truncated/);

@@ -192,7 +192,7 @@ describe('damaged qcow version 1 images', () => {
     expect(error).toBeInstanceOf(errorClass);
     expect((error as Error).message).toMatch(message);
     expect((error as Error).message).toContain(path);
-    expect(Date.now() - started).toBeLessThan(1000);
+    expect(Date.now() - started).toBeLessThan(10_000); // a hang guard, generous for a loaded CI machine
     if (qemuRefuses) expect((await run('qemu-img', ['info', '-f', 'qcow', path])).exitCode).not.toBe(0);
   });
 
