@@ -147,6 +147,13 @@ export async function analyse(image: Qcow2Image): Promise<Analysis> {
   const external = image.dataStore !== undefined;
   const refRange = (offset: number, length: number) => {
     if (length <= 0) return;
+    // The last cluster may be partly past the end of the file; a reference a whole cluster or more past it is
+    // corruption and is not counted (qemu-img check's rule, which also keeps the image end offset honest).
+    if (offset + length - fileSize >= cs) {
+      result.messages.push(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset ${hex(offset)} size ${hex(length)}`);
+      result.corruptions++;
+      return;
+    }
     for (let c = Math.floor(offset / cs); c <= Math.floor((offset + length - 1) / cs); c++) {
       if (!refs.add(c)) {
         result.checkErrors++;
@@ -163,14 +170,18 @@ export async function analyse(image: Qcow2Image): Promise<Analysis> {
       const hi = u32(l1, i * 8);
       const lo = u32(l1, i * 8 + 4);
       const l2Offset = (hi & 0x00ffffff) * TWO_32 + (lo & 0xfffffe00);
-      if (l2Offset === 0) continue;
+      // Like qemu-img check, an entry with any bit set names a table, even one at offset 0 (reads treat offset 0
+      // as unallocated): flags without an offset are damage, and walking the "table" at the header shows it.
+      if (hi === 0 && lo === 0) continue;
+      // COPIED flags are only judged in tables with a real offset (qemu-img skips offset 0 there).
+      const judgeCopied = active && l2Offset !== 0;
       if (l2Offset % cs !== 0) {
         result.messages.push(`ERROR l2_offset=${hex(l2Offset)}: Table is not cluster aligned; L1 entry corrupted`);
         result.corruptions++;
         continue;
       }
       refRange(l2Offset, cs);
-      if (active) copiedChecks.push({ kind: 'l1', cluster: l2Offset / cs, copied: (hi & 0x80000000) !== 0, where: `L2 cluster: l1_index=${i} l1_entry=${hex(hi * TWO_32 + lo)}` });
+      if (judgeCopied) copiedChecks.push({ kind: 'l1', cluster: l2Offset / cs, copied: (hi & 0x80000000) !== 0, where: `L2 cluster: l1_index=${i} l1_entry=${hex(hi * TWO_32 + lo)}` });
       if (l2Offset + cs > fileSize) {
         result.messages.push(`ERROR l2_offset=${hex(l2Offset)}: L2 table lies outside the image file`);
         result.corruptions++;
@@ -200,6 +211,17 @@ export async function analyse(image: Qcow2Image): Promise<Analysis> {
             // Compressed clusters count as fragmented by nature, as qemu-img reports them.
             result.fragmentedClusters++;
           }
+          if (hostOffset + compressedLength - fileSize >= cs) {
+            // Past the end of the file, so not counted; offsets this large can exceed 2^53, so the message is
+            // worked out exactly.
+            const raw = (BigInt(entry.hi & 0x3fffffff) << 32n) | BigInt(entry.lo >>> 0);
+            const offsetBits = BigInt(62 - (geometry.clusterBits - 8));
+            const exactOffset = raw & ((1n << offsetBits) - 1n);
+            const exactLength = ((raw >> offsetBits) + 1n) * 512n - (exactOffset % 512n);
+            result.messages.push(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${exactOffset.toString(16)} size 0x${exactLength.toString(16)}`);
+            result.corruptions++;
+            continue;
+          }
           refRange(hostOffset, compressedLength);
           continue;
         }
@@ -207,13 +229,19 @@ export async function analyse(image: Qcow2Image): Promise<Analysis> {
           result.messages.push(`ERROR invalid subcluster allocation bitmap, entry=${hex(entry.hi * TWO_32 + entry.lo)}`);
           result.corruptions++;
         }
+        // Bits 1-8 and 56-61 of a standard descriptor are reserved.
+        if ((entry.hi & 0x3f000000) !== 0 || (entry.lo & 0x1fe) !== 0) {
+          result.messages.push(`ERROR found l2 entry with reserved bits set: ${rawHex(entry)}`);
+          result.corruptions++;
+        }
         const host = standardHostOffset(entry);
         const hasHost = host !== 0 || (external && isCopied(entry));
         if (!hasHost) continue;
         if (host % cs !== 0) {
-          result.messages.push(`ERROR offset=${hex(host)}: Cluster is not properly aligned; L2 entry corrupted`);
+          // Still counted below, as qemu-img counts it: the damage shows in the references too.
+          const kind = !geometry.extendedL2 && (entry.lo & 1) !== 0 ? 'Preallocated' : 'Data';
+          result.messages.push(`ERROR offset=${host.toString(16)}: ${kind} cluster is not properly aligned; L2 entry corrupted.`);
           result.corruptions++;
-          continue;
         }
         if (active) {
           result.allocatedClusters++;
@@ -222,7 +250,7 @@ export async function analyse(image: Qcow2Image): Promise<Analysis> {
         }
         if (external) continue;
         refRange(host, cs);
-        if (active) copiedChecks.push({ kind: 'l2', cluster: host / cs, copied: isCopied(entry), where: `data cluster: l2_entry=${hex(entry.hi * TWO_32 + entry.lo)}` });
+        if (judgeCopied) copiedChecks.push({ kind: 'l2', cluster: Math.floor(host / cs), copied: isCopied(entry), where: `data cluster: l2_entry=${hex(entry.hi * TWO_32 + entry.lo)}` });
       }
     }
   };
@@ -359,4 +387,11 @@ export async function referenceBitmaps(image: Qcow2Image, fileSize: number, refR
     }
     at += Math.ceil((24 + extra + nameSize) / 8) * 8;
   }
+}
+
+/** An L2 entry's 64 bits in hex without a prefix, exact beyond 2^53 (qemu-img prints them so). */
+function rawHex(entry: { hi: number; lo: number }): string {
+  const hi = entry.hi >>> 0;
+  const lo = (entry.lo >>> 0).toString(16);
+  return hi ? hi.toString(16) + lo.padStart(8, '0') : lo;
 }
