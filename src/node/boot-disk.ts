@@ -102,9 +102,6 @@ function reusing(base: OpenedBase, name: string, http: HttpStoreOptions | undefi
 
 export async function openBootDisk(options: BootDiskOptions): Promise<BootDisk> {
   const base = options.base ?? DEFAULT_BASE;
-  if (!isHttpUrl(base) && !existsSync(base)) {
-    throw new FormatError(base, options.base ? 'base image not found' : 'default guest not built: run `npm run images`');
-  }
   const openOptions = { readOnly: false, codecs: nodeCodecs(), format: 'qcow2' as const, forceBackingChange: options.forceBaseChange === true };
   const httpOf = (device: BlockDevice): HttpStore | undefined => {
     for (let layer: BlockDevice | undefined = device; layer; layer = backingOf(layer)) {
@@ -129,6 +126,10 @@ export async function openBootDisk(options: BootDiskOptions): Promise<BootDisk> 
     return { device, description: `overlay ${options.overlay} on ${backing ? fullNameOf(backing) : '(no backing file)'}`, http: httpOf(device) };
   }
 
+  // Checked only here: an existing overlay opens on its own backing file, so the default guest need not exist.
+  if (!isHttpUrl(base) && !existsSync(base)) {
+    throw new FormatError(base, options.base ? 'base image not found' : 'default guest not built: run `npm run images`');
+  }
   const opened = await openBase(base, options.http);
   const name = backingName(base);
   const spec = { size: opened.size, backingFile: name, backingFormat: opened.format, backingValidator: opened.store.validator };
