@@ -3,11 +3,11 @@
  * through our engine and through qemu-io/qemu-img on identical starting images; the guest-visible contents
  * (and every snapshot's) must match, and our image must pass qemu-img check with no errors and no leaks.
  */
-import { describe, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { copyFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { makeImage, qemuImg, qemuIo, tempDir, type ImageOptions } from '../helpers/qemu.js';
+import { makeImage, qemuCheck, qemuImg, qemuIo, tempDir, type ImageOptions, type ImageWrite } from '../helpers/qemu.js';
 import { expectClean, expectSameContents, openRw, pattern } from '../helpers/engine.js';
 
 type Op =
@@ -23,6 +23,8 @@ interface Variant {
   image: Omit<ImageOptions, 'size' | 'path' | 'backing'>;
   backing?: boolean;
   snapshots?: boolean;
+  /** The starting image holds compressed clusters (qemu-io `write -c`), which writes must replace, not patch. */
+  compressedStart?: boolean;
   runs: number;
 }
 
@@ -45,6 +47,14 @@ const variants: Variant[] = [
   { name: 'v2 16k snapshots backing', image: { compat: '0.10', clusterSize: 16384 }, backing: true, snapshots: true, runs: 15 },
   { name: 'extended L2 snapshots', image: { clusterSize: 32768, extendedL2: true }, snapshots: true, runs: 15 },
   { name: 'v3 8k refcount 8 snapshots backing', image: { clusterSize: 8192, refcountBits: 8 }, backing: true, snapshots: true, runs: 20 },
+  { name: 'deflate-compressed clusters in the start image', image: { clusterSize: 16384 }, compressedStart: true, runs: 20 },
+  { name: 'zstd-compressed clusters in the start image, snapshots', image: { compressionType: 'zstd' }, compressedStart: true, snapshots: true, runs: 15 },
+  { name: 'preallocation=metadata', image: { preallocation: 'metadata', clusterSize: 32768 }, runs: 15 },
+  { name: 'preallocation=metadata, extended L2, backing', image: { preallocation: 'metadata', extendedL2: true }, backing: true, runs: 15 },
+  // Each side gets its own data file (the image records its absolute name: QEMU opens a relative one from its
+  // working directory), made by the same qemu-img create.
+  { name: 'external data file', image: { dataFile: 'data' }, runs: 15 },
+  { name: 'external raw data file', image: { dataFile: 'data', dataFileRaw: true, clusterSize: 4096 }, runs: 15 },
 ];
 
 function opArb(snapshots: boolean): fc.Arbitrary<Op> {
@@ -85,15 +95,49 @@ async function prepare(variant: Variant): Promise<{ dir: string; start: string }
   const dir = tempDir('qcow86-diff-');
   const start = join(dir, 'start.qcow2');
   if (variant.backing) {
-    const base = await makeImage({ path: join(dir, 'base.qcow2'), size: SIZE - 4096, clusterSize: 65536 }, [
+    await makeImage({ path: join(dir, 'base.qcow2'), size: SIZE - 4096, clusterSize: 65536 }, [
       { offset: 0, length: 3 * 1024 * 1024, pattern: 0x5a },
       { offset: 4 * 1024 * 1024, length: 2 * 1024 * 1024 + 512, pattern: 0x3c },
     ]);
-    await makeImage({ ...variant.image, path: start, size: SIZE, backing: base, backingFormat: 'qcow2' });
+    await makeImage(startOptions(variant, start), startWrites(variant));
   } else {
-    await makeImage({ ...variant.image, path: start, size: SIZE }, [{ offset: 0, length: 128 * 1024, pattern: 0x11 }]);
+    await makeImage({ ...startOptions(variant, start) }, startWrites(variant));
+  }
+  if (variant.compressedStart) {
+    // The point of the variant: the start image really holds compressed clusters.
+    const { result } = await qemuCheck(start);
+    expect(result['compressed-clusters']).toBeGreaterThan(0);
   }
   return { dir, start };
+}
+
+function startOptions(variant: Variant, path: string): ImageOptions {
+  const dataFile = variant.image.dataFile === undefined ? {} : { dataFile: `${path}.data` };
+  const backing = variant.backing ? { backing: 'base.qcow2', backingFormat: 'qcow2' } : {};
+  return { ...variant.image, ...dataFile, ...backing, path, size: SIZE };
+}
+
+function startWrites(variant: Variant): ImageWrite[] {
+  // (Compressed writes cannot overwrite allocated clusters, so a compressed start has only those.)
+  const writes: ImageWrite[] = variant.backing || variant.compressedStart ? [] : [{ offset: 0, length: 128 * 1024, pattern: 0x11 }];
+  if (variant.compressedStart) {
+    // Whole clusters, compressible; some overlap the hot areas the operations favour.
+    const cluster = variant.image.clusterSize ?? 65536;
+    [0, 1024 * 1024 - 4 * cluster, 4 * 1024 * 1024, 6 * 1024 * 1024].forEach((at, i) => {
+      writes.push({ offset: at, length: 4 * cluster, pattern: 0x21 + i, compressed: true });
+    });
+  }
+  return writes;
+}
+
+/** Two identical starting images; each keeps its own external data file when the variant has one. */
+async function startPair(variant: Variant, dir: string, start: string, ours: string, theirs: string): Promise<void> {
+  if (variant.image.dataFile === undefined) {
+    await copyFile(start, ours);
+    await copyFile(start, theirs);
+    return;
+  }
+  for (const path of [ours, theirs]) await makeImage(startOptions(variant, path), startWrites(variant));
 }
 
 let sequenceNumber = 0;
@@ -102,8 +146,7 @@ async function replay(variant: Variant, dir: string, start: string, ops: Op[]): 
   const n = sequenceNumber++;
   const ours = join(dir, `ours-${n}.qcow2`);
   const theirs = join(dir, `theirs-${n}.qcow2`);
-  await copyFile(start, ours);
-  await copyFile(start, theirs);
+  await startPair(variant, dir, start, ours, theirs);
 
   // QEMU: one qemu-io process per stretch of I/O commands, qemu-img snapshot between stretches.
   let batch: string[] = [];
