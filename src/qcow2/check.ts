@@ -11,7 +11,7 @@ import { hex, u32, u64 } from './bytes.js';
 import { decodeCompressed, isCompressed, isCopied, readL2Entry, standardHostOffset } from './mapping.js';
 import { getRefcount } from './refcount.js';
 import { AUTOCLEAR_BITMAPS } from './header.js';
-import { readExact, type ByteStore } from './store.js';
+import { readExact, readIntoPadded, type ByteStore } from './store.js';
 import { snapshotTableBytes } from './snapshots.js';
 import type { Qcow2Image } from './image.js';
 
@@ -173,27 +173,24 @@ export async function analyse(image: Qcow2Image): Promise<Analysis> {
       // Like qemu-img check, an entry with any bit set names a table, even one at offset 0 (reads treat offset 0
       // as unallocated): flags without an offset are damage, and walking the "table" at the header shows it.
       if (hi === 0 && lo === 0) continue;
+      // Bits 0-8 and 56-62 of an L1 entry are reserved.
+      if ((hi & 0x7f000000) !== 0 || (lo & 0x1ff) !== 0) {
+        result.messages.push(`ERROR found L1 entry with reserved bits set: ${rawHex({ hi, lo })}`);
+        result.corruptions++;
+      }
       // COPIED flags are only judged in tables with a real offset (qemu-img skips offset 0 there).
-      const judgeCopied = active && l2Offset !== 0;
-      if (l2Offset % cs !== 0) {
-        result.messages.push(`ERROR l2_offset=${hex(l2Offset)}: Table is not cluster aligned; L1 entry corrupted`);
-        result.corruptions++;
-        continue;
-      }
+      const judgeCopied = active && l2Offset !== 0 && l2Offset % cs === 0;
       refRange(l2Offset, cs);
-      if (judgeCopied) copiedChecks.push({ kind: 'l1', cluster: l2Offset / cs, copied: (hi & 0x80000000) !== 0, where: `L2 cluster: l1_index=${i} l1_entry=${hex(hi * TWO_32 + lo)}` });
-      if (l2Offset + cs > fileSize) {
-        result.messages.push(`ERROR l2_offset=${hex(l2Offset)}: L2 table lies outside the image file`);
+      if (l2Offset % cs !== 0) {
+        // Reported, and the "table" is still walked where the entry points, as qemu-img does.
+        result.messages.push(`ERROR l2_offset=${l2Offset.toString(16)}: Table is not cluster aligned; L1 entry corrupted`);
         result.corruptions++;
-        continue;
       }
-      let table: Uint8Array;
-      try {
-        table = await readExact(store, l2Offset, cs, 'L2 table');
-      } catch {
-        result.checkErrors++;
-        continue;
-      }
+      if (judgeCopied) copiedChecks.push({ kind: 'l1', cluster: l2Offset / cs, copied: (hi & 0x80000000) !== 0, where: `L2 cluster: l1_index=${i} l1_entry=${hex(hi * TWO_32 + lo)}` });
+      // A table (partly) past the end of the file reads as zeros there, as QEMU's block layer reads past EOF;
+      // the reference itself was judged by refRange above.
+      const table = new Uint8Array(cs);
+      await readIntoPadded(store, l2Offset, table);
       // Fragmentation is judged within one L2 table, as qemu-img counts it.
       let nextContiguous = 0;
       for (let j = 0; j < geometry.l2Entries; j++) {
@@ -276,9 +273,20 @@ export async function analyse(image: Qcow2Image): Promise<Analysis> {
   const tableBytes = await readExact(store, header.refcountTableOffset, header.refcountTableClusters * cs, 'refcount table');
   const blockEntries = (cs * 8) >>> header.refcountOrder;
   const blocks = new Map<number, number>();
+  /** Where stored refcounts are read from: the blocks above plus any whose table entry has reserved bits. */
+  const storedBlocks = new Map<number, number>();
   let brokenTable = false;
   for (let i = 0; i < tableBytes.length / 8; i++) {
     const offset = u32(tableBytes, i * 8) * TWO_32 + (u32(tableBytes, i * 8 + 4) & 0xfffffe00);
+    if ((u32(tableBytes, i * 8 + 4) & 0x1ff) !== 0) {
+      // The block is not counted as referenced (so it shows as leaked), but stored refcounts are still read
+      // through the entry with its reserved bits masked, as qemu-img reads them.
+      result.messages.push(`ERROR refcount table entry ${i} has reserved bits set`);
+      result.corruptions++;
+      brokenTable = true;
+      if (offset !== 0 && offset % cs === 0 && offset + cs <= fileSize) storedBlocks.set(i, offset);
+      continue;
+    }
     if (offset === 0) continue;
     if (offset % cs !== 0) {
       result.messages.push(`ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted`);
@@ -295,6 +303,7 @@ export async function analyse(image: Qcow2Image): Promise<Analysis> {
     refRange(offset, cs);
     refcountStructure.add(offset / cs);
     blocks.set(i, offset);
+    storedBlocks.set(i, offset);
   }
   for (const [i, offset] of blocks) {
     if (refs.get(offset / cs) !== 1) {
@@ -307,7 +316,7 @@ export async function analyse(image: Qcow2Image): Promise<Analysis> {
   // Stored refcounts, one block in memory at a time.
   const blockCache = new Map<number, Uint8Array>();
   const readBlock = async (index: number): Promise<Uint8Array | undefined> => {
-    const offset = blocks.get(index);
+    const offset = storedBlocks.get(index);
     if (offset === undefined) return undefined;
     let block = blockCache.get(index);
     if (!block) {
@@ -317,7 +326,7 @@ export async function analyse(image: Qcow2Image): Promise<Analysis> {
     }
     return block;
   };
-  const blockIndices = [...blocks.keys()].sort((a, b) => a - b);
+  const blockIndices = [...storedBlocks.keys()].sort((a, b) => a - b);
   const hasBlockIn = (from: number, to: number): boolean => {
     const lo = Math.floor(from / blockEntries);
     const hi = Math.floor((to - 1) / blockEntries);

@@ -104,6 +104,8 @@ const cases: { name: string; patch: Patch; error: string; message: RegExp; forma
   { name: 'extension longer than the header area', patch: (b) => b.writeUInt32BE(0x7fffffff, b.readUInt32BE(100) + 4), error: 'FormatError', message: /extension/ },
   { name: 'L2 table offset misaligned', patch: (b) => b.writeBigUInt64BE(BigInt(layout.l2 + 512) | (1n << 63n), layout.l1), error: 'CorruptImageError', message: /L2 table offset .* unaligned/ },
   { name: 'L2 table outside the file', patch: (b) => b.writeBigUInt64BE((1n << 44n) | (1n << 63n), layout.l1), error: 'ShortReadError', message: /L2 table/ },
+  // Past 2^53 a number no longer addresses bytes exactly: must still be a short read, not a crash in the store.
+  { name: 'L2 table offset above 2^53', patch: (b) => b.writeBigUInt64BE((1n << 55n) | (1n << 63n), layout.l1), error: 'ShortReadError', message: /L2 table at offset 0x80000000000000 is truncated/ },
   { name: 'data cluster offset misaligned', patch: (b) => b.writeBigUInt64BE(b.readBigUInt64BE(layout.dataEntry) + 512n, layout.dataEntry), error: 'CorruptImageError', message: /unaligned/ },
   {
     name: 'compressed descriptor pointing past the end of the file',
