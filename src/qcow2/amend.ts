@@ -68,7 +68,7 @@ async function allL2Tables(image: Qcow2Image): Promise<number[]> {
   const offsets = new Set<number>();
   for (const l1 of l1s) {
     for (let i = 0; i + 8 <= l1.length; i += 8) {
-      const offset = (u32(l1, i) & 0x00ffffff) * TWO_32 + (u32(l1, i + 4) & 0xfffffe00);
+      const offset = (u32(l1, i) & 0x00ffffff) * TWO_32 + ((u32(l1, i + 4) & 0xfffffe00) >>> 0);
       if (offset) offsets.add(offset);
     }
   }
@@ -103,7 +103,7 @@ async function downgrade(engine: WriteEngine): Promise<void> {
       const hi = u32(table, i);
       const lo = u32(table, i + 4);
       if (hi & COMPRESSED_HI || !(lo & 1)) continue;
-      let host = (hi & 0x00ffffff) * TWO_32 + (lo & 0xfffffe00);
+      let host = (hi & 0x00ffffff) * TWO_32 + ((lo & 0xfffffe00) >>> 0);
       changed = true;
       // A kept host cluster that other tables also use (a snapshot that still reads data there, after the
       // active layer zeroed it) must not be overwritten: this table lets go of it instead. QEMU 7.2 zeroes it

@@ -4,20 +4,19 @@
  * References are recomputed from everything that points at host clusters (header, active and snapshot L1/L2
  * trees including VM state, refcount table and blocks, snapshot table, bitmap directory and tables) and compared
  * with the stored refcounts: stored above computed is a leak, below is a corruption. COPIED flags of the active
- * tree, alignment and overlaps are checked too. Memory is bounded by the file size: references past the end
- * of the file are kept in a capped map, not a dense array.
+ * tree, alignment and reserved bits are checked too. The rules and the wording are qemu-img 7.2's
+ * (block/qcow2-refcount.c), so findings on damaged images match line for line. Memory is bounded by the file
+ * size: a reference a cluster or more past the end of the file is a finding, never counted.
  */
 import { hex, u32, u64 } from './bytes.js';
-import { decodeCompressed, isCompressed, isCopied, readL2Entry, standardHostOffset } from './mapping.js';
-import { getRefcount } from './refcount.js';
-import { AUTOCLEAR_BITMAPS } from './header.js';
+import { decodeCompressed, isCompressed, isCopied, readL2Entry, standardHostOffset, type Geometry, type L2Entry } from './mapping.js';
+import { getRefcount, maxRefcount } from './refcount.js';
+import { AUTOCLEAR_BITMAPS, MAX_L1_BYTES } from './header.js';
 import { readExact, readIntoPadded, type ByteStore } from './store.js';
 import { snapshotTableBytes } from './snapshots.js';
 import type { Qcow2Image } from './image.js';
 
 const TWO_32 = 2 ** 32;
-/** Chunks of references kept for clusters past the end of the file (a hostile image cannot grow this). */
-const MAX_OUT_OF_FILE = 64;
 const CHUNK = 65536;
 const MAX_MESSAGES = 10000;
 
@@ -59,20 +58,23 @@ export function checkResultJson(result: CheckResult, filename: string): Record<s
  */
 export class References {
   private readonly chunks = new Map<number, Uint32Array>();
-  private beyondCount = 0;
   private maxCluster = -1;
-  constructor(readonly fileClusters: number) {}
+  /** `max` is the largest refcount the image's width can store (qemu-img's in-memory table has that width too). */
+  constructor(
+    readonly fileClusters: number,
+    private readonly max = 0xffffffff,
+  ) {}
+  /** Counts one reference; false when the count is already at the width's maximum (not counted, as qemu-img). */
   add(cluster: number): boolean {
-    if (cluster >= this.fileClusters && !this.chunks.has(Math.floor(cluster / CHUNK)) && this.beyondCount >= MAX_OUT_OF_FILE) return false;
     const key = Math.floor(cluster / CHUNK);
     let chunk = this.chunks.get(key);
     if (!chunk) {
       chunk = new Uint32Array(CHUNK);
       this.chunks.set(key, chunk);
-      if (cluster >= this.fileClusters) this.beyondCount++;
     }
     const i = cluster % CHUNK;
-    if (chunk[i]! < 0xffffffff) chunk[i] = chunk[i]! + 1;
+    if (chunk[i]! >= Math.min(this.max, 0xffffffff)) return false;
+    chunk[i] = chunk[i]! + 1;
     if (cluster > this.maxCluster) this.maxCluster = cluster;
     return true;
   }
@@ -89,15 +91,24 @@ export class References {
   }
 }
 
+export interface CheckOptions {
+  repair?: RepairMode;
+  /**
+   * Called with every finding as it is made, in qemu-img's order. `messages` keeps only the first ones (a damaged
+   * image can yield millions); a caller that wants them all, like the CLI, streams them from here.
+   */
+  onMessage?: (line: string) => void;
+}
+
 /** Reads and compares; with `repair`, fixes refcounts (and COPIED flags for 'all') through the write engine. */
-export async function checkImage(image: Qcow2Image, options: { repair?: RepairMode } = {}): Promise<CheckResult> {
+export async function checkImage(image: Qcow2Image, options: CheckOptions = {}): Promise<CheckResult> {
   // What a writer holds in memory is part of the image: check what it would leave on disk.
   if (!image.readOnly) await image.flush();
-  const first = await analyse(image);
+  const first = await analyse(image, options.onMessage);
   if (!options.repair || (first.result.leaks === 0 && first.result.corruptions === 0)) return first.result;
   const { repairRefcounts } = await import('./repair.js');
   await repairRefcounts(image, first, options.repair);
-  const second = await analyse(image);
+  const second = await analyse(image, options.onMessage);
   second.result.leaksFixed = Math.max(0, first.result.leaks - second.result.leaks);
   second.result.corruptionsFixed = Math.max(0, first.result.corruptions - second.result.corruptions);
   second.result.messages = [...first.result.messages, ...second.result.messages];
@@ -115,14 +126,14 @@ export interface Analysis {
   brokenTable: boolean;
 }
 
-export async function analyse(image: Qcow2Image): Promise<Analysis> {
+export async function analyse(image: Qcow2Image, onMessage?: (line: string) => void): Promise<Analysis> {
   const store: ByteStore = image.store;
   const header = image.header;
   const cs = image.clusterSize;
   const geometry = image.geometry;
   const fileSize = await store.size();
   const fileClusters = Math.ceil(fileSize / cs);
-  const refs = new References(fileClusters);
+  const refs = new References(fileClusters, maxRefcount(header.refcountOrder));
   const result: CheckResult = {
     checkErrors: 0,
     leaks: 0,
@@ -140,161 +151,180 @@ export async function analyse(image: Qcow2Image): Promise<Analysis> {
   const messages = result.messages;
   const push = messages.push.bind(messages);
   messages.push = (...lines: string[]) => {
+    if (onMessage) for (const line of lines) onMessage(line);
     if (messages.length < MAX_MESSAGES) return push(...lines);
     if (messages.length === MAX_MESSAGES) push('(further findings not listed)');
     return messages.length;
   };
   const external = image.dataStore !== undefined;
-  const refRange = (offset: number, length: number) => {
+  /** qemu-img's qcow2_inc_refcounts_imrt; `exact` spells the region when its offset may be past 2^53. */
+  const refRange = (offset: number, length: number, exact?: { offset: bigint; length: bigint }) => {
     if (length <= 0) return;
     // The last cluster may be partly past the end of the file; a reference a whole cluster or more past it is
     // corruption and is not counted (qemu-img check's rule, which also keeps the image end offset honest).
     if (offset + length - fileSize >= cs) {
-      result.messages.push(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset ${hex(offset)} size ${hex(length)}`);
+      const where = exact ? `offset 0x${exact.offset.toString(16)} size 0x${exact.length.toString(16)}` : `offset ${hex(offset)} size ${hex(length)}`;
+      result.messages.push(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: ${where}`);
       result.corruptions++;
       return;
     }
     for (let c = Math.floor(offset / cs); c <= Math.floor((offset + length - 1) / cs); c++) {
       if (!refs.add(c)) {
-        result.checkErrors++;
-        return;
+        result.messages.push(`ERROR: overflow cluster offset=${hex(c * cs)}`);
+        result.messages.push('Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing');
+        result.corruptions++;
       }
     }
   };
 
   refRange(0, cs);
-  // Trees: the active one with fragmentation info and COPIED checks, then every snapshot's.
-  const copiedChecks: { kind: 'l1' | 'l2'; cluster: number; copied: boolean; where: string }[] = [];
-  const walk = async (l1: Uint8Array, active: boolean) => {
+  // The active tree counts fragmentation; every snapshot's tree is walked the same way after it.
+  const walkL1 = async (l1: Uint8Array, active: boolean) => {
     for (let i = 0; i < l1.length / 8; i++) {
       const hi = u32(l1, i * 8);
       const lo = u32(l1, i * 8 + 4);
-      const l2Offset = (hi & 0x00ffffff) * TWO_32 + (lo & 0xfffffe00);
       // Like qemu-img check, an entry with any bit set names a table, even one at offset 0 (reads treat offset 0
       // as unallocated): flags without an offset are damage, and walking the "table" at the header shows it.
       if (hi === 0 && lo === 0) continue;
       // Bits 0-8 and 56-62 of an L1 entry are reserved.
       if ((hi & 0x7f000000) !== 0 || (lo & 0x1ff) !== 0) {
-        result.messages.push(`ERROR found L1 entry with reserved bits set: ${rawHex({ hi, lo })}`);
+        result.messages.push(`ERROR found L1 entry with reserved bits set: ${rawHex(hi, lo)}`);
         result.corruptions++;
       }
-      // COPIED flags are only judged in tables with a real offset (qemu-img skips offset 0 there).
-      const judgeCopied = active && l2Offset !== 0 && l2Offset % cs === 0;
+      const l2Offset = l1Offset(hi, lo);
       refRange(l2Offset, cs);
       if (l2Offset % cs !== 0) {
         // Reported, and the "table" is still walked where the entry points, as qemu-img does.
         result.messages.push(`ERROR l2_offset=${l2Offset.toString(16)}: Table is not cluster aligned; L1 entry corrupted`);
         result.corruptions++;
       }
-      if (judgeCopied) copiedChecks.push({ kind: 'l1', cluster: l2Offset / cs, copied: (hi & 0x80000000) !== 0, where: `L2 cluster: l1_index=${i} l1_entry=${hex(hi * TWO_32 + lo)}` });
       // A table (partly) past the end of the file reads as zeros there, as QEMU's block layer reads past EOF;
       // the reference itself was judged by refRange above.
       const table = new Uint8Array(cs);
       await readIntoPadded(store, l2Offset, table);
-      // Fragmentation is judged within one L2 table, as qemu-img counts it.
-      let nextContiguous = 0;
-      for (let j = 0; j < geometry.l2Entries; j++) {
-        const entry = readL2Entry(table, j, geometry);
-        if (isCompressed(entry)) {
-          if (external || (geometry.extendedL2 && (entry.allocMask | entry.zeroMask) !== 0)) {
-            result.messages.push(`ERROR compressed cluster ${j} with data file or non-zero subcluster allocation bitmap, entry=${hex(entry.hi * TWO_32 + entry.lo)}`);
-            result.corruptions++;
-            continue;
-          }
-          const { hostOffset, compressedLength } = decodeCompressed(entry, geometry.clusterBits);
-          if (active) {
-            result.allocatedClusters++;
-            result.compressedClusters++;
-            // Compressed clusters count as fragmented by nature, as qemu-img reports them.
-            result.fragmentedClusters++;
-          }
-          if (hostOffset + compressedLength - fileSize >= cs) {
-            // Past the end of the file, so not counted; offsets this large can exceed 2^53, so the message is
-            // worked out exactly.
-            const raw = (BigInt(entry.hi & 0x3fffffff) << 32n) | BigInt(entry.lo >>> 0);
-            const offsetBits = BigInt(62 - (geometry.clusterBits - 8));
-            const exactOffset = raw & ((1n << offsetBits) - 1n);
-            const exactLength = ((raw >> offsetBits) + 1n) * 512n - (exactOffset % 512n);
-            result.messages.push(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${exactOffset.toString(16)} size 0x${exactLength.toString(16)}`);
-            result.corruptions++;
-            continue;
-          }
-          refRange(hostOffset, compressedLength);
-          continue;
-        }
-        if (geometry.extendedL2 && entry.allocMask & entry.zeroMask) {
-          result.messages.push(`ERROR invalid subcluster allocation bitmap, entry=${hex(entry.hi * TWO_32 + entry.lo)}`);
-          result.corruptions++;
-        }
-        // Bits 1-8 and 56-61 of a standard descriptor are reserved.
-        if ((entry.hi & 0x3f000000) !== 0 || (entry.lo & 0x1fe) !== 0) {
-          result.messages.push(`ERROR found l2 entry with reserved bits set: ${rawHex(entry)}`);
-          result.corruptions++;
-        }
-        const host = standardHostOffset(entry);
-        const hasHost = host !== 0 || (external && isCopied(entry));
-        if (!hasHost) continue;
-        if (host % cs !== 0) {
-          // Still counted below, as qemu-img counts it: the damage shows in the references too.
-          const kind = !geometry.extendedL2 && (entry.lo & 1) !== 0 ? 'Preallocated' : 'Data';
-          result.messages.push(`ERROR offset=${host.toString(16)}: ${kind} cluster is not properly aligned; L2 entry corrupted.`);
-          result.corruptions++;
-        }
-        if (active) {
-          result.allocatedClusters++;
-          if (nextContiguous !== 0 && host !== nextContiguous) result.fragmentedClusters++;
-          nextContiguous = host + cs;
-        }
-        if (external) continue;
-        refRange(host, cs);
-        if (judgeCopied) copiedChecks.push({ kind: 'l2', cluster: Math.floor(host / cs), copied: isCopied(entry), where: `data cluster: l2_entry=${hex(entry.hi * TWO_32 + entry.lo)}` });
-      }
+      walkL2(table, active);
     }
   };
-  refRange(header.l1TableOffset, header.l1Size * 8);
-  await walk(image.l1Table, true);
+  const walkL2 = (table: Uint8Array, active: boolean) => {
+    // Fragmentation is judged within one L2 table, as qemu-img counts it.
+    let nextContiguous = 0;
+    for (let j = 0; j < geometry.l2Entries; j++) {
+      const entry = readL2Entry(table, j, geometry);
+      const type = clusterType(entry, geometry);
+      if (type !== 'compressed' && ((entry.hi & 0x3f000000) !== 0 || (entry.lo & 0x1fe) !== 0)) {
+        // Bits 1-8 and 56-61 of a standard descriptor are reserved.
+        result.messages.push(`ERROR found l2 entry with reserved bits set: ${rawHex(entry.hi, entry.lo)}`);
+        result.corruptions++;
+      }
+      if (type === 'compressed') {
+        const raw = (BigInt(entry.hi & 0x7fffffff) << 32n) | BigInt(entry.lo);
+        const offsetBits = BigInt(62 - (geometry.clusterBits - 8));
+        const exactOffset = raw & ((1n << offsetBits) - 1n);
+        if (entry.hi & 0x80000000) {
+          result.messages.push(`ERROR: coffset=0x${exactOffset.toString(16)}: copied flag must never be set for compressed clusters`);
+          result.corruptions++;
+        }
+        if (external) {
+          result.messages.push(`ERROR compressed cluster ${j} with data file, entry=0x${raw.toString(16)}`);
+          result.corruptions++;
+          continue;
+        }
+        if (entry.allocMask !== 0 || entry.zeroMask !== 0) {
+          result.messages.push(`ERROR compressed cluster ${j} with non-zero subcluster allocation bitmap, entry=0x${raw.toString(16)}`);
+          result.corruptions++;
+          continue;
+        }
+        const { hostOffset, compressedLength } = decodeCompressed(entry, geometry.clusterBits);
+        const exactLength = ((((raw & ((1n << 62n) - 1n)) >> offsetBits) & BigInt(2 ** (geometry.clusterBits - 8) - 1)) + 1n) * 512n - (exactOffset % 512n);
+        refRange(hostOffset, compressedLength, { offset: exactOffset, length: exactLength });
+        if (active) {
+          result.allocatedClusters++;
+          result.compressedClusters++;
+          // Compressed clusters count as fragmented by nature, as qemu-img reports them.
+          result.fragmentedClusters++;
+        }
+        continue;
+      }
+      if (type === 'unallocated') {
+        if (entry.allocMask !== 0) {
+          result.messages.push('ERROR: Unallocated cluster has non-zero subcluster allocation map');
+          result.corruptions++;
+        }
+        continue;
+      }
+      if (type === 'zero-plain') continue;
+      // A normal cluster, or a zero cluster that keeps its host cluster.
+      const host = standardHostOffset(entry);
+      if ((entry.allocMask & entry.zeroMask) !== 0) {
+        result.messages.push(`ERROR offset=${host.toString(16)}: Allocated cluster has corrupted subcluster allocation bitmap`);
+        result.corruptions++;
+      }
+      if (host % cs !== 0) {
+        // Still counted below, as qemu-img counts it: the damage shows in the references too.
+        const containsData = geometry.extendedL2 ? entry.allocMask !== 0 : type !== 'zero-alloc';
+        result.messages.push(`ERROR offset=${host.toString(16)}: ${containsData ? 'Data' : 'Preallocated'} cluster is not properly aligned; L2 entry corrupted.`);
+        result.corruptions++;
+      }
+      if (active) {
+        result.allocatedClusters++;
+        if (nextContiguous !== 0 && host !== nextContiguous) result.fragmentedClusters++;
+        nextContiguous = host + cs;
+      }
+      if (!external) refRange(host, cs);
+    }
+  };
+  if (header.l1Size) refRange(header.l1TableOffset, header.l1Size * 8);
+  await walkL1(image.l1Table, true);
+  if (external && image.snapshots.length) {
+    result.messages.push(`ERROR ${image.snapshots.length} snapshots in image with data file`);
+    result.corruptions++;
+  }
   for (const snapshot of image.snapshots) {
-    refRange(snapshot.l1TableOffset, snapshot.l1Size * 8);
-    if (snapshot.l1TableOffset + snapshot.l1Size * 8 > fileSize) {
-      result.messages.push(`ERROR snapshot ${snapshot.id} (${snapshot.name}) L1 table is outside the image file`);
+    if (snapshot.l1TableOffset % cs !== 0) {
+      result.messages.push(`ERROR snapshot ${snapshot.id} (${snapshot.name}) l1_offset=${hex(snapshot.l1TableOffset)}: L1 table is not cluster aligned; snapshot table entry corrupted`);
       result.corruptions++;
       continue;
     }
-    const l1 = snapshot.l1Size ? await readExact(store, snapshot.l1TableOffset, snapshot.l1Size * 8, 'snapshot L1 table') : new Uint8Array(0);
-    await walk(l1, false);
+    if (snapshot.l1Size > MAX_L1_BYTES / 8) {
+      result.messages.push(`ERROR snapshot ${snapshot.id} (${snapshot.name}) l1_size=${hex(snapshot.l1Size)}: L1 table is too large; snapshot table entry corrupted`);
+      result.corruptions++;
+      continue;
+    }
+    if (!snapshot.l1Size) continue;
+    refRange(snapshot.l1TableOffset, snapshot.l1Size * 8);
+    // Past the end of the file the table reads as zeros, as in QEMU (opening refuses such tables, so this is rare).
+    const l1 = new Uint8Array(snapshot.l1Size * 8);
+    await readIntoPadded(store, snapshot.l1TableOffset, l1);
+    await walkL1(l1, false);
   }
   if (header.nbSnapshots) refRange(header.snapshotsOffset, snapshotTableBytes(image.snapshots));
-  await referenceBitmaps(image, fileSize, refRange, result);
 
   // Refcount structures: the table, then each block (which must be referenced exactly once).
   const refcountStructure = new Set<number>();
   refRange(header.refcountTableOffset, header.refcountTableClusters * cs);
   for (let c = header.refcountTableOffset / cs; c < header.refcountTableOffset / cs + header.refcountTableClusters; c++) refcountStructure.add(c);
-  const tableBytes = await readExact(store, header.refcountTableOffset, header.refcountTableClusters * cs, 'refcount table');
-  const blockEntries = (cs * 8) >>> header.refcountOrder;
-  const blocks = new Map<number, number>();
-  /** Where stored refcounts are read from: the blocks above plus any whose table entry has reserved bits. */
-  const storedBlocks = new Map<number, number>();
+  await referenceBitmaps(image, fileSize, refRange, result);
+  const stored = await StoredRefcounts.load(image);
   let brokenTable = false;
-  for (let i = 0; i < tableBytes.length / 8; i++) {
-    const offset = u32(tableBytes, i * 8) * TWO_32 + (u32(tableBytes, i * 8 + 4) & 0xfffffe00);
-    if ((u32(tableBytes, i * 8 + 4) & 0x1ff) !== 0) {
-      // The block is not counted as referenced (so it shows as leaked), but stored refcounts are still read
-      // through the entry with its reserved bits masked, as qemu-img reads them.
+  for (let i = 0; i < stored.tableEntries; i++) {
+    const { hi, lo } = stored.entry(i);
+    if (hi === 0 && lo === 0) continue;
+    const offset = hi * TWO_32 + ((lo & 0xfffffe00) >>> 0);
+    if ((lo & 0x1ff) !== 0) {
+      // Not counted (the block then shows as leaked), though stored refcounts are still read through the entry.
       result.messages.push(`ERROR refcount table entry ${i} has reserved bits set`);
       result.corruptions++;
       brokenTable = true;
-      if (offset !== 0 && offset % cs === 0 && offset + cs <= fileSize) storedBlocks.set(i, offset);
       continue;
     }
-    if (offset === 0) continue;
     if (offset % cs !== 0) {
       result.messages.push(`ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted`);
       result.corruptions++;
       brokenTable = true;
       continue;
     }
-    if (offset + cs > fileSize) {
+    // "Outside" means past the clusters counted so far: the file's, plus a last one references may reach into.
+    if (offset / cs >= refs.extent) {
       result.messages.push(`ERROR refcount block ${i} is outside image`);
       result.corruptions++;
       brokenTable = true;
@@ -302,10 +332,7 @@ export async function analyse(image: Qcow2Image): Promise<Analysis> {
     }
     refRange(offset, cs);
     refcountStructure.add(offset / cs);
-    blocks.set(i, offset);
-    storedBlocks.set(i, offset);
-  }
-  for (const [i, offset] of blocks) {
+    // Judged at once, as qemu-img does: a block named twice is reported at its second entry.
     if (refs.get(offset / cs) !== 1) {
       result.messages.push(`ERROR refcount block ${i} refcount=${refs.get(offset / cs)}`);
       result.corruptions++;
@@ -313,59 +340,142 @@ export async function analyse(image: Qcow2Image): Promise<Analysis> {
     }
   }
 
-  // Stored refcounts, one block in memory at a time.
-  const blockCache = new Map<number, Uint8Array>();
-  const readBlock = async (index: number): Promise<Uint8Array | undefined> => {
-    const offset = storedBlocks.get(index);
-    if (offset === undefined) return undefined;
-    let block = blockCache.get(index);
-    if (!block) {
-      blockCache.clear();
-      block = await readExact(store, offset, cs, 'refcount block');
-      blockCache.set(index, block);
-    }
-    return block;
-  };
-  const blockIndices = [...storedBlocks.keys()].sort((a, b) => a - b);
-  const hasBlockIn = (from: number, to: number): boolean => {
-    const lo = Math.floor(from / blockEntries);
-    const hi = Math.floor((to - 1) / blockEntries);
-    return blockIndices.some((i) => i >= lo && i <= hi);
-  };
+  // Stored against computed, over every cluster of the file (and one past it that a reference may reach).
   const storedValues = new Map<number, number>();
   const extent = refs.extent;
-  let highest = -1;
+  let highest = 0;
   for (let c = 0; c < extent; c++) {
     // Nothing stored and nothing referenced in a whole stretch: skip it (sparse or hostile sizes stay cheap).
-    if (c % CHUNK === 0 && refs.chunkEmpty(c) && !hasBlockIn(c, c + CHUNK)) {
+    if (c % CHUNK === 0 && refs.chunkEmpty(c) && !stored.anyBlockFor(c, c + CHUNK)) {
       c += CHUNK - 1;
       continue;
     }
-    const block = await readBlock(Math.floor(c / blockEntries));
-    const stored = block ? getRefcount(block, c % blockEntries, header.refcountOrder) : 0;
+    const value = await stored.get(c, result.messages);
+    if (value === undefined) {
+      result.messages.push(`Can't get refcount for cluster ${c}: Input/output error`);
+      result.checkErrors++;
+      brokenTable = true;
+      continue;
+    }
     const computed = refs.get(c);
-    if (stored > 0 || computed > 0) highest = c;
-    if (stored === computed) continue;
-    storedValues.set(c, stored);
-    if (stored > computed) {
-      result.messages.push(`Leaked cluster ${c} refcount=${stored} reference=${computed}`);
+    if (value > 0 || computed > 0) highest = c;
+    if (value === computed) continue;
+    storedValues.set(c, value);
+    if (value > computed) {
+      result.messages.push(`Leaked cluster ${c} refcount=${value} reference=${computed}`);
       result.leaks++;
     } else {
-      result.messages.push(`ERROR cluster ${c} refcount=${stored} reference=${computed}`);
+      result.messages.push(`ERROR cluster ${c} refcount=${value} reference=${computed}`);
       result.corruptions++;
+    }
+  }
+
+  // COPIED flags of the active tree must say "refcount is exactly 1", judged on the stored refcounts (qemu-img's
+  // check_oflag_copied, which runs after the comparison and skips clusters whose refcount cannot be read).
+  for (let i = 0; i < image.l1Table.length / 8; i++) {
+    const hi = u32(image.l1Table, i * 8);
+    const lo = u32(image.l1Table, i * 8 + 4);
+    const l2Offset = l1Offset(hi, lo);
+    if (l2Offset === 0) continue;
+    const l1Refcount = await stored.get(Math.floor(l2Offset / cs));
+    if (l1Refcount !== undefined && (l1Refcount === 1) !== ((hi & 0x80000000) !== 0)) {
+      result.messages.push(`ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${rawHex(hi, lo)} refcount=${l1Refcount}`);
+      result.corruptions++;
+    }
+    const table = new Uint8Array(cs);
+    await readIntoPadded(store, l2Offset, table);
+    for (let j = 0; j < geometry.l2Entries; j++) {
+      const entry = readL2Entry(table, j, geometry);
+      const type = clusterType(entry, geometry);
+      if (type !== 'normal' && type !== 'zero-alloc') continue;
+      const refcount = external ? 1 : await stored.get(Math.floor(standardHostOffset(entry) / cs));
+      if (refcount === undefined) continue;
+      if ((refcount === 1) !== isCopied(entry)) {
+        result.messages.push(`ERROR OFLAG_COPIED data cluster: l2_entry=${rawHex(entry.hi, entry.lo)} refcount=${refcount}`);
+        result.corruptions++;
+      }
     }
   }
   result.imageEndOffset = (highest + 1) * cs;
+  return { result, references: refs, stored: (c) => storedValues.get(c) ?? refs.get(c), refcountStructure, brokenTable };
+}
 
-  // COPIED flags of the active tree must say "refcount is exactly 1" (judged on the stored counts).
-  const storedOf = (c: number) => storedValues.get(c) ?? refs.get(c);
-  for (const check of copiedChecks) {
-    if ((storedOf(check.cluster) === 1) !== check.copied) {
-      result.messages.push(`ERROR OFLAG_COPIED ${check.where} refcount=${storedOf(check.cluster)}`);
-      result.corruptions++;
-    }
+type ClusterType = 'compressed' | 'zero-plain' | 'zero-alloc' | 'unallocated' | 'normal';
+
+/** QEMU's qcow2_get_cluster_type: bit 0 means "reads as zero" only without extended L2. */
+function clusterType(entry: L2Entry, geometry: Geometry): ClusterType {
+  if (isCompressed(entry)) return 'compressed';
+  const host = standardHostOffset(entry);
+  if (!geometry.extendedL2 && (entry.lo & 1) !== 0) return host !== 0 ? 'zero-alloc' : 'zero-plain';
+  // With an external data file, offset 0 is a real location when the entry is marked COPIED.
+  if (host === 0) return geometry.externalData && isCopied(entry) ? 'normal' : 'unallocated';
+  return 'normal';
+}
+
+/** Bits 9..55 of an L1 entry (exact as a number: 47 significant bits). */
+function l1Offset(hi: number, lo: number): number {
+  return (hi & 0x00ffffff) * TWO_32 + ((lo & 0xfffffe00) >>> 0);
+}
+
+/**
+ * Stored refcounts read the way qemu-img's qcow2_get_refcount reads them: the table entry's reserved bits are
+ * masked off, an index past the table or an empty entry means 0, a block past the end of the file reads as zeros,
+ * and an entry that is not cluster aligned (or past what a file can address) cannot be read. Blocks are read one
+ * at a time and a few are kept.
+ */
+class StoredRefcounts {
+  private readonly cache = new Map<number, Uint8Array>();
+  private readonly nonEmpty: number[] = [];
+  private signalled = false;
+  private constructor(
+    private readonly image: Qcow2Image,
+    private readonly table: Uint8Array,
+  ) {
+    for (let i = 0; i < this.tableEntries; i++) if (u32(table, i * 8) !== 0 || u32(table, i * 8 + 4) !== 0) this.nonEmpty.push(i);
   }
-  return { result, references: refs, stored: storedOf, refcountStructure, brokenTable };
+  static async load(image: Qcow2Image): Promise<StoredRefcounts> {
+    const header = image.header;
+    return new StoredRefcounts(image, await readExact(image.store, header.refcountTableOffset, header.refcountTableClusters * image.clusterSize, 'refcount table'));
+  }
+  get tableEntries(): number {
+    return this.table.length / 8;
+  }
+  private get blockEntries(): number {
+    return (this.image.clusterSize * 8) / 2 ** this.image.header.refcountOrder;
+  }
+  entry(index: number): { hi: number; lo: number } {
+    return { hi: u32(this.table, index * 8), lo: u32(this.table, index * 8 + 4) };
+  }
+  /** True when some table entry in use covers a cluster in [from, to). */
+  anyBlockFor(from: number, to: number): boolean {
+    const lo = Math.floor(from / this.blockEntries);
+    const hi = Math.floor((to - 1) / this.blockEntries);
+    return this.nonEmpty.some((i) => i >= lo && i <= hi);
+  }
+  /** The stored refcount, or undefined when it cannot be read (reported once in `messages` when given). */
+  async get(cluster: number, messages?: string[]): Promise<number | undefined> {
+    const index = Math.floor(cluster / this.blockEntries);
+    if (index >= this.tableEntries) return 0;
+    const { hi, lo } = this.entry(index);
+    const offset = hi * TWO_32 + ((lo & 0xfffffe00) >>> 0);
+    if (offset === 0) return 0;
+    const cs = this.image.clusterSize;
+    if (offset % cs !== 0 || hi >= 0x80000000) {
+      if (offset % cs !== 0 && messages && !this.signalled) {
+        this.signalled = true;
+        messages.push(`qcow2: Image is corrupt: Refblock offset 0x${rawHex(hi, (lo & 0xfffffe00) >>> 0)} unaligned (reftable index: ${index ? hex(index) : '0'}); further non-fatal corruption events will be suppressed`);
+      }
+      return undefined;
+    }
+    let block = this.cache.get(index);
+    if (!block) {
+      if (this.cache.size >= 16) this.cache.delete(this.cache.keys().next().value!);
+      block = new Uint8Array(cs);
+      await readIntoPadded(this.image.store, offset, block);
+      this.cache.set(index, block);
+    }
+    return getRefcount(block, cluster % this.blockEntries, this.image.header.refcountOrder);
+  }
 }
 
 /** Bitmap directory entries reference their bitmap table, which references data clusters. */
@@ -390,7 +500,7 @@ export async function referenceBitmaps(image: Qcow2Image, fileSize: number, refR
     if (tableOffset % cs === 0 && tableOffset + tableSize * 8 <= fileSize && tableSize <= (64 * 1024 * 1024) / 8) {
       const table = await readExact(image.store, tableOffset, tableSize * 8, 'bitmap table');
       for (let i = 0; i < tableSize; i++) {
-        const offset = (u32(table, i * 8) & 0x00ffffff) * TWO_32 + (u32(table, i * 8 + 4) & 0xfffffe00);
+        const offset = (u32(table, i * 8) & 0x00ffffff) * TWO_32 + ((u32(table, i * 8 + 4) & 0xfffffe00) >>> 0);
         if (offset > 1) refRange(offset, cs);
       }
     }
@@ -398,9 +508,9 @@ export async function referenceBitmaps(image: Qcow2Image, fileSize: number, refR
   }
 }
 
-/** An L2 entry's 64 bits in hex without a prefix, exact beyond 2^53 (qemu-img prints them so). */
-function rawHex(entry: { hi: number; lo: number }): string {
-  const hi = entry.hi >>> 0;
-  const lo = (entry.lo >>> 0).toString(16);
-  return hi ? hi.toString(16) + lo.padStart(8, '0') : lo;
+/** A 64-bit entry in hex without a prefix, exact beyond 2^53 (qemu-img prints them with PRIx64). */
+function rawHex(hi: number, lo: number): string {
+  hi >>>= 0;
+  const low = (lo >>> 0).toString(16);
+  return hi ? hi.toString(16) + low.padStart(8, '0') : low;
 }

@@ -249,7 +249,7 @@ export function parseHeader(file: string, cluster0: Uint8Array, fileSize: number
     if (backingFileSize > 0) backingFile = decodeText(cluster0.subarray(backingFileOffset, backingFileOffset + backingFileSize));
   }
 
-  const extensionsEnd = backingFileOffset !== 0 ? backingFileOffset : Math.min(clusterSize, cluster0.length);
+  const extensionsEnd = backingFileOffset !== 0 ? backingFileOffset : clusterSize;
   const header: Qcow2Header = {
     version,
     backingFileOffset,
@@ -298,7 +298,7 @@ function tableOffset(file: string, bytes: Uint8Array, at: number, field: string,
 function parseFeatureNamesOnly(file: string, bytes: Uint8Array, start: number, backingOffset: number, clusterSize: number): FeatureName[] {
   try {
     const header = { featureNames: [] } as unknown as Qcow2Header;
-    parseExtensions(file, bytes, start, backingOffset !== 0 ? backingOffset : Math.min(clusterSize, bytes.length), header, Infinity, clusterSize, true);
+    parseExtensions(file, bytes, start, Math.min(backingOffset !== 0 ? backingOffset : clusterSize, clusterSize), header, Infinity, clusterSize, true);
     return header.featureNames;
   } catch {
     return [];
@@ -316,15 +316,22 @@ function parseExtensions(
   namesOnly = false,
 ): void {
   const seen = new Set<number>();
+  // Past the end of a short file the header area reads as zeros (an end marker), as QEMU reads it.
+  if (bytes.length < end) {
+    const padded = new Uint8Array(end);
+    padded.set(bytes);
+    bytes = padded;
+  }
   let at = start;
-  while (at + 8 <= end) {
+  while (at < end) {
     const type = u32(bytes, at);
     const length = u32(bytes, at + 4);
-    if (type === EXT_END) return;
     const dataStart = at + 8;
-    if (length > end - dataStart) {
+    // Judged before the type, as QEMU does: even an end marker must not claim more than the header area holds.
+    if (dataStart > end || length > end - dataStart) {
       throw new FormatError(file, `header extension ${hex(type)} at offset ${at} claims ${length} bytes, past the end of the header area (${end})`, { field: 'extension length', offset: at + 4, value: length });
     }
+    if (type === EXT_END) return;
     if (seen.has(type)) throw new FormatError(file, `header extension ${hex(type)} appears twice (second at offset ${at})`, { field: 'extension type', offset: at, value: type });
     seen.add(type);
     const data = bytes.subarray(dataStart, dataStart + length);

@@ -44,7 +44,7 @@ export interface L1Entry {
 export function decodeL1Entry(file: string, table: Uint8Array, index: number, geometry: Geometry): L1Entry {
   const hi = u32(table, index * 8);
   const lo = u32(table, index * 8 + 4);
-  const l2Offset = (hi & OFFSET_HI_MASK) * TWO_32 + (lo & OFFSET_LO_MASK);
+  const l2Offset = (hi & OFFSET_HI_MASK) * TWO_32 + ((lo & OFFSET_LO_MASK) >>> 0);
   if (l2Offset % geometry.clusterSize !== 0) {
     throw new CorruptImageError(file, `L2 table offset ${hex(l2Offset)} unaligned (L1 index: ${index})`, index * 8);
   }
@@ -85,7 +85,7 @@ export function isCopied(entry: L2Entry): boolean {
 }
 
 export function standardHostOffset(entry: L2Entry): number {
-  return (entry.hi & OFFSET_HI_MASK) * TWO_32 + (entry.lo & OFFSET_LO_MASK);
+  return (entry.hi & OFFSET_HI_MASK) * TWO_32 + ((entry.lo & OFFSET_LO_MASK) >>> 0);
 }
 
 /**

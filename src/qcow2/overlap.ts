@@ -45,7 +45,7 @@ export class MetadataMap {
   /** Adds the L2 tables an L1 table points at. */
   addL2Tables(l1: Uint8Array): void {
     for (let i = 0; i < l1.length / 8; i++) {
-      const offset = (u32(l1, i * 8) & 0x00ffffff) * 2 ** 32 + (u32(l1, i * 8 + 4) & 0xfffffe00);
+      const offset = (u32(l1, i * 8) & 0x00ffffff) * 2 ** 32 + ((u32(l1, i * 8 + 4) & 0xfffffe00) >>> 0);
       if (offset !== 0) this.addRange(offset, this.clusterSize, 'active L2 table');
     }
   }

@@ -396,7 +396,7 @@ export class Refcounts {
 }
 
 function decodeTableEntry(bytes: Uint8Array, index: number): number {
-  return u32(bytes, index * 8) * TWO_32 + (u32(bytes, index * 8 + 4) & REFT_OFFSET_LO_MASK);
+  return u32(bytes, index * 8) * TWO_32 + ((u32(bytes, index * 8 + 4) & REFT_OFFSET_LO_MASK) >>> 0);
 }
 
 export function encodeTable(table: number[], entries: number): Uint8Array {

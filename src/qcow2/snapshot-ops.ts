@@ -41,7 +41,7 @@ export interface SnapshotOptions {
 }
 
 function l2OffsetAt(l1: Uint8Array, index: number): number {
-  return (u32(l1, index * 8) & 0x00ffffff) * TWO_32 + (u32(l1, index * 8 + 4) & 0xfffffe00);
+  return (u32(l1, index * 8) & 0x00ffffff) * TWO_32 + ((u32(l1, index * 8 + 4) & 0xfffffe00) >>> 0);
 }
 
 /** Where VM state starts for a disk of `diskSize` bytes: the first L2 range wholly past the disk, as in QEMU. */

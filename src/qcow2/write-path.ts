@@ -166,7 +166,7 @@ export class WriteEngine {
     if (l1Index * 8 >= l1.length) throw new FormatError(this.image.name, `guest offset beyond the L1 table (index ${l1Index})`, { field: 'l1_size' });
     const hi = u32(l1, l1Index * 8);
     const lo = u32(l1, l1Index * 8 + 4);
-    const current = (hi & 0x00ffffff) * TWO_32 + (lo & 0xfffffe00);
+    const current = (hi & 0x00ffffff) * TWO_32 + ((lo & 0xfffffe00) >>> 0);
     if (current !== 0 && hi & COPIED) {
       const table = await this.loadL2(current);
       return { offset: current, table };

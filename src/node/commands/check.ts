@@ -49,8 +49,8 @@ export async function run(args: string[]): Promise<number> {
       console.error('qcow86 check: This image format does not support checks');
       return 63;
     }
-    const result = await checkImage(device, repair ? { repair } : {});
-    for (const message of result.messages) console.error(message);
+    // Findings go to stderr as they are made, all of them, as qemu-img prints them.
+    const result = await checkImage(device, { ...(repair ? { repair } : {}), onMessage: (line) => console.error(line) });
     if (repair && !json && (result.leaksFixed || result.corruptionsFixed)) {
       process.stdout.write(
         `The following inconsistencies were found and repaired:\n\n    ${result.leaksFixed} leaked clusters\n    ${result.corruptionsFixed} corruptions\n\nDouble checking the fixed image now...\n`,
