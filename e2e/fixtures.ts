@@ -4,6 +4,7 @@
  */
 import { test as base, expect, type Page } from '@playwright/test';
 import { startServer, type Server, type ServerKind } from './servers.js';
+import { MainThreadSampler, type TaskCost } from './main-thread.js';
 
 export { expect };
 
@@ -18,35 +19,53 @@ export const test = base.extend<{ longTasks: LongTasks }, { server: Server }>({
     { scope: 'worker', timeout: 180_000 },
   ],
   longTasks: async ({ context }, use) => {
-    // Records every main-thread task over 50 ms (the Long Tasks API) in each page of the context.
+    // Records every main-thread task over 50 ms (the Long Tasks API) in each page of the context, on the epoch clock.
     await context.addInitScript(() => {
-      const tasks: number[] = [];
-      (window as unknown as { __longTasks: number[] }).__longTasks = tasks;
+      const tasks: Array<{ start: number; duration: number }> = [];
+      (window as unknown as { __longTasks: typeof tasks }).__longTasks = tasks;
       new PerformanceObserver((list) => {
-        for (const entry of list.getEntries()) tasks.push(entry.duration);
+        for (const entry of list.getEntries()) tasks.push({ start: performance.timeOrigin + entry.startTime, duration: entry.duration });
       }).observe({ type: 'longtask', buffered: true });
       // Long animation frames name the scripts that ran in them: kept to explain a long task when one shows up.
       const frames: unknown[] = [];
       (window as unknown as { __longFrames: unknown[] }).__longFrames = frames;
       try {
         new PerformanceObserver((list) => {
-          for (const entry of list.getEntries() as unknown as Array<{ startTime: number; duration: number; blockingDuration: number; scripts: Array<{ invoker: string; sourceURL: string; sourceFunctionName: string; duration: number; forcedStyleAndLayoutDuration: number }> }>) {
+          for (const entry of list.getEntries() as unknown as Array<{ startTime: number; duration: number; blockingDuration: number; renderStart: number; styleAndLayoutStart: number; scripts: Array<{ invoker: string; sourceURL: string; sourceFunctionName: string; duration: number; forcedStyleAndLayoutDuration: number }> }>) {
             if (entry.blockingDuration < 100) continue;
+            const end = entry.startTime + entry.duration;
             frames.push({
               at: Math.round(entry.startTime), duration: Math.round(entry.duration), blocking: Math.round(entry.blockingDuration),
+              render: entry.renderStart ? Math.round(end - entry.renderStart) : 0,
+              styleAndLayout: entry.styleAndLayoutStart ? Math.round(end - entry.styleAndLayoutStart) : 0,
               scripts: entry.scripts.map((s) => `${s.invoker} ${s.sourceFunctionName}@${s.sourceURL.split('/').pop()} ${Math.round(s.duration)}ms`),
             });
           }
         }).observe({ type: 'long-animation-frame', buffered: true });
       } catch {}
     });
-    await use(new LongTasks());
+    const sampler = MainThreadSampler.available ? new MainThreadSampler() : undefined;
+    sampler?.start();
+    await use(new LongTasks(sampler));
+    sampler?.stop();
   },
 });
 
 export class LongTasks {
-  async of(page: Page): Promise<number[]> {
-    return page.evaluate(() => (window as unknown as { __longTasks?: number[] }).__longTasks ?? []);
+  constructor(private readonly sampler: MainThreadSampler | undefined) {}
+
+  /**
+   * The page's long tasks so far. Where Linux says how long the renderer's main thread waited for a CPU during
+   * each (see main-thread.ts), `own` is the wall time less that wait; elsewhere it is the wall time.
+   */
+  async of(page: Page): Promise<TaskCost[]> {
+    const tasks = await page.evaluate(() => (window as unknown as { __longTasks?: Array<{ start: number; duration: number }> }).__longTasks ?? []);
+    const pid = this.sampler?.appRenderer();
+    return tasks.map((task) =>
+      pid !== undefined && this.sampler
+        ? this.sampler.cost(pid, task.start, task.duration)
+        : { start: task.start, wall: Math.round(task.duration), own: Math.round(task.duration), waited: 0 },
+    );
   }
 
   /** The long animation frames seen so far, with the scripts that ran in each (for the failure message). */
@@ -89,10 +108,38 @@ export async function waitForShell(page: Page): Promise<void> {
   await waitForConsole(page, PROMPT, 10_000);
 }
 
-/** Types a command line into the serial console. */
-export async function run(page: Page, command: string): Promise<void> {
+/**
+ * Types a command line into the serial console as a person would: types it, looks that the shell echoed all of
+ * it after its prompt, and only then presses Enter. A line the shell did not get whole is erased (Ctrl+U, busybox's
+ * kill-line) and typed again; each retry is recorded in the test's annotations, with what the console showed.
+ * `noise`: output that may cut through the echoed line (a background job's lines), left out of the comparison.
+ */
+export async function run(page: Page, command: string, options: { noise?: RegExp } = {}): Promise<void> {
   await page.locator('#terminal').click();
-  await page.keyboard.type(command, { delay: 5 });
+  // Whitespace is left out: busybox wraps long lines at its own idea of the width (80 columns on a serial tty).
+  const compact = (text: string) => text.replace(/\s+/g, '');
+  const wanted = compact(command);
+  const typedLine = async () => {
+    let text = await consoleText(page);
+    if (options.noise) text = text.replace(options.noise, '');
+    return compact(text);
+  };
+  for (let attempt = 1; ; attempt++) {
+    await page.keyboard.type(command, { delay: 5 });
+    const echoed = await expect
+      .poll(async () => {
+        const text = await typedLine();
+        return text.endsWith(`#${wanted}`) || text.endsWith(`$${wanted}`);
+      }, { timeout: 20_000, intervals: [100, 250, 500] })
+      .toBe(true)
+      .then(() => true, () => false);
+    if (echoed) break;
+    const shown = (await consoleText(page)).split('\n').filter((line) => line.trim()).slice(-3).join(' | ');
+    if (attempt === 3) throw new Error(`the shell did not echo the typed line \`${command}\` in three tries; the console ends: ${shown}`);
+    test.info().annotations.push({ type: 'retyped', description: `\`${command}\` (try ${attempt}); the console ended: ${shown}` });
+    await page.keyboard.press('Control+U');
+    await page.waitForTimeout(500);
+  }
   await page.keyboard.press('Enter');
 }
 

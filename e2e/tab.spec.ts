@@ -43,8 +43,12 @@ test('the guest boots, keeps its writes across a reload, and its overlay opens i
   await testInfo.attach('booted-tab', { path: testInfo.outputPath('booted-tab.png'), contentType: 'image/png' });
   await testInfo.attach('cluster-map', { path: testInfo.outputPath('cluster-map.png'), contentType: 'image/png' });
 
+  // No main-thread task over 200 ms while booting and writing: the page's own share of each (the wall time less
+  // what the main thread spent waiting for a CPU held by other work on the machine; see main-thread.ts).
   const tasks = await longTasks.of(page);
-  expect.soft(Math.max(0, ...tasks), `main-thread long tasks while booting and writing: ${tasks.join(', ')} ms; long frames: ${await longTasks.frames(page)}`).toBeLessThan(200);
+  const listed = tasks.map((task) => `${task.wall} ms (${task.own} own, ${task.waited} waiting for a CPU)`).join(', ');
+  testInfo.annotations.push({ type: 'long tasks', description: listed || 'none' });
+  expect.soft(Math.max(0, ...tasks.map((task) => task.own)), `main-thread long tasks while booting and writing: ${listed}; long frames: ${await longTasks.frames(page)}`).toBeLessThan(200);
 
   // Reload: the overlay in OPFS keeps the file.
   await page.reload();
@@ -74,6 +78,8 @@ test('the guest boots, keeps its writes across a reload, and its overlay opens i
       await other.goto(server.url);
       await waitForShell(other);
       await other.locator('#open-file').setInputFiles(file);
+      // The machine restarts on the opened overlay: wait for that boot's shell, not the one before it.
+      await expect(other.getByTestId('phase')).not.toContainText('shell ready');
       await waitForShell(other);
       await run(other, 'cat /e2e-marker.txt');
       await waitForConsole(other, new RegExp(expected));
