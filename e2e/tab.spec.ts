@@ -48,6 +48,7 @@ test('the guest boots, keeps its writes across a reload, and its overlay opens i
   const tasks = await longTasks.of(page);
   const listed = tasks.map((task) => `${task.wall} ms (${task.own} own, ${task.waited} waiting for a CPU)`).join(', ');
   testInfo.annotations.push({ type: 'long tasks', description: listed || 'none' });
+  console.log(`main-thread long tasks while booting and writing: ${listed || 'none'}`);
   expect.soft(Math.max(0, ...tasks.map((task) => task.own)), `main-thread long tasks while booting and writing: ${listed}; long frames: ${await longTasks.frames(page)}`).toBeLessThan(200);
 
   // Reload: the overlay in OPFS keeps the file.
