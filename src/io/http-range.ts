@@ -45,6 +45,8 @@ export interface RangeResult {
   size: number;
   etag: string | undefined;
   lastModified: string | undefined;
+  /** The server answered 304 to `ifNoneMatch`: the caller already holds this version (no bytes, size unknown). */
+  notModified?: boolean;
 }
 
 /** An error worth another attempt: the network or the server had a bad moment. */
@@ -62,10 +64,10 @@ const UNSATISFIED_RANGE = /^bytes\s+\*\/(\d+)$/i;
  * range exactly; without it (the first request of a store) the server may shorten the range at the end of the
  * file, and the result carries the size and validators to pin.
  */
-export async function fetchRange(ctx: RangeContext, start: number, end: number, pinned?: Pinned, onData?: DataCallback): Promise<RangeResult> {
+export async function fetchRange(ctx: RangeContext, start: number, end: number, pinned?: Pinned, onData?: DataCallback, ifNoneMatch?: string): Promise<RangeResult> {
   for (let attempt = 0; ; attempt++) {
     try {
-      return await attemptRange(ctx, start, end, pinned, onData);
+      return await attemptRange(ctx, start, end, pinned, onData, ifNoneMatch);
     } catch (error) {
       if (ctx.signal.aborted) throw ctx.signal.reason;
       if (!(error instanceof Transient)) throw error;
@@ -79,7 +81,7 @@ export async function fetchRange(ctx: RangeContext, start: number, end: number, 
   }
 }
 
-async function attemptRange(ctx: RangeContext, start: number, end: number, pinned: Pinned | undefined, onData: DataCallback | undefined): Promise<RangeResult> {
+async function attemptRange(ctx: RangeContext, start: number, end: number, pinned: Pinned | undefined, onData: DataCallback | undefined, ifNoneMatch: string | undefined): Promise<RangeResult> {
   const { url } = ctx;
   const range = `bytes=${start}-${end}`;
   const controller = new AbortController();
@@ -101,6 +103,8 @@ async function attemptRange(ctx: RangeContext, start: number, end: number, pinne
   // If-Range turns a changed file into a 200 instead of a 206 of the new bytes, so no new byte passes as old.
   const ifRange = pinned?.etag ?? pinned?.lastModified;
   if (ifRange) headers['If-Range'] = ifRange;
+  // Only on a first request (unpinned), from a caller holding blocks of that version: a 304 says they still fit.
+  if (ifNoneMatch && !pinned) headers['If-None-Match'] = ifNoneMatch;
   let response: Response | undefined;
   try {
     ctx.onRequest();
@@ -110,6 +114,12 @@ async function attemptRange(ctx: RangeContext, start: number, end: number, pinne
       response = await ctx.fetch(url, { headers, cache: 'no-store', signal: controller.signal });
     } catch (error) {
       throw networkError(ctx, range, error, timedOut);
+    }
+    if (ifNoneMatch && !pinned && response.status === 304) {
+      const etag = response.headers.get('ETag') ?? undefined;
+      await response.body?.cancel().catch(() => {});
+      if (etag !== undefined && etag !== ifNoneMatch) throw new HttpError(url, `304 Not Modified for If-None-Match ${ifNoneMatch} carries another ETag ${etag}`, 304);
+      return { bytes: new Uint8Array(0), size: -1, etag: ifNoneMatch, lastModified: response.headers.get('Last-Modified') ?? undefined, notModified: true };
     }
     if (!pinned && start === 0 && isEmptyFile(response)) {
       await response.body?.cancel().catch(() => {});

@@ -7,12 +7,17 @@
  * already in flight for the same blocks, and, while access is sequential, extends the last request with a
  * readahead window that doubles per miss. The image's version is pinned at open (strong ETag, or Last-Modified
  * + size) and every response is checked against it, so bytes of two versions are never combined.
+ *
+ * With a persistent block store (e.g. in the browser's OPFS), blocks fetched in an earlier session are reused:
+ * the first request then carries If-None-Match with the stored strong ETag, a 304 confirms the stored blocks are
+ * of the version the server has now, and any other answer empties the store before a byte of it is used.
  */
 import type { ByteStore, StoreResolver } from '../qcow2/store.js';
 import { HttpError, ReadOnlyError } from '../qcow2/errors.js';
 import { BlockCache } from './block-cache.js';
 import { fetchRange, isVersionChange, type Pinned, type RangeContext } from './http-range.js';
 import { Readahead, type ReadaheadOptions } from './readahead.js';
+import type { PersistentBlocks } from './persistent-blocks.js';
 
 export interface HttpStoreOptions {
   /**
@@ -42,6 +47,11 @@ export interface HttpStoreOptions {
   onProgress?: (stats: HttpStats) => void;
   /** Replaces the global fetch (tests, custom agents). */
   fetch?: typeof fetch;
+  /**
+   * Blocks kept across sessions; the store takes it over (closes it). Used only with a strong ETag; any failure
+   * of it (quota, I/O) turns it off and reads go on over the network.
+   */
+  persist?: PersistentBlocks | undefined;
 }
 
 export interface HttpStats {
@@ -65,6 +75,8 @@ export interface HttpStats {
   inFlight: number;
   /** The current readahead window in bytes. */
   readahead: number;
+  /** Bytes taken from the persistent block store instead of the network. */
+  bytesRestored: number;
 }
 
 interface Counters {
@@ -75,6 +87,7 @@ interface Counters {
   hits: number;
   misses: number;
   inFlight: number;
+  bytesRestored: number;
 }
 
 const DEFAULTS = {
@@ -106,6 +119,7 @@ export class HttpStore implements ByteStore {
     private readonly options: Required<Pick<HttpStoreOptions, 'blockSize' | 'maxRequestBytes'>> & Pick<HttpStoreOptions, 'onProgress'>,
     cacheBytes: number,
     readahead: ReadaheadOptions,
+    private persist: PersistentBlocks | undefined,
   ) {
     this.cache = new BlockCache(cacheBytes);
     this.readahead = new Readahead(readahead);
@@ -124,7 +138,7 @@ export class HttpStore implements ByteStore {
       // A long-lived caller signal must not keep closed stores alive.
       closer.signal.addEventListener('abort', () => outer.removeEventListener('abort', forward), { once: true });
     }
-    const counters: Counters = { requests: 0, retries: 0, bytesFetched: 0, reads: 0, hits: 0, misses: 0, inFlight: 0 };
+    const counters: Counters = { requests: 0, retries: 0, bytesFetched: 0, reads: 0, hits: 0, misses: 0, inFlight: 0, bytesRestored: 0 };
     // Progress reports start once the store exists; the first request only counts.
     let notify = () => {};
     const ctx: RangeContext = {
@@ -144,27 +158,50 @@ export class HttpStore implements ByteStore {
         notify();
       },
     };
-    const first = await fetchRange(ctx, 0, blockSize - 1).catch((error: unknown) => {
+    let persist = options.persist;
+    const held = persist?.stored;
+    const reusable = held && held.url === url && held.blockSize === blockSize ? held : undefined;
+    const fail = (error: unknown): never => {
       closer.abort();
+      closeQuietly(persist);
       throw error;
-    });
-    const strong = first.etag && !first.etag.startsWith('W/') ? first.etag : undefined;
+    };
+    const first = await fetchRange(ctx, 0, blockSize - 1, undefined, undefined, reusable?.validator).catch(fail);
+    const strong = first.notModified ? reusable!.validator : first.etag && !first.etag.startsWith('W/') ? first.etag : undefined;
+    const size = first.notModified ? reusable!.size : first.size;
     const pinned: Pinned = {
-      size: first.size,
+      size,
       etag: strong,
       weakEtag: strong ? undefined : first.etag,
       lastModified: strong ? undefined : first.lastModified,
     };
-    const validator = strong ?? (pinned.lastModified ? `lm:${first.size}:${pinned.lastModified}` : undefined);
+    const validator = strong ?? (pinned.lastModified ? `lm:${size}:${pinned.lastModified}` : undefined);
     if (options.expectedValidator !== undefined && validator !== options.expectedValidator && !options.force) {
-      closer.abort();
-      throw new HttpError(url, `the image is not the version recorded earlier (recorded ${options.expectedValidator}, the server now has ${validator ?? 'no validator'}): it changed on the server; open with force to use it anyway`);
+      fail(new HttpError(url, `the image is not the version recorded earlier (recorded ${options.expectedValidator}, the server now has ${validator ?? 'no validator'}): it changed on the server; open with force to use it anyway`));
+    }
+    if (persist && !first.notModified) {
+      // Another version (or none that can be named): the stored blocks go before any is used.
+      try {
+        if (strong) persist.use({ url, validator: strong, size, blockSize });
+        else {
+          persist.clear();
+          persist.close();
+          persist = undefined;
+        }
+      } catch {
+        closeQuietly(persist);
+        persist = undefined;
+      }
     }
     const readahead = options.readahead === false ? { initial: 0, max: 0 } : (options.readahead ?? DEFAULTS.readahead);
     const settings = { blockSize, maxRequestBytes: Math.max(blockSize, options.maxRequestBytes ?? DEFAULTS.maxRequestBytes), onProgress: options.onProgress };
-    const store = new HttpStore(url, validator, pinned, ctx, closer, counters, settings, options.cacheBytes ?? DEFAULTS.cacheBytes, readahead);
+    const store = new HttpStore(url, validator, pinned, ctx, closer, counters, settings, options.cacheBytes ?? DEFAULTS.cacheBytes, readahead, persist);
     notify = () => store.progress();
-    if (first.bytes.length > 0) store.cache.set(0, first.bytes);
+    if (first.bytes.length > 0) {
+      store.cache.set(0, first.bytes);
+      store.keep(0, first.bytes);
+      store.commitKept();
+    }
     store.progress();
     return store;
   }
@@ -188,6 +225,7 @@ export class HttpStore implements ByteStore {
       cachedBytes: this.cache.bytes,
       inFlight: c.inFlight,
       readahead: this.readahead.current,
+      bytesRestored: c.bytesRestored,
     };
   }
 
@@ -210,7 +248,7 @@ export class HttpStore implements ByteStore {
     let missing = false;
     let waits = false;
     for (let i = first; i <= last; i++) {
-      const block = this.cache.get(i) ?? this.pending.get(i);
+      const block = this.cache.get(i) ?? this.pending.get(i) ?? this.restore(i);
       if (block) {
         known.set(i, block);
         if (block instanceof Promise) waits = true;
@@ -249,7 +287,7 @@ export class HttpStore implements ByteStore {
   private fetchMissing(first: number, last: number, aheadLast: number): void {
     const maxBlocks = Math.max(1, Math.floor(this.options.maxRequestBytes / this.options.blockSize));
     const limit = Math.max(last, aheadLast);
-    const present = (i: number) => this.cache.has(i) || this.pending.has(i);
+    const present = (i: number) => this.cache.has(i) || this.pending.has(i) || (this.persist?.has(i) ?? false);
     let i = first;
     while (i <= last) {
       if (present(i)) {
@@ -285,6 +323,7 @@ export class HttpStore implements ByteStore {
         // A copy, so the cache budget counts what is really retained (a view would pin the whole run).
         const block = buffer.slice(delivered * bs, blockEnd);
         this.cache.set(from + delivered, block);
+        this.keep(from + delivered, block);
         this.pending.delete(from + delivered);
         waiting[delivered]!.resolve(block);
       }
@@ -297,6 +336,7 @@ export class HttpStore implements ByteStore {
           if (isVersionChange(error)) {
             this.failure = error as Error;
             this.cache.clear();
+            this.dropPersist(true);
           }
           for (let k = delivered; from + k <= to; k++) waiting[k]!.reject(error);
         },
@@ -304,8 +344,54 @@ export class HttpStore implements ByteStore {
       .finally(() => {
         this.counters.inFlight--;
         for (let i = from + delivered; i <= to; i++) this.pending.delete(i);
+        this.commitKept();
         this.progress();
       });
+  }
+
+  /** Block `index` from the persistent store (then held in memory too), or undefined. */
+  private restore(index: number): Uint8Array | undefined {
+    if (!this.persist) return undefined;
+    try {
+      const block = this.persist.read(index);
+      if (block) {
+        this.cache.set(index, block);
+        this.counters.bytesRestored += block.length;
+      }
+      return block;
+    } catch {
+      this.dropPersist(false);
+      return undefined;
+    }
+  }
+
+  private keep(index: number, block: Uint8Array): void {
+    try {
+      this.persist?.write(index, block);
+    } catch {
+      this.dropPersist(false);
+    }
+  }
+
+  private commitKept(): void {
+    try {
+      this.persist?.commit();
+    } catch {
+      this.dropPersist(false);
+    }
+  }
+
+  /** Stops using the persistent store; `clear` also empties it (its version is no longer the server's). */
+  private dropPersist(clear: boolean): void {
+    const persist = this.persist;
+    this.persist = undefined;
+    if (!persist) return;
+    try {
+      if (clear) persist.clear();
+    } catch {
+      // Nothing more to do: it is closed below and never read again in this session.
+    }
+    closeQuietly(persist);
   }
 
   private blockCount(): number {
@@ -332,6 +418,15 @@ export class HttpStore implements ByteStore {
     this.failure ??= closed;
     this.closer.abort(closed);
     this.cache.clear();
+    this.dropPersist(false);
+  }
+}
+
+function closeQuietly(persist: PersistentBlocks | undefined): void {
+  try {
+    persist?.close();
+  } catch {
+    // A store that cannot even close has nothing left to lose.
   }
 }
 

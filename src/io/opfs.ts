@@ -10,6 +10,7 @@
  */
 import type { ByteStore } from '../qcow2/store.js';
 import { LockError, ReadOnlyError, StoreError } from '../qcow2/errors.js';
+import { PersistentBlocks } from './persistent-blocks.js';
 
 /** The subset of FileSystemSyncAccessHandle we use (its DOM typings are only in the webworker library). */
 interface SyncHandle {
@@ -200,4 +201,23 @@ export class BlobStore implements ByteStore {
   async flush(): Promise<void> {}
 
   async close(): Promise<void> {}
+}
+
+/**
+ * The persistent block store for the remote file at `url` (the base image's blocks a reloaded tab reuses), in
+ * its own OPFS directory, one file per URL. Undefined when it cannot be had: no OPFS, no sync handles outside a
+ * dedicated Worker, or another tab holding the file (its sync handle is exclusive): the caller reads over the
+ * network as before.
+ */
+export async function opfsPersistentBlocks(url: string, dirName = 'qcow86-base-blocks'): Promise<PersistentBlocks | undefined> {
+  try {
+    const dir = await opfsDirectory(dirName);
+    const digest = new Uint8Array(await crypto.subtle.digest('SHA-256', new TextEncoder().encode(url)));
+    const name = `${[...digest.subarray(0, 16)].map((b) => b.toString(16).padStart(2, '0')).join('')}.blocks`;
+    const file = (await dir.getFileHandle(name, { create: true })) as SyncCapableFileHandle;
+    if (typeof file.createSyncAccessHandle !== 'function') return undefined;
+    return PersistentBlocks.open(await file.createSyncAccessHandle());
+  } catch {
+    return undefined;
+  }
 }

@@ -1,9 +1,10 @@
 /**
  * The base image's byte store for the tab: the shared HttpStore (block cache, coalescing, readahead, retries,
- * pinned validator), plus the figures the status panel shows.
+ * pinned validator, blocks kept in OPFS across reloads), plus the figures the status panel shows.
  */
 import type { ByteStore } from '../qcow2/store.js';
 import { HttpStore } from '../io/http.js';
+import { opfsPersistentBlocks } from '../io/opfs.js';
 
 export interface BaseStats {
   fetched: number;
@@ -19,6 +20,10 @@ export function baseStats(store: ByteStore): BaseStats {
   return { fetched: stats.bytesFetched, size: stats.size, requests: stats.requests, hits: stats.hits, misses: stats.misses };
 }
 
+/**
+ * Opens the base with its blocks kept in OPFS: a reload (or a Reset disk) reads the blocks this browser already
+ * fetched from there, after one conditional request confirms the server still has that version.
+ */
 export async function openBaseStore(url: string): Promise<ByteStore> {
-  return HttpStore.open(url);
+  return HttpStore.open(url, { persist: await opfsPersistentBlocks(url) });
 }

@@ -37,12 +37,28 @@ export async function probe(url) {
   return { validator: store.validator, size: await store.size(), stats: store.stats(), reads, refused };
 }
 
-export function probeInWorker(url) {
+/** In a dedicated Worker (OPFS sync handles exist only there): the store with its blocks kept in OPFS. */
+export async function probePersisted(url) {
+  const { HttpStore } = await import('/dist/io/http.js');
+  const { opfsPersistentBlocks } = await import('/dist/io/opfs.js');
+  const persist = await opfsPersistentBlocks(url, 'probe-blocks');
+  const store = await HttpStore.open(url, { blockSize: 32768, persist });
+  const reads = [];
+  for (let offset = 0; offset < ${truth.length}; offset += 100000) {
+    const bytes = await store.read(offset, 5000);
+    reads.push({ offset, length: 5000, hex: Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('') });
+  }
+  const stats = store.stats();
+  await store.close();
+  return { persisted: persist !== undefined, validator: store.validator, stats, reads };
+}
+
+export function probeInWorker(url, name = 'probe') {
   return new Promise((done, fail) => {
     const worker = new Worker('/worker.js', { type: 'module' });
     worker.onmessage = (event) => (event.data.ok ? done(event.data.ok) : fail(new Error(event.data.error)));
     worker.onerror = (event) => fail(new Error(event.message));
-    worker.postMessage(url);
+    worker.postMessage({ url, name });
   });
 }
 `;
@@ -52,7 +68,7 @@ beforeAll(async () => {
   execFileSync(process.execPath, [join(ROOT, 'node_modules/typescript/bin/tsc'), '-p', join(ROOT, 'tsconfig.build.json'), '--outDir', join(dir, 'dist'), '--declaration', 'false', '--sourceMap', 'false'], { cwd: ROOT, stdio: 'inherit' });
   writeFileSync(join(dir, 'random.img'), truth);
   writeFileSync(join(dir, 'probe.js'), PROBE);
-  writeFileSync(join(dir, 'worker.js'), `import { probe } from './probe.js';\nself.onmessage = async (event) => { try { self.postMessage({ ok: await probe(event.data) }); } catch (error) { self.postMessage({ error: String(error) }); } };\n`);
+  writeFileSync(join(dir, 'worker.js'), `import { probe, probePersisted } from './probe.js';\nself.onmessage = async (event) => { try { const { url, name } = event.data; self.postMessage({ ok: await (name === 'persisted' ? probePersisted : probe)(url) }); } catch (error) { self.postMessage({ error: String(error) }); } };\n`);
   writeFileSync(join(dir, 'index.html'), '<!doctype html><title>http store</title>\n');
   nginx = await startNginx(dir);
   browser = await chromium.launch({
@@ -100,6 +116,30 @@ describe.skipIf(!existsSync(CHROMIUM))('HttpStore in Chromium', () => {
       expect(request.range).toMatch(/^bytes=\d+-\d+$/);
     }
     expect(requests.filter((r) => r.ifRange === onPage.validator)).toHaveLength(requests.length - 2);
+    await page.close();
+  }, 120_000);
+
+  it('keeps the blocks in OPFS: a second Worker reopens with one 304 and reads them from there', async () => {
+    const page = await browser.newPage();
+    await page.goto(`${nginx.url}index.html`);
+    const image = JSON.stringify(`${nginx.url}random.img`);
+    const mark = () => nginx.requests().filter((r) => r.uri === '/random.img').length;
+    const before = mark();
+    const run = async () => (await page.evaluate(`import('/probe.js').then((m) => m.probeInWorker(${image}, 'persisted'))`)) as ProbeResult & { persisted: boolean; stats: { bytesRestored: number } };
+    const cold = await run();
+    const between = mark();
+    const warm = await run();
+    for (const result of [cold, warm]) {
+      expect(result.persisted).toBe(true);
+      for (const read of result.reads) expect(read.hex).toBe(truth.subarray(read.offset, read.offset + read.length).toString('hex'));
+    }
+    expect(cold.stats.bytesRestored).toBe(0);
+    expect(warm.stats).toMatchObject({ requests: 1, bytesFetched: 0 });
+    expect(warm.stats.bytesRestored).toBeGreaterThan(0);
+    const coldRequests = nginx.requests().filter((r) => r.uri === '/random.img').slice(before, between);
+    expect(coldRequests.every((r) => r.status === 206)).toBe(true);
+    // Chromium hands the 304 to the Worker (If-None-Match set by the page, cache: no-store): no body crossed.
+    expect(nginx.requests().filter((r) => r.uri === '/random.img').slice(between)).toEqual([expect.objectContaining({ status: 304, bytes: 0 })]);
     await page.close();
   }, 120_000);
 });
