@@ -30,6 +30,11 @@ export interface HttpStoreOptions {
   cacheBytes?: number;
   /** Sequential readahead window in bytes, or false for none (default 512 KiB doubling to 4 MiB). */
   readahead?: ReadaheadOptions | false;
+  /**
+   * A miss that does not continue the previous read fetches every absent block of its aligned chunk of this many
+   * bytes (default 0: the demanded blocks only; BOOT_HTTP_OPTIONS uses 512 KiB).
+   */
+  missChunk?: number;
   /** Largest single request in bytes when coalescing misses (default 8 MiB). */
   maxRequestBytes?: number;
   /** Per attempt, until the last body byte (default 30 s). */
@@ -94,10 +99,24 @@ const DEFAULTS = {
   blockSize: 256 * 1024,
   cacheBytes: 64 * 1024 * 1024,
   readahead: { initial: 512 * 1024, max: 4 * 1024 * 1024 },
+  missChunk: 0,
   maxRequestBytes: 8 * 1024 * 1024,
   timeoutMs: 30_000,
   retries: 4,
   backoffMs: 250,
+};
+
+/**
+ * The tuning for a guest booting from the store (the CLI's `boot --base URL` and the browser tab use the same):
+ * a first sequential miss fetches 1 MiB more, doubling to 4 MiB, and a miss elsewhere takes the absent blocks of
+ * its aligned 512 KiB with it. A boot's scattered reads cluster: the default guest's last burst (its root file
+ * system's tail) jumps around 1.4 MiB of the base, and a block's neighbour is wanted soon after in most such
+ * misses. Replayed over the default guest's boot reads (its compressed base, an uncompressed qcow2 and the raw
+ * disk) this takes 8, 10 and 12 requests where the plain defaults take 12, 14 and 15, for no more bytes.
+ */
+export const BOOT_HTTP_OPTIONS: Readonly<Pick<HttpStoreOptions, 'readahead' | 'missChunk'>> = {
+  readahead: { initial: 1024 * 1024, max: 4 * 1024 * 1024 },
+  missChunk: 512 * 1024,
 };
 
 export class HttpStore implements ByteStore {
@@ -116,7 +135,7 @@ export class HttpStore implements ByteStore {
     private readonly ctx: RangeContext,
     private readonly closer: AbortController,
     private readonly counters: Counters,
-    private readonly options: Required<Pick<HttpStoreOptions, 'blockSize' | 'maxRequestBytes'>> & Pick<HttpStoreOptions, 'onProgress'>,
+    private readonly options: Required<Pick<HttpStoreOptions, 'blockSize' | 'maxRequestBytes' | 'missChunk'>> & Pick<HttpStoreOptions, 'onProgress'>,
     cacheBytes: number,
     readahead: ReadaheadOptions,
     private persist: PersistentBlocks | undefined,
@@ -194,7 +213,12 @@ export class HttpStore implements ByteStore {
       }
     }
     const readahead = options.readahead === false ? { initial: 0, max: 0 } : (options.readahead ?? DEFAULTS.readahead);
-    const settings = { blockSize, maxRequestBytes: Math.max(blockSize, options.maxRequestBytes ?? DEFAULTS.maxRequestBytes), onProgress: options.onProgress };
+    const settings = {
+      blockSize,
+      maxRequestBytes: Math.max(blockSize, options.maxRequestBytes ?? DEFAULTS.maxRequestBytes),
+      missChunk: options.missChunk ?? DEFAULTS.missChunk,
+      onProgress: options.onProgress,
+    };
     const store = new HttpStore(url, validator, pinned, ctx, closer, counters, settings, options.cacheBytes ?? DEFAULTS.cacheBytes, readahead, persist);
     notify = () => store.progress();
     if (first.bytes.length > 0) {
@@ -258,7 +282,18 @@ export class HttpStore implements ByteStore {
     if (missing || waits) this.counters.misses++;
     else this.counters.hits++;
     const ahead = this.readahead.next(offset, end, missing, bs);
-    if (missing) this.fetchMissing(first, last, Math.min(this.blockCount() - 1, Math.floor((end - 1 + ahead) / bs)));
+    if (missing) {
+      let from = first;
+      let aheadLast = Math.min(this.blockCount() - 1, Math.floor((end - 1 + ahead) / bs));
+      const chunkBlocks = Math.floor(this.options.missChunk / bs);
+      if (!this.readahead.sequential && chunkBlocks > 1) {
+        const chunkStart = Math.floor(first / chunkBlocks) * chunkBlocks;
+        // Backwards only from an absent first block, so the chunk joins the demand's own request.
+        if (!this.present(first)) while (from > chunkStart && !this.present(from - 1)) from--;
+        aheadLast = Math.max(aheadLast, Math.min(this.blockCount() - 1, chunkStart + chunkBlocks - 1));
+      }
+      this.fetchMissing(from, last, aheadLast);
+    }
     const parts: Array<Uint8Array | Promise<Uint8Array>> = [];
     for (let i = first; i <= last; i++) parts.push(known.get(i) ?? this.pending.get(i)!);
     const done = this.assemble(parts, first, offset, new Uint8Array(end - offset));
@@ -282,12 +317,13 @@ export class HttpStore implements ByteStore {
   /**
    * Starts requests for the absent blocks of [first, last] in runs of adjacent blocks (capped at
    * maxRequestBytes), extending the final run into the readahead range up to `aheadLast` while blocks there are
-   * absent too. Readahead never starts a request of its own: it only lengthens one demand already needs.
+   * absent too (and starts it earlier at `first` when the caller extends a miss to its chunk). Readahead never
+   * starts a request of its own: it only lengthens one demand already needs.
    */
   private fetchMissing(first: number, last: number, aheadLast: number): void {
     const maxBlocks = Math.max(1, Math.floor(this.options.maxRequestBytes / this.options.blockSize));
     const limit = Math.max(last, aheadLast);
-    const present = (i: number) => this.cache.has(i) || this.pending.has(i) || (this.persist?.has(i) ?? false);
+    const present = (i: number) => this.present(i);
     let i = first;
     while (i <= last) {
       if (present(i)) {
@@ -347,6 +383,11 @@ export class HttpStore implements ByteStore {
         this.commitKept();
         this.progress();
       });
+  }
+
+  /** Held in memory, on its way, or in the persistent store. */
+  private present(index: number): boolean {
+    return this.cache.has(index) || this.pending.has(index) || (this.persist?.has(index) ?? false);
   }
 
   /** Block `index` from the persistent store (then held in memory too), or undefined. */

@@ -13,6 +13,7 @@ export interface ReadaheadOptions {
 export class Readahead {
   private lastEnd = -1;
   private window = 0;
+  private wasSequential = false;
 
   constructor(private readonly options: ReadaheadOptions) {}
 
@@ -24,6 +25,7 @@ export class Readahead {
   next(offset: number, end: number, miss: boolean, slack: number): number {
     const sequential = this.lastEnd >= 0 && offset >= this.lastEnd - slack && offset <= this.lastEnd + slack;
     this.lastEnd = sequential ? Math.max(this.lastEnd, end) : end;
+    this.wasSequential = sequential;
     if (!sequential) {
       this.window = 0;
       return 0;
@@ -31,6 +33,11 @@ export class Readahead {
     if (!miss || this.options.initial <= 0) return 0;
     this.window = this.window === 0 ? this.options.initial : Math.min(this.options.max, this.window * 2);
     return this.window;
+  }
+
+  /** Whether the read last noted continued the one before it. */
+  get sequential(): boolean {
+    return this.wasSequential;
   }
 
   /** The current window, for stats. */

@@ -12,7 +12,7 @@ import { existsSync } from 'node:fs';
 import { realpath } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { FileStore, HttpStore, MemoryStore, isHttpUrl, nodeCodecs, nodeResolver } from '../io/node.js';
-import type { HttpStoreOptions } from '../io/http.js';
+import { BOOT_HTTP_OPTIONS, type HttpStoreOptions } from '../io/http.js';
 import { createQcow2 } from '../qcow2/create.js';
 import { backingOf, fullNameOf, openImage, probeFormat } from '../qcow2/open.js';
 import type { BlockDevice } from '../qcow2/device.js';
@@ -102,6 +102,7 @@ function reusing(base: OpenedBase, name: string, http: HttpStoreOptions | undefi
 
 export async function openBootDisk(options: BootDiskOptions): Promise<BootDisk> {
   const base = options.base ?? DEFAULT_BASE;
+  const http: HttpStoreOptions = { ...BOOT_HTTP_OPTIONS, ...options.http };
   const openOptions = { readOnly: false, codecs: nodeCodecs(), format: 'qcow2' as const, forceBackingChange: options.forceBaseChange === true };
   const httpOf = (device: BlockDevice): HttpStore | undefined => {
     for (let layer: BlockDevice | undefined = device; layer; layer = backingOf(layer)) {
@@ -112,7 +113,7 @@ export async function openBootDisk(options: BootDiskOptions): Promise<BootDisk> 
   };
 
   if (options.overlay && existsSync(options.overlay)) {
-    const device = await openImage(await FileStore.open(options.overlay, { readOnly: false }), { ...openOptions, resolver: nodeResolver(options.http) }).catch((error: unknown) => {
+    const device = await openImage(await FileStore.open(options.overlay, { readOnly: false }), { ...openOptions, resolver: nodeResolver(http) }).catch((error: unknown) => {
       // The engine says "reopen with force"; a person at the command line needs the flag's name.
       if (error instanceof BackingChainError && /has changed since this overlay was made/.test(error.message)) {
         throw new BackingChainError('', `${error.message.replace(/; reopen with force to use it anyway$/, '')}; boot with --force-base-change to use it anyway`);
@@ -130,10 +131,10 @@ export async function openBootDisk(options: BootDiskOptions): Promise<BootDisk> 
   if (!isHttpUrl(base) && !existsSync(base)) {
     throw new FormatError(base, options.base ? 'base image not found' : 'default guest not built: run `npm run images`');
   }
-  const opened = await openBase(base, options.http);
+  const opened = await openBase(base, http);
   const name = backingName(base);
   const spec = { size: opened.size, backingFile: name, backingFormat: opened.format, backingValidator: opened.store.validator };
-  const resolver = reusing(opened, name, options.http);
+  const resolver = reusing(opened, name, http);
   try {
     let store: ByteStore;
     let description: string;

@@ -3,7 +3,7 @@
  * pinned validator, blocks kept in OPFS across reloads), plus the figures the status panel shows.
  */
 import type { ByteStore } from '../qcow2/store.js';
-import { HttpStore } from '../io/http.js';
+import { BOOT_HTTP_OPTIONS, HttpStore } from '../io/http.js';
 import { opfsPersistentBlocks } from '../io/opfs.js';
 
 export interface BaseStats {
@@ -21,9 +21,9 @@ export function baseStats(store: ByteStore): BaseStats {
 }
 
 /**
- * Opens the base with its blocks kept in OPFS: a reload (or a Reset disk) reads the blocks this browser already
+ * Opens the base tuned for booting, as the CLI does, with its blocks kept in OPFS: a reload (or a Reset disk) reads the blocks this browser already
  * fetched from there, after one conditional request confirms the server still has that version.
  */
 export async function openBaseStore(url: string): Promise<ByteStore> {
-  return HttpStore.open(url, { persist: await opfsPersistentBlocks(url) });
+  return HttpStore.open(url, { ...BOOT_HTTP_OPTIONS, persist: await opfsPersistentBlocks(url) });
 }

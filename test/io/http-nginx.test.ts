@@ -9,7 +9,7 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { startNginx, type NginxServer } from '../helpers/nginx.js';
 import { makeImage, qemuImg, tempDir } from '../helpers/qemu.js';
-import { HttpStore, httpResolver } from '../../src/io/http.js';
+import { BOOT_HTTP_OPTIONS, HttpStore, httpResolver } from '../../src/io/http.js';
 import { HttpError } from '../../src/qcow2/errors.js';
 import { openImage } from '../../src/qcow2/open.js';
 import { FileStore } from '../../src/io/file.js';
@@ -163,6 +163,22 @@ describe('HttpStore over nginx', () => {
     await store.read(truth.length - 10, 100);
     const last = logged('random.img').at(-1)!;
     expect(last.range).toBe(`bytes=${3072 * KiB}-${truth.length - 1}`);
+  });
+
+  it('a miss elsewhere takes the absent blocks of its aligned chunk in the same request (missChunk)', async () => {
+    const before = nginx.requests().length;
+    const store = await HttpStore.open(`${nginx.url}random.img`, { blockSize: 64 * KiB, readahead: false, missChunk: 256 * KiB });
+    const check = async (offset: number, length: number) => expect(Buffer.from(await store.read(offset, length)).equals(truth.subarray(offset, offset + length))).toBe(true);
+    // Block 5: its chunk is blocks 4-7, all absent.
+    await check(5 * 64 * KiB + 10, 100);
+    await check(6 * 64 * KiB, 100);
+    // Block 2: chunk 0-3, block 0 came with the open, so 1-3.
+    await check(2 * 64 * KiB + 5, 100);
+    // Blocks 7-8, 7 held: only 8 (the chunk never adds a request of its own or reaches backwards past a held block).
+    await check(8 * 64 * KiB - 50, 100);
+    expect(logged('random.img', before).map((r) => r.range)).toEqual(['bytes=0-65535', 'bytes=262144-524287', 'bytes=65536-262143', 'bytes=524288-589823']);
+    // The boot tuning the CLI and the tab use: a chunk of two default blocks, readahead from 1 MiB.
+    expect(BOOT_HTTP_OPTIONS).toEqual({ readahead: { initial: 1024 * KiB, max: 4096 * KiB }, missChunk: 512 * KiB });
   });
 
   it('resolves a relative backing name against the overlay URL and reads the chain like qemu-img', async () => {
