@@ -33,7 +33,9 @@ export default defineConfig({
   preview: { host: '127.0.0.1' },
   // dist/ also holds the library's tsc output (dist/qcow2, dist/io...): the app gets its own folder.
   build: { outDir: 'dist/web', emptyOutDir: true, target: 'es2022', chunkSizeWarningLimit: 1024 },
-  worker: { format: 'es' },
+  // One file per Worker: the engine's lazily imported parts (codecs, write side) are needed on every boot of the
+  // tab, and as separate chunks they cost the cold boot three more requests for ~10 KiB less in the first file.
+  worker: { format: 'es', rolldownOptions: { output: { codeSplitting: false } } },
   // zstd's encoder finds its .wasm next to itself (new URL('./zstd.wasm', import.meta.url)): pre-bundling would
   // move the script away from the file, and discovering it only when a session is first saved would reload deps.
   optimizeDeps: { exclude: ['@bokuweb/zstd-wasm'] },

@@ -44,7 +44,15 @@ function freePort(): Promise<number> {
   });
 }
 
-function config(prefix: string, root: string, port: number): string {
+export interface NginxOptions {
+  /**
+   * Compress HTML, CSS, JavaScript, JSON and WebAssembly (gzip level 6) as production static servers do; disk
+   * images (application/octet-stream) are never compressed. Off by default.
+   */
+  compressAssets?: boolean;
+}
+
+function config(prefix: string, root: string, port: number, options: NginxOptions): string {
   // As root, nginx's workers would drop to 'nobody', which cannot read the tests' private (0700) temp dirs.
   const user = process.getuid?.() === 0 ? 'user root;\n' : '';
   return `daemon off;
@@ -63,7 +71,7 @@ http {
   scgi_temp_path ${prefix}/scgi;
   uwsgi_temp_path ${prefix}/uwsgi;
   # Disk images must reach the client byte for byte: gzip would turn a 206 into a whole-file 200.
-  gzip off;
+  ${options.compressAssets ? 'gzip on;\n  gzip_comp_level 6;\n  gzip_types text/css application/javascript application/json application/wasm;' : 'gzip off;'}
   sendfile on;
   server {
     listen 127.0.0.1:${port};
@@ -75,13 +83,13 @@ http {
 }
 
 /** Starts nginx serving `root` (an absolute or repo-relative directory). */
-export async function startNginx(root: string): Promise<NginxServer> {
+export async function startNginx(root: string, options: NginxOptions = {}): Promise<NginxServer> {
   if (!existsSync('/usr/sbin/nginx')) execFileSync(process.execPath, [join(ROOT, 'scripts/system-deps.mjs'), 'nginx-light'], { stdio: 'inherit' });
   const dir = resolve(ROOT, root);
   for (let attempt = 0; ; attempt++) {
     const prefix = mkdtempSync(join(tmpdir(), 'qcow86-nginx-'));
     const port = await freePort();
-    writeFileSync(join(prefix, 'nginx.conf'), config(prefix, dir, port));
+    writeFileSync(join(prefix, 'nginx.conf'), config(prefix, dir, port, options));
     const child = spawn('/usr/sbin/nginx', ['-c', join(prefix, 'nginx.conf'), '-p', prefix, '-e', join(prefix, 'error.log')], { stdio: ['ignore', 'ignore', 'pipe'] });
     let stderr = '';
     child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
