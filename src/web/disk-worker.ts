@@ -103,8 +103,9 @@ async function open(request: OpenRequest): Promise<OpenResult> {
     releaseLock = await tryLock(`qcow86-disk:${overlayName}`);
     if (!releaseLock) throw new ProblemError('locked', 'This disk is open in another tab. Only one tab at a time may write to it.');
   }
+  let base: BaseHandle | undefined;
   try {
-    const base = await openBase(request.base);
+    base = await openBase(request.base);
     let overlayStore: OpfsStore | MemoryStore;
     let created = false;
     let snapshot: BlobStore | undefined;
@@ -130,6 +131,8 @@ async function open(request: OpenRequest): Promise<OpenResult> {
     return { virtualSize: device.virtualSize, overlay: overlayName, mode: request.mode, created, map: map.snapshot() };
   } catch (error) {
     releaseLock?.();
+    // The base's store holds its OPFS block file exclusively: a failed open must let the next one have it.
+    await base?.store.close().catch(() => {});
     throw error;
   }
 }
