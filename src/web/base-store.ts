@@ -8,6 +8,8 @@ import { opfsPersistentBlocks } from '../io/opfs.js';
 
 export interface BaseStats {
   fetched: number;
+  /** Bytes read from the blocks this browser kept from earlier sessions (OPFS) instead of the network. */
+  restored: number;
   size: number;
   requests: number;
   hits: number;
@@ -15,9 +17,9 @@ export interface BaseStats {
 }
 
 export function baseStats(store: ByteStore): BaseStats {
-  if (!(store instanceof HttpStore)) return { fetched: 0, size: 0, requests: 0, hits: 0, misses: 0 };
+  if (!(store instanceof HttpStore)) return { fetched: 0, restored: 0, size: 0, requests: 0, hits: 0, misses: 0 };
   const stats = store.stats();
-  return { fetched: stats.bytesFetched, size: stats.size, requests: stats.requests, hits: stats.hits, misses: stats.misses };
+  return { fetched: stats.bytesFetched, restored: stats.bytesRestored, size: stats.size, requests: stats.requests, hits: stats.hits, misses: stats.misses };
 }
 
 /**

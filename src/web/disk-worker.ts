@@ -258,9 +258,10 @@ async function reopenTop(s: Session): Promise<void> {
 }
 
 function stats(): Stats {
-  const base = session?.base.stats() ?? { fetched: 0, size: 0, requests: 0, hits: 0, misses: 0 };
+  const base = session?.base.stats() ?? { fetched: 0, restored: 0, size: 0, requests: 0, hits: 0, misses: 0 };
   return {
     baseFetched: base.fetched,
+    baseRestored: base.restored,
     baseSize: base.size,
     requests: base.requests,
     cacheHits: base.hits,

@@ -75,6 +75,8 @@ export interface ClusterMap {
 export interface Stats {
   /** Bytes the base store fetched over the network, and the base image's size. */
   baseFetched: number;
+  /** Bytes of the base read from the blocks kept in this browser (OPFS) from earlier sessions. */
+  baseRestored: number;
   baseSize: number;
   requests: number;
   /** Reads answered from the base store's cache vs fetched. */

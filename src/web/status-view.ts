@@ -22,11 +22,14 @@ export function showDisk(info: { base: string; overlay: string; mode: string }):
 }
 
 export function showStats(stats: Stats): void {
-  const fraction = stats.baseSize > 0 ? Math.min(1, stats.baseFetched / stats.baseSize) : 0;
+  // The bar shows what this browser holds of the base: fetched now or kept from an earlier session.
+  const held = stats.baseFetched + stats.baseRestored;
+  const fraction = stats.baseSize > 0 ? Math.min(1, held / stats.baseSize) : 0;
   const bar = byId('base-bar');
   (bar.firstElementChild as HTMLElement).style.width = `${(fraction * 100).toFixed(1)}%`;
   bar.setAttribute('aria-valuenow', String(Math.round(fraction * 100)));
-  byId('base-fetched').textContent = stats.baseSize ? `${formatBytes(stats.baseFetched)} of ${formatBytes(stats.baseSize)} (${formatPercent(stats.baseFetched, stats.baseSize)})` : '–';
+  const restored = stats.baseRestored ? `; ${formatBytes(stats.baseRestored)} read from this browser's copy` : '';
+  byId('base-fetched').textContent = stats.baseSize ? `${formatBytes(stats.baseFetched)} of ${formatBytes(stats.baseSize)} (${formatPercent(stats.baseFetched, stats.baseSize)})${restored}` : '–';
   byId('base-requests').textContent = String(stats.requests);
   const lookups = stats.cacheHits + stats.cacheMisses;
   byId('base-hits').textContent = lookups ? `${formatPercent(stats.cacheHits, lookups)} of ${lookups} reads` : '–';
