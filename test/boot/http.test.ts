@@ -4,12 +4,12 @@
  *
  * One boot. The guest reads base data over HTTP (the whole FAT partition and a binary of the ext4 root, after
  * dropping its page cache) and writes a file into the overlay; the results are compared with the local file as
- * read by QEMU's tools, and nginx's log shows how the boot reached its shell prompt: at most 25 requests, each
+ * read by QEMU's tools, and nginx's log shows how the boot reached its shell prompt: at most 12 requests, each
  * a 206 for an explicit `bytes=a-b` range, never a whole-file 200.
  */
 import { execFileSync, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { copyFileSync, existsSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, readFileSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { ensureImages } from '../../images/build.mjs';
@@ -133,11 +133,14 @@ describe('default guest booted by `qcow86 boot --base http://...`', { timeout: B
     expect(Number(counted?.[1])).toBe(ours.length);
   });
 
-  test('boot to the shell prompt: at most 25 requests, each a 206 for an explicit range; never a 200', () => {
+  test('boot to the shell prompt: at most 12 requests, no byte fetched twice, each a 206 for an explicit range; never a 200', () => {
     const boot = run.atPrompt;
     console.log(`HTTP boot to the prompt: ${boot.length} requests, ${boot.reduce((sum, r) => sum + r.bytes, 0)} bytes; whole run ${ours.length} requests`);
     expect(boot.length).toBeGreaterThan(0);
-    expect(boot.length).toBeLessThanOrEqual(25);
+    // BOOT_HTTP_OPTIONS takes 8 (v86's own AsyncXHRBuffer takes ~188 on the raw disk, bench/browser-boot.mjs);
+    // 12 leaves room for reads racing differently on a loaded machine.
+    expect(boot.length).toBeLessThanOrEqual(12);
+    expect(boot.reduce((sum, r) => sum + r.bytes, 0)).toBeLessThanOrEqual(statSync(DEFAULT_BASE).size);
     for (const request of ours) {
       expect(request).toMatchObject({ status: 206, method: 'GET', uri: '/base.qcow2' });
       expect(request.range).toMatch(/^bytes=\d+-\d+$/);
