@@ -86,7 +86,8 @@ try {
 const median = (values) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)];
 const row = (kind, when) => {
   const runs = results.filter((r) => r.kind === kind && r.when === when);
-  return { ms: median(runs.map((r) => r.ms)), ...runs[0] };
+  // Every figure the median of its rounds (the spread of the first round used to override the median time).
+  return Object.fromEntries(Object.entries(runs[0]).map(([key, value]) => [key, typeof value === 'number' ? median(runs.map((r) => r[key])) : value]));
 };
 const loadAfter = loadavg();
 console.log(`\nBrowser boot to shell prompt (headless Chromium, nginx${COMPRESS ? ' compressing app assets' : ', nothing compressed'}, ${ROUNDS} round(s), median; load average ${loadBefore[0].toFixed(2)} before, ${loadAfter[0].toFixed(2)} after)`);
