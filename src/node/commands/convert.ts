@@ -240,14 +240,18 @@ export class RawTarget implements ConvertTarget {
   ) {}
 
   static async create(path: string, size: number): Promise<RawTarget> {
-    const fd = await new Promise<number>((resolve, reject) => open(path, 'w', (error, fd) => (error ? reject(error) : resolve(fd))));
+    // Created and sized through one descriptor, written through another, as qemu-img does (its create step, then
+    // the open for the copy). On ext4, closing a descriptor that truncated a non-empty file to 0 starts writeback
+    // of everything written through it (auto_da_alloc, meant for programs that rewrite a file in place without
+    // fsync): closing the creating descriptor while the file is still empty makes that free, where closing after
+    // the copy flushed the whole output on our time and left the next truncation of it waiting for the disk.
+    const created = await openFd(path, 'w');
     try {
-      await new Promise<void>((resolve, reject) => ftruncate(fd, size, (error) => (error ? reject(error) : resolve())));
-    } catch (error) {
-      await closeFd(fd);
-      throw error;
+      await new Promise<void>((resolve, reject) => ftruncate(created, size, (error) => (error ? reject(error) : resolve())));
+    } finally {
+      await closeFd(created);
     }
-    return new RawTarget(path, fd);
+    return new RawTarget(path, await openFd(path, 'r+'));
   }
 
   write(offset: number, data: Uint8Array): Promise<void> {
@@ -263,6 +267,10 @@ export class RawTarget implements ConvertTarget {
   async abort(): Promise<void> {
     await closeFd(this.fd);
   }
+}
+
+function openFd(path: string, flags: string): Promise<number> {
+  return new Promise((resolve, reject) => open(path, flags, (error, fd) => (error ? reject(error) : resolve(fd))));
 }
 
 function closeFd(fd: number): Promise<void> {
