@@ -208,12 +208,64 @@ type UnitType = 'normal' | 'compressed' | 'zero-plain' | 'zero-alloc' | 'unalloc
 
 /** QEMU's subcluster types: the cluster type refined by the extended-L2 bitmaps. */
 async function qcow2Status(context: StatusContext, image: Qcow2Image, offset: number, length: number): Promise<LayerStatus> {
+  const clusterSize = image.geometry.clusterSize;
+  const scan: UnitScan = { offset, at: offset, first: undefined };
+  let known: { offset: number; table: Uint8Array } | undefined;
+  for (;;) {
+    const need = scanUnits(image, scan, offset + length, known);
+    if (need < 0) break;
+    known = { offset: need, table: await image.loadL2(need) };
+  }
+  const at = scan.at;
+  const first = scan.first;
+  const { type, host } = first!;
+  let status: LayerStatus = {
+    length: at - offset,
+    data: type === 'normal' || type === 'compressed',
+    zero: type === 'zero-plain' || type === 'zero-alloc',
+    allocated: type === 'normal' || type === 'compressed' || type === 'zero-plain' || type === 'zero-alloc',
+    ...(host !== undefined ? { hostOffset: host, file: image.dataStore ?? image.store } : {}),
+  };
+  // Metadata-preallocated images: holes in the file under data clusters read as zero (QEMU's BDRV_BLOCK_RECURSE).
+  // Only whole clusters count as holes here: QEMU also allocates parts of clusters with zero-range requests
+  // (copy-on-write of zeros), which a content probe cannot tell from holes; whole zero clusters in a
+  // metadata-preallocated image are almost always never-written holes.
+  if (status.data && status.hostOffset !== undefined && (await context.metadataPreallocated(image))) {
+    let run = 0;
+    let hole: boolean | undefined;
+    while (run < status.length) {
+      const at = status.hostOffset + run;
+      const n = Math.min(clusterSize - (at % clusterSize), status.length - run);
+      const probed = await context.probe(status.file!, at, n);
+      const isHole = n === clusterSize && probed.hole && probed.length >= n;
+      if (hole === undefined) hole = isHole;
+      else if (hole !== isHole) break;
+      run += n;
+    }
+    status = { ...status, length: run, zero: hole === true };
+  }
+  return status;
+}
+
+interface UnitScan {
+  readonly offset: number;
+  /** Where the run found so far ends. */
+  at: number;
+  /** The first unit's type and host offset: the run goes on while units continue it. */
+  first: { type: UnitType; host: number | undefined } | undefined;
+}
+
+/**
+ * Extends `scan` over units that continue its run, up to `end`. Returns -1 when the run is complete, or the
+ * offset of an L2 table it needs that is not cached (then called again with it as `known`). Synchronous, so the
+ * walk over thousands of clusters costs no promise per cluster and stays a small function for the JIT.
+ */
+function scanUnits(image: Qcow2Image, scan: UnitScan, end: number, known: { offset: number; table: Uint8Array } | undefined): number {
   const geometry = image.geometry;
   const { clusterSize, l2Entries, extendedL2 } = geometry;
   const unit = extendedL2 ? clusterSize / SUBCLUSTERS : clusterSize;
-  const end = offset + length;
-  let first: { type: UnitType; host: number | undefined } | undefined;
-  let at = offset;
+  const offset = scan.offset;
+  let at = scan.at;
   while (at < end) {
     const clusterIndex = Math.floor(at / clusterSize);
     const l1Index = Math.floor(clusterIndex / l2Entries);
@@ -225,7 +277,11 @@ async function qcow2Status(context: StatusContext, image: Qcow2Image, offset: nu
       type = 'unallocated-plain';
       runEnd = (l1Index + 1) * l2Entries * clusterSize;
     } else {
-      const table = await image.loadL2(l1Offset);
+      const table = known?.offset === l1Offset ? known.table : image.cachedL2(l1Offset);
+      if (!table) {
+        scan.at = at;
+        return l1Offset;
+      }
       const entry = readL2Entry(table, clusterIndex % l2Entries, geometry);
       const clusterStart = clusterIndex * clusterSize;
       const where = () => `L2 table ${hex(l1Offset)}, L2 index ${clusterIndex % l2Entries}, guest offset ${hex(clusterStart)}`;
@@ -255,37 +311,13 @@ async function qcow2Status(context: StatusContext, image: Qcow2Image, offset: nu
         }
       }
     }
-    if (!first) first = { type, host };
+    const first = scan.first;
+    if (!first) scan.first = { type, host };
     else if (type !== first.type || (first.host !== undefined && host !== first.host + (at - offset))) break;
     at = Math.min(runEnd, end);
   }
-  const { type, host } = first!;
-  let status: LayerStatus = {
-    length: at - offset,
-    data: type === 'normal' || type === 'compressed',
-    zero: type === 'zero-plain' || type === 'zero-alloc',
-    allocated: type === 'normal' || type === 'compressed' || type === 'zero-plain' || type === 'zero-alloc',
-    ...(host !== undefined ? { hostOffset: host, file: image.dataStore ?? image.store } : {}),
-  };
-  // Metadata-preallocated images: holes in the file under data clusters read as zero (QEMU's BDRV_BLOCK_RECURSE).
-  // Only whole clusters count as holes here: QEMU also allocates parts of clusters with zero-range requests
-  // (copy-on-write of zeros), which a content probe cannot tell from holes; whole zero clusters in a
-  // metadata-preallocated image are almost always never-written holes.
-  if (status.data && status.hostOffset !== undefined && (await context.metadataPreallocated(image))) {
-    let run = 0;
-    let hole: boolean | undefined;
-    while (run < status.length) {
-      const at = status.hostOffset + run;
-      const n = Math.min(clusterSize - (at % clusterSize), status.length - run);
-      const probed = await context.probe(status.file!, at, n);
-      const isHole = n === clusterSize && probed.hole && probed.length >= n;
-      if (hole === undefined) hole = isHole;
-      else if (hole !== isHole) break;
-      run += n;
-    }
-    status = { ...status, length: run, zero: hole === true };
-  }
-  return status;
+  scan.at = at;
+  return -1;
 }
 
 async function qcowV1Status(image: QcowV1Image, offset: number, length: number): Promise<LayerStatus> {

@@ -24,6 +24,11 @@ export type CompressionType = 'deflate' | 'zstd';
 export interface Codecs {
   /** Raw deflate (no zlib header), window 4 KiB as QEMU writes it. */
   inflateRaw(src: Uint8Array, maxOutput: number): Promise<Uint8Array>;
+  /**
+   * inflateRaw into `into` (at most `into.length` bytes), returning how many bytes it produced. Optional: it
+   * saves an allocation and a copy per cluster where a codec can write to a given buffer.
+   */
+  inflateRawInto?(src: Uint8Array, into: Uint8Array): Promise<number>;
   deflateRaw(src: Uint8Array): Promise<Uint8Array>;
   zstdDecompress(src: Uint8Array, maxOutput: number): Promise<Uint8Array>;
   /** `level` defaults to QEMU's (3); clusters always use that, larger blobs (session VM state) may ask for more. */
@@ -59,7 +64,10 @@ export function portableCodecs(): Codecs {
   };
 }
 
-/** Decodes one compressed cluster into exactly `clusterSize` bytes, or throws a FormatError saying why not. */
+/**
+ * Decodes one compressed cluster into exactly `clusterSize` bytes, or throws a FormatError saying why not. With
+ * `into` (clusterSize bytes) the cluster is decoded there, when the codec can, and `into` is returned.
+ */
 export async function decompressCluster(
   file: string,
   type: CompressionType,
@@ -67,26 +75,35 @@ export async function decompressCluster(
   clusterSize: number,
   codecs: Codecs,
   hostOffset: number,
+  into?: Uint8Array,
 ): Promise<Uint8Array> {
   const where = `compressed cluster at host offset ${hex(hostOffset)}`;
   let out: Uint8Array;
+  let length: number;
   try {
-    out = type === 'zstd' ? await codecs.zstdDecompress(src, clusterSize) : await codecs.inflateRaw(src, clusterSize);
+    if (into && type === 'deflate' && codecs.inflateRawInto) {
+      length = await codecs.inflateRawInto(src, into.subarray(0, clusterSize));
+      out = into;
+    } else {
+      out = type === 'zstd' ? await codecs.zstdDecompress(src, clusterSize) : await codecs.inflateRaw(src, clusterSize);
+      length = out.length;
+    }
   } catch (error) {
     if (error instanceof FormatError) throw error;
     throw new FormatError(file, `${where}: ${type} data is corrupt (${(error as Error).message})`, { field: 'compressed data', offset: hostOffset });
   }
-  if (out.length > clusterSize) {
+  if (length > clusterSize) {
     throw new FormatError(file, `${where}: ${type} data expands past the cluster size (${clusterSize} bytes)`, { field: 'compressed data', offset: hostOffset });
   }
-  if (out.length < clusterSize) {
+  if (length < clusterSize) {
     throw new FormatError(
       file,
-      `${where}: ${type} data ends after ${out.length} of ${clusterSize} bytes (${src.length} compressed bytes read)`,
-      { field: 'compressed data', offset: hostOffset, value: out.length },
+      `${where}: ${type} data ends after ${length} of ${clusterSize} bytes (${src.length} compressed bytes read)`,
+      { field: 'compressed data', offset: hostOffset, value: length },
     );
   }
-  return out;
+  if (into && out !== into) into.set(out);
+  return into ?? out;
 }
 
 /**

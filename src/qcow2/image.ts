@@ -186,7 +186,7 @@ export class Qcow2Image implements BlockDevice {
   }
 
   /** The L2 table at `l2Offset` if it can be had without I/O (being written, or cached); undefined otherwise. */
-  private l2IfCached(l2Offset: number): Uint8Array | undefined {
+  cachedL2(l2Offset: number): Uint8Array | undefined {
     return this.engine?.pendingL2(l2Offset) ?? this.l2Cache.lookup(l2Offset);
   }
 
@@ -240,7 +240,7 @@ export class Qcow2Image implements BlockDevice {
         at = l2End;
         continue;
       }
-      const table = l1.l2Offset === knownOffset ? this.engine?.pendingL2(knownOffset) ?? known : this.l2IfCached(l1.l2Offset);
+      const table = l1.l2Offset === knownOffset ? this.engine?.pendingL2(knownOffset) ?? known : this.cachedL2(l1.l2Offset);
       if (!table) return at;
       const entry = readL2Entry(table, l2Index, this.geometry);
       const place = { l2Offset: l1.l2Offset, l2Index, guestOffset: clusterStart };
@@ -344,14 +344,19 @@ export class Qcow2Image implements BlockDevice {
     for (const extent of run) end = Math.max(end, extent.hostOffset + extent.compressedLength);
     const span = await this.store.read(start, end - start);
     for (const extent of run) {
-      let cluster: Uint8Array;
+      const at = extent.guestOffset - base;
       if (this.lastCompressed?.hostOffset === extent.hostOffset) {
-        cluster = this.lastCompressed.data;
-      } else {
-        const raw = span.subarray(extent.hostOffset - start, extent.hostOffset - start + extent.compressedLength);
-        cluster = await this.decodeCompressed(extent.hostOffset, raw);
+        out.set(this.lastCompressed.data.subarray(extent.offsetInCluster, extent.offsetInCluster + extent.length), at);
+        continue;
       }
-      out.set(cluster.subarray(extent.offsetInCluster, extent.offsetInCluster + extent.length), extent.guestOffset - base);
+      const raw = span.subarray(extent.hostOffset - start, extent.hostOffset - start + extent.compressedLength);
+      if (extent.length === this.clusterSize) {
+        // A whole cluster is decoded in place (no cluster-sized buffer per cluster, no copy).
+        await this.decodeCompressedInto(extent.hostOffset, raw, out.subarray(at, at + extent.length));
+        continue;
+      }
+      const cluster = await this.decodeCompressed(extent.hostOffset, raw);
+      out.set(cluster.subarray(extent.offsetInCluster, extent.offsetInCluster + extent.length), at);
     }
   }
 
@@ -407,12 +412,25 @@ export class Qcow2Image implements BlockDevice {
 
   /** Decompresses a cluster's stored bytes (`raw`, short or empty where the file ends) and remembers it. */
   private async decodeCompressed(hostOffset: number, raw: Uint8Array): Promise<Uint8Array> {
-    if (raw.length === 0) {
-      throw new CorruptImageError(this.name, `compressed cluster at host offset ${hex(hostOffset)} lies outside the file`, hostOffset);
-    }
+    this.checkCompressedInFile(hostOffset, raw);
     const data = await decompressCluster(this.name, this.compressionType, raw, this.clusterSize, this.codecs, hostOffset);
     this.lastCompressed = { hostOffset, data };
     return data;
+  }
+
+  /**
+   * decodeCompressed into the caller's cluster-sized buffer. Not remembered: the buffer is the caller's, and a
+   * whole-cluster read is not followed by another read inside the same cluster.
+   */
+  private async decodeCompressedInto(hostOffset: number, raw: Uint8Array, into: Uint8Array): Promise<void> {
+    this.checkCompressedInFile(hostOffset, raw);
+    await decompressCluster(this.name, this.compressionType, raw, this.clusterSize, this.codecs, hostOffset, into);
+  }
+
+  private checkCompressedInFile(hostOffset: number, raw: Uint8Array): void {
+    if (raw.length === 0) {
+      throw new CorruptImageError(this.name, `compressed cluster at host offset ${hex(hostOffset)} lies outside the file`, hostOffset);
+    }
   }
 
   // ---- writing (write-path.ts does the work; these serialise it) -------------------------------------------

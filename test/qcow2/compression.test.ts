@@ -140,6 +140,9 @@ describe.each(codecSets)('%s codecs', (_name, codecs) => {
     const compressed = await codecs.deflateRaw(long);
     const out = await decompressCluster('img', 'deflate', compressed, 4096, codecs, 0);
     expect(Buffer.from(out).equals(Buffer.from(long.subarray(0, 4096)))).toBe(true);
+    const into = new Uint8Array(4096);
+    expect(await decompressCluster('img', 'deflate', compressed, 4096, codecs, 0, into)).toBe(into);
+    expect(Buffer.from(into).equals(Buffer.from(long.subarray(0, 4096)))).toBe(true);
   });
 });
 
@@ -154,6 +157,9 @@ describe('portable and native deflate agree', () => {
         const a = await outcome(decompressCluster('img', 'deflate', input, 4096, portable, 0));
         const b = await outcome(decompressCluster('img', 'deflate', input, 4096, native, 0));
         expect(a === 'error' ? a : Buffer.from(a)).toEqual(b === 'error' ? b : Buffer.from(b));
+        // Native zlib decoding straight into the caller's buffer (convert's path) agrees too.
+        const c = await outcome(decompressCluster('img', 'deflate', input, 4096, native, 0, new Uint8Array(4096).fill(0xee)));
+        expect(c === 'error' ? c : Buffer.from(c)).toEqual(b === 'error' ? b : Buffer.from(b));
       }),
       { numRuns: 200 },
     );
