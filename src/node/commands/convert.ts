@@ -21,9 +21,14 @@ import { usageError } from '../usage.js';
 
 export const USAGE = 'usage: qcow86 convert [-f raw|qcow2|qcow] [-O raw] [-l SNAPSHOT] [-p] [-q] [-U] SRC DST';
 
-/** Bytes per read request (a multiple of every cluster size), and how many chunks are read or written at once. */
-export const CHUNK = 2 * 1024 * 1024;
-const BUFFERS = 6;
+/**
+ * Bytes per read request (a multiple of every cluster size), and how many chunks are read or written at once.
+ * Small on purpose: every page of a fresh buffer is faulted in once, which in a VM costs about as much as
+ * copying it, while 1 MiB requests already make the per-request cost small (2 MiB x 6 buffers measured no
+ * faster, 256 KiB slower).
+ */
+export const CHUNK = 1024 * 1024;
+const BUFFERS = 4;
 /** qemu-img's default minimum sparse run (-S 4k): zero runs at least this long become holes. */
 const SPARSE_BLOCK = 4096;
 /** Block status is asked about at most this much at a time, as qemu-img does. */
