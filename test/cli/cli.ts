@@ -1,6 +1,7 @@
 /**
- * Runs the CLI as a user would: a child `node` process on the compiled tree (test/helpers/build.ts compiles src/
- * privately, so a concurrent build elsewhere cannot interfere). Exit codes are the child's real exit codes.
+ * Runs the CLI as a user would: a child `node` process on the bundled CLI (test/helpers/build.ts compiles and
+ * bundles src/ privately, so a concurrent build elsewhere cannot interfere). Exit codes are the child's real exit
+ * codes.
  */
 import { execFile } from 'node:child_process';
 import { join } from 'node:path';
@@ -11,7 +12,8 @@ import { vi } from 'vitest';
 import { main } from '../../src/node/cli.js';
 
 export function qcow86(args: string[], options: { cwd?: string; timeoutMs?: number } = {}): Promise<RunResult> {
-  const cli = pathToFileURL(join(buildEngine(), 'node/cli.js')).href;
+  // The bundled CLI, as bin/qcow86.js runs it.
+  const cli = pathToFileURL(join(buildEngine(), 'cli/cli.js')).href;
   const script = `import { main } from ${JSON.stringify(cli)}; process.exitCode = await main(process.argv.slice(1));`;
   return new Promise((resolve, reject) => {
     execFile(

@@ -10,7 +10,10 @@ import { tempDir } from './qemu.js';
 const root = resolve(import.meta.dirname, '../..');
 let built: string | undefined;
 
-/** Directory holding the compiled qcow2/ and io/ trees (with node_modules reachable for pako and friends). */
+/**
+ * Directory holding the compiled qcow2/, io/, v86/ and node/ trees and the bundled CLI in cli/ (with
+ * node_modules reachable for pako and friends).
+ */
 export function buildEngine(): string {
   if (built) return built;
   const dir = tempDir('qcow86-build-');
@@ -21,6 +24,8 @@ export function buildEngine(): string {
     // Type errors elsewhere in src/ do not stop emitting; the import below fails if the engine itself is missing.
   }
   symlinkSync(join(root, 'node_modules'), join(dir, 'node_modules'));
+  // The bundled CLI (dist/cli/), what bin/qcow86.js runs.
+  execFileSync(process.execPath, [join(root, 'scripts/bundle-cli.mjs'), out], { stdio: 'pipe' });
   built = out;
   return out;
 }
