@@ -119,24 +119,30 @@ export async function run(page: Page, command: string, options: { noise?: RegExp
   // Whitespace is left out: busybox wraps long lines at its own idea of the width (80 columns on a serial tty).
   const compact = (text: string) => text.replace(/\s+/g, '');
   const wanted = compact(command);
+  /** The line ends with the whole command, right after a prompt or at the start of a line (a resumed session
+   * shows no prompt: it was printed before the save). */
   const typedLine = async () => {
     let text = await consoleText(page);
     if (options.noise) text = text.replace(options.noise, '');
-    return compact(text);
+    const lines = text.trimEnd().split('\n');
+    let tail = '';
+    while (lines.length && tail.length < wanted.length) tail = compact(lines.pop()!) + tail;
+    if (!tail.endsWith(wanted)) return false;
+    const before = tail.slice(0, tail.length - wanted.length);
+    return before === '' || before.endsWith('#') || before.endsWith('$');
   };
   for (let attempt = 1; ; attempt++) {
     await page.keyboard.type(command, { delay: 5 });
     const echoed = await expect
-      .poll(async () => {
-        const text = await typedLine();
-        return text.endsWith(`#${wanted}`) || text.endsWith(`$${wanted}`);
-      }, { timeout: 20_000, intervals: [100, 250, 500] })
+      .poll(typedLine, { timeout: 20_000, intervals: [100, 250, 500] })
       .toBe(true)
       .then(() => true, () => false);
     if (echoed) break;
     const shown = (await consoleText(page)).split('\n').filter((line) => line.trim()).slice(-3).join(' | ');
     if (attempt === 3) throw new Error(`the shell did not echo the typed line \`${command}\` in three tries; the console ends: ${shown}`);
-    test.info().annotations.push({ type: 'retyped', description: `\`${command}\` (try ${attempt}); the console ended: ${shown}` });
+    const note = `\`${command}\` (try ${attempt}); the console ended: ${shown}`;
+    test.info().annotations.push({ type: 'retyped', description: note });
+    console.log(`retyped ${note}`);
     await page.keyboard.press('Control+U');
     await page.waitForTimeout(500);
   }
