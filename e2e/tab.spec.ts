@@ -77,7 +77,8 @@ test('the guest boots, keeps its writes across a reload, and its overlay opens i
     try {
       const other = await fresh.newPage();
       await other.goto(server.url);
-      await waitForShell(other);
+      // No need to let its own fresh disk boot first: Open overlay works as soon as the machine exists.
+      await expect(other.getByRole('button', { name: /Open overlay/ })).toBeEnabled({ timeout: 120_000 });
       await other.locator('#open-file').setInputFiles(file);
       // The machine restarts on the opened overlay: wait for that boot's shell, not the one before it.
       await expect(other.getByTestId('phase')).not.toContainText('shell ready');
@@ -96,6 +97,9 @@ test('a second tab on the same disk is refused write access and offered read-onl
   const first = await context.newPage();
   await first.goto(server.url);
   await expect(first.getByTestId('overlay-name')).toContainText('browser storage');
+  // Powered off, the first tab keeps its disk (and the lock) open without competing for the CPU with the boot below.
+  await first.getByRole('button', { name: 'Power off' }).click();
+  await expect(first.getByTestId('phase')).toHaveAttribute('data-state', 'off');
 
   const second = await context.newPage();
   await second.goto(server.url);
