@@ -293,7 +293,8 @@ function scanUnits(image: Qcow2Image, scan: UnitScan, end: number, known: { offs
         const hasHost = base !== 0 || (geometry.externalData && isCopied(entry));
         if (hasHost && base % clusterSize !== 0) throw new CorruptImageError(image.name, `cluster allocation offset ${hex(base)} unaligned (${where()})`);
         if (!extendedL2) {
-          if (entry.lo & 1 && geometry.version >= 3) type = hasHost ? 'zero-alloc' : 'zero-plain';
+          if (entry.lo & 1 && geometry.version < 3) throw new CorruptImageError(image.name, `zero cluster entry in a version 2 image (${where()})`);
+          if (entry.lo & 1) type = hasHost ? 'zero-alloc' : 'zero-plain';
           else type = hasHost ? 'normal' : 'unallocated-plain';
           host = hasHost ? base + (at - clusterStart) : undefined;
           runEnd = clusterStart + clusterSize;

@@ -137,18 +137,25 @@ export function classify(file: string, entry: L2Entry, geometry: Geometry, sub: 
     throw new CorruptImageError(file, `cluster allocation offset ${hex(hostOffset)} unaligned (${describe(place)})`);
   }
   if (!geometry.extendedL2) {
-    if (entry.lo & 1) return { kind: 'zero', hostOffset: hasHost ? hostOffset : undefined };
+    if (entry.lo & 1) {
+      // Version 2 has no zero clusters: QEMU refuses the entry rather than guess what it means.
+      if (geometry.version < 3) throw new CorruptImageError(file, `zero cluster entry in a version 2 image (${describe(place)})`);
+      return { kind: 'zero', hostOffset: hasHost ? hostOffset : undefined };
+    }
     return hasHost ? { kind: 'data', hostOffset } : { kind: 'unallocated' };
   }
-  const bit = 1 << sub;
-  const allocated = (entry.allocMask & bit) !== 0;
-  const zero = (entry.zeroMask & bit) !== 0;
-  if (allocated && zero) throw new CorruptImageError(file, `subcluster ${sub} is marked both allocated and zero (${describe(place)})`);
-  if (zero) return { kind: 'zero', hostOffset: undefined };
-  if (allocated) {
-    if (!hasHost) throw new CorruptImageError(file, `subcluster ${sub} is allocated in a cluster with no host offset (${describe(place)})`);
-    return { kind: 'data', hostOffset: hostOffset + sub * (geometry.clusterSize / SUBCLUSTERS) };
+  // As in QEMU, a bitmap that is wrong anywhere makes the whole cluster unreadable, not just the bad subclusters.
+  if (hasHost && (entry.allocMask & entry.zeroMask) !== 0) {
+    const both = Math.log2((entry.allocMask & entry.zeroMask & -(entry.allocMask & entry.zeroMask)) >>> 0);
+    throw new CorruptImageError(file, `subcluster ${both} is marked both allocated and zero (${describe(place)})`);
   }
+  if (!hasHost && entry.allocMask !== 0) {
+    const first = Math.log2((entry.allocMask & -entry.allocMask) >>> 0);
+    throw new CorruptImageError(file, `subcluster ${first} is allocated in a cluster with no host offset (${describe(place)})`);
+  }
+  const bit = 1 << sub;
+  if (entry.zeroMask & bit) return { kind: 'zero', hostOffset: undefined };
+  if (entry.allocMask & bit) return { kind: 'data', hostOffset: hostOffset + sub * (geometry.clusterSize / SUBCLUSTERS) };
   return { kind: 'unallocated' };
 }
 
