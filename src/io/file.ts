@@ -80,6 +80,9 @@ export class FileStore implements ByteStore {
 
 /** One positional read; resolves with the byte count (0 at the end of the file). */
 export function readAt(fd: number, buffer: Uint8Array, at: number, length: number, position: number): Promise<number> {
+  // No file reaches 2^53 bytes: a position past that (a damaged table entry's offset) is past the end, where
+  // fs.read would throw a RangeError instead.
+  if (!Number.isSafeInteger(position) || position < 0) return Promise.resolve(0);
   return new Promise((resolve, reject) => read(fd, buffer, at, length, position, (error, bytesRead) => (error ? reject(error) : resolve(bytesRead))));
 }
 
