@@ -84,8 +84,9 @@ export async function waitForConsole(page: Page, pattern: RegExp, timeout = 150_
   await expect.poll(() => consoleText(page), { timeout, intervals: [250, 500, 1000] }).toMatch(pattern);
 }
 
-/** The shell prompt of the default guest (busybox ash on ttyS0), at the end of a line. */
-export const PROMPT = /[#$] *$/m;
+/** The shell prompt of the default guest (busybox ash on ttyS0): at the end of a line, or followed by a kernel
+ * message printed after it. */
+export const PROMPT = /[#$] *$|^[#$] \[ *\d+\.\d+\]/m;
 
 /** Boots (or waits for) the guest in `page` until its shell prompt, and checks the page says so too. */
 /** How long a boot may take: QCOW86_E2E_BOOT_MS raises it on a machine that is busy with other work. */

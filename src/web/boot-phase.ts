@@ -19,6 +19,8 @@ export class BootPhases {
   private needBaseline = false;
   private readsThisBoot = 0;
   private resumedFrom: string | undefined;
+  /** The shell's prompt appeared in this boot: kernel messages printed after it (an ext4 warning) do not undo that. */
+  private shellSeen = false;
 
   constructor(private readonly console: ConsoleView) {
     setInterval(() => this.update(), 200);
@@ -43,6 +45,7 @@ export class BootPhases {
 
   reset(): void {
     this.resumedFrom = undefined;
+    this.shellSeen = false;
     this.needBaseline = true;
     this.readsThisBoot = 0;
     this.phase = '';
@@ -61,7 +64,8 @@ export class BootPhases {
     const text = this.console.text;
     let phase: string;
     let state: PhaseState = 'busy';
-    if (PROMPT.test(text)) {
+    if (this.shellSeen || PROMPT.test(text)) {
+      this.shellSeen = true;
       phase = 'Running — shell ready on the serial console';
       state = 'ready';
     } else if (this.resumedFrom !== undefined) {
