@@ -141,7 +141,8 @@ export async function analyse(image: Qcow2Image, onMessage?: (line: string) => v
     leaksFixed: 0,
     corruptionsFixed: 0,
     imageEndOffset: 0,
-    totalClusters: Math.ceil(header.size / cs),
+    // QEMU keeps the virtual size in whole 512-byte sectors (rounded down) and counts clusters from that.
+    totalClusters: Math.ceil((Math.floor(header.size / 512) * 512) / cs),
     allocatedClusters: 0,
     fragmentedClusters: 0,
     compressedClusters: 0,
