@@ -10,17 +10,10 @@
  */
 import type { ByteStore } from '../qcow2/store.js';
 import { LockError, ReadOnlyError, StoreError } from '../qcow2/errors.js';
-import { PersistentBlocks } from './persistent-blocks.js';
+import { PersistentBlocks, type SyncFile } from './persistent-blocks.js';
 
 /** The subset of FileSystemSyncAccessHandle we use (its DOM typings are only in the webworker library). */
-interface SyncHandle {
-  read(buffer: Uint8Array, options: { at: number }): number;
-  write(buffer: Uint8Array, options: { at: number }): number;
-  truncate(size: number): void;
-  getSize(): number;
-  flush(): void;
-  close(): void;
-}
+type SyncHandle = SyncFile;
 
 interface SyncCapableFileHandle extends FileSystemFileHandle {
   createSyncAccessHandle(): Promise<SyncHandle>;
