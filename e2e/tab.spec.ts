@@ -1,13 +1,22 @@
 /**
  * The browser tab end to end: boot to a shell, write a file, reload and find it, download the overlay and check
- * it with qemu-img (including its URL backing through QEMU's curl driver), open it in a fresh profile.
+ * it with qemu-img (including its URL backing through QEMU's curl driver), boot it headless with `qcow86 boot`
+ * against the same base, open it in a fresh profile.
  */
-import { execFileSync } from 'node:child_process';
-import { mkdtempSync, rmSync, utimesSync } from 'node:fs';
+import { execFile, execFileSync } from 'node:child_process';
+import { promisify } from 'node:util';
+import { copyFileSync, mkdtempSync, rmSync, utimesSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test, expect, run, waitForConsole, waitForShell, waitSaved, BOOT_TIMEOUT } from './fixtures.js';
-import { copyBase, type Server } from './servers.js';
+import { copyBase, ROOT, type Server } from './servers.js';
+
+const execFileAsync = promisify(execFile);
+
+/** The real command line (bin/qcow86.js on the build `npm test` made), run without blocking the test's browser. */
+function qcow86(args: string[], cwd: string) {
+  return execFileAsync(process.execPath, [join(ROOT, 'bin/qcow86.js'), ...args], { cwd, encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 });
+}
 
 test('@dev the guest boots from the dev server and keeps a file across a reload', async ({ page, server }) => {
   const seed = 1000 + Math.floor(Math.random() * 9000);
@@ -22,7 +31,7 @@ test('@dev the guest boots from the dev server and keeps a file across a reload'
   await waitForConsole(page, new RegExp(`^dev-${seed + 1}`, 'm'));
 });
 
-test('the guest boots, keeps its writes across a reload, and its overlay opens in QEMU and in a fresh profile', async ({ page, server, browser, longTasks }, testInfo) => {
+test('the guest boots, keeps its writes across a reload, and its overlay opens in QEMU, in qcow86 boot and in a fresh profile', async ({ page, server, browser, longTasks }, testInfo) => {
   const seed = 1000 + Math.floor(Math.random() * 9000);
   const expected = `qcow86-e2e-${seed + 1}`;
   await page.goto(server.url);
@@ -71,6 +80,13 @@ test('the guest boots, keeps its writes across a reload, and its overlay opens i
     execFileSync('qemu-img', ['check', file], { encoding: 'utf8' });
     const compare = execFileSync('qemu-img', ['info', '--backing-chain', '--output=json', file], { encoding: 'utf8' });
     expect(compare).toContain('"format": "qcow2"');
+
+    // Our CLI boots (a copy of) the download headless: the base comes from its recorded URL over the same server.
+    const copy = join(dir, 'cli-copy.qcow2');
+    copyFileSync(file, copy);
+    const booted = await qcow86(['boot', '--overlay', copy, '--timeout', '300', '--expect', '# ', '--send', 'cat /e2e-marker.txt; echo cli-$((40 + 2))\n', '--expect', 'cli-42'], dir);
+    expect(booted.stdout).toContain(expected);
+    expect((await execFileAsync('qemu-img', ['check', copy])).stdout).toContain('No errors were found');
 
     // A fresh profile: nothing stored yet; opening the downloaded overlay brings the file back.
     const fresh = await browser.newContext();
