@@ -261,9 +261,10 @@ export class HttpStore implements ByteStore {
   async read(offset: number, length: number, options: { signal?: AbortSignal } = {}): Promise<Uint8Array> {
     if (this.failure) throw this.failure;
     if (this.closer.signal.aborted) throw this.closer.signal.reason;
-    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+    if (!Number.isInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
       throw new RangeError(`${this.name}: cannot read ${length} bytes at offset ${offset}`);
     }
+    // An offset past 2^53 (a damaged table entry) is past the end, as for every store: the clamp below returns nothing.
     const end = Math.min(this.pinned.size, offset + length);
     if (offset >= end) return new Uint8Array(0);
     const bs = this.options.blockSize;

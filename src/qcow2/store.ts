@@ -50,22 +50,10 @@ export interface StoreResolver {
 }
 
 /**
- * True for a range no store can hold: damaged table entries name offsets up to 2^56, past what a number addresses
- * exactly (2^53). Such a range reads as past the end of the store, without asking the store.
- */
-function beyondEveryStore(offset: number, length: number): boolean {
-  return offset < 0 || !Number.isSafeInteger(offset + length);
-}
-
-/**
  * Fills `into` with the store's bytes at `offset`; bytes past the end of the store read as zeros (as a data
  * cluster past the end of a truncated file does in QEMU). Uses readInto when the store has it.
  */
 export function readIntoPadded(store: ByteStore, offset: number, into: Uint8Array): Promise<void> {
-  if (beyondEveryStore(offset, into.length)) {
-    into.fill(0);
-    return Promise.resolve();
-  }
   if (store.readInto) {
     return store.readInto(offset, into).then((got) => {
       if (got < into.length) into.fill(0, got);
@@ -79,7 +67,6 @@ export function readIntoPadded(store: ByteStore, offset: number, into: Uint8Arra
 
 /** Reads exactly `length` bytes or throws a ShortReadError naming the store, offset and what was missing. */
 export async function readExact(store: ByteStore, offset: number, length: number, what: string): Promise<Uint8Array> {
-  if (beyondEveryStore(offset, length)) throw new ShortReadError(store.name, what, offset, length, 0);
   const bytes = await store.read(offset, length);
   if (bytes.length !== length) {
     throw new ShortReadError(store.name, what, offset, length, bytes.length);
