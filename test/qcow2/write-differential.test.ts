@@ -131,7 +131,7 @@ function startWrites(variant: Variant): ImageWrite[] {
 }
 
 /** Two identical starting images; each keeps its own external data file when the variant has one. */
-async function startPair(variant: Variant, dir: string, start: string, ours: string, theirs: string): Promise<void> {
+async function startPair(variant: Variant, start: string, ours: string, theirs: string): Promise<void> {
   if (variant.image.dataFile === undefined) {
     await copyFile(start, ours);
     await copyFile(start, theirs);
@@ -146,7 +146,7 @@ async function replay(variant: Variant, dir: string, start: string, ops: Op[]): 
   const n = sequenceNumber++;
   const ours = join(dir, `ours-${n}.qcow2`);
   const theirs = join(dir, `theirs-${n}.qcow2`);
-  await startPair(variant, dir, start, ours, theirs);
+  await startPair(variant, start, ours, theirs);
 
   // QEMU: one qemu-io process per stretch of I/O commands, qemu-img snapshot between stretches.
   let batch: string[] = [];
