@@ -1,4 +1,4 @@
-import { close, fdatasync, fstat, ftruncate, open, read, write } from 'node:fs';
+import { close, fdatasync, fstat, ftruncate, open, read, readSync, write } from 'node:fs';
 import type { ByteStore } from '../qcow2/store.js';
 import { ReadOnlyError, StoreError } from '../qcow2/errors.js';
 
@@ -44,6 +44,17 @@ export class FileStore implements ByteStore {
     // One request in the common case; a short read before the end of the file (legal: signals, huge requests)
     // asks for the rest.
     return readAt(this.fd, into, 0, into.length, offset).then((done) => (done === into.length || done === 0 ? done : this.readRest(offset, into, done)));
+  }
+
+  readIntoSync(offset: number, into: Uint8Array): number {
+    let done = 0;
+    // Same rule as readAt: a position past 2^53 is past the end of any file.
+    while (done < into.length && Number.isSafeInteger(offset + done) && offset >= 0) {
+      const more = readSync(this.fd, into, done, into.length - done, offset + done);
+      if (more === 0) break;
+      done += more;
+    }
+    return done;
   }
 
   private async readRest(offset: number, into: Uint8Array, done: number): Promise<number> {

@@ -21,7 +21,10 @@ import { getRefcount } from './refcount.js';
 import { CorruptImageError } from './errors.js';
 import { hex, isZero, u64 } from './bytes.js';
 
-/** One `qemu-img map --output=json` entry, plus the file holding `offset` (for the human format). */
+/**
+ * One `qemu-img map --output=json` entry, plus the file holding `offset`: its name (for the human format) and
+ * the store itself, so a caller can read the data where it lies (convert's copy plan).
+ */
 export interface MapEntry {
   start: number;
   length: number;
@@ -31,6 +34,7 @@ export interface MapEntry {
   data: boolean;
   offset?: number;
   file?: string;
+  store?: ByteStore;
 }
 
 /** Reports whether [offset, offset+length) of a file starts with a hole, and how long that run is. */
@@ -178,7 +182,7 @@ async function chainStatus(context: StatusContext, top: BlockDevice, offset: num
         present: status.allocated,
         zero,
         data: status.data,
-        ...(status.hostOffset !== undefined ? { offset: status.hostOffset, file: status.file?.name } : {}),
+        ...(status.hostOffset !== undefined ? { offset: status.hostOffset, file: status.file?.name, store: status.file } : {}),
       };
     }
     // The backing layer is asked about the same range, clipped to its size.

@@ -28,6 +28,12 @@ export interface ByteStore {
    * the end of the store). Lets hot paths (convert, guest reads) reuse buffers and skip a copy.
    */
   readInto?(offset: number, into: Uint8Array): Promise<number>;
+  /**
+   * Optional: readInto without waiting, for stores that can answer on the spot (a local file). The engine never
+   * calls it (it must not block a browser's thread); a caller that owns its thread, like the CLI's convert, can
+   * copy planned ranges (block status gives the store and offset) with it, skipping a round trip per request.
+   */
+  readIntoSync?(offset: number, into: Uint8Array): number;
   /** Writes all of `data` at `offset`, growing the store when needed (the gap reads as zeros). */
   write(offset: number, data: Uint8Array): Promise<void>;
   /** Sets the size; growing fills with zeros. */

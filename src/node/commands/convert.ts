@@ -7,9 +7,10 @@
  * Output formats are targets (ConvertTarget): qcow2 output is a second target behind the same copy loop.
  */
 import { parseArgs } from 'node:util';
-import { close, ftruncate, open } from 'node:fs';
+import { close, ftruncate, open, writeSync } from 'node:fs';
 import { writeAll } from '../../io/file.js';
 import type { BlockDevice } from '../../qcow2/device.js';
+import type { ByteStore } from '../../qcow2/store.js';
 import { Qcow2Image } from '../../qcow2/image.js';
 import { QcowV1Image } from '../../qcow2/qcow1.js';
 import { RawImage } from '../../qcow2/raw.js';
@@ -43,6 +44,8 @@ const STATUS_LIMIT = 2 ** 30;
 /** Where converted bytes go. The target starts out reading as zeros over `size` bytes. */
 export interface ConvertTarget {
   write(offset: number, data: Uint8Array): Promise<void>;
+  /** Optional: the same write, done before returning (a local file). */
+  writeSync?(offset: number, data: Uint8Array): void;
   /** Called once, after every write completed. */
   finish(): Promise<void>;
   /** Called on failure instead of finish. */
@@ -128,21 +131,37 @@ async function snapshotOf(image: BlockDevice, idOrName: string): Promise<BlockDe
 }
 
 /**
- * Copies every non-zero block of `source` into `target` as a pipeline: up to BUFFERS chunks are being read (and
- * decompressed) ahead while the oldest are written, at most WRITES at a time, going through the disk in order
- * as qemu-img's writes do (each chunk's write waits for the one WRITES chunks back; chunks never overlap).
- * The buffers are allocated once and reused, so memory stays bounded (BUFFERS * CHUNK) and is page-faulted in
- * only once.
+ * Copies every non-zero block of `source` into `target`. Ranges whose bytes lie uncompressed in a local file
+ * (block status names the file and offset, and the file store can read synchronously) are copied on the spot
+ * with blocking reads and writes: this process has nothing else to do, and a blocking pread/pwrite pair costs a
+ * fraction of a threadpool round trip each way (256 MiB bench: a 45 ms copy instead of 125 ms). Everything else
+ * (compressed clusters, snapshot views, stores that cannot block) goes through the engine as a pipeline: up to
+ * BUFFERS chunks are being read (and decompressed) ahead while the oldest are written, at most WRITES at a time,
+ * in disk order as qemu-img's writes are (each chunk's write waits for the one WRITES chunks back; chunks never
+ * overlap). Buffers are allocated once and reused, so memory stays bounded and is page-faulted in only once.
  */
 export async function copyDevice(source: BlockDevice, target: ConvertTarget, progress?: (fraction: number) => void): Promise<void> {
   const size = source.virtualSize;
   const spare: Uint8Array[] = [];
+  let direct: Uint8Array | undefined;
   /** One entry per chunk read or being written, oldest first; each settles when its buffer is free again. */
   const busy: Promise<void>[] = [];
   let done = 0;
   try {
-    for await (const { offset, length, copy } of dataRangesOf(source)) {
+    for await (const { offset, length, copy, from } of dataRangesOf(source)) {
       if (!copy) {
+        done += length;
+        progress?.(done / size);
+        continue;
+      }
+      if (from?.store.readIntoSync && target.writeSync) {
+        direct ??= new Uint8Array(CHUNK);
+        const data = direct.subarray(0, length);
+        const got = from.store.readIntoSync(from.offset, data);
+        // Data clusters past the end of their file read as zeros, as in the engine's reads.
+        if (got < length) data.fill(0, got);
+        const runs = nonZeroRuns(offset, data);
+        for (let i = 0; i < runs.length; i += 2) target.writeSync(offset + runs[i]!, data.subarray(runs[i]!, runs[i + 1]!));
         done += length;
         progress?.(done / size);
         continue;
@@ -171,11 +190,19 @@ export async function copyDevice(source: BlockDevice, target: ConvertTarget, pro
   }
 }
 
+/** A chunk of the disk: whether it must be read (`copy`), and where its bytes lie when block status knows. */
+interface CopyRange {
+  offset: number;
+  length: number;
+  copy: boolean;
+  from?: { store: ByteStore; offset: number };
+}
+
 /**
  * The disk cut into chunks of at most CHUNK bytes, each marked whether it must be read (`copy`) or is known to
  * read as zeros. Pulled as the copy goes, so block status is only asked as far as the copy got.
  */
-async function* dataRangesOf(source: BlockDevice): AsyncGenerator<{ offset: number; length: number; copy: boolean }> {
+async function* dataRangesOf(source: BlockDevice): AsyncGenerator<CopyRange> {
   const size = source.virtualSize;
   // Snapshot views and foreign devices have no block status: everything is read (zero blocks still skipped).
   const hasStatus = source instanceof Qcow2Image || source instanceof QcowV1Image || source instanceof RawImage;
@@ -183,7 +210,9 @@ async function* dataRangesOf(source: BlockDevice): AsyncGenerator<{ offset: numb
   const options = { holeProbe: noHoles };
   let at = 0;
   while (at < size) {
-    const status = hasStatus ? await blockStatus(source, at, Math.min(STATUS_LIMIT, size - at), options) : { length: size - at, zero: false };
+    const status: { length: number; zero: boolean; data?: boolean; offset?: number; store?: ByteStore } = hasStatus
+      ? await blockStatus(source, at, Math.min(STATUS_LIMIT, size - at), options)
+      : { length: size - at, zero: false };
     const end = at + status.length;
     if (status.zero) {
       yield { offset: at, length: status.length, copy: false };
@@ -191,7 +220,8 @@ async function* dataRangesOf(source: BlockDevice): AsyncGenerator<{ offset: numb
       // Chunks aligned to CHUNK keep reads on cluster boundaries.
       for (let chunk = at; chunk < end; ) {
         const chunkEnd = Math.min(end, (Math.floor(chunk / CHUNK) + 1) * CHUNK);
-        yield { offset: chunk, length: chunkEnd - chunk, copy: true };
+        const where = status.data && status.store && status.offset !== undefined ? { store: status.store, offset: status.offset + (chunk - at) } : undefined;
+        yield { offset: chunk, length: chunkEnd - chunk, copy: true, ...(where ? { from: where } : {}) };
         chunk = chunkEnd;
       }
     }
@@ -273,6 +303,10 @@ export class RawTarget implements ConvertTarget {
 
   write(offset: number, data: Uint8Array): Promise<void> {
     return writeAll(this.fd, data, offset);
+  }
+
+  writeSync(offset: number, data: Uint8Array): void {
+    for (let done = 0; done < data.length; ) done += writeSync(this.fd, data, done, data.length - done, offset + done);
   }
 
   async finish(): Promise<void> {
