@@ -104,9 +104,9 @@ async function open(request: OpenRequest): Promise<OpenResult> {
     if (!releaseLock) throw new ProblemError('locked', 'This disk is open in another tab. Only one tab at a time may write to it.');
   }
   let base: BaseHandle | undefined;
+  let overlayStore: OpfsStore | MemoryStore | undefined;
   try {
     base = await openBase(request.base);
-    let overlayStore: OpfsStore | MemoryStore;
     let created = false;
     let snapshot: BlobStore | undefined;
     if (request.mode === 'readonly') {
@@ -131,7 +131,9 @@ async function open(request: OpenRequest): Promise<OpenResult> {
     return { virtualSize: device.virtualSize, overlay: overlayName, mode: request.mode, created, map: map.snapshot() };
   } catch (error) {
     releaseLock?.();
-    // The base's store holds its OPFS block file exclusively: a failed open must let the next one have it.
+    // The base's block file and the overlay are held through exclusive OPFS sync handles: a failed open (a
+    // changed base refused, a damaged overlay) must let the next open, or another tab, have them.
+    await overlayStore?.close().catch(() => {});
     await base?.store.close().catch(() => {});
     throw error;
   }
@@ -223,6 +225,27 @@ async function exportOverlay(): Promise<Uint8Array> {
   await flush();
   const size = await s.overlayStore.size();
   return s.overlayStore.read(0, size);
+}
+
+/** The stored overlay's bytes, read without opening it as an image (it may be one that cannot be opened). */
+async function exportStored(name: string): Promise<Uint8Array> {
+  const dir = await opfsDirectory();
+  if (!(await opfsExists(dir, name))) throw new ProblemError('other', `There is no stored disk named ${name}.`);
+  const file = await (await dir.getFileHandle(name)).getFile();
+  return new Uint8Array(await file.arrayBuffer());
+}
+
+/** Deletes a stored overlay that is not open here, once no other tab is writing it. */
+async function discardStored(name: string): Promise<void> {
+  if (session?.overlayName === name) throw new ProblemError('other', 'This disk is open: use Reset to start it over.');
+  const release = await tryLock(`qcow86-disk:${name}`);
+  if (!release) throw new ProblemError('locked', 'This disk is open in another tab. Only one tab at a time may write to it.');
+  try {
+    const dir = await opfsDirectory();
+    if (await opfsExists(dir, name)) await dir.removeEntry(name);
+  } finally {
+    release();
+  }
 }
 
 async function importOverlay(file: Blob): Promise<void> {
@@ -348,6 +371,12 @@ function handle({ id, request }: { id: number; request: Request }, endpoint: End
       return;
     case 'reset':
       serial(reset).then(() => reply(session?.map.snapshot()), fail);
+      return;
+    case 'export-stored':
+      serial(() => exportStored(request.overlay)).then((bytes) => reply(bytes, [bytes.buffer as ArrayBuffer]), fail);
+      return;
+    case 'discard-stored':
+      serial(() => discardStored(request.overlay)).then(() => reply(undefined), fail);
       return;
     case 'sessions':
       serial(async () => sessionsOf(need().device)).then((list) => reply(list), fail);

@@ -114,6 +114,7 @@ async function start(): Promise<void> {
     const problem = error instanceof DiskProblem ? error : new DiskProblem('other', (error as Error).message);
     showProblem(problem.kind, problem.message);
     setPhase('Could not open the disk', 'error');
+    if (problem.kind === 'base-changed' && mode === 'write') await offerWayOutOfChangedBase();
     return;
   }
   if (!opened) return;
@@ -177,6 +178,34 @@ async function start(): Promise<void> {
 }
 
 /**
+ * The stored disk was made on another version of the base, so it was not opened (and the page's buttons, which
+ * work on an open disk, stay off): the user may still download it, then start over on the new base.
+ */
+async function offerWayOutOfChangedBase(): Promise<void> {
+  for (;;) {
+    const choice = await ask(
+      'The base image has changed',
+      'This disk was made on an earlier version of the base image, so its changes no longer fit and it was not opened. ' +
+        'You can download it (qemu-img reads it together with the old base), then reset it to start over on the new base.',
+      [
+        { label: 'Leave it', value: 'leave' },
+        { label: 'Download overlay', value: 'download', kind: 'primary' },
+        { label: 'Reset disk', value: 'reset', kind: 'danger' },
+      ],
+    );
+    if (choice === 'download') {
+      saveOverlay(await disk.exportStored(overlayName));
+      continue;
+    }
+    if (choice !== 'reset') return;
+    await disk.discardStored(overlayName);
+    clearProblem('base-changed');
+    await start();
+    return;
+  }
+}
+
+/**
  * Stops the guest and runs `change`, whose answer says how to go on: 'reboot' (the disk is the same), 'disk-changed'
  * (the disk was replaced underneath: the machine forgets what it read of the old one, then reboots) or 'resume'
  * (nothing changed: the guest carries on where it stopped).
@@ -214,6 +243,11 @@ async function withMachineStopped(label: string, change: () => Promise<'reboot' 
 async function download(): Promise<void> {
   if (started) await machine.flush();
   const { bytes } = await disk.exportOverlay();
+  saveOverlay(bytes);
+}
+
+/** Hands overlay bytes to the browser as a download named after the base. */
+function saveOverlay(bytes: Uint8Array): void {
   const stem = (new URL(baseUrl).pathname.split('/').pop() || 'disk').replace(/\.qcow2$/, '');
   const link = document.createElement('a');
   link.href = URL.createObjectURL(new Blob([bytes as Uint8Array<ArrayBuffer>], { type: 'application/octet-stream' }));

@@ -32,6 +32,11 @@ export type Request =
   | { op: 'import'; file: Blob }
   /** Replaces the overlay with an empty one (the disk goes back to the base). */
   | { op: 'reset' }
+  // A stored overlay that could not be opened (its base changed): kept or thrown away without opening it.
+  /** The stored overlay file's bytes as they are, for a download. */
+  | { op: 'export-stored'; overlay: string }
+  /** Deletes the stored overlay (and its sessions), so the next open starts a new one on the current base. */
+  | { op: 'discard-stored'; overlay: string }
   | { op: 'close' }
   // Sessions (disk-sessions.ts): the page takes and restores v86's state; the Worker keeps it in the overlay.
   | { op: 'sessions' }

@@ -87,6 +87,16 @@ export class RemoteDisk {
     return this.call({ op: 'reset' });
   }
 
+  /** The bytes of a stored overlay that is not open (one whose base changed), for a download. */
+  exportStored(overlay: string): Promise<Uint8Array> {
+    return this.call({ op: 'export-stored', overlay });
+  }
+
+  /** Deletes a stored overlay that is not open, so the next open starts a new one. */
+  discardStored(overlay: string): Promise<void> {
+    return this.call({ op: 'discard-stored', overlay });
+  }
+
   flush(): Promise<void> {
     return this.call({ op: 'flush' });
   }
