@@ -11,7 +11,7 @@ import type { Qcow2Image } from './image.js';
 import type { WriteEngine } from './write-path.js';
 import { UnsupportedError } from './errors.js';
 import { encodeHeader, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, hasExtendedL2 } from './header.js';
-import { readExact } from './store.js';
+import { readSnapshotL1 } from './snapshots.js';
 import { putU64, u32 } from './bytes.js';
 import { rebuildCopiedFlags, replaceSnapshotTable } from './snapshot-ops.js';
 
@@ -63,7 +63,7 @@ function checkDowngrade(image: Qcow2Image): void {
 async function allL2Tables(image: Qcow2Image): Promise<number[]> {
   const l1s = [image.l1Table];
   for (const snapshot of image.snapshots) {
-    if (snapshot.l1Size) l1s.push(await readExact(image.store, snapshot.l1TableOffset, snapshot.l1Size * 8, `L1 table of snapshot ${snapshot.id}`));
+    if (snapshot.l1Size) l1s.push(await readSnapshotL1(image.store, snapshot, image.clusterSize));
   }
   const offsets = new Set<number>();
   for (const l1 of l1s) {

@@ -13,12 +13,15 @@ import { decodeCompressed, isCompressed, isCopied, readL2Entry, standardHostOffs
 import { getRefcount, maxRefcount } from './refcount.js';
 import { AUTOCLEAR_BITMAPS, MAX_L1_BYTES } from './header.js';
 import { readExact, readIntoPadded, type ByteStore } from './store.js';
-import { snapshotTableBytes } from './snapshots.js';
+import { snapshotTableBytes, V3_MIN_SNAPSHOT_EXTRA } from './snapshots.js';
+import { FormatError } from './errors.js';
 import type { Qcow2Image } from './image.js';
 
 const TWO_32 = 2 ** 32;
 const CHUNK = 65536;
 const MAX_MESSAGES = 10000;
+/** The end of the byte range QEMU's block layer accepts a request in (INT64_MAX aligned down to 1 GiB). */
+const MAX_IO_END = 2n ** 63n - 2n ** 30n;
 
 export interface CheckResult {
   checkErrors: number;
@@ -104,10 +107,12 @@ export interface CheckOptions {
 export async function checkImage(image: Qcow2Image, options: CheckOptions = {}): Promise<CheckResult> {
   // What a writer holds in memory is part of the image: check what it would leave on disk.
   if (!image.readOnly) await image.flush();
-  const first = await analyse(image, options.onMessage);
+  const first = await analyse(image, options.onMessage, options.repair);
   if (!options.repair || (first.result.leaks === 0 && first.result.corruptions === 0)) return first.result;
-  const { repairRefcounts } = await import('./repair.js');
+  const { repairRefcounts, repairSnapshotTable } = await import('./repair.js');
   await repairRefcounts(image, first, options.repair);
+  // Like qemu-img, entries are completed once the refcounts can be trusted to allocate the new table.
+  if (options.repair === 'all' && first.incompleteSnapshots) await repairSnapshotTable(image);
   const second = await analyse(image, options.onMessage);
   second.result.leaksFixed = Math.max(0, first.result.leaks - second.result.leaks);
   second.result.corruptionsFixed = Math.max(0, first.result.corruptions - second.result.corruptions);
@@ -124,9 +129,12 @@ export interface Analysis {
   refcountStructure: Set<number>;
   /** Refcount table entries that cannot be used (unaligned, outside the file): repair must rebuild. */
   brokenTable: boolean;
+  /** Version 3 snapshot entries with less than 16 bytes of extra data: repair 'all' rewrites the table. */
+  incompleteSnapshots: number;
 }
 
-export async function analyse(image: Qcow2Image, onMessage?: (line: string) => void): Promise<Analysis> {
+/** `repair` only words the findings as qemu-img does when it is about to fix them. */
+export async function analyse(image: Qcow2Image, onMessage?: (line: string) => void, repair?: RepairMode): Promise<Analysis> {
   const store: ByteStore = image.store;
   const header = image.header;
   const cs = image.clusterSize;
@@ -157,6 +165,17 @@ export async function analyse(image: Qcow2Image, onMessage?: (line: string) => v
     if (messages.length === MAX_MESSAGES) push('(further findings not listed)');
     return messages.length;
   };
+  // The snapshot table comes first, as qemu-img reads it before anything else: version 3 entries must carry
+  // vm_state_size_large and disk_size. (An entry opening refuses, e.g. over 1 KiB of extra data, never gets here.)
+  let incompleteSnapshots = 0;
+  if (header.version >= 3) {
+    image.snapshots.forEach((snapshot, i) => {
+      if (snapshot.storedExtraSize === undefined || snapshot.storedExtraSize >= V3_MIN_SNAPSHOT_EXTRA) return;
+      result.messages.push(`${repair === 'all' ? 'Repairing' : 'ERROR'} snapshot table entry ${i} is incomplete`);
+      result.corruptions++;
+      incompleteSnapshots++;
+    });
+  }
   const external = image.dataStore !== undefined;
   /** qemu-img's qcow2_inc_refcounts_imrt; `exact` spells the region when its offset may be past 2^53. */
   const refRange = (offset: number, length: number, exact?: { offset: bigint; length: bigint }) => {
@@ -281,8 +300,10 @@ export async function analyse(image: Qcow2Image, onMessage?: (line: string) => v
     result.corruptions++;
   }
   for (const snapshot of image.snapshots) {
-    if (snapshot.l1TableOffset % cs !== 0) {
-      result.messages.push(`ERROR snapshot ${snapshot.id} (${snapshot.name}) l1_offset=${hex(snapshot.l1TableOffset)}: L1 table is not cluster aligned; snapshot table entry corrupted`);
+    // The entry as stored: opening does not judge a snapshot's L1 table (QEMU neither), check reports it here.
+    const l1Offset = snapshot.l1TableOffsetExact ?? BigInt(snapshot.l1TableOffset);
+    if (l1Offset % BigInt(cs) !== 0n) {
+      result.messages.push(`ERROR snapshot ${snapshot.id} (${snapshot.name}) l1_offset=${hex(l1Offset)}: L1 table is not cluster aligned; snapshot table entry corrupted`);
       result.corruptions++;
       continue;
     }
@@ -292,10 +313,21 @@ export async function analyse(image: Qcow2Image, onMessage?: (line: string) => v
       continue;
     }
     if (!snapshot.l1Size) continue;
-    refRange(snapshot.l1TableOffset, snapshot.l1Size * 8);
-    // Past the end of the file the table reads as zeros, as in QEMU (opening refuses such tables, so this is rare).
-    const l1 = new Uint8Array(snapshot.l1Size * 8);
-    await readIntoPadded(store, snapshot.l1TableOffset, l1);
+    const l1Bytes = snapshot.l1Size * 8;
+    refRange(Number(l1Offset), l1Bytes, { offset: l1Offset, length: BigInt(l1Bytes) });
+    if (l1Offset + BigInt(l1Bytes) > MAX_IO_END) {
+      // QEMU's block layer refuses such a read outright, and its check stops there without a summary.
+      result.messages.push('ERROR: I/O error in check_refcounts_l1');
+      result.checkErrors++;
+      throw new FormatError(image.name, `Check failed: snapshot ${snapshot.id} (${snapshot.name}): its L1 table (l1_table_offset ${hex(l1Offset)}) lies past what a file can address`, {
+        field: 'snapshot l1_table_offset',
+        ...(snapshot.storedAt === undefined ? {} : { offset: snapshot.storedAt }),
+        value: l1Offset,
+      });
+    }
+    // Past the end of the file the table reads as zeros, as in QEMU.
+    const l1 = new Uint8Array(l1Bytes);
+    if (snapshot.l1TableOffsetExact === undefined) await readIntoPadded(store, snapshot.l1TableOffset, l1);
     await walkL1(l1, false);
   }
   if (header.nbSnapshots) refRange(header.snapshotsOffset, snapshotTableBytes(image.snapshots));
@@ -398,7 +430,7 @@ export async function analyse(image: Qcow2Image, onMessage?: (line: string) => v
     }
   }
   result.imageEndOffset = (highest + 1) * cs;
-  return { result, references: refs, stored: (c) => storedValues.get(c) ?? refs.get(c), refcountStructure, brokenTable };
+  return { result, references: refs, stored: (c) => storedValues.get(c) ?? refs.get(c), refcountStructure, brokenTable, incompleteSnapshots };
 }
 
 type ClusterType = 'compressed' | 'zero-plain' | 'zero-alloc' | 'unallocated' | 'normal';

@@ -20,7 +20,7 @@ import {
 } from './header.js';
 import { L2Cache } from './l2-cache.js';
 import { SUBCLUSTERS, classify, decodeL1Entry, makeGeometry, pushExtent, readL2Entry, type Extent, type Geometry } from './mapping.js';
-import { readSnapshotTable, findSnapshot, type Snapshot } from './snapshots.js';
+import { readSnapshotTable, readSnapshotL1, findSnapshot, type Snapshot } from './snapshots.js';
 import { decompressCluster, type Codecs, type CompressionType } from './compression.js';
 import { checkRange } from './raw.js';
 import type { WriteEngine, ZeroOptions } from './write-path.js';
@@ -119,7 +119,7 @@ export class Qcow2Image implements BlockDevice {
     const cluster0 = clusterSize <= start.length ? start : await store.read(0, Math.min(clusterSize, fileSize));
     const header = parseHeader(store.name, cluster0, fileSize);
     const l1Table = header.l1Size ? await readExact(store, header.l1TableOffset, header.l1Size * 8, 'L1 table') : new Uint8Array(0);
-    const snapshots = await readSnapshotTable(store, header.snapshotsOffset, header.nbSnapshots, clusterSize, fileSize, header.size);
+    const snapshots = await readSnapshotTable(store, header.snapshotsOffset, header.nbSnapshots, header.size);
     return { header, l1Table, snapshots, fileSize };
   }
 
@@ -149,7 +149,7 @@ export class Qcow2Image implements BlockDevice {
   async openSnapshot(idOrName: string): Promise<BlockDevice> {
     const snapshot = findSnapshot(this.snapshots, idOrName);
     if (!snapshot) throw new FormatError(this.name, `no snapshot with ID or name '${idOrName}'`, { field: 'snapshot', value: idOrName });
-    const l1 = snapshot.l1Size ? await readExact(this.store, snapshot.l1TableOffset, snapshot.l1Size * 8, `L1 table of snapshot ${snapshot.id}`) : new Uint8Array(0);
+    const l1 = await readSnapshotL1(this.store, snapshot, this.clusterSize);
     return new SnapshotView(this, snapshot, l1);
   }
 
@@ -161,7 +161,7 @@ export class Qcow2Image implements BlockDevice {
   async loadSnapshotTemporarily(idOrName: string): Promise<Qcow2Image> {
     const snapshot = findSnapshot(this.snapshots, idOrName);
     if (!snapshot) throw new FormatError(this.name, `Failed to load snapshot: Can't find snapshot '${idOrName}'`, { field: 'snapshot', value: idOrName });
-    const l1 = snapshot.l1Size ? await readExact(this.store, snapshot.l1TableOffset, snapshot.l1Size * 8, `L1 table of snapshot ${snapshot.id}`) : new Uint8Array(0);
+    const l1 = await readSnapshotL1(this.store, snapshot, this.clusterSize, 'Failed to load snapshot: ');
     const view = Object.create(this) as Qcow2Image;
     const refuse = async (): Promise<never> => {
       throw new FormatError(this.name, `snapshot '${idOrName}' is loaded read-only`, { field: 'snapshot', value: idOrName });

@@ -7,7 +7,7 @@ import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES } from './header.j
 import { Refcounts, maxRefcount, setRefcount } from './refcount.js';
 import { FormatError } from './errors.js';
 import { analyse, type Analysis, type RepairMode } from './check.js';
-import { rebuildCopiedFlags } from './snapshot-ops.js';
+import { rebuildCopiedFlags, replaceSnapshotTable } from './snapshot-ops.js';
 import type { Qcow2Image } from './image.js';
 
 export async function repairRefcounts(image: Qcow2Image, analysis: Analysis, mode: RepairMode): Promise<void> {
@@ -44,6 +44,12 @@ export async function repairRefcounts(image: Qcow2Image, analysis: Analysis, mod
       }
     }
   });
+}
+
+/** Rewrites the snapshot table in the current encoding: every entry gets its full extra data (qemu-img check -r all). */
+export async function repairSnapshotTable(image: Qcow2Image): Promise<void> {
+  const engine = await image.writer();
+  await engine.exclusive(() => replaceSnapshotTable(engine, [...image.snapshots]));
 }
 
 /**

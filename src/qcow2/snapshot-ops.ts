@@ -11,8 +11,7 @@ import { FormatError } from './errors.js';
 import { hex, putU32, u32 } from './bytes.js';
 import { requiredL1Size } from './header.js';
 import { decodeCompressed, isCompressed, isCopied, readL2Entry, standardHostOffset } from './mapping.js';
-import { encodeSnapshotTable, findSnapshot, snapshotTableBytes, type Snapshot } from './snapshots.js';
-import { readExact } from './store.js';
+import { encodeSnapshotTable, findSnapshot, readSnapshotL1, snapshotTableBytes, type Snapshot } from './snapshots.js';
 import { growL1 } from './l1-table.js';
 import type { WriteEngine } from './write-path.js';
 import type { Qcow2Image } from './image.js';
@@ -133,7 +132,11 @@ export async function replaceSnapshotTable(engine: WriteEngine, snapshots: Snaps
   await engine.store.flush();
   image.snapshots.splice(0, image.snapshots.length, ...snapshots);
   // The table on disk is now in our encoding, whatever older extra-data sizes it had.
-  for (const snapshot of image.snapshots) snapshot.storedSize = undefined;
+  for (const snapshot of image.snapshots) {
+    snapshot.storedSize = undefined;
+    snapshot.storedExtraSize = undefined;
+    snapshot.storedAt = undefined;
+  }
   if (oldBytes > 0) {
     for (let c = oldOffset / cs; c < oldOffset / cs + Math.ceil(oldBytes / cs); c++) await engine.refcounts.change(c, -1);
   }
@@ -207,7 +210,7 @@ export async function createSnapshot(engine: WriteEngine, name: string, options:
 }
 
 async function readL1(image: Qcow2Image, snapshot: Snapshot): Promise<Uint8Array> {
-  return snapshot.l1Size ? readExact(image.store, snapshot.l1TableOffset, snapshot.l1Size * 8, `L1 table of snapshot ${snapshot.id}`) : new Uint8Array(0);
+  return readSnapshotL1(image.store, snapshot, image.clusterSize);
 }
 
 function find(image: Qcow2Image, idOrName: string): Snapshot {

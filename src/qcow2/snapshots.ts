@@ -2,16 +2,21 @@
  * The internal snapshot table: decoding (bounded, every field checked) and encoding.
  */
 import { FormatError } from './errors.js';
-import { decodeText, encodeText, hex, putU16, putU32, putU64, u16, u32, u64 } from './bytes.js';
+import { decodeText, encodeText, hex, putU16, putU32, putU64, u16, u32, u64, u64big } from './bytes.js';
 import { MAX_L1_BYTES } from './header.js';
 import { readExact, type ByteStore } from './store.js';
 
 /** QEMU refuses snapshot tables over 64 MiB and extra data over 1 KiB per entry. */
 export const MAX_SNAPSHOT_TABLE_BYTES = 64 * 1024 * 1024;
 export const MAX_SNAPSHOT_EXTRA = 1024;
+/** Version 3 entries must carry vm_state_size_large and disk_size: at least this much extra data. */
+export const V3_MIN_SNAPSHOT_EXTRA = 16;
 
 export interface Snapshot {
+  /** As stored: not validated on open (QEMU checks a snapshot's L1 only when the snapshot is used); see snapshotL1Problem. */
   l1TableOffset: number;
+  /** l1_table_offset exactly as stored, when a number cannot hold it (2^53 and above: always damage). */
+  l1TableOffsetExact?: bigint;
   l1Size: number;
   id: string;
   name: string;
@@ -27,45 +32,53 @@ export interface Snapshot {
   extraUnknown: Uint8Array;
   /** Bytes the entry occupies in the table as read (older QEMUs wrote less extra data); undefined for new entries. */
   storedSize?: number;
+  /** extra_data_size as read (check reports version 3 entries with less than 16 bytes); undefined for new entries. */
+  storedExtraSize?: number;
+  /** Where the entry starts in the file, as read (error messages name it). */
+  storedAt?: number;
 }
 
-export async function readSnapshotTable(
-  store: ByteStore,
-  offset: number,
-  count: number,
-  clusterSize: number,
-  fileSize: number,
-  currentDiskSize: number,
-): Promise<Snapshot[]> {
+/**
+ * Reads the table as QEMU opens it: an entry with more than 1 KiB of extra data or a table over 64 MiB is refused
+ * (QEMU's "Too much extra metadata" and "Snapshot table is too big"), and so is a table reaching past the end of
+ * the file (QEMU would read zeros there: like the header-level tables, the table itself must lie in the file).
+ * A snapshot's own L1 table is not judged here: QEMU opens such an image and refuses only to use that snapshot.
+ */
+export async function readSnapshotTable(store: ByteStore, offset: number, count: number, currentDiskSize: number): Promise<Snapshot[]> {
   const file = store.name;
   const snapshots: Snapshot[] = [];
   let at = offset;
   for (let i = 0; i < count; i++) {
-    if (at - offset + 40 > MAX_SNAPSHOT_TABLE_BYTES) {
-      throw new FormatError(file, `snapshot table exceeds QEMU's limit of 64 MiB (at snapshot ${i})`, { field: 'snapshots', offset: at });
-    }
     const fixed = await readExact(store, at, 40, `snapshot table entry ${i}`);
     const l1TableOffset = u64(fixed, 0);
-    const l1Size = u32(fixed, 8);
     const idSize = u16(fixed, 12);
     const nameSize = u16(fixed, 14);
     const extraSize = u32(fixed, 36);
     if (extraSize > MAX_SNAPSHOT_EXTRA) {
-      throw new FormatError(file, `snapshot ${i}: extra_data_size ${extraSize} at offset ${hex(at + 36)} exceeds ${MAX_SNAPSHOT_EXTRA}`, { field: 'extra_data_size', offset: at + 36, value: extraSize });
+      throw new FormatError(file, `Too much extra metadata in snapshot table entry ${i}: extra_data_size ${extraSize} at offset ${hex(at + 36)} exceeds ${MAX_SNAPSHOT_EXTRA}`, {
+        field: 'extra_data_size',
+        offset: at + 36,
+        value: extraSize,
+      });
+    }
+    const end = at + 40 + extraSize + idSize + nameSize;
+    // QEMU judges the length once the entry is read: its unpadded end, counted from the table's start.
+    if (end - offset > MAX_SNAPSHOT_TABLE_BYTES) {
+      throw new FormatError(file, `Snapshot table is too big: entry ${i} ends ${end - offset} bytes past snapshots_offset (limit ${MAX_SNAPSHOT_TABLE_BYTES})`, {
+        field: 'snapshots',
+        offset: at,
+        value: end - offset,
+      });
     }
     const variable = await readExact(store, at + 40, extraSize + idSize + nameSize, `snapshot table entry ${i}`);
     const extra = variable.subarray(0, extraSize);
-    if (l1Size > MAX_L1_BYTES / 8) {
-      throw new FormatError(file, `snapshot ${i}: l1_size ${l1Size} at offset ${hex(at + 8)} exceeds QEMU's limit of ${MAX_L1_BYTES / 8}`, { field: 'snapshot l1_size', offset: at + 8, value: l1Size });
-    }
-    if (l1TableOffset % clusterSize !== 0 || l1TableOffset + l1Size * 8 > fileSize) {
-      throw new FormatError(file, `snapshot ${i}: L1 table offset ${hex(l1TableOffset)} at ${hex(at)} is unaligned or outside the file`, { field: 'snapshot l1_table_offset', offset: at, value: l1TableOffset });
-    }
+    const exact = u64big(fixed, 0);
     snapshots.push({
       l1TableOffset,
-      l1Size,
-      id: decodeText(variable.subarray(extraSize, extraSize + idSize)),
-      name: decodeText(variable.subarray(extraSize + idSize)),
+      ...(exact > BigInt(Number.MAX_SAFE_INTEGER) ? { l1TableOffsetExact: exact } : {}),
+      l1Size: u32(fixed, 8),
+      id: cString(variable.subarray(extraSize, extraSize + idSize)),
+      name: cString(variable.subarray(extraSize + idSize)),
       dateSec: u32(fixed, 16),
       dateNsec: u32(fixed, 20),
       vmClockNsec: u64(fixed, 24),
@@ -75,10 +88,52 @@ export async function readSnapshotTable(
       icount: extraSize >= 24 && u32(extra, 16) !== 0xffffffff ? u64(extra, 16) : undefined,
       extraUnknown: extra.slice(Math.min(extraSize, 24)),
       storedSize: Math.ceil((40 + extraSize + idSize + nameSize) / 8) * 8,
+      storedExtraSize: extraSize,
+      storedAt: at,
     });
     at += Math.ceil((40 + extraSize + idSize + nameSize) / 8) * 8;
   }
   return snapshots;
+}
+
+/** IDs and names are C strings to QEMU: a NUL ends them (it compares, prints and rewrites them so). */
+function cString(bytes: Uint8Array): string {
+  const nul = bytes.indexOf(0);
+  return decodeText(nul < 0 ? bytes : bytes.subarray(0, nul));
+}
+
+/**
+ * Why a snapshot's L1 table cannot be used, or undefined when it can. QEMU's rules (qcow2_validate_table on use:
+ * at most 32 MiB of entries, cluster aligned), plus ours for every table: it lies inside the file.
+ */
+export function snapshotL1Problem(snapshot: Snapshot, clusterSize: number, fileSize: number): { field: string; message: string; value: number | bigint } | undefined {
+  const which = `snapshot ${snapshot.id} (${snapshot.name})`;
+  const offset = snapshot.l1TableOffsetExact ?? BigInt(snapshot.l1TableOffset);
+  if (snapshot.l1Size > MAX_L1_BYTES / 8) {
+    return { field: 'l1_size', value: snapshot.l1Size, message: `${which}: l1_size ${hex(snapshot.l1Size)} exceeds QEMU's limit of ${hex(MAX_L1_BYTES / 8)} entries (Snapshot L1 table too large)` };
+  }
+  if (offset % BigInt(clusterSize) !== 0n || offset + BigInt(snapshot.l1Size * 8) > 2n ** 63n - 1n) {
+    const why = offset % BigInt(clusterSize) !== 0n ? 'is not cluster aligned' : 'is past what a file can address';
+    return { field: 'l1_table_offset', value: offset, message: `${which}: l1_table_offset ${hex(offset)} ${why} (Snapshot L1 table offset invalid)` };
+  }
+  if (offset + BigInt(snapshot.l1Size * 8) > BigInt(fileSize)) {
+    return { field: 'l1_table_offset', value: offset, message: `${which}: L1 table (${snapshot.l1Size * 8} bytes at l1_table_offset ${hex(offset)}) lies outside the file (${fileSize} bytes)` };
+  }
+  return undefined;
+}
+
+/** A snapshot's L1 table, read after the checks QEMU makes before using a snapshot; a FormatError names the field. */
+export async function readSnapshotL1(store: ByteStore, snapshot: Snapshot, clusterSize: number, context = ''): Promise<Uint8Array> {
+  const problem = snapshotL1Problem(snapshot, clusterSize, await store.size());
+  if (problem) {
+    const fieldOffset = snapshot.storedAt === undefined ? undefined : snapshot.storedAt + (problem.field === 'l1_size' ? 8 : 0);
+    throw new FormatError(store.name, `${context}${problem.message}${fieldOffset === undefined ? '' : ` (entry field at offset ${hex(fieldOffset)})`}`, {
+      field: `snapshot ${problem.field}`,
+      ...(fieldOffset === undefined ? {} : { offset: fieldOffset }),
+      value: problem.value,
+    });
+  }
+  return snapshot.l1Size ? readExact(store, snapshot.l1TableOffset, snapshot.l1Size * 8, `L1 table of snapshot ${snapshot.id}`) : new Uint8Array(0);
 }
 
 /** Encodes the table as QEMU 7.2 does: 24 bytes of extra data (icount -1 when unknown), entries padded to 8. */

@@ -15,7 +15,7 @@ import type { ByteStore } from './store.js';
 import { CorruptImageError, FormatError, ReadOnlyError } from './errors.js';
 import { hex, putU32, putU64, u32 } from './bytes.js';
 import { SUBCLUSTERS, decodeCompressed, isCompressed, isCopied, readL2Entry, standardHostOffset, type L2Entry } from './mapping.js';
-import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, AUTOCLEAR_BITMAPS, KNOWN_AUTOCLEAR, encodeHeader } from './header.js';
+import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, AUTOCLEAR_BITMAPS, KNOWN_AUTOCLEAR, encodeHeader, MAX_L1_BYTES } from './header.js';
 import { Refcounts } from './refcount.js';
 import { referenceBitmaps, type CheckResult } from './check.js';
 import { MetadataMap } from './overlap.js';
@@ -104,7 +104,8 @@ export class WriteEngine {
     m.addRange(h.refcountTableOffset, h.refcountTableClusters * this.clusterSize, 'refcount table');
     for (const offset of this.refcounts.blockOffsets()) m.addRange(offset, this.clusterSize, 'refcount block');
     if (h.nbSnapshots) m.addRange(h.snapshotsOffset, snapshotTableBytes(this.image.snapshots), 'snapshot table');
-    for (const s of this.image.snapshots) m.addRange(s.l1TableOffset, s.l1Size * 8, 'inactive L1 table');
+    // A damaged entry (oversized, or past 2^53) guards nothing real; QEMU refuses to use such a snapshot anyway.
+    for (const s of this.image.snapshots) if (s.l1Size <= MAX_L1_BYTES / 8 && s.l1TableOffsetExact === undefined) m.addRange(s.l1TableOffset, s.l1Size * 8, 'inactive L1 table');
     if (h.bitmaps) m.addRange(h.bitmaps.directoryOffset, h.bitmaps.directorySize, 'bitmap directory');
     m.addL2Tables(this.image.l1Table);
   }

@@ -30,10 +30,10 @@ const CASE_TIMEOUT_MS = 20_000;
 const INTENDED = {
   headerTable: {
     reason:
-      'a header-level table (L1, refcount table, snapshot table, a snapshot\'s L1) lies outside the file or is misaligned: ' +
+      'a header-level table (active L1, refcount table, the snapshot table or one of its entries) lies outside the file or is misaligned: ' +
       'refused on open with a FormatError naming the field (issue 3: every offset bounds-checked on open; test/qcow2/read-corrupt.test.ts), ' +
-      'where qemu-img reads zeros past the end of the file and goes on',
-    ours: /(l1_table_offset|refcount_table_offset|snapshots_offset) 0x[0-9a-f]+ at offset \d+: |snapshot \d+: L1 table offset|snapshot table/,
+      'where qemu-img reads zeros past the end of the file and goes on. (A snapshot\'s own L1 table is judged only when that snapshot is used, as QEMU does.)',
+    ours: /(l1_table_offset|refcount_table_offset|snapshots_offset) 0x[0-9a-f]+ at offset \d+: |snapshot table/,
   },
   l2PastEof: {
     reason:
@@ -145,7 +145,7 @@ async function makeCases(): Promise<Case[]> {
   return cases;
 }
 
-/** Header-level tables outside the file or misaligned, read straight from the bytes. */
+/** Header-level tables (and snapshot table entries) outside the file or misaligned, read straight from the bytes. */
 function headerTableOutside(bytes: Buffer): boolean {
   const size = BigInt(bytes.length);
   const cs = 2n ** BigInt(bytes.readUInt32BE(20));
@@ -158,7 +158,6 @@ function headerTableOutside(bytes: Buffer): boolean {
   let at = Number(snapshots);
   for (let i = 0; i < nbSnapshots; i++) {
     if (at + 40 > bytes.length) return true;
-    if (bad(bytes.readBigUInt64BE(at), BigInt(bytes.readUInt32BE(at + 8)) * 8n)) return true;
     const length = 40 + bytes.readUInt32BE(at + 36) + bytes.readUInt16BE(at + 12) + bytes.readUInt16BE(at + 14);
     at += Math.ceil(length / 8) * 8;
     if (at > bytes.length) return true;

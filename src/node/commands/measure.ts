@@ -6,6 +6,7 @@
 import { parseArgs } from 'node:util';
 import type { BlockDevice } from '../../qcow2/device.js';
 import { Qcow2Image } from '../../qcow2/image.js';
+import { FormatError } from '../../qcow2/errors.js';
 import { measureQcow2, type Measurement } from '../../qcow2/measure.js';
 import { allocatedSize, openPath, parseFormat } from '../open-image.js';
 import { parseImageSize, parseOptionList, SIZE_ERROR } from '../image-options.js';
@@ -65,7 +66,9 @@ export async function run(args: string[]): Promise<number> {
         if (!(image instanceof Qcow2Image)) return fail(`Failed to load snapshot: ${file}: only qcow2 images have internal snapshots`);
         try {
           source = await image.loadSnapshotTemporarily(values.snapshot);
-        } catch {
+        } catch (error) {
+          // A snapshot that exists but cannot be used (its L1 table damaged) is named with the reason.
+          if (error instanceof FormatError && error.field !== 'snapshot') return fail(error.message);
           return fail("Failed to load snapshot: Can't find snapshot");
         }
       }
