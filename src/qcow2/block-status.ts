@@ -200,8 +200,10 @@ async function layerStatus(context: StatusContext, device: BlockDevice, offset: 
   if (device instanceof Qcow2Image) return qcow2Status(context, device, offset, length);
   if (device instanceof QcowV1Image) return qcowV1Status(device, offset, length);
   if (device instanceof RawImage) {
-    // Past the end of a shorter raw file: QEMU's file driver reports zeros.
-    const { hole, length: run } = await context.probe(device.store, offset, length);
+    // Past the end of the file (the rest of its last sector, or of a shorter raw file): QEMU's file driver
+    // reports zeros, still at their host offset.
+    if (offset >= device.fileSize) return { length, data: false, zero: true, allocated: true, hostOffset: offset, file: device.store };
+    const { hole, length: run } = await context.probe(device.store, offset, Math.min(length, device.fileSize - offset));
     return { length: Math.min(run, length), data: !hole, zero: hole, allocated: true, hostOffset: offset, file: device.store };
   }
   // Anything else (a snapshot view, a foreign device): all data, no offset.

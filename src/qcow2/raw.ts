@@ -2,14 +2,26 @@ import type { BlockDevice } from './device.js';
 import { readIntoPadded, type ByteStore } from './store.js';
 import { FormatError, ReadOnlyError } from './errors.js';
 
+/** QEMU's block layer keeps a device's length in whole 512-byte sectors. */
+const SECTOR = 512;
+
 /**
  * A raw image: guest offset == file offset. Like QEMU, bytes past the end of a shorter file read as zeros,
- * which is what a backing file shorter than its overlay needs.
+ * which is what a backing file shorter than its overlay needs. The disk is the file rounded up to whole
+ * 512-byte sectors, as QEMU sees it (a 1000-byte file is a 1024-byte disk whose last 24 bytes read as zeros).
  */
 export class RawImage implements BlockDevice {
   readonly format = 'raw' as const;
+  readonly virtualSize: number;
 
-  private constructor(readonly store: ByteStore, readonly virtualSize: number, readonly readOnly: boolean) {}
+  private constructor(
+    readonly store: ByteStore,
+    /** The file's length: bytes from here to the end of the disk are past the end of the file. */
+    public fileSize: number,
+    readonly readOnly: boolean,
+  ) {
+    this.virtualSize = Math.ceil(fileSize / SECTOR) * SECTOR;
+  }
 
   get name(): string {
     return this.store.name;
@@ -37,6 +49,7 @@ export class RawImage implements BlockDevice {
     if (this.readOnly) throw new ReadOnlyError(this.name, 'image is open read-only');
     checkRange(this, offset, data.length);
     await this.store.write(offset, data);
+    this.fileSize = Math.max(this.fileSize, offset + data.length);
   }
 
   async flush(): Promise<void> {
