@@ -5,6 +5,7 @@
  */
 import { execFile, execFileSync } from 'node:child_process';
 import { promisify } from 'node:util';
+import { createHash } from 'node:crypto';
 import { copyFileSync, mkdtempSync, rmSync, utimesSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -173,6 +174,29 @@ test('a base whose ETag changed on the server is refused with a readable message
     await expect(page.getByTestId('phase')).not.toContainText(/could not open|changed/i);
   } finally {
     copy.remove();
+  }
+});
+
+test('the base blocks kept in the browser stay for the four most recently used bases only', async ({ page, server }) => {
+  const bases = Array.from({ length: 5 }, (_, i) => copyBase(server, `e2e-kept-${i}-${Date.now().toString(36)}.qcow2`));
+  try {
+    // Visits 0 1 2 3 0 4: base 1 is then the least recently used.
+    for (const base of [...bases.slice(0, 4), bases[0]!, bases[4]!]) {
+      await page.goto(`${server.url}?base=${base.path}`);
+      await expect(page.getByTestId('overlay-name')).toContainText('browser storage');
+      await expect(page.getByTestId('base-fetched')).not.toHaveText('–');
+    }
+    const kept = await page.evaluate(async () => {
+      const dir = await (await navigator.storage.getDirectory()).getDirectoryHandle('qcow86-base-blocks');
+      const names: string[] = [];
+      for await (const name of (dir as unknown as { keys(): AsyncIterable<string> }).keys()) names.push(name);
+      return names.sort();
+    });
+    // One file per base URL, named by the first 16 bytes of the URL's SHA-256 (src/io/opfs.ts).
+    const fileOf = (base: { path: string }) => `${createHash('sha256').update(new URL(base.path, server.url).href).digest('hex').slice(0, 32)}.blocks`;
+    expect(kept).toEqual([0, 2, 3, 4].map((i) => fileOf(bases[i]!)).sort());
+  } finally {
+    for (const base of bases) base.remove();
   }
 });
 

@@ -10,7 +10,7 @@
  */
 import type { ByteStore } from '../qcow2/store.js';
 import { LockError, ReadOnlyError, StoreError } from '../qcow2/errors.js';
-import { PersistentBlocks, type SyncFile } from './persistent-blocks.js';
+import { HEADER_BYTES, PersistentBlocks, lastUsedOf, type SyncFile } from './persistent-blocks.js';
 
 /** The subset of FileSystemSyncAccessHandle we use (its DOM typings are only in the webworker library). */
 type SyncHandle = SyncFile;
@@ -196,11 +196,15 @@ export class BlobStore implements ByteStore {
   async close(): Promise<void> {}
 }
 
+/** How many bases' kept blocks stay in OPFS: the most recently used ones (a site may offer many guests). */
+export const KEPT_BASES = 4;
+
 /**
  * The persistent block store for the remote file at `url` (the base image's blocks a reloaded tab reuses), in
  * its own OPFS directory, one file per URL. Undefined when it cannot be had: no OPFS, no sync handles outside a
  * dedicated Worker, or another tab holding the file (its sync handle is exclusive): the caller reads over the
- * network as before.
+ * network as before. Opening one marks it used and deletes the blocks of all but the KEPT_BASES most recently
+ * used bases, so visiting many guests does not fill the browser's storage with bases no longer used.
  */
 export async function opfsPersistentBlocks(url: string, dirName = 'qcow86-base-blocks'): Promise<PersistentBlocks | undefined> {
   try {
@@ -209,8 +213,26 @@ export async function opfsPersistentBlocks(url: string, dirName = 'qcow86-base-b
     const name = `${[...digest.subarray(0, 16)].map((b) => b.toString(16).padStart(2, '0')).join('')}.blocks`;
     const file = (await dir.getFileHandle(name, { create: true })) as SyncCapableFileHandle;
     if (typeof file.createSyncAccessHandle !== 'function') return undefined;
-    return PersistentBlocks.open(await file.createSyncAccessHandle());
+    const blocks = PersistentBlocks.open(await file.createSyncAccessHandle());
+    blocks.touch();
+    await evictLeastRecentlyUsed(dir, name).catch(() => {});
+    return blocks;
   } catch {
     return undefined;
   }
+}
+
+/**
+ * Deletes the block files of all but the KEPT_BASES most recently used bases (each file records when it was last
+ * opened). A file another tab holds open cannot be deleted and stays.
+ */
+async function evictLeastRecentlyUsed(dir: FileSystemDirectoryHandle, inUse: string): Promise<void> {
+  const files: { name: string; used: number }[] = [];
+  for await (const [name, handle] of (dir as unknown as { entries(): AsyncIterable<[string, FileSystemHandle]> }).entries()) {
+    if (name === inUse || handle.kind !== 'file' || !name.endsWith('.blocks')) continue;
+    const head = new Uint8Array(await (await (handle as FileSystemFileHandle).getFile()).slice(0, HEADER_BYTES).arrayBuffer());
+    files.push({ name, used: lastUsedOf(head) });
+  }
+  files.sort((a, b) => b.used - a.used);
+  for (const { name } of files.slice(KEPT_BASES - 1)) await opfsRemove(dir, name).catch(() => {});
 }

@@ -28,7 +28,19 @@ export interface BlockVersion {
 }
 
 const MAGIC = 'qcow86-blocks 1\n';
-const HEADER_BYTES = 4096;
+export const HEADER_BYTES = 4096;
+/**
+ * When the store was last opened (milliseconds since the epoch, a big-endian float64) in the header's last 8
+ * bytes: which bases' blocks to keep goes by it. Not the file's modification time, which the browser does not
+ * always advance for writes through a sync handle (seen in Chromium's in-memory profiles).
+ */
+const USED_AT = HEADER_BYTES - 8;
+
+/** When a block file whose first HEADER_BYTES are `header` was last used; 0 when it does not say. */
+export function lastUsedOf(header: Uint8Array): number {
+  if (header.length < HEADER_BYTES || new TextDecoder().decode(header.subarray(0, MAGIC.length)) !== MAGIC) return 0;
+  return new DataView(header.buffer, header.byteOffset + USED_AT, 8).getFloat64(0) || 0;
+}
 const ALIGN = 4096;
 
 export class PersistentBlocks {
@@ -76,12 +88,26 @@ export class PersistentBlocks {
     // Empty first (a crash after this leaves an empty store), then the new header over a zero bitmap.
     this.file.truncate(0);
     this.file.flush();
-    if (header.length > HEADER_BYTES) return false;
+    if (header.length > USED_AT) return false;
     this.file.write(header, { at: 0 });
+    this.stamp(Date.now());
     this.file.flush();
     this.current = { ...version };
     this.bitmap = new Uint8Array(bitmapBytes(version));
     return false;
+  }
+
+  /** Records that the store is being used now (eviction of old bases keeps the most recently used). */
+  touch(now = Date.now()): void {
+    if (!this.current) return;
+    this.stamp(now);
+    this.file.flush();
+  }
+
+  private stamp(now: number): void {
+    const bytes = new Uint8Array(8);
+    new DataView(bytes.buffer).setFloat64(0, now);
+    this.file.write(bytes, { at: USED_AT });
   }
 
   has(index: number): boolean {

@@ -7,12 +7,12 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { randomBytes } from 'node:crypto';
-import { closeSync, existsSync, fstatSync, fsyncSync, ftruncateSync, openSync, readSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, fstatSync, readFileSync, fsyncSync, ftruncateSync, openSync, readSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { startNginx, type NginxServer } from '../helpers/nginx.js';
 import { tempDir } from '../helpers/qemu.js';
 import { HttpStore } from '../../src/io/http.js';
-import { PersistentBlocks, type SyncFile } from '../../src/io/persistent-blocks.js';
+import { HEADER_BYTES, PersistentBlocks, lastUsedOf, type SyncFile } from '../../src/io/persistent-blocks.js';
 
 const KiB = 1024;
 const BLOCK = 64 * KiB;
@@ -111,6 +111,27 @@ describe('HttpStore with persistent blocks', () => {
     expect(Buffer.from(again.read(1)!).equals(truth.subarray(BLOCK, 2 * BLOCK))).toBe(true);
     expect(again.read(2)).toBeUndefined();
     again.close();
+  });
+
+  it('the header records when the store was last opened (which bases\' blocks the browser keeps goes by it)', async () => {
+    const path = join(dir, 'used.blocks');
+    const header = () => readFileSync(path).subarray(0, HEADER_BYTES);
+    const persist = PersistentBlocks.open(nodeSyncFile(path));
+    const before = Date.now();
+    persist.use({ url: 'http://example/base.qcow2', validator: '"v1"', size: 3 * BLOCK, blockSize: BLOCK });
+    persist.write(0, new Uint8Array(BLOCK).fill(7));
+    persist.close();
+    expect(lastUsedOf(header())).toBeGreaterThanOrEqual(before);
+    const reopened = PersistentBlocks.open(nodeSyncFile(path));
+    reopened.touch(before + 86_400_000);
+    reopened.close();
+    expect(lastUsedOf(header())).toBe(before + 86_400_000);
+    // The stamp lives after the version line: the store still opens with its version.
+    const again = PersistentBlocks.open(nodeSyncFile(path));
+    expect(again.stored?.validator).toBe('"v1"');
+    again.close();
+    // Files that are not block stores (or older ones without a stamp) count as never used.
+    expect(lastUsedOf(new Uint8Array(HEADER_BYTES))).toBe(0);
   });
 
   it('a damaged header makes an empty store', async () => {
