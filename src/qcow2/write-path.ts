@@ -121,7 +121,6 @@ export class WriteEngine {
     const h = this.header;
     let changed = false;
     let clear = h.autoclearFeatures & ~KNOWN_AUTOCLEAR;
-    // We do not update persistent bitmaps, so they stop being consistent with the data.
     // Persistent bitmaps are not updated here, so they stop being valid. Once bit 0 is clear QEMU ignores the
     // extension and would count its clusters as leaks: the extension goes and its clusters are freed (after the
     // header no longer points at them), which keeps the image clean.
