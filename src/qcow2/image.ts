@@ -86,8 +86,9 @@ export class Qcow2Image implements BlockDevice {
     return this.store.name;
   }
 
+  /** The disk as QEMU sees it: whole 512-byte sectors, a size field that is not a multiple of 512 rounded down. */
   get virtualSize(): number {
-    return this.header.size;
+    return Math.floor(this.header.size / 512) * 512;
   }
 
   get compressionType(): CompressionType {
@@ -119,7 +120,7 @@ export class Qcow2Image implements BlockDevice {
     const cluster0 = clusterSize <= start.length ? start : await store.read(0, Math.min(clusterSize, fileSize));
     const header = parseHeader(store.name, cluster0, fileSize);
     const l1Table = header.l1Size ? await readExact(store, header.l1TableOffset, header.l1Size * 8, 'L1 table') : new Uint8Array(0);
-    const snapshots = await readSnapshotTable(store, header.snapshotsOffset, header.nbSnapshots, header.size);
+    const snapshots = await readSnapshotTable(store, header.snapshotsOffset, header.nbSnapshots, Math.floor(header.size / 512) * 512);
     return { header, l1Table, snapshots, fileSize };
   }
 

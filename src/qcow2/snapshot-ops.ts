@@ -195,7 +195,7 @@ export async function createSnapshot(engine: WriteEngine, name: string, options:
     dateNsec: (now.getTime() % 1000) * 1e6,
     vmClockNsec: options.vmClockNsec ?? 0,
     vmStateSize: vmState.length,
-    diskSize: header.size,
+    diskSize: image.virtualSize,
     icount: options.icount,
     extraUnknown: new Uint8Array(0),
   };
@@ -239,7 +239,7 @@ export async function applySnapshot(engine: WriteEngine, idOrName: string): Prom
   await engine.store.flush();
   image.l1Table = next;
   image.l2Cache.clear();
-  if (snapshot.diskSize !== header.size) {
+  if (snapshot.diskSize !== image.virtualSize) {
     header.size = snapshot.diskSize;
     await engine.writeHeader();
     await engine.store.flush();

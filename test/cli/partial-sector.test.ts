@@ -2,12 +2,13 @@
  * A raw file whose length is not a multiple of 512: QEMU's block layer sees it rounded up to whole sectors (a
  * 1000-byte file is a 1024-byte disk whose last 24 bytes read as zeros, reported as zero at their file offset).
  * Every command must say what qemu-img 7.2 says about such a file. This is also what a qcow2 image whose magic
- * was destroyed looks like (probed as raw), as the damaged-image differential found.
+ * was destroyed looks like (probed as raw), as the damaged-image differential found. A qcow2 size field that is
+ * not a multiple of 512 is rounded DOWN to whole sectors (QEMU keeps total_sectors = size / 512).
  */
 import { beforeAll, describe, expect, it } from 'vitest';
-import { writeFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { qemuImg, run, sha256, tempDir } from '../helpers/qemu.js';
+import { qemuImg, qemuIo, run, sha256, tempDir } from '../helpers/qemu.js';
 import { qcow86 } from './cli.js';
 import { statSync } from 'node:fs';
 
@@ -74,5 +75,23 @@ describe('a 1000-byte raw file is a 1024-byte disk, as qemu-img sees it', () => 
     await both(['check', file]);
     await both(['measure', '-O', 'qcow2', file]);
     await both(['measure', '--output=json', '-O', 'raw', file]);
+  });
+});
+
+describe('a qcow2 size field of 4 MiB + 128 bytes is a 4 MiB disk, as qemu-img sees it', () => {
+  it('info, map, check, measure and convert agree with qemu-img', async () => {
+    const image = join(dir, 'odd-size.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', image, '4M']);
+    await qemuIo(['-c', 'write -P 5 0 192k', '-c', 'write -P 6 4032k 64k', image]);
+    const bytes = await readFile(image);
+    bytes.writeBigUInt64BE(4n * 1024n * 1024n + 128n, 24);
+    await writeFile(image, bytes);
+    for (const args of [['info', '--output=json'], ['map', '--output=json'], ['check'], ['measure', '-O', 'qcow2']]) await both([...args, image]);
+    const theirs = join(dir, 'odd-theirs.raw');
+    const ours = join(dir, 'odd-ours.raw');
+    await qemuImg(['convert', '-O', 'raw', image, theirs]);
+    expect((await qcow86(['convert', '-O', 'raw', image, ours])).exitCode).toBe(0);
+    expect(statSync(ours).size).toBe(4 * 1024 * 1024);
+    expect(await sha256(ours)).toBe(await sha256(theirs));
   });
 });
