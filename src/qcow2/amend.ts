@@ -1,6 +1,7 @@
 /**
  * Changing an existing image's format options in place, as qemu-img amend does (QEMU 7.2 qcow2_amend_options,
- * qcow2_upgrade, qcow2_downgrade): compat 0.10 <-> 1.1 and lazy_refcounts.
+ * qcow2_upgrade, qcow2_downgrade, qcow2_change_refcount_order): compat 0.10 <-> 1.1, refcount_bits and
+ * lazy_refcounts.
  *
  * A downgrade to version 2 must leave nothing version 2 cannot express: zero clusters become unallocated (no
  * backing file, so they read as zeros anyway) or are written out as zeroed clusters; compatible and autoclear
@@ -9,7 +10,10 @@
  */
 import type { Qcow2Image } from './image.js';
 import type { WriteEngine } from './write-path.js';
-import { UnsupportedError } from './errors.js';
+import { CorruptImageError, UnsupportedError } from './errors.js';
+import { analyse } from './check.js';
+import { rebuildRefcounts } from './repair.js';
+import { maxRefcount } from './refcount.js';
 import { encodeHeader, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, hasExtendedL2 } from './header.js';
 import { readSnapshotL1 } from './snapshots.js';
 import { putU64, u32 } from './bytes.js';
@@ -22,20 +26,30 @@ const COMPRESSED_HI = 0x40000000;
 export interface AmendOptions {
   compat?: '0.10' | '1.1';
   lazyRefcounts?: boolean;
+  /** Refcount entry width: a power of two, 1..64. */
+  refcountBits?: number;
 }
 
-/** Applies the options in QEMU's order: upgrade, lazy refcounts, downgrade. */
+/** Applies the options in QEMU's order: upgrade, refcount width, lazy refcounts, downgrade. */
 export async function amendQcow2(image: Qcow2Image, options: AmendOptions): Promise<void> {
   const header = image.header;
   const newVersion = options.compat === '0.10' ? 2 : options.compat === '1.1' ? 3 : header.version;
+  const newOrder = options.refcountBits === undefined ? header.refcountOrder : Math.log2(options.refcountBits);
+  if (!Number.isInteger(newOrder) || newOrder < 0 || newOrder > 6) {
+    throw new UnsupportedError(image.name, 'refcount_bits', 'Refcount width must be a power of two and may not exceed 64 bits');
+  }
+  if (newOrder !== header.refcountOrder && newVersion < 3 && newOrder !== 4) {
+    throw new UnsupportedError(image.name, 'refcount_bits', 'Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)');
+  }
   if (options.lazyRefcounts && newVersion < 3) {
     throw new UnsupportedError(image.name, 'lazy_refcounts', 'Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)');
   }
-  if (newVersion < header.version) checkDowngrade(image);
+  if (newVersion < header.version) checkDowngrade(image, newOrder);
   const engine = await image.writer();
   await engine.exclusive(async () => {
     await engine.begin();
     if (newVersion > header.version) await upgrade(engine);
+    if (newOrder !== header.refcountOrder) await changeRefcountOrder(engine, newOrder);
     if (options.lazyRefcounts !== undefined && options.lazyRefcounts !== image.lazyRefcounts) {
       // Turning lazy refcounts off needs complete refcounts on disk first, which writeBack gives.
       await engine.writeBack();
@@ -51,9 +65,32 @@ export async function amendQcow2(image: Qcow2Image, options: AmendOptions): Prom
   });
 }
 
-function checkDowngrade(image: Qcow2Image): void {
+/**
+ * A new refcount width: every stored refcount is carried over into new refcount blocks and a new table of that
+ * width (the old ones are freed), as QEMU's qcow2_change_refcount_order does: the counts are copied, not
+ * recomputed. Refused before anything is written when a count does not fit the narrower width.
+ */
+async function changeRefcountOrder(engine: WriteEngine, order: number): Promise<void> {
+  const image = engine.image;
+  // Complete refcounts on disk first (a lazy-refcounts image may hold some in memory only).
+  await engine.writeBack();
+  const analysis = await analyse(image);
+  if (analysis.brokenTable) {
+    throw new CorruptImageError(image.name, 'the refcount table is damaged (run check -r all first): its counts cannot be carried over to another width');
+  }
+  const max = maxRefcount(order);
+  for (let c = 0; c < analysis.references.extent; c++) {
+    const count = analysis.stored(c);
+    if (count > max) {
+      throw new UnsupportedError(image.name, 'refcount_bits', `Cannot decrease refcount entry width to ${2 ** order} bits: Cluster at offset 0x${(c * image.clusterSize).toString(16)} has a refcount of ${count}`);
+    }
+  }
+  await rebuildRefcounts(image, analysis, { order, counts: 'stored' });
+}
+
+function checkDowngrade(image: Qcow2Image, refcountOrder: number): void {
   const header = image.header;
-  if (header.refcountOrder !== 4) throw new UnsupportedError(image.name, 'refcount_bits', 'compat=0.10 requires refcount_bits=16');
+  if (refcountOrder !== 4) throw new UnsupportedError(image.name, 'refcount_bits', 'compat=0.10 requires refcount_bits=16');
   if (header.incompatibleFeatures & INCOMPAT_DATA_FILE) throw new UnsupportedError(image.name, 'data_file', 'Cannot downgrade an image with a data file');
   const other = header.incompatibleFeatures & ~(INCOMPAT_COMPRESSION | INCOMPAT_DIRTY);
   if (other) throw new UnsupportedError(image.name, 'incompatible_features', `Cannot downgrade an image with incompatible features 0x${other.toString(16)} set`);

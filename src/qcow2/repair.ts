@@ -53,17 +53,20 @@ export async function repairSnapshotTable(image: Qcow2Image): Promise<void> {
 }
 
 /**
- * Writes a complete new set of refcount structures past everything in use, describing the recomputed counts and
- * themselves, then switches the header to it. The old table and blocks simply stop being referenced.
+ * Writes a complete new set of refcount structures past everything in use, describing the clusters' counts and
+ * themselves, then switches the header to it. The old table and blocks simply stop being referenced (their
+ * clusters count 0). The counts are the recomputed references (a repair), or the stored ones carried over (a
+ * change of width, `order`, which the same header write switches to).
  */
-export async function rebuildRefcounts(image: Qcow2Image, analysis: Analysis): Promise<void> {
+export async function rebuildRefcounts(image: Qcow2Image, analysis: Analysis, options: { order?: number; counts?: 'references' | 'stored' } = {}): Promise<void> {
   const engine = await image.writer();
   const header = image.header;
   const cs = image.clusterSize;
-  const order = header.refcountOrder;
+  const order = options.order ?? header.refcountOrder;
   const e = (cs * 8) >>> order;
   const max = maxRefcount(order);
   const refs = analysis.references;
+  const countOf = options.counts === 'stored' ? analysis.stored : (c: number) => refs.get(c);
   const start = refs.extent;
   let total = Math.max(1, Math.ceil(start / e));
   let tableEntries = 0;
@@ -82,7 +85,7 @@ export async function rebuildRefcounts(image: Qcow2Image, analysis: Analysis): P
     for (let i = 0; i < e; i++) {
       const c = b * e + i;
       let value = 0;
-      if (c < start) value = analysis.refcountStructure.has(c) ? refs.get(c) - 1 : refs.get(c);
+      if (c < start) value = analysis.refcountStructure.has(c) ? countOf(c) - 1 : countOf(c);
       else if (c < start + total + tableClusters) value = 1;
       if (value > 0) setRefcount(block, i, order, Math.min(value, max));
     }
@@ -94,6 +97,7 @@ export async function rebuildRefcounts(image: Qcow2Image, analysis: Analysis): P
   await engine.store.flush();
   header.refcountTableOffset = (start + total) * cs;
   header.refcountTableClusters = tableClusters;
+  header.refcountOrder = order;
   await engine.writeHeader();
   await engine.store.flush();
   await engine.reloadRefcounts();

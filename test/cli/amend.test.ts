@@ -34,6 +34,17 @@ async function amendBoth(ours: string, theirs: string, options: string, identica
   if (identical) expect(Buffer.compare(await readFile(ours), await readFile(theirs)), `${options}: files differ`).toBe(0);
 }
 
+/** Both tools refuse `amend -o OPTIONS` with the same message, exit 1, and leave the file as it was. */
+async function expectSameRefusal(ours: string, theirs: string, options: string): Promise<void> {
+  const before = await readFile(ours);
+  const a = await qcow86(['amend', '-o', options, ours]);
+  const b = await run('qemu-img', ['amend', '-o', options, theirs]);
+  expect(b.exitCode, options).toBe(1);
+  expect(a.exitCode, options).toBe(1);
+  expect(a.stderr.replace(/^qcow86 amend: /gm, 'qemu-img: '), options).toBe(b.stderr);
+  expect(Buffer.compare(await readFile(ours), before), `${options}: refused, yet the file changed`).toBe(0);
+}
+
 async function pair(options: ImageOptions, writes: ImageWrite[], prepare?: (path: string) => Promise<void>): Promise<[string, string]> {
   const ours = await makeImage(options, writes);
   if (prepare) await prepare(ours);
@@ -116,6 +127,55 @@ describe('amend', () => {
     await expectClean(ours);
     expect(await formatSpecific(ours)).toEqual(await formatSpecific(theirs));
     expect((await run('qemu-img', ['compare', ours, theirs])).exitCode).toBe(0);
+  });
+
+  it('refcount_bits: every width up and down, with a snapshot sharing clusters; with compat; refusals as qemu-img', async () => {
+    // The counts are carried over into new structures where qemu-img puts its own elsewhere: compared through
+    // info, check, the guest contents of the disk and of the snapshot, not byte for byte.
+    const withSnapshot = async (options: ImageOptions): Promise<[string, string]> =>
+      pair(options, WRITES, async (path) => {
+        await qemuImg(['snapshot', '-c', 's1', path]);
+        await run('qemu-io', ['-c', 'write -P 9 32k 64k', path]);
+      });
+    const sameSnapshot = async (ours: string, theirs: string) => {
+      const dir = tempDir();
+      await qemuImg(['convert', '-l', 's1', '-O', 'raw', ours, join(dir, 'o.raw')]);
+      await qemuImg(['convert', '-l', 's1', '-O', 'raw', theirs, join(dir, 't.raw')]);
+      expect(Buffer.compare(await readFile(join(dir, 'o.raw')), await readFile(join(dir, 't.raw')))).toBe(0);
+    };
+    const [ours, theirs] = await withSnapshot({ size: '2M' });
+    for (const bits of [64, 2, 8, 32, 4, 16]) {
+      await amendBoth(ours, theirs, `refcount_bits=${bits}`, false);
+      await sameSnapshot(ours, theirs);
+    }
+    // Without snapshots and compressed clusters (several share a host cluster) every count is 1: one bit fits.
+    const [o1, t1] = await pair({ size: '2M', clusterSize: 4096 }, WRITES.filter((write) => !write.compressed));
+    await amendBoth(o1, t1, 'refcount_bits=1', false);
+    await amendBoth(o1, t1, 'refcount_bits=16', false);
+    // With compat: version 2 up to 1.1 and a new width at once; 8 bits back to 16 and down to 0.10 at once.
+    const [o2, t2] = await withSnapshot({ size: '2M', compat: '0.10' });
+    await amendBoth(o2, t2, 'compat=1.1,refcount_bits=8', false);
+    await amendBoth(o2, t2, 'refcount_bits=16,compat=0.10', false);
+    await sameSnapshot(o2, t2);
+    // A lazy-refcounts image: the counts held back are written before they are carried over.
+    const [o3, t3] = await pair({ size: '2M', lazyRefcounts: true }, WRITES);
+    await amendBoth(o3, t3, 'refcount_bits=4', false);
+
+    const refused: [ImageOptions, string][] = [
+      [{ size: '1M', compat: '0.10' }, 'refcount_bits=8'],
+      [{ size: '1M' }, 'refcount_bits=8,compat=0.10'],
+      [{ size: '1M' }, 'refcount_bits=3'],
+      [{ size: '1M' }, 'refcount_bits=128'],
+      [{ size: '1M' }, 'refcount_bits=0'],
+      [{ size: '1M' }, 'refcount_bits=abc'],
+    ];
+    for (const [options, amend] of refused) {
+      const [a, b] = await pair(options, []);
+      await expectSameRefusal(a, b, amend);
+    }
+    // Two references to a cluster do not fit in one bit: refused before anything is written.
+    const [o4, t4] = await withSnapshot({ size: '2M' });
+    await expectSameRefusal(o4, t4, 'refcount_bits=1');
   });
 
   it('zstd without compressed clusters downgrades; refusals match qemu-img', async () => {

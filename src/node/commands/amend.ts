@@ -1,6 +1,6 @@
 /**
  * `qcow86 amend [-f qcow2] [-p] [-q] -o OPTIONS FILE`: qemu-img amend for qcow2: compat=0.10|1.1,
- * lazy_refcounts=on|off, and size (a resize). The image is opened for writing under the write lock (a dirty
+ * refcount_bits, lazy_refcounts=on|off, and size (a resize). The image is opened for writing under the write lock (a dirty
  * lazy-refcounts image has its refcounts rebuilt by that open, before anything else). Options qemu-img only
  * accepts at creation, and the ones qcow86 does not amend, are refused with qemu-img's wording.
  */
@@ -41,7 +41,6 @@ export async function run(args: string[]): Promise<number> {
   const options = parseOptionList(values.options);
   const amend: AmendOptions = {};
   let size: number | undefined;
-  let refcountBits: number | undefined;
   for (const [key, value] of options) {
     switch (key) {
       case 'compat':
@@ -58,9 +57,13 @@ export async function run(args: string[]): Promise<number> {
         size = parseImageSize(value);
         if (size === undefined) return fail(SIZE_ERROR);
         break;
-      case 'refcount_bits':
-        refcountBits = Number(value);
+      case 'refcount_bits': {
+        if (!/^\s*[+-]?\d+\s*$/.test(value)) return fail("Parameter 'refcount_bits' expects a number");
+        const bits = Number(value);
+        if (!(bits >= 1 && bits <= 64 && Number.isInteger(Math.log2(bits)))) return fail('Refcount width must be a power of two and may not exceed 64 bits');
+        amend.refcountBits = bits;
         break;
+      }
       case 'backing_file':
       case 'backing_fmt':
         return fail("Cannot amend the backing file\nYou can use 'qcow86 rebase' instead.");
@@ -77,9 +80,6 @@ export async function run(args: string[]): Promise<number> {
   const image = await openForWriting(file, { format: 'qcow2' });
   try {
     if (!(image instanceof Qcow2Image)) return fail(`Format driver '${image.format}' does not support option amendment`);
-    if (refcountBits !== undefined && refcountBits !== 2 ** image.header.refcountOrder) {
-      return fail(`Changing the refcount width (refcount_bits ${2 ** image.header.refcountOrder} -> ${refcountBits}) is not supported by qcow86`);
-    }
     // QEMU resizes before changing the version, so a downgrade sees the final size.
     if (size !== undefined && size !== image.virtualSize) await resizeQcow2(image, size);
     try {
