@@ -18,6 +18,7 @@ import { FormatError } from './errors.js';
 import type { Qcow2Image } from './image.js';
 
 const TWO_32 = 2 ** 32;
+const NOT_CACHED = Symbol('not cached');
 const CHUNK = 65536;
 const MAX_MESSAGES = 10000;
 /** The end of the byte range QEMU's block layer accepts a request in (INT64_MAX aligned down to 1 GiB). */
@@ -219,7 +220,9 @@ export async function analyse(image: Qcow2Image, onMessage?: (line: string) => v
         result.corruptions++;
       }
       // A table (partly) past the end of the file reads as zeros there, as QEMU's block layer reads past EOF;
-      // the reference itself was judged by refRange above.
+      // the reference itself was judged by refRange above. Wholly past it, all zeros: nothing to walk (a
+      // damaged l1_size can name tens of thousands of such tables).
+      if (l2Offset >= fileSize) continue;
       const table = new Uint8Array(cs);
       await readIntoPadded(store, l2Offset, table);
       walkL2(table, active);
@@ -383,7 +386,8 @@ export async function analyse(image: Qcow2Image, onMessage?: (line: string) => v
       c += CHUNK - 1;
       continue;
     }
-    const value = await stored.get(c, result.messages);
+    let value = stored.peek(c, result.messages);
+    if (value === NOT_CACHED) value = await stored.get(c, result.messages);
     if (value === undefined) {
       result.messages.push(`Can't get refcount for cluster ${c}: Input/output error`);
       result.checkErrors++;
@@ -415,13 +419,17 @@ export async function analyse(image: Qcow2Image, onMessage?: (line: string) => v
       result.messages.push(`ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${rawHex(hi, lo)} refcount=${l1Refcount}`);
       result.corruptions++;
     }
+    // Past the end of the file the table is zeros: no data cluster to judge.
+    if (l2Offset >= fileSize) continue;
     const table = new Uint8Array(cs);
     await readIntoPadded(store, l2Offset, table);
     for (let j = 0; j < geometry.l2Entries; j++) {
       const entry = readL2Entry(table, j, geometry);
       const type = clusterType(entry, geometry);
       if (type !== 'normal' && type !== 'zero-alloc') continue;
-      const refcount = external ? 1 : await stored.get(Math.floor(standardHostOffset(entry) / cs));
+      const cluster = Math.floor(standardHostOffset(entry) / cs);
+      let refcount = external ? 1 : stored.peek(cluster);
+      if (refcount === NOT_CACHED) refcount = await stored.get(cluster);
       if (refcount === undefined) continue;
       if ((refcount === 1) !== isCopied(entry)) {
         result.messages.push(`ERROR OFLAG_COPIED data cluster: l2_entry=${rawHex(entry.hi, entry.lo)} refcount=${refcount}`);
@@ -485,8 +493,11 @@ class StoredRefcounts {
     const hi = Math.floor((to - 1) / this.blockEntries);
     return this.nonEmpty.some((i) => i >= lo && i <= hi);
   }
-  /** The stored refcount, or undefined when it cannot be read (reported once in `messages` when given). */
-  async get(cluster: number, messages?: string[]): Promise<number | undefined> {
+  /**
+   * get() without I/O: the stored refcount (or undefined) when the answer needs no block read, NOT_CACHED
+   * otherwise. Walking a million L2 entries costs a promise each through get(); most hit a cached block.
+   */
+  peek(cluster: number, messages?: string[]): number | undefined | typeof NOT_CACHED {
     const index = Math.floor(cluster / this.blockEntries);
     if (index >= this.tableEntries) return 0;
     const { hi, lo } = this.entry(index);
@@ -500,6 +511,17 @@ class StoredRefcounts {
       }
       return undefined;
     }
+    const block = this.cache.get(index);
+    return block ? getRefcount(block, cluster % this.blockEntries, this.image.header.refcountOrder) : NOT_CACHED;
+  }
+  /** The stored refcount, or undefined when it cannot be read (reported once in `messages` when given). */
+  async get(cluster: number, messages?: string[]): Promise<number | undefined> {
+    const known = this.peek(cluster, messages);
+    if (known !== NOT_CACHED) return known;
+    const index = Math.floor(cluster / this.blockEntries);
+    const { hi, lo } = this.entry(index);
+    const offset = hi * TWO_32 + ((lo & 0xfffffe00) >>> 0);
+    const cs = this.image.clusterSize;
     let block = this.cache.get(index);
     if (!block) {
       if (this.cache.size >= 16) this.cache.delete(this.cache.keys().next().value!);

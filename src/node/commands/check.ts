@@ -39,6 +39,11 @@ export async function run(args: string[]): Promise<number> {
     return usageError('check', "Unknown option for -r (expecting 'leaks' or 'all'): " + repair, USAGE);
   }
   const path = positionals[0]!;
+  const pending: string[] = [];
+  const flushFindings = () => {
+    if (pending.length) console.error(pending.join('\n'));
+    pending.length = 0;
+  };
   let device: BlockDevice | undefined;
   let lock: WriteLock | undefined;
   try {
@@ -49,8 +54,14 @@ export async function run(args: string[]): Promise<number> {
       console.error('qcow86 check: This image format does not support checks');
       return 63;
     }
-    // Findings go to stderr as they are made, all of them, as qemu-img prints them.
-    const result = await checkImage(device, { ...(repair ? { repair } : {}), onMessage: (line) => console.error(line) });
+    // Findings go to stderr as they are made, all of them, as qemu-img prints them; in batches, because a
+    // damaged image can yield hundreds of thousands (one write each took seconds).
+    const onMessage = (line: string) => {
+      pending.push(line);
+      if (pending.length >= 4096) flushFindings();
+    };
+    const result = await checkImage(device, { ...(repair ? { repair } : {}), onMessage });
+    flushFindings();
     if (repair && !json && (result.leaksFixed || result.corruptionsFixed)) {
       process.stdout.write(
         `The following inconsistencies were found and repaired:\n\n    ${result.leaksFixed} leaked clusters\n    ${result.corruptionsFixed} corruptions\n\nDouble checking the fixed image now...\n`,
@@ -67,6 +78,7 @@ export async function run(args: string[]): Promise<number> {
     else if (!values.quiet) process.stdout.write(humanCheck(result));
     return result.corruptions ? 2 : result.leaks ? 3 : 0;
   } catch (error) {
+    flushFindings();
     if (!(error instanceof Qcow86Error)) throw error;
     console.error(`qcow86 check: ${error.message}`);
     return 1;
