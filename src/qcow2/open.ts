@@ -36,10 +36,21 @@ export interface OpenOptions {
   repair?: boolean;
 }
 
+/**
+ * The format QEMU's probes pick: the qcow magic with version 1 is qcow, with version 2 or more qcow2 (a version
+ * this engine does not read is then refused by name); with version 0 neither driver claims it, so it is raw.
+ */
 export async function probeFormat(store: ByteStore): Promise<ImageFormat> {
   const start = await store.read(0, 8);
-  if (start.length >= 8 && u32(start, 0) === QCOW2_MAGIC) return u32(start, 4) === 1 ? 'qcow' : 'qcow2';
-  return 'raw';
+  if (start.length < 8 || u32(start, 0) !== QCOW2_MAGIC) return 'raw';
+  const version = u32(start, 4);
+  return version === 1 ? 'qcow' : version >= 2 ? 'qcow2' : 'raw';
+}
+
+/** True when the file starts with the qcow magic, whatever its version. */
+async function hasQcowMagic(store: ByteStore): Promise<boolean> {
+  const start = await store.read(0, 4);
+  return start.length === 4 && u32(start, 0) === QCOW2_MAGIC;
 }
 
 export async function openImage(store: ByteStore, options: OpenOptions = {}): Promise<BlockDevice> {
@@ -67,7 +78,9 @@ async function openLayer(
   try {
     const actual = await probeFormat(store);
     const chosen = format ?? actual;
-    if (chosen !== 'raw' && chosen !== actual) {
+    // Asked for qcow2, a qcow-magic file of version 0 goes to the qcow2 header parser, which names the version.
+    const versionZero = chosen === 'qcow2' && actual === 'raw' && (await hasQcowMagic(store));
+    if (chosen !== 'raw' && chosen !== actual && !versionZero) {
       throw new UnsupportedError(store.name, 'format', `image is not in ${chosen} format (it looks like ${actual})`);
     }
     if (chosen === 'raw') return await RawImage.open(store, { readOnly });
