@@ -152,3 +152,28 @@ test('save a session, resume it after a reload, download it, resume it in qcow86
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('a session saved by qcow86 boot with another memory size resumes in the tab, in a machine of that size', async ({ page, server }) => {
+  test.setTimeout(1_200_000);
+  const dir = mkdtempSync(join(tmpdir(), 'qcow86-e2e-cli-session-'));
+  try {
+    // The CLI boots on the tab's base over HTTP, starts the counter and saves a 192 MiB machine (the tab's own
+    // machines have 64 MiB); v86 restores a state only into a machine of the size it was saved with.
+    const file = join(dir, 'cli-session.qcow2');
+    const base = new URL('/images/base.qcow2', server.url).href;
+    qcow86(['boot', '--base', base, '--overlay', file, '--memory', '192M', '--timeout', '600', '--expect', '# ', '--send', `${COUNTER}\n`, '--expect', 'C=3', '--save-on-exit', 'counter'], dir);
+    await page.goto(server.url);
+    await expect(page.getByRole('button', { name: /Open overlay/ })).toBeEnabled({ timeout: 120_000 });
+    await page.locator('#open-file').setInputFiles(file);
+    const first = await acceptResume(page, /Resume the session saved in/);
+    expect(first).toBeGreaterThanOrEqual(3);
+    await checkContinues(page, first);
+    await run(page, 'grep MemTotal /proc/meminfo; echo MEM$((1+1))', { noise: COUNTER_LINES });
+    await waitForConsole(page, /MEM2/, 30_000);
+    const total = Number(/MemTotal:\s+(\d+) kB/.exec(await consoleText(page))?.[1]);
+    // A 192 MiB machine shows well over 128 MiB to the guest (a 64 MiB one under 64).
+    expect(total).toBeGreaterThan(150_000);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

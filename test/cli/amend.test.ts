@@ -149,7 +149,7 @@ describe('amend', () => {
       await sameSnapshot(ours, theirs);
     }
     // Without snapshots and compressed clusters (several share a host cluster) every count is 1: one bit fits.
-    const [o1, t1] = await pair({ size: '2M', clusterSize: 4096 }, WRITES.filter((write) => !write.compressed));
+    const [o1, t1] = await pair({ size: '2M', clusterSize: 4096 }, WRITES.filter((write) => !('compressed' in write && write.compressed)));
     await amendBoth(o1, t1, 'refcount_bits=1', false);
     await amendBoth(o1, t1, 'refcount_bits=16', false);
     // With compat: version 2 up to 1.1 and a new width at once; 8 bits back to 16 and down to 0.10 at once.
