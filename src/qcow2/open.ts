@@ -47,6 +47,54 @@ export async function probeFormat(store: ByteStore): Promise<ImageFormat> {
   return version === 1 ? 'qcow' : version >= 2 ? 'qcow2' : 'raw';
 }
 
+/**
+ * The QEMU driver that would claim a file this engine does not read (VMDK, VDI, VHDX, VHD, QED, Parallels, LUKS,
+ * Bochs), judged from its first 2 KiB by the same magic numbers QEMU's probes look for; undefined when none does
+ * (then QEMU takes it as raw too). Probing must not take such an image for a raw disk: its bytes are not the
+ * guest's.
+ */
+export async function probeForeignFormat(store: ByteStore): Promise<string | undefined> {
+  const head = await store.read(0, PROBE_BYTES);
+  const text = (at: number, magic: string) => head.length >= at + magic.length && magic.split('').every((char, i) => head[at + i] === char.charCodeAt(0));
+  const le32 = (at: number) => (head.length >= at + 4 ? (head[at]! | (head[at + 1]! << 8) | (head[at + 2]! << 16) | (head[at + 3]! << 24)) >>> 0 : undefined);
+  if (text(0, 'KDMV') || text(0, 'COWD') || isVmdkDescriptor(head)) return 'vmdk';
+  if (head.length >= 512 && le32(0x40) === 0xbeda107f) return 'vdi';
+  if (text(0, 'vhdxfile')) return 'vhdx';
+  if (text(0, 'conectix')) return 'vpc';
+  if (head.length >= 64 && le32(0) === 0x00444551) return 'qed';
+  if (head.length >= 64 && (text(0, 'WithoutFreeSpace') || text(0, 'WithouFreSpacExt')) && le32(16) === 2) return 'parallels';
+  if (text(0, 'LUKS\xba\xbe')) return 'luks';
+  if (head.length >= 512 && text(0, 'Bochs Virtual HD Image\0')) return 'bochs';
+  return undefined;
+}
+
+/** How much of a file QEMU's probes see. */
+const PROBE_BYTES = 2048;
+
+/**
+ * A VMDK text descriptor as QEMU's probe recognises one (checked against qemu-img 7.2): comment lines, then
+ * lines of spaces only, then `version=1|2|3` ending in LF or CRLF. An empty line or any other text first: not one.
+ */
+function isVmdkDescriptor(head: Uint8Array): boolean {
+  let at = 0;
+  while (at < head.length) {
+    if (head[at] === 0x23 /* # */) {
+      while (at < head.length && head[at] !== 0x0a) at++;
+      at++;
+      continue;
+    }
+    if (head[at] === 0x20) {
+      while (at < head.length && head[at] === 0x20) at++;
+      if (head[at] === 0x0d) at++;
+      if (head[at] !== 0x0a) return false;
+      at++;
+      continue;
+    }
+    return /^version=[123]\r?\n/.test(String.fromCharCode(...head.subarray(at, at + 11)));
+  }
+  return false;
+}
+
 /** True when the file starts with the qcow magic, whatever its version. */
 async function hasQcowMagic(store: ByteStore): Promise<boolean> {
   const start = await store.read(0, 4);
@@ -82,6 +130,16 @@ async function openLayer(
     const versionZero = chosen === 'qcow2' && actual === 'raw' && (await hasQcowMagic(store));
     if (chosen !== 'raw' && chosen !== actual && !versionZero) {
       throw new UnsupportedError(store.name, 'format', `image is not in ${chosen} format (it looks like ${actual})`);
+    }
+    if (format === undefined && actual === 'raw') {
+      const foreign = await probeForeignFormat(store);
+      if (foreign) {
+        throw new UnsupportedError(
+          store.name,
+          'format',
+          `this is a ${foreign} image, which qcow86 does not read (it reads qcow2, qcow and raw): convert it with qemu-img convert -O qcow2, or give -f raw to use its bytes as a raw disk`,
+        );
+      }
     }
     if (chosen === 'raw') return await RawImage.open(store, { readOnly });
     if (chosen === 'qcow') {
