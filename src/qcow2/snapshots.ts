@@ -143,7 +143,7 @@ export function encodeSnapshotTable(snapshots: Snapshot[]): Uint8Array {
     const name = encodeText(snapshot.name);
     const extraLength = 24 + snapshot.extraUnknown.length;
     const entry = new Uint8Array(Math.ceil((40 + extraLength + id.length + name.length) / 8) * 8);
-    putU64(entry, 0, snapshot.l1TableOffset);
+    putU64(entry, 0, snapshot.l1TableOffsetExact ?? snapshot.l1TableOffset);
     putU32(entry, 8, snapshot.l1Size);
     putU16(entry, 12, id.length);
     putU16(entry, 14, name.length);
