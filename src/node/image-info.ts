@@ -7,6 +7,7 @@ import { Qcow2Image } from '../qcow2/image.js';
 import { QcowV1Image } from '../qcow2/qcow1.js';
 import { RawImage } from '../qcow2/raw.js';
 import { INCOMPAT_DATA_FILE } from '../qcow2/header.js';
+import { encryptionInfo } from '../qcow2/encryption.js';
 import { decodeText, u32 } from '../qcow2/bytes.js';
 import { combinePath } from '../io/node-resolver.js';
 import type { Snapshot } from '../qcow2/snapshots.js';
@@ -38,6 +39,7 @@ export async function imageInfo(device: BlockDevice, filename: string): Promise<
     info['full-backing-filename'] = combinePath(device.name, backingName);
     info['backing-filename'] = backingName;
   }
+  if (device instanceof Qcow2Image && device.header.cryptMethod !== 0) info.encrypted = true;
   info['dirty-flag'] = device instanceof Qcow2Image ? device.isDirty : false;
   return info;
 }
@@ -76,6 +78,8 @@ async function qcow2Specific(image: Qcow2Image): Promise<Info> {
   const bitmaps = await bitmapList(image);
   if (bitmaps) data.bitmaps = bitmaps;
   data['refcount-bits'] = 2 ** header.refcountOrder;
+  const encrypt = await encryptionInfo(image.store, header);
+  if (encrypt) data.encrypt = encrypt;
   if (header.dataFile !== undefined) data['data-file'] = header.dataFile;
   if (header.incompatibleFeatures & INCOMPAT_DATA_FILE) data['data-file-raw'] = image.dataFileRaw;
   data.corrupt = image.isCorrupt;

@@ -28,6 +28,8 @@ export interface OpenPathOptions {
   l2CacheSize?: number;
   /** Open read-write even when marked corrupt or dirty, to repair it (check -r). */
   repair?: boolean;
+  /** Open encrypted images for their metadata (info). */
+  metadataOnly?: boolean;
 }
 
 export async function openPath(path: string, options: OpenPathOptions = {}): Promise<BlockDevice> {
@@ -40,6 +42,7 @@ export async function openPath(path: string, options: OpenPathOptions = {}): Pro
     codecs: nodeCodecs(),
     openBacking: options.openBacking ?? true,
     repair: options.repair === true,
+    metadataOnly: options.metadataOnly === true,
     ...(options.l2CacheSize !== undefined ? { l2CacheSize: options.l2CacheSize } : {}),
   });
 }

@@ -51,6 +51,8 @@ export interface Qcow2OpenOptions {
   l2CacheSize?: number;
   /** Open an image marked corrupt read-write, to repair it (check -r). */
   repair?: boolean;
+  /** Open an encrypted image for its metadata (info): reading or writing its data is then refused. */
+  metadataOnly?: boolean;
 }
 
 export class Qcow2Image implements BlockDevice {
@@ -130,9 +132,7 @@ export class Qcow2Image implements BlockDevice {
    */
   static async open(store: ByteStore, options: Qcow2OpenOptions): Promise<Qcow2Image> {
     const { header, l1Table, snapshots } = await Qcow2Image.readMetadata(store);
-    if (header.cryptMethod !== 0) {
-      throw new UnsupportedError(store.name, 'encryption', `encrypted images are not supported (crypt_method ${header.cryptMethod} at offset 32)`);
-    }
+    if (header.cryptMethod !== 0 && !options.metadataOnly) throw encryptedError(store.name, header);
     if (header.incompatibleFeatures & INCOMPAT_DATA_FILE && !options.dataStore) {
       throw new FormatError(store.name, 'the image keeps its data in an external data file, but none was given or named in the header', { field: 'data file' });
     }
@@ -302,6 +302,7 @@ export class Qcow2Image implements BlockDevice {
    * with its L2 table cached, most of a sparse disk, costs no promise beyond the caller's own.
    */
   private fill(out: Uint8Array, offset: number, l1Table: Uint8Array, backing: BlockDevice | undefined, fresh: boolean): Promise<void> | undefined {
+    if (this.header.cryptMethod !== 0) throw encryptedError(this.name, this.header);
     const end = offset + out.length;
     const extents: Extent[] = [];
     const at = this.mapCached(extents, offset, end, l1Table);
@@ -438,6 +439,7 @@ export class Qcow2Image implements BlockDevice {
 
   /** The write engine, loading the refcount table on first use. Refused for read-only and corrupt images. */
   async writer(): Promise<WriteEngine> {
+    if (this.header.cryptMethod !== 0) throw encryptedError(this.name, this.header);
     if (this.readOnly) throw new ReadOnlyError(this.name, 'image is open read-only');
     if (!this.enginePromise) {
       this.enginePromise = writeSide()
@@ -607,4 +609,9 @@ class SnapshotView implements BlockDevice {
   async close(): Promise<void> {
     await this.image.close();
   }
+}
+
+/** The engine does not decrypt: an encrypted image's data is neither read nor written. */
+function encryptedError(file: string, header: Qcow2Header): UnsupportedError {
+  return new UnsupportedError(file, 'encryption', `encrypted images are not supported (crypt_method ${header.cryptMethod} at offset 32)`);
 }

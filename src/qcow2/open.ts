@@ -34,6 +34,8 @@ export interface OpenOptions {
   forceBackingChange?: boolean;
   /** Open a qcow2 image marked corrupt (or dirty) read-write in order to repair it (check -r). */
   repair?: boolean;
+  /** Open encrypted qcow2 images too, for their metadata only (info): reading their data is refused. */
+  metadataOnly?: boolean;
 }
 
 /**
@@ -159,7 +161,7 @@ async function openLayer(
         ? await openBacking(store, header.backingFile, header.backingFormat, path, options)
         : undefined;
     if (backing) await checkBackingValidator(store, header, backing, options);
-    return await Qcow2Image.open(store, { readOnly, codecs: options.codecs, backing, dataStore, l2CacheSize: options.l2CacheSize, repair: chain.length === 0 && options.repair === true });
+    return await Qcow2Image.open(store, { readOnly, codecs: options.codecs, backing, dataStore, l2CacheSize: options.l2CacheSize, repair: chain.length === 0 && options.repair === true, metadataOnly: options.metadataOnly === true });
   } catch (error) {
     await store.close().catch(() => {});
     throw error;

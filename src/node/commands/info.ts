@@ -29,7 +29,7 @@ export async function run(args: string[]): Promise<number> {
   if (values.output !== 'json' && values.output !== 'human') return usageError('info', `--output must be used with human or json as argument`, USAGE);
   const path = positionals[0]!;
   const chain = values['backing-chain'];
-  const device = await openPath(path, { format: parseFormat(values.format), openBacking: chain });
+  const device = await openPath(path, { format: parseFormat(values.format), openBacking: chain, metadataOnly: true });
   try {
     const infos: Info[] = [];
     let layer: BlockDevice | undefined = device;
@@ -56,6 +56,7 @@ export function humanInfo(info: Info): string {
     `virtual size: ${humanSize(info['virtual-size'] as number)} (${info['virtual-size']} bytes)`,
     `disk size: ${info['actual-size'] === undefined ? 'unavailable' : humanSize(info['actual-size'] as number)}`,
   ];
+  if (info.encrypted) lines.push('encrypted: yes');
   if (info['cluster-size'] !== undefined) lines.push(`cluster_size: ${info['cluster-size']}`);
   if (info['dirty-flag']) lines.push('cleanly shut down: no');
   if (info['backing-filename'] !== undefined) {
