@@ -1,7 +1,7 @@
 /**
  * Changing an existing image's format options in place, as qemu-img amend does (QEMU 7.2 qcow2_amend_options,
- * qcow2_upgrade, qcow2_downgrade, qcow2_change_refcount_order): compat 0.10 <-> 1.1, refcount_bits and
- * lazy_refcounts.
+ * qcow2_upgrade, qcow2_downgrade, qcow2_change_refcount_order): compat 0.10 <-> 1.1, refcount_bits, the
+ * external data file's recorded name and its raw flag, and lazy_refcounts.
  *
  * A downgrade to version 2 must leave nothing version 2 cannot express: zero clusters become unallocated (no
  * backing file, so they read as zeros anyway) or are written out as zeroed clusters; compatible and autoclear
@@ -14,7 +14,7 @@ import { CorruptImageError, UnsupportedError } from './errors.js';
 import { analyse } from './check.js';
 import { rebuildRefcounts } from './repair.js';
 import { maxRefcount } from './refcount.js';
-import { encodeHeader, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, hasExtendedL2 } from './header.js';
+import { encodeHeader, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, hasExtendedL2 } from './header.js';
 import { readSnapshotL1 } from './snapshots.js';
 import { putU64, u32 } from './bytes.js';
 import { rebuildCopiedFlags, replaceSnapshotTable } from './snapshot-ops.js';
@@ -28,6 +28,10 @@ export interface AmendOptions {
   lazyRefcounts?: boolean;
   /** Refcount entry width: a power of two, 1..64. */
   refcountBits?: number;
+  /** The external data file's name as recorded in the header ('' removes the name); the file is not touched. */
+  dataFile?: string;
+  /** Clears the data file's raw flag (false); true only confirms it, as QEMU cannot set it on an existing image. */
+  dataFileRaw?: boolean;
 }
 
 /** Applies the options in QEMU's order: upgrade, refcount width, lazy refcounts, downgrade. */
@@ -41,6 +45,13 @@ export async function amendQcow2(image: Qcow2Image, options: AmendOptions): Prom
   if (newOrder !== header.refcountOrder && newVersion < 3 && newOrder !== 4) {
     throw new UnsupportedError(image.name, 'refcount_bits', 'Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)');
   }
+  const hasDataFile = Boolean(header.incompatibleFeatures & INCOMPAT_DATA_FILE);
+  if (options.dataFile !== undefined && !hasDataFile) {
+    throw new UnsupportedError(image.name, 'data_file', 'data-file can only be set for images that use an external data file');
+  }
+  if (options.dataFileRaw && (header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) === 0n) {
+    throw new UnsupportedError(image.name, 'data_file_raw', 'data-file-raw cannot be set on existing images');
+  }
   if (options.lazyRefcounts && newVersion < 3) {
     throw new UnsupportedError(image.name, 'lazy_refcounts', 'Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)');
   }
@@ -50,6 +61,12 @@ export async function amendQcow2(image: Qcow2Image, options: AmendOptions): Prom
     await engine.begin();
     if (newVersion > header.version) await upgrade(engine);
     if (newOrder !== header.refcountOrder) await changeRefcountOrder(engine, newOrder);
+    if (options.dataFile !== undefined || options.dataFileRaw === false) {
+      if (options.dataFile !== undefined) header.dataFile = options.dataFile === '' ? undefined : options.dataFile;
+      if (options.dataFileRaw === false) header.autoclearFeatures &= ~AUTOCLEAR_DATA_FILE_RAW;
+      await engine.writeHeader();
+      await engine.store.flush();
+    }
     if (options.lazyRefcounts !== undefined && options.lazyRefcounts !== image.lazyRefcounts) {
       // Turning lazy refcounts off needs complete refcounts on disk first, which writeBack gives.
       await engine.writeBack();

@@ -51,7 +51,10 @@ export interface Qcow2OpenOptions {
   l2CacheSize?: number;
   /** Open an image marked corrupt read-write, to repair it (check -r). */
   repair?: boolean;
-  /** Open an encrypted image for its metadata (info): reading or writing its data is then refused. */
+  /**
+   * Open for the metadata only (info): an encrypted image, or one whose external data file has no name, opens;
+   * reading or writing its data is then refused.
+   */
   metadataOnly?: boolean;
 }
 
@@ -133,9 +136,7 @@ export class Qcow2Image implements BlockDevice {
   static async open(store: ByteStore, options: Qcow2OpenOptions): Promise<Qcow2Image> {
     const { header, l1Table, snapshots } = await Qcow2Image.readMetadata(store);
     if (header.cryptMethod !== 0 && !options.metadataOnly) throw encryptedError(store.name, header);
-    if (header.incompatibleFeatures & INCOMPAT_DATA_FILE && !options.dataStore) {
-      throw new FormatError(store.name, 'the image keeps its data in an external data file, but none was given or named in the header', { field: 'data file' });
-    }
+    if (header.incompatibleFeatures & INCOMPAT_DATA_FILE && !options.dataStore && !options.metadataOnly) throw noDataFileError(store.name);
     let readOnly = options.readOnly || store.readOnly;
     if (!readOnly && header.incompatibleFeatures & INCOMPAT_CORRUPT && !options.repair) {
       throw new CorruptImageError(store.name, 'image is marked corrupt (incompatible feature bit 1): it can only be opened read-only until repaired with check -r');
@@ -303,6 +304,7 @@ export class Qcow2Image implements BlockDevice {
    */
   private fill(out: Uint8Array, offset: number, l1Table: Uint8Array, backing: BlockDevice | undefined, fresh: boolean): Promise<void> | undefined {
     if (this.header.cryptMethod !== 0) throw encryptedError(this.name, this.header);
+    if (this.header.incompatibleFeatures & INCOMPAT_DATA_FILE && !this.dataStore) throw noDataFileError(this.name);
     const end = offset + out.length;
     const extents: Extent[] = [];
     const at = this.mapCached(extents, offset, end, l1Table);
@@ -440,6 +442,8 @@ export class Qcow2Image implements BlockDevice {
   /** The write engine, loading the refcount table on first use. Refused for read-only and corrupt images. */
   async writer(): Promise<WriteEngine> {
     if (this.header.cryptMethod !== 0) throw encryptedError(this.name, this.header);
+    if (this.header.incompatibleFeatures & INCOMPAT_DATA_FILE && !this.dataStore) throw noDataFileError(this.name);
+    if (this.header.incompatibleFeatures & INCOMPAT_DATA_FILE && !this.dataStore) throw noDataFileError(this.name);
     if (this.readOnly) throw new ReadOnlyError(this.name, 'image is open read-only');
     if (!this.enginePromise) {
       this.enginePromise = writeSide()
@@ -614,4 +618,9 @@ class SnapshotView implements BlockDevice {
 /** The engine does not decrypt: an encrypted image's data is neither read nor written. */
 function encryptedError(file: string, header: Qcow2Header): UnsupportedError {
   return new UnsupportedError(file, 'encryption', `encrypted images are not supported (crypt_method ${header.cryptMethod} at offset 32)`);
+}
+
+/** An image whose data lives in an external file that was not found (opened for its metadata only). */
+function noDataFileError(file: string): FormatError {
+  return new FormatError(file, 'the image keeps its data in an external data file, but none was given or named in the header', { field: 'data file' });
 }

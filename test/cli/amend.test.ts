@@ -35,10 +35,10 @@ async function amendBoth(ours: string, theirs: string, options: string, identica
 }
 
 /** Both tools refuse `amend -o OPTIONS` with the same message, exit 1, and leave the file as it was. */
-async function expectSameRefusal(ours: string, theirs: string, options: string): Promise<void> {
+async function expectSameRefusal(ours: string, theirs: string, options: string, cwd?: string): Promise<void> {
   const before = await readFile(ours);
   const a = await qcow86(['amend', '-o', options, ours]);
-  const b = await run('qemu-img', ['amend', '-o', options, theirs]);
+  const b = await run('qemu-img', ['amend', '-o', options, theirs], cwd === undefined ? {} : { cwd });
   expect(b.exitCode, options).toBe(1);
   expect(a.exitCode, options).toBe(1);
   expect(a.stderr.replace(/^qcow86 amend: /gm, 'qemu-img: '), options).toBe(b.stderr);
@@ -176,6 +176,40 @@ describe('amend', () => {
     // Two references to a cluster do not fit in one bit: refused before anything is written.
     const [o4, t4] = await withSnapshot({ size: '2M' });
     await expectSameRefusal(o4, t4, 'refcount_bits=1');
+  });
+
+  it('data_file renames the recorded external data file (or drops the name), data_file_raw=off clears the flag: byte-identical to qemu-img', async () => {
+    const dir = tempDir();
+    const withData = async (name: string, raw: boolean) => {
+      const ours = await makeImage({ path: join(dir, `${name}.qcow2`), size: '1M', dataFile: `${name}.raw`, dataFileRaw: raw }, [{ offset: 0, length: 64 * K, pattern: 3 }]);
+      await copyFile(ours, `${ours}.theirs`);
+      return [ours, `${ours}.theirs`] as const;
+    };
+    for (const [name, raw, options] of [['rename', false, 'data_file=other.raw'], ['unname', false, 'data_file='], ['unraw', true, 'data_file_raw=off'], ['keepraw', true, 'data_file_raw=on'], ['both', true, 'data_file=other.raw,data_file_raw=off']] as const) {
+      const [ours, theirs] = await withData(name, raw);
+      const result = await qcow86(['amend', '-o', options, ours]);
+      expect(result.exitCode, result.stderr).toBe(0);
+      // qemu-img 7.2 opens a relative data file name from its working directory.
+      const theirResult = await run('qemu-img', ['amend', '-o', options, theirs], { cwd: dir });
+      expect(theirResult.exitCode, theirResult.stderr).toBe(0);
+      expect(Buffer.compare(await readFile(ours), await readFile(theirs)), `${options}: files differ`).toBe(0);
+    }
+    // info reads an image whose data file lost its name, as qemu-img does (its data cannot be read).
+    const unnamed = join(dir, 'unname.qcow2');
+    const info = await qcow86(['info', '--output=json', unnamed]);
+    expect(info.exitCode, info.stderr).toBe(0);
+    const theirInfo = JSON.parse((await run('qemu-img', ['info', '--output=json', unnamed], { cwd: dir })).stdout);
+    const ourInfo = JSON.parse(info.stdout);
+    delete theirInfo['actual-size'];
+    delete ourInfo['actual-size'];
+    expect(ourInfo).toEqual(theirInfo);
+    expect((await qcow86(['convert', '-O', 'raw', unnamed, join(dir, 'x.raw')])).exitCode).toBe(1);
+
+    const [rawOurs, rawTheirs] = await withData('refused-raw', false);
+    await expectSameRefusal(rawOurs, rawTheirs, 'data_file_raw=on', dir);
+    await expectSameRefusal(rawOurs, rawTheirs, 'data_file_raw=maybe', dir);
+    const [plainOurs, plainTheirs] = await pair({ size: '1M' }, []);
+    await expectSameRefusal(plainOurs, plainTheirs, 'data_file=x.raw');
   });
 
   it('zstd without compressed clusters downgrades; refusals match qemu-img', async () => {

@@ -1,6 +1,6 @@
 /**
  * `qcow86 amend [-f qcow2] [-p] [-q] -o OPTIONS FILE`: qemu-img amend for qcow2: compat=0.10|1.1,
- * refcount_bits, lazy_refcounts=on|off, and size (a resize). The image is opened for writing under the write lock (a dirty
+ * refcount_bits, data_file (the recorded name), data_file_raw=off, lazy_refcounts=on|off, and size (a resize). The image is opened for writing under the write lock (a dirty
  * lazy-refcounts image has its refcounts rebuilt by that open, before anything else). Options qemu-img only
  * accepts at creation, and the ones qcow86 does not amend, are refused with qemu-img's wording.
  */
@@ -68,7 +68,13 @@ export async function run(args: string[]): Promise<number> {
       case 'backing_fmt':
         return fail("Cannot amend the backing file\nYou can use 'qcow86 rebase' instead.");
       case 'data_file':
+        amend.dataFile = value;
+        break;
       case 'data_file_raw':
+        if (['on', 'yes', 'true', 'y'].includes(value)) amend.dataFileRaw = true;
+        else if (['off', 'no', 'false', 'n'].includes(value)) amend.dataFileRaw = false;
+        else return fail(`Parameter 'data_file_raw' expects 'on' or 'off'`);
+        break;
       case 'encrypt.format':
         return fail(`Changing '${key}' with amend is not supported by qcow86`);
       default:
