@@ -30,6 +30,8 @@ export interface OpenPathOptions {
   repair?: boolean;
   /** Open encrypted images for their metadata (info). */
   metadataOnly?: boolean;
+  /** Open as qemu-img check does (a missing refcount table is reported by the check, not refused). */
+  forCheck?: boolean;
 }
 
 export async function openPath(path: string, options: OpenPathOptions = {}): Promise<BlockDevice> {
@@ -43,6 +45,7 @@ export async function openPath(path: string, options: OpenPathOptions = {}): Pro
     openBacking: options.openBacking ?? true,
     repair: options.repair === true,
     metadataOnly: options.metadataOnly === true,
+    forCheck: options.forCheck === true,
     ...(options.l2CacheSize !== undefined ? { l2CacheSize: options.l2CacheSize } : {}),
   });
 }

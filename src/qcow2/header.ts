@@ -153,7 +153,8 @@ export function peekClusterBits(file: string, bytes: Uint8Array): number {
  * Decodes and validates the header. `cluster0` holds the start of the file (the whole first cluster, or the whole
  * file if shorter); `fileSize` bounds every table.
  */
-export function parseHeader(file: string, cluster0: Uint8Array, fileSize: number): Qcow2Header {
+/** `forCheck`: read as qemu-img check opens an image (BDRV_O_CHECK), which lets a missing refcount table through to be reported. */
+export function parseHeader(file: string, cluster0: Uint8Array, fileSize: number, forCheck = false): Qcow2Header {
   const fail = (message: string, field: string, offset: number, value?: bigint | number | string): never => {
     throw new FormatError(file, message, { field, offset, value });
   };
@@ -230,7 +231,7 @@ export function parseHeader(file: string, cluster0: Uint8Array, fileSize: number
     fail(`refcount_table_clusters ${refcountTableClusters} at offset 56 exceeds QEMU's limit of 8 MiB for the refcount table`, 'refcount_table_clusters', 56, refcountTableClusters);
   }
   const refcountTableOffset = tableOffset(file, cluster0, 48, 'refcount_table_offset', refcountTableClusters * clusterSize, clusterSize, fileSize);
-  if (refcountTableClusters === 0) fail('refcount_table_clusters at offset 56 is 0: the image has no refcount table', 'refcount_table_clusters', 56, 0);
+  if (refcountTableClusters === 0 && !forCheck) fail('refcount_table_clusters at offset 56 is 0: the image has no refcount table', 'refcount_table_clusters', 56, 0);
 
   const nbSnapshots = u32(cluster0, 60);
   if (nbSnapshots > MAX_SNAPSHOTS) fail(`nb_snapshots ${nbSnapshots} at offset 60 exceeds QEMU's limit of ${MAX_SNAPSHOTS}`, 'nb_snapshots', 60, nbSnapshots);

@@ -56,6 +56,8 @@ export interface Qcow2OpenOptions {
    * reading or writing its data is then refused.
    */
   metadataOnly?: boolean;
+  /** Open as qemu-img check does: a refcount table of 0 clusters is a finding, not a refusal. */
+  forCheck?: boolean;
 }
 
 export class Qcow2Image implements BlockDevice {
@@ -117,13 +119,13 @@ export class Qcow2Image implements BlockDevice {
   }
 
   /** Reads and validates the header, the active L1 table and the snapshot table. */
-  static async readMetadata(store: ByteStore): Promise<{ header: Qcow2Header; l1Table: Uint8Array; snapshots: Snapshot[]; fileSize: number }> {
+  static async readMetadata(store: ByteStore, forCheck = false): Promise<{ header: Qcow2Header; l1Table: Uint8Array; snapshots: Snapshot[]; fileSize: number }> {
     const fileSize = await store.size();
     const start = await store.read(0, 112);
     const clusterBits = peekClusterBits(store.name, start);
     const clusterSize = clusterBits >= 9 && clusterBits <= 21 ? 2 ** clusterBits : 512;
     const cluster0 = clusterSize <= start.length ? start : await store.read(0, Math.min(clusterSize, fileSize));
-    const header = parseHeader(store.name, cluster0, fileSize);
+    const header = parseHeader(store.name, cluster0, fileSize, forCheck);
     const l1Table = header.l1Size ? await readExact(store, header.l1TableOffset, header.l1Size * 8, 'L1 table') : new Uint8Array(0);
     const snapshots = await readSnapshotTable(store, header.snapshotsOffset, header.nbSnapshots, Math.floor(header.size / 512) * 512);
     return { header, l1Table, snapshots, fileSize };
@@ -134,7 +136,7 @@ export class Qcow2Image implements BlockDevice {
    * backing chains). Refuses what cannot be read correctly; refuses write access where QEMU would.
    */
   static async open(store: ByteStore, options: Qcow2OpenOptions): Promise<Qcow2Image> {
-    const { header, l1Table, snapshots } = await Qcow2Image.readMetadata(store);
+    const { header, l1Table, snapshots } = await Qcow2Image.readMetadata(store, options.forCheck === true);
     if (header.cryptMethod !== 0 && !options.metadataOnly) throw encryptedError(store.name, header);
     if (header.incompatibleFeatures & INCOMPAT_DATA_FILE && !options.dataStore && !options.metadataOnly) throw noDataFileError(store.name);
     let readOnly = options.readOnly || store.readOnly;

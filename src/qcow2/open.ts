@@ -36,6 +36,8 @@ export interface OpenOptions {
   repair?: boolean;
   /** Open encrypted qcow2 images too, for their metadata only (info): reading their data is refused. */
   metadataOnly?: boolean;
+  /** Open the top image as qemu-img check does (see Qcow2OpenOptions.forCheck). */
+  forCheck?: boolean;
 }
 
 /**
@@ -150,7 +152,8 @@ async function openLayer(
       const backing = backingName !== undefined && options.openBacking !== false ? await openBacking(store, backingName, undefined, path, options) : undefined;
       return await QcowV1Image.open(store, { backing, codecs: options.codecs });
     }
-    const { header } = await Qcow2Image.readMetadata(store);
+    const forCheck = chain.length === 0 && options.forCheck === true;
+    const { header } = await Qcow2Image.readMetadata(store, forCheck);
     let dataStore: ByteStore | undefined;
     if (header.incompatibleFeatures & INCOMPAT_DATA_FILE && header.dataFile !== undefined) {
       if (!options.resolver) throw new UnsupportedError(store.name, 'data file', `cannot open external data file '${header.dataFile}': no resolver given`);
@@ -161,7 +164,7 @@ async function openLayer(
         ? await openBacking(store, header.backingFile, header.backingFormat, path, options)
         : undefined;
     if (backing) await checkBackingValidator(store, header, backing, options);
-    return await Qcow2Image.open(store, { readOnly, codecs: options.codecs, backing, dataStore, l2CacheSize: options.l2CacheSize, repair: chain.length === 0 && options.repair === true, metadataOnly: options.metadataOnly === true });
+    return await Qcow2Image.open(store, { readOnly, codecs: options.codecs, backing, dataStore, l2CacheSize: options.l2CacheSize, repair: chain.length === 0 && options.repair === true, metadataOnly: options.metadataOnly === true, forCheck });
   } catch (error) {
     await store.close().catch(() => {});
     throw error;

@@ -1,7 +1,8 @@
 /**
- * Header damage the damaged-image differential found (seed 2, long run), qemu-img 7.2 as the oracle:
+ * Header damage the damaged-image differential found (seeds 2 and 3, long runs), qemu-img 7.2 as the oracle:
  * - version 0 with the qcow magic: neither QEMU probe claims it, so it is a raw file; with -f qcow2 the version is
  *   refused by name;
+ * - refcount_table_clusters 0: opening refuses it, but qemu-img check opens images in check mode and reports it;
  * - an l1_size whose second byte changed (1 -> 39681 entries) names ~23,000 "L2 tables", nearly all past the end
  *   of the file: check must list qemu-img's 168,200 findings line for line, and in about the time qemu-img takes
  *   (it took 7-20 s and tripped the differential's 20 s hang guard).
@@ -48,6 +49,20 @@ describe('damaged header fields', () => {
     const forced = await qcow86(['info', '-f', 'qcow2', path]);
     expect(forced.exitCode).toBe(1);
     expect(forced.stderr).toMatch(/unsupported qcow2 version 0/);
+  });
+
+  it('refcount_table_clusters 0: check reports every cluster as qemu-img check does (it opens such an image in check mode), convert is refused by both', async () => {
+    const path = await damaged('no-reftable.qcow2', 59, 0);
+    const theirs = await run('qemu-img', ['check', path]);
+    const ours = await qcow86(['check', path]);
+    expect(theirs.exitCode).toBe(2);
+    expect(ours.exitCode).toBe(2);
+    expect(ours.stdout).toBe(theirs.stdout);
+    expect(ours.stderr).toBe(theirs.stderr);
+    expect((await run('qemu-img', ['convert', '-O', 'raw', path, join(dir, 'nr-theirs.raw')])).exitCode).toBe(1);
+    const converted = await qcow86(['convert', '-O', 'raw', path, join(dir, 'nr-ours.raw')]);
+    expect(converted.exitCode).toBe(1);
+    expect(converted.stderr).toMatch(/refcount_table_clusters at offset 56 is 0/);
   });
 
   it('l1_size 39681: check lists the same 168,200 findings and summary as qemu-img, within 10 s', async () => {
