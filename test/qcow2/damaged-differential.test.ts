@@ -234,17 +234,16 @@ async function compare(c: Case): Promise<string[]> {
     intended.push('headerTable');
     // Refused on open: convert must refuse it the same way (qemu-img may convert it).
     if (o.convert.exitCode !== 1 || !INTENDED.headerTable.ours.test(o.convert.stderr)) problems.push(`convert should refuse like check: ${o.convert.stderr}`);
-  } else if (o.check.exitCode === 1 && q.check.exitCode === 1 && o.check.stdout === '' && q.check.stdout === '') {
-    // Neither could check the image (both refused to open it, or the check failed before a summary, e.g. on a
-    // snapshot's L1 table at 2^63): no findings to compare, but convert must still agree.
-    if ((q.convert.exitCode === 0) !== (o.convert.exitCode === 0)) {
-      problems.push(`convert exit code ${o.convert.exitCode} (${o.convert.stderr.trim()}), qemu-img ${q.convert.exitCode} (${q.convert.stderr.trim()}) where neither check could finish`);
-    } else if (q.convert.exitCode === 0 && q.rawHash !== o.rawHash) problems.push('convert: different bytes');
   } else {
-    if (o.check.exitCode !== q.check.exitCode) problems.push(`check exit code ${o.check.exitCode}, qemu-img ${q.check.exitCode}`);
-    const theirFindings = findings(q.check, /^qemu-img: /);
-    const ourFindings = findings(o.check, /^qcow86 check: /);
-    if (theirFindings !== ourFindings) problems.push(`check output differs:\n${lineDiff(theirFindings, ourFindings)}`);
+    // When neither could check the image (both refused to open it, or the check failed before a summary, e.g. on
+    // a snapshot's L1 table at 2^63) there are no findings to compare; convert is compared either way.
+    const neitherChecked = o.check.exitCode === 1 && q.check.exitCode === 1 && o.check.stdout === '' && q.check.stdout === '';
+    if (!neitherChecked) {
+      if (o.check.exitCode !== q.check.exitCode) problems.push(`check exit code ${o.check.exitCode}, qemu-img ${q.check.exitCode}`);
+      const theirFindings = findings(q.check, /^qemu-img: /);
+      const ourFindings = findings(o.check, /^qcow86 check: /);
+      if (theirFindings !== ourFindings) problems.push(`check output differs:\n${lineDiff(theirFindings, ourFindings)}`);
+    }
     const bothConverted = q.convert.exitCode === 0 && o.convert.exitCode === 0;
     if (bothConverted && q.rawHash !== o.rawHash) problems.push('convert: different bytes');
     if (q.convert.exitCode === 0 && o.convert.exitCode !== 0 && activeL2PastEof(c.bytes) && INTENDED.l2PastEof.ours.test(o.convert.stderr)) {
