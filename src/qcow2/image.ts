@@ -70,6 +70,8 @@ export class Qcow2Image implements BlockDevice {
   private readonly decompressing = new Map<number, Promise<Uint8Array>>();
   /** The write side (write-path.ts), created on the first modification of an image opened for writing. */
   private engine: WriteEngine | undefined;
+  /** Set when the image was opened for its metadata only (encrypted, or its data file unnamed): data is refused. */
+  private readonly refuseData: (() => Error) | undefined;
   private enginePromise: Promise<WriteEngine> | undefined;
 
   protected constructor(
@@ -86,6 +88,9 @@ export class Qcow2Image implements BlockDevice {
   ) {
     this.clusterSize = clusterSizeOf(header);
     this.geometry = makeGeometry(header.clusterBits, hasExtendedL2(header), dataStore !== undefined, header.version);
+    // Decided once: reads check it on every call.
+    if (header.cryptMethod !== 0) this.refuseData = () => encryptedError(store.name, header);
+    else if (header.incompatibleFeatures & INCOMPAT_DATA_FILE && !dataStore) this.refuseData = () => noDataFileError(store.name);
     this.l2Cache = new L2Cache(Math.max(2, Math.floor(l2CacheSize / this.clusterSize)));
   }
 
@@ -305,8 +310,7 @@ export class Qcow2Image implements BlockDevice {
    * with its L2 table cached, most of a sparse disk, costs no promise beyond the caller's own.
    */
   private fill(out: Uint8Array, offset: number, l1Table: Uint8Array, backing: BlockDevice | undefined, fresh: boolean): Promise<void> | undefined {
-    if (this.header.cryptMethod !== 0) throw encryptedError(this.name, this.header);
-    if (this.header.incompatibleFeatures & INCOMPAT_DATA_FILE && !this.dataStore) throw noDataFileError(this.name);
+    if (this.refuseData) throw this.refuseData();
     const end = offset + out.length;
     const extents: Extent[] = [];
     const at = this.mapCached(extents, offset, end, l1Table);
@@ -443,9 +447,7 @@ export class Qcow2Image implements BlockDevice {
 
   /** The write engine, loading the refcount table on first use. Refused for read-only and corrupt images. */
   async writer(): Promise<WriteEngine> {
-    if (this.header.cryptMethod !== 0) throw encryptedError(this.name, this.header);
-    if (this.header.incompatibleFeatures & INCOMPAT_DATA_FILE && !this.dataStore) throw noDataFileError(this.name);
-    if (this.header.incompatibleFeatures & INCOMPAT_DATA_FILE && !this.dataStore) throw noDataFileError(this.name);
+    if (this.refuseData) throw this.refuseData();
     if (this.readOnly) throw new ReadOnlyError(this.name, 'image is open read-only');
     if (!this.enginePromise) {
       this.enginePromise = writeSide()
