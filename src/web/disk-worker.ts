@@ -192,6 +192,9 @@ async function write(offset: number, data: Uint8Array): Promise<void> {
     throw error;
   }
   s.map.noteWrite(offset, data.length);
+  // The page hears of unsaved bytes before the machine Worker hears the write is done (and stops counting it as
+  // its own): otherwise the page could show 'all saved' in between.
+  if (unsaved === 0) emit({ event: 'stats', stats: stats() });
   unsaved += data.length;
   clearTimeout(flushTimer);
   flushTimer = setTimeout(() => void serial(flush, 'flush').catch(reportError), FLUSH_DELAY_MS);
@@ -199,8 +202,10 @@ async function write(offset: number, data: Uint8Array): Promise<void> {
 
 async function flush(): Promise<void> {
   if (!session) return;
+  const had = unsaved;
   await session.device.flush();
   unsaved = 0;
+  if (had) emit({ event: 'stats', stats: stats() });
 }
 
 /**

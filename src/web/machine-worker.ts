@@ -33,6 +33,9 @@ function serialByte(byte: number): void {
   serial.push(byte);
   serialTimer ??= setTimeout(() => {
     serialTimer = undefined;
+    // The page must never learn of output the guest printed after a write before it learns of that write: a
+    // guest's 'sync; echo done' shown while the page still says 'all saved' invites closing the tab too early.
+    reportDirty();
     const bytes = Uint8Array.from(serial);
     serial = [];
     emit({ event: 'serial', bytes }, [bytes.buffer]);
@@ -83,12 +86,14 @@ function watchScreen(screen: TextScreen): void {
 // ---------------------------------------------------------------- the machine
 
 let lastDirty = -1;
-setInterval(() => {
+/** Tells the page how many written bytes this Worker still holds, when that changed. */
+function reportDirty(): void {
   const dirty = adapter?.unflushedBytes ?? 0;
   if (dirty === lastDirty) return;
   lastDirty = dirty;
   emit({ event: 'dirty', bytes: dirty });
-}, REPORT_MS);
+}
+setInterval(reportDirty, REPORT_MS);
 
 function start(request: MachineStart): void {
   const disk = new RemoteDisk(request.disk);

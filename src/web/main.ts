@@ -11,7 +11,7 @@ import { createConsole } from './console-view.js';
 import { MapView } from './map-view.js';
 import { ask, clearProblem, setPhase, showDisk, showProblem, showStats, type PhaseState } from './status-view.js';
 import { BootPhases } from './boot-phase.js';
-import type { OpenMode, OpenResult } from './protocol.js';
+import type { OpenMode, OpenResult, Stats } from './protocol.js';
 import { SessionUi } from './session-ui.js';
 import { v86StateMemoryBytes } from '../v86/session.js';
 
@@ -52,9 +52,13 @@ const sessions = new SessionUi(disk, {
   resumed: (session) => phases.resumed(session.name),
 });
 
+/** The disk Worker's last report, combined with the machine's unsaved bytes whenever either changes. */
+let lastStats: Stats | undefined;
+
 disk.on((event) => {
   switch (event.event) {
     case 'stats':
+      lastStats = event.stats;
       // Writes still held by the machine's disk adapter are unsaved too.
       showStats({ ...event.stats, unsaved: event.stats.unsaved + machine.dirtyBytes });
       phases.noteDiskReads(event.stats.guestReads);
@@ -129,6 +133,10 @@ async function start(): Promise<void> {
     switch (event.event) {
       case 'started':
         phases.started();
+        return;
+      case 'dirty':
+        // The saved indicator counts these bytes too: redraw it now, not at the next disk report.
+        if (lastStats) showStats({ ...lastStats, unsaved: lastStats.unsaved + event.bytes });
         return;
       case 'serial':
         terminal.write(event.bytes);
