@@ -48,8 +48,7 @@ export class FileStore implements ByteStore {
 
   readIntoSync(offset: number, into: Uint8Array): number {
     let done = 0;
-    // Same rule as readAt: a position past 2^53 is past the end of any file.
-    while (done < into.length && Number.isSafeInteger(offset + done) && offset >= 0) {
+    while (done < into.length && withinAnyFile(offset + done)) {
       const more = readSync(this.fd, into, done, into.length - done, offset + done);
       if (more === 0) break;
       done += more;
@@ -89,11 +88,17 @@ export class FileStore implements ByteStore {
   }
 }
 
+/**
+ * No file reaches 2^53 bytes: a position past that (a damaged table entry's offset) is past the end, where
+ * fs.read would throw a RangeError instead.
+ */
+function withinAnyFile(position: number): boolean {
+  return Number.isSafeInteger(position) && position >= 0;
+}
+
 /** One positional read; resolves with the byte count (0 at the end of the file). */
 export function readAt(fd: number, buffer: Uint8Array, at: number, length: number, position: number): Promise<number> {
-  // No file reaches 2^53 bytes: a position past that (a damaged table entry's offset) is past the end, where
-  // fs.read would throw a RangeError instead.
-  if (!Number.isSafeInteger(position) || position < 0) return Promise.resolve(0);
+  if (!withinAnyFile(position)) return Promise.resolve(0);
   return new Promise((resolve, reject) => read(fd, buffer, at, length, position, (error, bytesRead) => (error ? reject(error) : resolve(bytesRead))));
 }
 

@@ -89,8 +89,7 @@ export class Qcow2Image implements BlockDevice {
     this.clusterSize = clusterSizeOf(header);
     this.geometry = makeGeometry(header.clusterBits, hasExtendedL2(header), dataStore !== undefined, header.version);
     // Decided once: reads check it on every call.
-    if (header.cryptMethod !== 0) this.refuseData = () => encryptedError(store.name, header);
-    else if (header.incompatibleFeatures & INCOMPAT_DATA_FILE && !dataStore) this.refuseData = () => noDataFileError(store.name);
+    this.refuseData = dataRefusal(store.name, header, dataStore);
     this.l2Cache = new L2Cache(Math.max(2, Math.floor(l2CacheSize / this.clusterSize)));
   }
 
@@ -142,8 +141,8 @@ export class Qcow2Image implements BlockDevice {
    */
   static async open(store: ByteStore, options: Qcow2OpenOptions): Promise<Qcow2Image> {
     const { header, l1Table, snapshots } = await Qcow2Image.readMetadata(store, options.forCheck === true);
-    if (header.cryptMethod !== 0 && !options.metadataOnly) throw encryptedError(store.name, header);
-    if (header.incompatibleFeatures & INCOMPAT_DATA_FILE && !options.dataStore && !options.metadataOnly) throw noDataFileError(store.name);
+    const refusal = dataRefusal(store.name, header, options.dataStore);
+    if (refusal && !options.metadataOnly) throw refusal();
     let readOnly = options.readOnly || store.readOnly;
     if (!readOnly && header.incompatibleFeatures & INCOMPAT_CORRUPT && !options.repair) {
       throw new CorruptImageError(store.name, 'image is marked corrupt (incompatible feature bit 1): it can only be opened read-only until repaired with check -r');
@@ -619,12 +618,16 @@ class SnapshotView implements BlockDevice {
   }
 }
 
-/** The engine does not decrypt: an encrypted image's data is neither read nor written. */
-function encryptedError(file: string, header: Qcow2Header): UnsupportedError {
-  return new UnsupportedError(file, 'encryption', `encrypted images are not supported (crypt_method ${header.cryptMethod} at offset 32)`);
-}
-
-/** An image whose data lives in an external file that was not found (opened for its metadata only). */
-function noDataFileError(file: string): FormatError {
-  return new FormatError(file, 'the image keeps its data in an external data file, but none was given or named in the header', { field: 'data file' });
+/**
+ * Why an image's data can be neither read nor written, if it cannot: the engine does not decrypt, and an image
+ * whose external data file was not found has no data to read. Such images open for their metadata only.
+ */
+function dataRefusal(file: string, header: Qcow2Header, dataStore: ByteStore | undefined): (() => Error) | undefined {
+  if (header.cryptMethod !== 0) {
+    return () => new UnsupportedError(file, 'encryption', `encrypted images are not supported (crypt_method ${header.cryptMethod} at offset 32)`);
+  }
+  if (header.incompatibleFeatures & INCOMPAT_DATA_FILE && !dataStore) {
+    return () => new FormatError(file, 'the image keeps its data in an external data file, but none was given or named in the header', { field: 'data file' });
+  }
+  return undefined;
 }
