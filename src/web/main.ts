@@ -52,15 +52,18 @@ const sessions = new SessionUi(disk, {
   resumed: (session) => phases.resumed(session.name),
 });
 
-/** The disk Worker's last report, combined with the machine's unsaved bytes whenever either changes. */
+/** The disk Worker's last report, drawn with the machine's unsaved bytes whenever either changes. */
 let lastStats: Stats | undefined;
+function drawStats(): void {
+  // Writes still held by the machine's disk adapter are unsaved too.
+  if (lastStats) showStats({ ...lastStats, unsaved: lastStats.unsaved + machine.dirtyBytes });
+}
 
 disk.on((event) => {
   switch (event.event) {
     case 'stats':
       lastStats = event.stats;
-      // Writes still held by the machine's disk adapter are unsaved too.
-      showStats({ ...event.stats, unsaved: event.stats.unsaved + machine.dirtyBytes });
+      drawStats();
       phases.noteDiskReads(event.stats.guestReads);
       return;
     case 'map':
@@ -136,7 +139,7 @@ async function start(): Promise<void> {
         return;
       case 'dirty':
         // The saved indicator counts these bytes too: redraw it now, not at the next disk report.
-        if (lastStats) showStats({ ...lastStats, unsaved: lastStats.unsaved + event.bytes });
+        drawStats();
         return;
       case 'serial':
         terminal.write(event.bytes);
