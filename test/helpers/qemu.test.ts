@@ -2,7 +2,7 @@ import { describe, expect, it } from 'vitest';
 import { readFile, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { ioCommand, makeImage, qemuCheck, qemuConvertToRaw, qemuImg, qemuInfo, qemuMap, sha256, sha256Bytes, tempDir } from './qemu.js';
+import { ioCommand, makeImage, qemuCheck, qemuConvertToRaw, qemuImg, qemuInfo, qemuMap, runQemuImg, sha256, sha256Bytes, tempDir } from './qemu.js';
 
 // The helper is the oracle every engine test leans on: check it does what it says.
 describe('test/helpers/qemu', () => {
@@ -27,6 +27,31 @@ describe('test/helpers/qemu', () => {
     const map = await qemuMap(path);
     expect(map.find((e) => e.start <= 16384 && e.start + e.length > 16384)).toMatchObject({ data: true, present: true });
     expect(map.find((e) => e.start === 0)).toMatchObject({ data: false });
+  });
+
+  it('retries qemu-img only on the LUKS key-slot calibration failure', async () => {
+    // A stand-in qemu-img first in PATH: fails twice with QEMU's calibration message, then succeeds; a second
+    // mode fails with another message, which must not be retried.
+    const dir = tempDir();
+    const counter = join(dir, 'count');
+    await writeFile(join(dir, 'qemu-img'), `#!/bin/sh
+n=$(cat ${counter} 2>/dev/null || echo 0); n=$((n+1)); echo $n > ${counter}
+if [ "$1" = other ]; then echo "qemu-img: some other failure" >&2; exit 1; fi
+if [ $n -le 2 ]; then echo "qemu-img: x.qcow2: Unable to get accurate CPU usage" >&2; exit 1; fi
+echo created
+`, { mode: 0o755 });
+    const savedPath = process.env.PATH;
+    process.env.PATH = `${dir}:${savedPath}`;
+    try {
+      expect(await qemuImg(['create'])).toBe('created\n');
+      expect(await readFile(counter, 'utf8')).toBe('3\n');
+      await writeFile(counter, '0');
+      const other = await runQemuImg(['other']);
+      expect(other.exitCode).toBe(1);
+      expect(await readFile(counter, 'utf8')).toBe('1\n');
+    } finally {
+      process.env.PATH = savedPath;
+    }
   });
 
   it('spells qemu-io commands', () => {

@@ -51,9 +51,29 @@ async function runOrThrow(program: string, args: string[], options: { cwd?: stri
   return result.stdout;
 }
 
+/**
+ * QEMU calibrates LUKS key-slot iterations by timing PBKDF2 in CPU time; on a busy machine its first batch can
+ * measure 0 ms and `qemu-img create`/`convert`/`amend` then exits 1 with exactly this message. It says nothing
+ * about the image, so the oracle tries again.
+ */
+const LUKS_CALIBRATION_FAILURE = 'Unable to get accurate CPU usage';
+const LUKS_CALIBRATION_TRIES = 8;
+
+/** Runs qemu-img, retrying only where QEMU's LUKS key-slot calibration failed (see above). */
+export async function runQemuImg(args: string[], options: { cwd?: string } = {}): Promise<RunResult> {
+  for (let attempt = 1; ; attempt++) {
+    const result = await run('qemu-img', args, options);
+    if (result.exitCode === 0 || !result.stderr.includes(LUKS_CALIBRATION_FAILURE) || attempt === LUKS_CALIBRATION_TRIES) return result;
+  }
+}
+
 /** qemu-img with these arguments; returns stdout, throws with stderr on a non-zero exit. */
-export function qemuImg(args: string[], options: { cwd?: string } = {}): Promise<string> {
-  return runOrThrow('qemu-img', args, options);
+export async function qemuImg(args: string[], options: { cwd?: string } = {}): Promise<string> {
+  const result = await runQemuImg(args, options);
+  if (result.exitCode !== 0) {
+    throw new Error(`qemu-img ${args.join(' ')} exited with ${result.exitCode}:\n${result.stderr}${result.stdout}`);
+  }
+  return result.stdout;
 }
 
 /** qemu-io with these arguments; returns stdout, throws with stderr on a non-zero exit. */
