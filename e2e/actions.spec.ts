@@ -1,15 +1,17 @@
 /**
  * The tab's actions on one booted guest (boots are the expensive part): Open overlay by file picker and by
- * drag-and-drop refuses foreign and broken files in plain words while the guest keeps running, Reset disk asks
- * first and then really empties the disk, Restart reboots, Power off stops with the disk saved and Power on boots
- * the same disk again.
+ * drag-and-drop refuses foreign and broken files in plain words while the guest keeps running - a file that
+ * opens only read-only included, since it is opened read-write in a staging file before anything is replaced -
+ * and asks before replacing the disk (Cancel changes nothing), Reset disk asks first and then really empties the
+ * disk, Restart reboots, Power off stops with the disk saved and Power on boots the same disk again; with
+ * nothing unsaved, a reload goes without a question.
  */
 import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Page } from '@playwright/test';
-import { test, expect, consoleText, run, waitForConsole, waitForShell, waitSaved } from './fixtures.js';
+import { test, expect, consoleText, run, storedFiles, waitForConsole, waitForShell, waitSaved } from './fixtures.js';
 
 /** Drops `bytes` as a file named `name` on the page, the way a person drags a file from their desktop. */
 async function dropFile(page: Page, name: string, bytes: Buffer): Promise<void> {
@@ -38,7 +40,7 @@ async function refusal(page: Page): Promise<string> {
   return text;
 }
 
-test('Open overlay refuses foreign and broken files, Reset disk asks first, Restart and Power off/on', async ({ page, server }) => {
+test('Open overlay refuses foreign and broken files, Reset disk asks first, Restart and Power off/on', async ({ page, server, leavePrompts }) => {
   const dir = mkdtempSync(join(tmpdir(), 'qcow86-e2e-actions-'));
   try {
     await page.goto(server.url);
@@ -65,11 +67,36 @@ test('Open overlay refuses foreign and broken files, Reset disk asks first, Rest
     await dropFile(page, 'whole.qcow2', readFileSync(whole));
     expect(await refusal(page)).toContain('whole.qcow2 has no backing file');
 
+    // An overlay of this very base that opens read-only but not read-write (its corrupt bit is set, as QEMU
+    // leaves an image it found damaged): it is opened as it will be used, in a staging file, and refused there.
+    const corrupt = join(dir, 'corrupt.qcow2');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-b', baseUrl, '-F', 'qcow2', corrupt, '30408704']);
+    execFileSync('qemu-io', ['-c', 'write -P 0x5a 0 64k', corrupt]);
+    const bytes = readFileSync(corrupt);
+    bytes[79] = bytes[79]! | 0x02; // incompatible_features (bytes 72-79, big-endian): bit 1, corrupt
+    writeFileSync(corrupt, bytes);
+    execFileSync('qemu-img', ['info', '-U', corrupt]); // QEMU still reads it
+    await page.locator('#open-file').setInputFiles(corrupt);
+    expect(await refusal(page)).toMatch(/corrupt\.qcow2 cannot be used: .*marked corrupt/);
+    expect(await storedFiles(page), 'the staging file is gone, the stored disk is the only file').toHaveLength(1);
+
     // The guest was not rebooted by any of this: the same shell answers.
     await expect(page.getByTestId('phase')).toContainText('shell ready');
     await run(page, 'echo still-$((40 + 2)) > /reset-marker.txt; sync; cat /reset-marker.txt');
     await waitForConsole(page, /^still-42/m);
     await waitSaved(page);
+
+    // A good overlay of this base: the page asks before it replaces the disk; Cancel leaves everything as it was.
+    const good = join(dir, 'good.qcow2');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-b', baseUrl, '-F', 'qcow2', good, '30408704']);
+    const stored = await storedFiles(page);
+    await page.locator('#open-file').setInputFiles(good);
+    const replace = page.locator('dialog');
+    await expect(replace).toContainText('Replace this disk with good.qcow2?');
+    await expect(replace).toContainText(/unless you download it first/);
+    await replace.getByRole('button', { name: 'Cancel' }).click();
+    await expect(replace).toBeHidden();
+    await expect.poll(() => storedFiles(page)).toEqual(stored);
 
     // Reset disk: Cancel keeps everything.
     await page.getByRole('button', { name: 'Reset disk…' }).click();
@@ -107,6 +134,17 @@ test('Open overlay refuses foreign and broken files, Reset disk asks first, Rest
     await waitForShell(page);
     await run(page, 'cat /power-marker.txt');
     await waitForConsole(page, /^power-42/m);
+
+    // Powered off, everything is saved: leaving the page asks nothing (the question is for unsaved writes, see
+    // storage.spec.ts). The page says whether the browser promised to keep its storage: not in this profile.
+    await expect(page.getByTestId('persistence')).toHaveText(/not persistent: the browser may evict this disk .*Download overlay/);
+    await page.getByRole('button', { name: 'Power off' }).click();
+    await expect(page.getByTestId('phase')).toContainText('Powered off — the disk is saved');
+    await expect(page.getByTestId('overlay-saved')).toHaveText(/all saved/);
+    leavePrompts.answer = 'dismiss';
+    await page.reload();
+    await expect(page.getByTestId('overlay-name')).toContainText('browser storage');
+    expect(leavePrompts.asked).toEqual([]);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

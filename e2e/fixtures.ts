@@ -2,13 +2,43 @@
  * Playwright fixtures for the tab: a server per worker (dev or nginx, from the project's metadata), and helpers
  * that read the guest's serial console from the DOM (xterm.js's DOM renderer puts the text there).
  */
-import { test as base, expect, type Page } from '@playwright/test';
+import { basename } from 'node:path';
+import { test as base, expect, type BrowserContext, type Page } from '@playwright/test';
 import { startServer, type Server, type ServerKind } from './servers.js';
 import { MainThreadSampler, type TaskCost } from './main-thread.js';
 
 export { expect };
 
-export const test = base.extend<{ longTasks: LongTasks }, { server: Server }>({
+/**
+ * The page asks before it goes away while guest writes are unsaved (beforeunload). Tests reload on purpose (a
+ * reload is a power cut for the guest), so every page of the test's context accepts that question unless the
+ * test says otherwise; each question is counted.
+ */
+export class LeavePrompts {
+  answer: 'accept' | 'dismiss' = 'accept';
+  /** The URL of the page each time it asked. */
+  readonly asked: string[] = [];
+
+  watch(context: BrowserContext): void {
+    context.on('dialog', (dialog) => {
+      if (dialog.type() !== 'beforeunload') return;
+      this.asked.push(dialog.page()?.url() ?? '');
+      void (this.answer === 'accept' ? dialog.accept() : dialog.dismiss());
+    });
+  }
+}
+
+export const test = base.extend<{ longTasks: LongTasks; leavePrompts: LeavePrompts }, { server: Server }>({
+  leavePrompts: async ({ context }, use) => {
+    const prompts = new LeavePrompts();
+    prompts.watch(context);
+    await use(prompts);
+  },
+  // Every test gets the prompt handling, whether it names the fixture or not.
+  page: async ({ page, leavePrompts }, use) => {
+    void leavePrompts;
+    await use(page);
+  },
   server: [
     async ({}, use, workerInfo) => {
       const kind = (workerInfo.project.metadata as { server?: ServerKind }).server ?? 'dev';
@@ -148,6 +178,27 @@ export async function run(page: Page, command: string, options: { noise?: RegExp
     await page.waitForTimeout(500);
   }
   await page.keyboard.press('Enter');
+}
+
+/**
+ * Open overlay with `file` (the file picker), confirming that it replaces the disk stored in the browser: the page
+ * checks the file first and asks only about one it can open.
+ */
+export async function openOverlayFile(page: Page, file: string): Promise<void> {
+  await page.locator('#open-file').setInputFiles(file);
+  const dialog = page.locator('dialog');
+  await expect(dialog).toContainText(`Replace this disk with ${basename(file)}?`);
+  await dialog.getByRole('button', { name: 'Replace disk' }).click();
+}
+
+/** The names in the tab's OPFS directory of overlays, sorted. */
+export async function storedFiles(page: Page): Promise<string[]> {
+  return page.evaluate(async () => {
+    const dir = await (await navigator.storage.getDirectory()).getDirectoryHandle('qcow86', { create: true });
+    const names: string[] = [];
+    for await (const name of (dir as unknown as { keys(): AsyncIterable<string> }).keys()) names.push(name);
+    return names.sort();
+  });
 }
 
 /** Waits until every guest write has been flushed to OPFS (the status panel says so). */

@@ -9,7 +9,7 @@ import { existsSync, mkdtempSync, rmSync, symlinkSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import type { Page } from '@playwright/test';
-import { test, expect, consoleText, run, waitForConsole, waitForShell, waitSaved } from './fixtures.js';
+import { test, expect, consoleText, openOverlayFile, run, waitForConsole, waitForShell, waitSaved } from './fixtures.js';
 import { ROOT } from './servers.js';
 import { buildEngine } from '../test/helpers/build.js';
 
@@ -140,7 +140,7 @@ test('save a session, resume it after a reload, download it, resume it in qcow86
       const other = await fresh.newPage();
       await other.goto(server.url);
       await expect(other.getByRole('button', { name: /Open overlay/ })).toBeEnabled({ timeout: 120_000 });
-      await other.locator('#open-file').setInputFiles(file);
+      await openOverlayFile(other, file);
       const resumedFirst = await acceptResume(other, /Resume the session saved in/);
       expect(resumedFirst).toBeGreaterThanOrEqual(before + 1);
       expect(resumedFirst).toBeLessThanOrEqual(after + 1);
@@ -164,7 +164,7 @@ test('a session saved by qcow86 boot with another memory size resumes in the tab
     qcow86(['boot', '--base', base, '--overlay', file, '--memory', '192M', '--timeout', '600', '--expect', '# ', '--send', `${COUNTER}\n`, '--expect', 'C=3', '--save-on-exit', 'counter'], dir);
     await page.goto(server.url);
     await expect(page.getByRole('button', { name: /Open overlay/ })).toBeEnabled({ timeout: 120_000 });
-    await page.locator('#open-file').setInputFiles(file);
+    await openOverlayFile(page, file);
     const first = await acceptResume(page, /Resume the session saved in/);
     expect(first).toBeGreaterThanOrEqual(3);
     await checkContinues(page, first);

@@ -9,7 +9,7 @@ import { createHash } from 'node:crypto';
 import { copyFileSync, mkdtempSync, rmSync, utimesSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { test, expect, run, waitForConsole, waitForShell, waitSaved, BOOT_TIMEOUT } from './fixtures.js';
+import { test, expect, openOverlayFile, run, waitForConsole, waitForShell, waitSaved, BOOT_TIMEOUT } from './fixtures.js';
 import { copyBase, ROOT, type Server } from './servers.js';
 
 const execFileAsync = promisify(execFile);
@@ -96,7 +96,7 @@ test('the guest boots, keeps its writes across a reload, and its overlay opens i
       await other.goto(server.url);
       // No need to let its own fresh disk boot first: Open overlay works as soon as the machine exists.
       await expect(other.getByRole('button', { name: /Open overlay/ })).toBeEnabled({ timeout: 120_000 });
-      await other.locator('#open-file').setInputFiles(file);
+      await openOverlayFile(other, file);
       // The machine restarts on the opened overlay: wait for that boot's shell, not the one before it.
       await expect(other.getByTestId('phase')).not.toContainText('shell ready');
       await waitForShell(other);

@@ -22,6 +22,20 @@ interface SyncCapableFileHandle extends FileSystemFileHandle {
 /** Thrown when the browser's storage quota does not let a write through: the UI says so in plain words. */
 export class QuotaError extends StoreError {}
 
+/**
+ * Called when a write or resize finds the site's storage full: frees what it can (kept copies, caches) and
+ * says whether anything was freed, in which case the operation is tried once more. Writes never reach the
+ * engine as failures that freeing space could have avoided.
+ */
+export type MakeRoom = () => Promise<boolean>;
+
+/**
+ * Chromium's in-memory file system (incognito profiles) answers a failed sync write with its internal file
+ * error code as the byte count instead of throwing: -8 (no space) arrives as 2^32 - 8. A count larger than the
+ * buffer is never a count.
+ */
+const CHROMIUM_NO_SPACE = 2 ** 32 - 8;
+
 /** The OPFS directory qcow86 keeps its files in (created on first use). */
 export async function opfsDirectory(name = 'qcow86'): Promise<FileSystemDirectoryHandle> {
   if (!('storage' in navigator) || typeof navigator.storage.getDirectory !== 'function') {
@@ -52,6 +66,23 @@ export async function opfsRemove(dir: FileSystemDirectoryHandle, name: string): 
 }
 
 /**
+ * Renames `from` to `to` within `dir`, replacing a file named `to`. Neither may be open through a sync handle.
+ * One rename: a crash leaves either name pointing at whole bytes, never a mix.
+ */
+export async function opfsRename(dir: FileSystemDirectoryHandle, from: string, to: string): Promise<void> {
+  const handle = (await dir.getFileHandle(from)) as FileSystemFileHandle & { move?(name: string): Promise<void> };
+  if (typeof handle.move !== 'function') throw new StoreError(`opfs:${dir.name}/${from}`, 'this browser cannot rename files in its private file system');
+  await handle.move(to);
+}
+
+/** The names in `dir` (files and directories). */
+export async function opfsNames(dir: FileSystemDirectoryHandle): Promise<string[]> {
+  const names: string[] = [];
+  for await (const name of (dir as unknown as { keys(): AsyncIterable<string> }).keys()) names.push(name);
+  return names;
+}
+
+/**
  * A ByteStore over one OPFS file through a synchronous access handle. Must run in a dedicated Worker.
  * Writes are visible to reads at once; flush() makes them durable (the engine calls it at its ordering points).
  */
@@ -63,6 +94,7 @@ export class OpfsStore implements ByteStore {
     readonly name: string,
     private readonly handle: SyncHandle,
     readOnly: boolean,
+    private readonly makeRoom: MakeRoom | undefined,
   ) {
     this.readOnly = readOnly;
   }
@@ -71,7 +103,7 @@ export class OpfsStore implements ByteStore {
    * Opens (and with `create`, creates) `fileName` in `dir`. The store's name is `opfs:<dir>/<file>` so errors say
    * where the bytes live.
    */
-  static async open(dir: FileSystemDirectoryHandle, fileName: string, options: { create?: boolean; readOnly?: boolean } = {}): Promise<OpfsStore> {
+  static async open(dir: FileSystemDirectoryHandle, fileName: string, options: { create?: boolean; readOnly?: boolean; makeRoom?: MakeRoom } = {}): Promise<OpfsStore> {
     const name = `opfs:${dir.name}/${fileName}`;
     let file: SyncCapableFileHandle;
     try {
@@ -83,7 +115,7 @@ export class OpfsStore implements ByteStore {
       throw new StoreError(name, 'synchronous OPFS access is only available in a dedicated Worker');
     }
     try {
-      return new OpfsStore(name, await file.createSyncAccessHandle(), options.readOnly ?? false);
+      return new OpfsStore(name, await file.createSyncAccessHandle(), options.readOnly ?? false, options.makeRoom);
     } catch (error) {
       if ((error as DOMException).name === 'NoModificationAllowedError') {
         throw new LockError(name, 'the file is open elsewhere (another tab or worker holds it)');
@@ -114,24 +146,41 @@ export class OpfsStore implements ByteStore {
 
   async write(offset: number, data: Uint8Array): Promise<void> {
     this.checkWritable();
-    try {
-      let done = 0;
+    const what = `write of ${data.length} bytes at offset ${offset}`;
+    let done = 0;
+    await this.withRoom(what, () => {
       while (done < data.length) {
         const n = this.handle.write(data.subarray(done), { at: offset + done });
-        if (n <= 0) throw new StoreError(this.name, `write of ${data.length} bytes at offset ${offset} stopped after ${done} bytes`);
+        if (n === CHROMIUM_NO_SPACE) throw new DOMException('the browser reported no space for the write', 'QuotaExceededError');
+        if (n <= 0 || n > data.length - done) throw new StoreError(this.name, `${what} stopped after ${done} bytes (the browser answered ${n})`);
         done += n;
       }
-    } catch (error) {
-      throw this.translate(error, `write of ${data.length} bytes at offset ${offset}`);
-    }
+    });
   }
 
   async truncate(size: number): Promise<void> {
     this.checkWritable();
-    try {
+    await this.withRoom(`resize to ${size} bytes`, () => {
       this.handle.truncate(size);
+      // Chromium's in-memory file system leaves a file it cannot grow as it was, without an error.
+      const now = this.handle.getSize();
+      if (now !== size) throw new DOMException(`the file stayed ${now} bytes`, now < size ? 'QuotaExceededError' : 'InvalidStateError');
+    });
+  }
+
+  /** Runs a synchronous write step; when the storage is full, lets makeRoom free space and runs it once more. */
+  private async withRoom(what: string, step: () => void): Promise<void> {
+    try {
+      step();
+      return;
     } catch (error) {
-      throw this.translate(error, `resize to ${size} bytes`);
+      const failure = this.translate(error, what);
+      if (!(failure instanceof QuotaError) || !this.makeRoom || !(await this.makeRoom().catch(() => false))) throw failure;
+    }
+    try {
+      step();
+    } catch (error) {
+      throw this.translate(error, what);
     }
   }
 
@@ -220,6 +269,27 @@ export async function opfsPersistentBlocks(url: string, dirName = 'qcow86-base-b
   } catch {
     return undefined;
   }
+}
+
+/**
+ * Deletes every base's kept blocks (they are a cache: the blocks are fetched again when needed), to make room
+ * when the site's storage is full. A file another tab holds open cannot be deleted and stays. Returns the bytes
+ * freed.
+ */
+export async function removeKeptBlocks(dirName = 'qcow86-base-blocks'): Promise<number> {
+  const dir = await opfsDirectory(dirName);
+  let freed = 0;
+  for (const name of await opfsNames(dir)) {
+    if (!name.endsWith('.blocks')) continue;
+    try {
+      const size = (await (await dir.getFileHandle(name)).getFile()).size;
+      await dir.removeEntry(name);
+      freed += size;
+    } catch {
+      // Open in another tab (its sync handle is exclusive), or gone already.
+    }
+  }
+  return freed;
 }
 
 /**

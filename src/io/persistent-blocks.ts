@@ -48,6 +48,8 @@ export class PersistentBlocks {
   /** Blocks written since the last commit: their bits are set only once their bytes are flushed. */
   private readonly dirty = new Set<number>();
   private current: BlockVersion | undefined;
+  /** Closed (or discarded): every later call is a no-op, so a store still holding this object reads nothing. */
+  private closed = false;
 
   private constructor(private readonly file: SyncFile) {}
 
@@ -80,6 +82,7 @@ export class PersistentBlocks {
    * otherwise they are dropped first. Returns whether blocks were kept.
    */
   use(version: BlockVersion): boolean {
+    if (this.closed) return false;
     if (this.current && sameVersion(this.current, version)) return true;
     const header = new TextEncoder().encode(MAGIC + JSON.stringify(version) + '\n');
     this.dirty.clear();
@@ -144,6 +147,7 @@ export class PersistentBlocks {
 
   /** Drops every block (e.g. the image turned out to have changed). */
   clear(): void {
+    if (this.closed) return;
     this.dirty.clear();
     this.current = undefined;
     this.bitmap = new Uint8Array(0);
@@ -152,10 +156,27 @@ export class PersistentBlocks {
   }
 
   close(): void {
+    if (this.closed) return;
     try {
       this.commit();
     } finally {
+      this.closed = true;
+      this.current = undefined;
+      this.bitmap = new Uint8Array(0);
       this.file.close();
+    }
+  }
+
+  /**
+   * Empties the store and closes it, to give its space back (the site's storage is full); whoever still holds
+   * it finds no blocks and keeps none from now on. Afterwards its file can be deleted.
+   */
+  discard(): void {
+    if (this.closed) return;
+    try {
+      this.clear();
+    } finally {
+      this.close();
     }
   }
 

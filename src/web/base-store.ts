@@ -5,6 +5,7 @@
 import type { ByteStore } from '../qcow2/store.js';
 import { BOOT_HTTP_OPTIONS, HttpStore } from '../io/http.js';
 import { opfsPersistentBlocks } from '../io/opfs.js';
+import type { PersistentBlocks } from '../io/persistent-blocks.js';
 
 export interface BaseStats {
   fetched: number;
@@ -26,6 +27,7 @@ export function baseStats(store: ByteStore): BaseStats {
  * Opens the base tuned for booting, as the CLI does, with its blocks kept in OPFS: a reload (or a Reset disk) reads the blocks this browser already
  * fetched from there, after one conditional request confirms the server still has that version.
  */
-export async function openBaseStore(url: string): Promise<ByteStore> {
-  return HttpStore.open(url, { ...BOOT_HTTP_OPTIONS, persist: await opfsPersistentBlocks(url) });
+export async function openBaseStore(url: string): Promise<{ store: ByteStore; kept: PersistentBlocks | undefined }> {
+  const kept = await opfsPersistentBlocks(url);
+  return { store: await HttpStore.open(url, { ...BOOT_HTTP_OPTIONS, persist: kept }), kept };
 }

@@ -7,7 +7,7 @@ import type { ByteStore, StoreResolver } from '../qcow2/store.js';
 import { openImage, probeFormat, Qcow2Image, BackingChainError, HttpError } from '../qcow2/index.js';
 import { isVersionChange } from '../io/http-range.js';
 import { createQcow2 } from '../qcow2/create.js';
-import { backingValidatorOf } from '../qcow2/header.js';
+import { backingValidatorOf, INCOMPAT_DATA_FILE } from '../qcow2/header.js';
 import { BlobStore } from '../io/opfs.js';
 import { openBaseStore, baseStats, type BaseStats } from './base-store.js';
 import type { ProblemKind } from './protocol.js';
@@ -19,13 +19,44 @@ export interface BaseHandle {
   device: BlockDevice;
   format: 'qcow2' | 'qcow' | 'raw';
   stats(): BaseStats;
+  /**
+   * Deletes the base's blocks kept in this browser and keeps none from now on (the site's storage is full: the
+   * overlay needs the room more). True when there were blocks to delete.
+   */
+  dropKeptBlocks(): boolean;
 }
 
 export async function openBase(url: string): Promise<BaseHandle> {
-  const store = await openBaseStore(url);
-  const format = await probeFormat(store);
-  const device = await openImage(shared(store), { format, readOnly: true });
-  return { url, store, device, format, stats: () => baseStats(store) };
+  const { store, kept } = await openBaseStore(url);
+  try {
+    const format = await probeFormat(store);
+    // The base is the one file this page reaches: a base that names a backing or data file is refused by name.
+    const device = await openImage(shared(store), { format, readOnly: true, resolver: refuseNamedFiles(url) });
+    return {
+      url,
+      store,
+      device,
+      format,
+      stats: () => baseStats(store),
+      dropKeptBlocks: () => {
+        const held = (kept?.count ?? 0) > 0;
+        kept?.discard();
+        return held;
+      },
+    };
+  } catch (error) {
+    await store.close().catch(() => {});
+    throw error;
+  }
+}
+
+/** For the base itself: every file it names is out of reach. */
+function refuseNamedFiles(url: string): StoreResolver {
+  return {
+    async open(name) {
+      throw new Error(`the base image ${url} names another file (${name}); this page reaches only the base image itself, never a file an image names`);
+    },
+  };
 }
 
 /** A view of `store` whose close() does nothing: several images open the one base, and closing one must not end it. */
@@ -81,21 +112,21 @@ function sharedOverlay(store: ByteStore): ByteStore {
 }
 
 /**
- * Checks that a picked file is a qcow2 overlay of this page's base. Returns a sentence for a person when it is
- * not, undefined when it is.
+ * Checks from its header that a picked file is a qcow2 overlay of this page's base. Returns a sentence for a
+ * person when it is not, undefined when it may be (the caller then opens it read-write, in a staging file).
  */
-export async function validateImport(file: Blob, baseUrl: string, base: BaseHandle): Promise<string | undefined> {
-  const store = new BlobStore(file instanceof File ? file.name : 'the chosen file', file);
-  if ((await probeFormat(store)) !== 'qcow2') return `${store.name} is not a qcow2 image.`;
+export async function validateImport(file: Blob, fileName: string, baseUrl: string, base: BaseHandle): Promise<string | undefined> {
+  const store = new BlobStore(fileName, file);
+  if ((await probeFormat(store)) !== 'qcow2') return `${fileName} is not a qcow2 image.`;
   let metadata;
   try {
     metadata = await Qcow2Image.readMetadata(store);
   } catch (error) {
-    return `${store.name} is not a valid qcow2 image: ${(error as Error).message}`;
+    return `${fileName} is not a valid qcow2 image: ${(error as Error).message}`;
   }
   const { header } = metadata;
   if (header.backingFile === undefined) {
-    return `${store.name} has no backing file: it is a whole disk, not an overlay of ${baseUrl}.`;
+    return `${fileName} has no backing file: it is a whole disk, not an overlay of ${baseUrl}.`;
   }
   let wanted: string;
   try {
@@ -104,20 +135,18 @@ export async function validateImport(file: Blob, baseUrl: string, base: BaseHand
     wanted = header.backingFile;
   }
   if (wanted !== baseUrl) {
-    return `${store.name} is an overlay of a different base image (${header.backingFile}); this page runs ${baseUrl}. Open the page with ?base=${header.backingFile} to use it.`;
+    return `${fileName} is an overlay of a different base image (${header.backingFile}); this page runs ${baseUrl}. Open the page with ?base=${header.backingFile} to use it.`;
+  }
+  if (header.dataFile !== undefined || (header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n) {
+    // Its data would live in another file, which this page would have to reach: it reaches only its base.
+    return `${fileName} keeps its data in an external data file${header.dataFile !== undefined ? ` (${header.dataFile})` : ''}; this page keeps a disk whole in the browser and reaches no file but its base image.`;
   }
   if (header.size !== base.device.virtualSize) {
-    return `${store.name} describes a ${header.size}-byte disk, but the base is ${base.device.virtualSize} bytes: it was not made for this base.`;
+    return `${fileName} describes a ${header.size}-byte disk, but the base is ${base.device.virtualSize} bytes: it was not made for this base.`;
   }
   const recorded = backingValidatorOf(header);
   if (recorded !== undefined && base.store.validator !== undefined && recorded !== base.store.validator) {
-    return `${store.name} was made for an earlier version of ${baseUrl} (version ${recorded}; the server now has ${base.store.validator}). Its changes cannot be applied to the new base.`;
-  }
-  try {
-    const image = await openImage(store, { format: 'qcow2', readOnly: true, resolver: resolver(base) });
-    await image.close();
-  } catch (error) {
-    return `${store.name} cannot be used: ${(error as Error).message}`;
+    return `${fileName} was made for an earlier version of ${baseUrl} (version ${recorded}; the server now has ${base.store.validator}). Its changes cannot be applied to the new base.`;
   }
   return undefined;
 }

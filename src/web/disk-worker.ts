@@ -9,11 +9,15 @@
 import type { BlockDevice } from '../qcow2/device.js';
 import { LockError, BackingChainError } from '../qcow2/errors.js';
 import { MemoryStore } from '../io/memory.js';
-import { OpfsStore, BlobStore, QuotaError, opfsDirectory, opfsExists } from '../io/opfs.js';
+import { OpfsStore, BlobStore, QuotaError, opfsDirectory, opfsExists, type MakeRoom } from '../io/opfs.js';
 import { DiskMap } from './disk-map.js';
 import { describeBaseProblem, makeOverlay, openBase, openTop, validateImport, type BaseHandle } from './disk-open.js';
-import type { OpenRequest, OpenResult, ProblemKind, Reply, Request, Stats, WorkerEvent } from './protocol.js';
+import type { OpenRequest, OpenResult, ProblemKind, Reply, Request, StagedImport, Stats, WorkerEvent } from './protocol.js';
 import { deleteSessionById, resumeSessionState, saveSessionState, sessionsOf } from './disk-sessions.js';
+import { tryLock, writerLock } from './web-locks.js';
+import { copyToFile, dropPrevious, dropStaged, makeRoomFor, recoverReplacement, stageFile, swapBack, swapIn } from './overlay-files.js';
+import { serveCopies, sweepCopies, takeCopy } from './readonly-copy.js';
+import { formatBytes } from './format.js';
 
 interface WorkerScope {
   postMessage(message: unknown, transfer?: Transferable[]): void;
@@ -37,6 +41,11 @@ class ProblemError extends Error {
   }
 }
 
+/** What a person reads when the overlay's writes do not fit any more, and what to do about it. */
+const QUOTA_MESSAGE =
+  "The browser's storage for this site is full, so the guest's latest writes could not be saved (the base image's blocks kept in this browser were already deleted to make room). " +
+  'Download overlay now: it holds the disk as last saved. Then free space (on this computer, or other sites’ data in the browser’s settings) and reload the page to go on; the writes that did not fit are lost.';
+
 interface Session {
   device: BlockDevice;
   base: BaseHandle;
@@ -44,11 +53,23 @@ interface Session {
   overlayName: string;
   mode: OpenRequest['mode'];
   map: DiskMap;
-  releaseLock: (() => void) | undefined;
+  /** Ends what the session holds besides its stores: the writer lock and copy service, or a read-only copy. */
+  release: () => Promise<void>;
   request: OpenRequest;
+  makeRoom: MakeRoom;
+}
+
+/** A file opened with Open overlay, staged and open read-write, waiting for the user to confirm the swap. */
+interface Staged {
+  store: OpfsStore;
+  device: BlockDevice;
+  map: DiskMap;
 }
 
 let session: Session | undefined;
+let staged: Staged | undefined;
+/** The first write the overlay could not take (storage full): from then on Download reads the stored file as it is. */
+let writeFailure: unknown;
 let unsaved = 0;
 let flushTimer: ReturnType<typeof setTimeout> | undefined;
 const counters = { guestReads: 0, guestWrites: 0, bytesWritten: 0 };
@@ -76,49 +97,50 @@ function emit(event: WorkerEvent, transfer: Transferable[] = []): void {
   scope.postMessage(event, transfer);
 }
 
-/** Takes the Web Lock `name` if nobody holds it; the returned function releases it. */
-function tryLock(name: string): Promise<(() => void) | undefined> {
-  return new Promise((resolve, reject) => {
-    navigator.locks
-      .request(name, { ifAvailable: true }, (lock) => {
-        if (!lock) {
-          resolve(undefined);
-          return undefined;
-        }
-        return new Promise<void>((release) => resolve(release));
-      })
-      .catch(reject);
-  });
-}
-
 async function open(request: OpenRequest): Promise<OpenResult> {
   if (session) await close();
   const dir = await opfsDirectory();
   let overlayName = request.overlay;
-  let releaseLock: (() => void) | undefined;
+  const releases: Array<() => void | Promise<void>> = [];
+  const releaseAll = async () => {
+    for (const release of releases.splice(0).reverse()) await release();
+  };
   if (request.mode === 'fresh') {
     overlayName = request.overlay.replace(/(\.qcow2)?$/, `-${Date.now().toString(36)}.qcow2`);
   }
   if (request.mode !== 'readonly') {
-    releaseLock = await tryLock(`qcow86-disk:${overlayName}`);
+    const releaseLock = await tryLock(writerLock(overlayName));
     if (!releaseLock) throw new ProblemError('locked', 'This disk is open in another tab. Only one tab at a time may write to it.');
+    releases.push(releaseLock);
   }
   let base: BaseHandle | undefined;
   let overlayStore: OpfsStore | MemoryStore | undefined;
   try {
     base = await openBase(request.base);
+    const makeRoom = makeRoomFor(base);
+    await sweepCopies(dir, overlayName).catch(() => {});
     let created = false;
     let snapshot: BlobStore | undefined;
+    let copiedAt: number | undefined;
     if (request.mode === 'readonly') {
-      // The writer tab holds the file's sync handle; a File snapshot can still be read (it is a copy-on-read view).
-      if (await opfsExists(dir, overlayName)) {
-        const file = await (await dir.getFileHandle(overlayName)).getFile();
-        if (file.size > 0) snapshot = new BlobStore(`opfs:${dir.name}/${overlayName} (as of ${new Date().toLocaleTimeString()})`, file);
+      // Never the live file another tab writes: a copy taken at one moment (readonly-copy.ts).
+      if ((await opfsExists(dir, overlayName)) && (await (await dir.getFileHandle(overlayName)).getFile()).size > 0) {
+        let copy;
+        try {
+          copy = await takeCopy(dir, overlayName, makeRoom);
+        } catch (error) {
+          if (error instanceof QuotaError) throw new ProblemError('quota', `There is not enough browser storage for a read-only copy of this disk (${error.message}). Download the overlay in the tab that writes it, or free space.`);
+          throw new ProblemError('other', `No read-only copy of this disk could be made: ${(error as Error).message}`);
+        }
+        releases.push(copy.release);
+        snapshot = copy.store;
+        copiedAt = copy.at;
       }
       overlayStore = new MemoryStore('memory:read-only changes');
       await makeOverlay(overlayStore, snapshot ? snapshot.name : request.base, snapshot ? undefined : base, base.device.virtualSize);
     } else {
-      overlayStore = await OpfsStore.open(dir, overlayName, { create: true });
+      await recoverReplacement(dir, overlayName);
+      overlayStore = await OpfsStore.open(dir, overlayName, { create: true, makeRoom });
       if ((await overlayStore.size()) === 0) {
         await makeOverlay(overlayStore, request.base, base, base.device.virtualSize);
         created = true;
@@ -126,15 +148,17 @@ async function open(request: OpenRequest): Promise<OpenResult> {
     }
     const device = await openTop(overlayStore, base, snapshot);
     const map = await DiskMap.build(device);
-    session = { device, base, overlayStore, overlayName, mode: request.mode, map, releaseLock, request };
+    if (request.mode !== 'readonly') releases.push(serveCopies(overlayName, (into) => serial(() => copyFor(into), 'copying the disk for a read-only tab')));
+    session = { device, base, overlayStore, overlayName, mode: request.mode, map, release: releaseAll, request, makeRoom };
     unsaved = 0;
-    return { virtualSize: device.virtualSize, overlay: overlayName, mode: request.mode, created, map: map.snapshot() };
+    writeFailure = undefined;
+    return { virtualSize: device.virtualSize, overlay: overlayName, mode: request.mode, created, map: map.snapshot(), copiedAt };
   } catch (error) {
-    releaseLock?.();
     // The base's block file and the overlay are held through exclusive OPFS sync handles: a failed open (a
     // changed base refused, a damaged overlay) must let the next open, or another tab, have them.
     await overlayStore?.close().catch(() => {});
     await base?.store.close().catch(() => {});
+    await releaseAll().catch(() => {});
     throw error;
   }
 }
@@ -145,13 +169,21 @@ async function close(): Promise<void> {
   session = undefined;
   clearTimeout(flushTimer);
   try {
+    await discardStaged();
     // Images opened over the shared stores only flush them on close (see disk-open.ts): close the stores here.
     await current.device.close();
     await current.overlayStore.close();
     await current.base.store.close();
   } finally {
-    current.releaseLock?.();
+    await current.release();
   }
+}
+
+/** A read-only tab asked for a copy: the overlay as of now, flushed, into the file `into`. */
+async function copyFor(into: string): Promise<void> {
+  const s = need();
+  await flushUnlessFailed();
+  await copyToFile(await opfsDirectory(), s.overlayStore, into, s.makeRoom);
 }
 
 function need(): Session {
@@ -187,7 +219,8 @@ async function write(offset: number, data: Uint8Array): Promise<void> {
     await s.device.write(offset, data);
   } catch (error) {
     if (error instanceof QuotaError) {
-      throw new ProblemError('quota', "The browser's storage for this site is full: the guest's last write could not be saved. Download the overlay, then free space or reset the disk.");
+      writeFailure ??= error;
+      throw new ProblemError('quota', QUOTA_MESSAGE);
     }
     throw error;
   }
@@ -203,9 +236,28 @@ async function write(offset: number, data: Uint8Array): Promise<void> {
 async function flush(): Promise<void> {
   if (!session) return;
   const had = unsaved;
-  await session.device.flush();
+  try {
+    await session.device.flush();
+  } catch (error) {
+    if (error instanceof QuotaError) writeFailure ??= error;
+    throw error;
+  }
   unsaved = 0;
   if (had) emit({ event: 'stats', stats: stats() });
+}
+
+/**
+ * Flushes, unless a write already failed for want of space: then the stored file stays as the engine's last
+ * flush left it (consistent; the engine orders its writes so that a failed one leaves at most leaked clusters),
+ * and reading it needs no write, so Download still works on a full storage.
+ */
+async function flushUnlessFailed(): Promise<void> {
+  if (writeFailure) return;
+  try {
+    await flush();
+  } catch (error) {
+    writeFailure ??= error;
+  }
 }
 
 /**
@@ -213,7 +265,10 @@ async function flush(): Promise<void> {
  * base image's server, whatever type the error has: only a full disk keeps its own kind.
  */
 function sessionProblem(error: unknown): unknown {
-  if (error instanceof ProblemError || error instanceof QuotaError) return error;
+  if (error instanceof QuotaError) {
+    return new ProblemError('quota', "There is not enough browser storage to save this session, even after deleting the base image's blocks kept in this browser: it was not saved. Download overlay to keep the disk, free space, then save again.");
+  }
+  if (error instanceof ProblemError) return error;
   return new ProblemError('other', error instanceof Error ? error.message : String(error));
 }
 
@@ -224,12 +279,12 @@ function writable(what: string): Session {
   return s;
 }
 
-async function exportOverlay(): Promise<Uint8Array> {
+async function exportOverlay(): Promise<{ bytes: Uint8Array; name: string; asStored: boolean }> {
   const s = need();
   if (s.mode === 'readonly') throw new ProblemError('other', 'This tab is read-only: download the overlay from the tab that is writing it.');
-  await flush();
+  await flushUnlessFailed();
   const size = await s.overlayStore.size();
-  return s.overlayStore.read(0, size);
+  return { bytes: await s.overlayStore.read(0, size), name: s.overlayName, asStored: writeFailure !== undefined };
 }
 
 /** The stored overlay's bytes, read without opening it as an image (it may be one that cannot be opened). */
@@ -243,7 +298,7 @@ async function exportStored(name: string): Promise<Uint8Array> {
 /** Deletes a stored overlay that is not open here, once no other tab is writing it. */
 async function discardStored(name: string): Promise<void> {
   if (session?.overlayName === name) throw new ProblemError('other', 'This disk is open: use Reset to start it over.');
-  const release = await tryLock(`qcow86-disk:${name}`);
+  const release = await tryLock(writerLock(name));
   if (!release) throw new ProblemError('locked', 'This disk is open in another tab. Only one tab at a time may write to it.');
   try {
     const dir = await opfsDirectory();
@@ -253,21 +308,93 @@ async function discardStored(name: string): Promise<void> {
   }
 }
 
-async function importOverlay(file: Blob): Promise<void> {
+/**
+ * Open overlay, first step: checks `file` against this page's base, writes it into a staging file and opens it
+ * read-write there, as it will be used. The stored disk is not touched; the user is asked next.
+ */
+async function stageImport(file: Blob, fileName: string): Promise<StagedImport> {
   const s = need();
   if (s.mode === 'readonly') throw new ProblemError('other', 'This tab is read-only: open the overlay in the tab that is writing the disk.');
-  const problem = await validateImport(file, s.request.base, s.base);
+  await discardStaged();
+  const problem = await validateImport(file, fileName, s.request.base, s.base);
   if (problem) throw new ProblemError('foreign-overlay', problem);
-  // Replace the stored overlay's bytes in place: the sync handle (and the Web Lock) stay ours throughout.
-  await s.device.flush();
-  const store = s.overlayStore;
-  await store.truncate(0);
-  const chunk = 4 * 1024 * 1024;
-  for (let at = 0; at < file.size; at += chunk) {
-    await store.write(at, new Uint8Array(await file.slice(at, at + chunk).arrayBuffer()));
+  const dir = await opfsDirectory();
+  let store: OpfsStore;
+  try {
+    store = await stageFile(dir, s.overlayName, file, s.makeRoom);
+  } catch (error) {
+    if (error instanceof QuotaError) {
+      throw new ProblemError('quota', `There is not enough browser storage to take in ${fileName} (${formatBytes(file.size)}), even after deleting the base image's blocks kept in this browser. Your disk was not changed. Free space, then try again.`);
+    }
+    throw error;
   }
-  await store.flush();
-  await reopenTop(s);
+  try {
+    const device = await openTop(store, s.base);
+    try {
+      const map = await DiskMap.build(device);
+      staged = { store, device, map };
+      return { sessions: sessionsOf(device).length, size: file.size };
+    } catch (error) {
+      await device.close().catch(() => {});
+      throw error;
+    }
+  } catch (error) {
+    await store.close().catch(() => {});
+    await dropStaged(dir, s.overlayName).catch(() => {});
+    throw new ProblemError('foreign-overlay', `${fileName} cannot be used: ${(error as Error).message}`);
+  }
+}
+
+async function discardStaged(): Promise<void> {
+  const current = staged;
+  staged = undefined;
+  if (!current) return;
+  await current.device.close().catch(() => {});
+  await current.store.close().catch(() => {});
+  if (session) await dropStaged(await opfsDirectory(), session.overlayName).catch(() => {});
+}
+
+/**
+ * Open overlay, confirmed: the staged file takes the stored overlay's place by renames (overlay-files.ts) and is
+ * opened there. Any failure puts the old disk back and reopens it, so the guest goes on with it.
+ */
+async function commitImport(): Promise<void> {
+  const s = need();
+  const incoming = staged;
+  staged = undefined;
+  if (!incoming) throw new ProblemError('other', 'No overlay file is waiting to be opened.');
+  const dir = await opfsDirectory();
+  await incoming.device.close();
+  await incoming.store.close();
+  // The old disk is being replaced, but it must be whole if the replacement fails below.
+  await flushUnlessFailed();
+  await s.device.close();
+  await s.overlayStore.close();
+  try {
+    await swapIn(dir, s.overlayName);
+  } catch (error) {
+    await dropStaged(dir, s.overlayName).catch(() => {});
+    await reopenStored(s);
+    throw new ProblemError('other', `The overlay could not be put in place of the stored disk (${(error as Error).message}); the disk was not changed.`);
+  }
+  try {
+    await reopenStored(s);
+  } catch (error) {
+    await s.overlayStore.close().catch(() => {});
+    await swapBack(dir, s.overlayName);
+    await reopenStored(s);
+    throw new ProblemError('foreign-overlay', `The overlay could not be opened in place (${(error as Error).message}); the disk was not changed.`);
+  }
+  await dropPrevious(dir, s.overlayName).catch(() => {});
+  writeFailure = undefined;
+}
+
+/** Opens the stored overlay file again into `s` (same lock, same base). */
+async function reopenStored(s: Session): Promise<void> {
+  s.overlayStore = await OpfsStore.open(await opfsDirectory(), s.overlayName, { makeRoom: s.makeRoom });
+  s.device = await openTop(s.overlayStore, s.base);
+  s.map = await DiskMap.build(s.device);
+  unsaved = 0;
 }
 
 async function reset(): Promise<void> {
@@ -276,6 +403,7 @@ async function reset(): Promise<void> {
   await s.overlayStore.truncate(0);
   await makeOverlay(s.overlayStore, s.request.base, s.base, s.base.device.virtualSize);
   await reopenTop(s);
+  writeFailure = undefined;
 }
 
 /** Re-reads the overlay's metadata after its bytes were replaced, keeping the same stores and lock. */
@@ -314,7 +442,7 @@ function reportError(error: unknown): void {
 
 function classify(error: unknown): { kind: ProblemKind; message: string } {
   if (error instanceof ProblemError) return { kind: error.kind, message: error.message };
-  if (error instanceof QuotaError) return { kind: 'quota', message: "The browser's storage for this site is full." };
+  if (error instanceof QuotaError) return { kind: 'quota', message: QUOTA_MESSAGE };
   if (error instanceof LockError) return { kind: 'locked', message: 'This disk is open in another tab.' };
   if (error instanceof BackingChainError) return describeBaseProblem(error);
   return describeBaseProblem(error);
@@ -369,10 +497,16 @@ function handle({ id, request }: { id: number; request: Request }, endpoint: End
       serial(flush).then(() => reply(undefined), fail);
       return;
     case 'export':
-      serial(exportOverlay).then((bytes) => reply({ bytes, name: session?.overlayName }, [bytes.buffer as ArrayBuffer]), fail);
+      serial(exportOverlay, 'reading the overlay for a download').then((result) => reply(result, [result.bytes.buffer as ArrayBuffer]), fail);
       return;
-    case 'import':
-      serial(() => importOverlay(request.file)).then(() => reply(session?.map.snapshot()), fail);
+    case 'stage-import':
+      serial(() => stageImport(request.file, request.name), `checking ${request.name}`).then((result) => reply(result), fail);
+      return;
+    case 'commit-import':
+      serial(commitImport, 'replacing the disk').then(() => reply(session?.map.snapshot()), fail);
+      return;
+    case 'discard-import':
+      serial(discardStaged).then(() => reply(undefined), fail);
       return;
     case 'reset':
       serial(reset).then(() => reply(session?.map.snapshot()), fail);

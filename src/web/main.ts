@@ -9,9 +9,10 @@ import { MachineClient } from './machine-client.js';
 import { createScreen } from './screen-view.js';
 import { createConsole } from './console-view.js';
 import { MapView } from './map-view.js';
-import { ask, clearProblem, setPhase, showDisk, showProblem, showStats, type PhaseState } from './status-view.js';
+import { ask, clearProblem, setPhase, showDisk, showPersistence, showProblem, showStats, type PhaseState } from './status-view.js';
 import { BootPhases } from './boot-phase.js';
-import type { OpenMode, OpenResult, Stats } from './protocol.js';
+import type { OpenMode, OpenResult, StagedImport, Stats } from './protocol.js';
+import { formatBytes } from './format.js';
 import { SessionUi } from './session-ui.js';
 import { v86StateMemoryBytes } from '../v86/session.js';
 
@@ -50,14 +51,26 @@ const sessions = new SessionUi(disk, {
     }),
   showMap: (map) => mapView.show(map),
   resumed: (session) => phases.resumed(session.name),
+  navigate: (url) => {
+    // The page reloads itself on purpose (the disk is saved): no 'leave this page?' question.
+    leaving = true;
+    location.replace(url);
+  },
 });
 
 /** The disk Worker's last report, drawn with the machine's unsaved bytes whenever either changes. */
 let lastStats: Stats | undefined;
 function drawStats(): void {
-  // Writes still held by the machine's disk adapter are unsaved too.
-  if (lastStats) showStats({ ...lastStats, unsaved: lastStats.unsaved + machine.dirtyBytes });
+  if (lastStats) showStats({ ...lastStats, unsaved: unsavedBytes() });
 }
+
+/** Guest bytes not yet saved in this browser: in the disk Worker, and still held by the machine's disk adapter. */
+function unsavedBytes(): number {
+  return (lastStats?.unsaved ?? 0) + machine.dirtyBytes;
+}
+
+/** Set when the page navigates on purpose (it saved first), so that it does not ask the user to confirm. */
+let leaving = false;
 
 disk.on((event) => {
   switch (event.event) {
@@ -125,7 +138,7 @@ async function start(): Promise<void> {
     return;
   }
   if (!opened) return;
-  showDisk({ base: baseUrl, overlay: opened.overlay, mode: opened.mode });
+  showDisk({ base: baseUrl, overlay: opened.overlay, mode: opened.mode, copiedAt: opened.copiedAt });
   mapView.show(opened.map);
   // Before the machine exists: a resumed session starts from its state instead of booting.
   const initialState = opened.mode === 'readonly' ? undefined : await sessions.offerOnLoad();
@@ -252,7 +265,8 @@ async function withMachineStopped(label: string, change: () => Promise<'reboot' 
 }
 
 async function download(): Promise<void> {
-  if (started) await machine.flush();
+  // A machine whose writes failed (storage full) cannot flush: the download is then the disk as last saved.
+  if (started) await machine.flush().catch(() => {});
   const { bytes } = await disk.exportOverlay();
   saveOverlay(bytes);
 }
@@ -267,21 +281,70 @@ function saveOverlay(bytes: Uint8Array): void {
   setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
 }
 
+/** Set while a file is being opened (checked, confirmed, swapped in): a second drop waits its turn. */
+let opening = false;
+
+/**
+ * Open overlay (picker or drop). The file is checked and opened read-write in a staging file while the guest
+ * runs on; only a file that opened is offered, and the stored disk is replaced only once the user says so. Until
+ * then, and whenever a step fails, the current disk stays as it is and the machine keeps running.
+ */
 async function openOverlay(file: File): Promise<void> {
-  let failure: string | undefined;
-  await withMachineStopped(`Opening ${file.name}…`, async () => {
+  if (opening) return;
+  opening = true;
+  try {
+    let staged: StagedImport;
     try {
-      mapView.show(await disk.importOverlay(file));
+      staged = await disk.stageImport(file, file.name);
+    } catch (error) {
+      await ask('This overlay cannot be used here', (error as Error).message, [{ label: 'OK', value: 'ok', kind: 'primary' }]);
+      return;
+    }
+    if (!(await confirmReplace(file.name, staged))) {
+      await disk.discardImport();
+      return;
+    }
+    let failure: string | undefined;
+    await withMachineStopped(`Opening ${file.name}…`, async () => {
+      try {
+        mapView.show(await disk.commitImport());
+      } catch (error) {
+        failure = (error as Error).message;
+        return 'resume';
+      }
       clearProblem('foreign-overlay');
+      clearProblem('quota');
       await sessions.offerAfterOpen(file.name);
       return 'disk-changed';
-    } catch (error) {
-      failure = (error as Error).message;
-      return 'resume';
+    });
+    if (failure) await ask('This overlay cannot be used here', failure, [{ label: 'OK', value: 'ok', kind: 'primary' }]);
+  } finally {
+    opening = false;
+    // Whatever stopped the swap (a machine that could not stop), the staged file is not left behind.
+    await disk.discardImport().catch(() => {});
+  }
+}
+
+/** Asks before a file replaces the stored disk; the current disk can be downloaded first. True to go ahead. */
+async function confirmReplace(fileName: string, staged: StagedImport): Promise<boolean> {
+  const held = sessions.count();
+  const current = `${lastStats ? `${formatBytes(lastStats.overlaySize)} of changes` : 'its changes'}${held ? ` and ${held} saved session${held > 1 ? 's' : ''}` : ''}`;
+  for (;;) {
+    const choice = await ask(
+      `Replace this disk with ${fileName}?`,
+      `The disk stored in this browser (${current}) is replaced by ${fileName} (${formatBytes(staged.size)}${staged.sessions ? `, ${staged.sessions} saved session${staged.sessions > 1 ? 's' : ''}` : ''}), ` +
+        'and the machine restarts on it. What the machine is doing now is lost, and so is the current disk unless you download it first.',
+      [
+        { label: 'Cancel', value: 'cancel' },
+        { label: 'Download this disk first', value: 'download' },
+        { label: 'Replace disk', value: 'replace', kind: 'danger' },
+      ],
+    );
+    if (choice === 'download') {
+      await download();
+      continue;
     }
-  });
-  if (failure) {
-    await ask('This overlay cannot be used here', failure, [{ label: 'OK', value: 'ok', kind: 'primary' }]);
+    return choice === 'replace';
   }
 }
 
@@ -365,7 +428,7 @@ window.addEventListener('drop', (event) => {
   dragDepth = 0;
   dropzone.hidden = true;
   const file = event.dataTransfer?.files[0];
-  if (file && mode !== 'readonly') guard(() => openOverlay(file))();
+  if (file && mode !== 'readonly' && started) guard(() => openOverlay(file))();
 });
 
 // Guest writes reach OPFS within a moment; this makes them durable before the tab goes away.
@@ -374,6 +437,14 @@ function saveNow(): void {
   void disk.flush().catch(() => {});
 }
 addEventListener('pagehide', saveNow);
+// Bytes the guest wrote that are not yet in the browser's storage are lost if the tab goes now: ask first. (They
+// normally stay for under a second; after a failed write, for want of space, they stay until the page goes.)
+addEventListener('beforeunload', (event) => {
+  if (leaving || unsavedBytes() === 0) return;
+  event.preventDefault();
+  // Older browsers ask only when a string is set here (they show their own words, not this one).
+  event.returnValue = 'The disk has changes that are not saved yet.';
+});
 document.addEventListener('visibilitychange', () => {
   if (document.visibilityState === 'hidden') saveNow();
 });
@@ -382,7 +453,19 @@ phases.onChange((text, state) => {
   if (!poweredOff) setPhase(text, state);
 });
 
-// Ask the browser not to evict the overlay under storage pressure (granted silently or not at all).
-void navigator.storage?.persist?.().catch(() => false);
+/**
+ * Asks the browser to keep this site's storage (the overlay) under storage pressure, and shows the answer: best
+ * effort storage may be evicted, the disk with it, so the page then says so and points at Download.
+ */
+async function askToKeepStorage(): Promise<void> {
+  let granted = false;
+  try {
+    granted = (await navigator.storage.persisted()) || (await navigator.storage.persist());
+  } catch {
+    // No StorageManager (or it refused to answer): nothing is promised.
+  }
+  showPersistence(granted);
+}
+void askToKeepStorage();
 
 void start();

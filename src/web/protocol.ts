@@ -26,10 +26,20 @@ export type Request =
   | { op: 'read'; offset: number; length: number }
   | { op: 'write'; offset: number; data: Uint8Array }
   | { op: 'flush' }
-  /** Flushes and returns the overlay file's bytes, for a download. */
+  /**
+   * Flushes and returns the overlay file's bytes, for a download: { bytes, name, asStored }. After a write failed
+   * for want of space, the file as last flushed, without trying to write (asStored).
+   */
   | { op: 'export' }
-  /** Validates a qcow2 file against the current base and, when good, makes it the stored overlay. */
-  | { op: 'import'; file: Blob }
+  /**
+   * Open overlay: checks a file against the current base, stages it in a file beside the overlay and opens it
+   * read-write there; replies with a StagedImport. The stored disk is not touched.
+   */
+  | { op: 'stage-import'; file: Blob; name: string }
+  /** Puts the staged file in the stored overlay's place (or, on failure, leaves the old disk open). */
+  | { op: 'commit-import' }
+  /** Deletes the staged file (the user did not confirm). */
+  | { op: 'discard-import' }
   /** Replaces the overlay with an empty one (the disk goes back to the base). */
   | { op: 'reset' }
   // A stored overlay that could not be opened (its base changed): kept or thrown away without opening it.
@@ -45,6 +55,13 @@ export type Request =
   /** Reverts the disk to the session and replies with its state ({ session, state, map }). */
   | { op: 'resume-session'; id: string }
   | { op: 'delete-session'; id: string };
+
+/** An overlay file staged by 'stage-import', opened and waiting for the user to confirm the swap. */
+export interface StagedImport {
+  /** Sessions it holds. */
+  sessions: number;
+  size: number;
+}
 
 /** A session stored in the overlay: an internal snapshot carrying v86's machine state. */
 export interface SessionSummary {
@@ -65,6 +82,8 @@ export interface OpenResult {
   /** True when the overlay was created by this open (first visit, or fresh). */
   created: boolean;
   map: ClusterMap;
+  /** Read-only mode: when the copy of the stored overlay this tab reads was taken (ms since the epoch). */
+  copiedAt?: number | undefined;
 }
 
 /** What a region of the virtual disk currently reads from. Ordered: a cell shows the highest state it holds. */

@@ -3,7 +3,7 @@
  * adapter works over the remote disk exactly as over a local image.
  */
 import type { BlockDevice } from '../qcow2/device.js';
-import type { ClusterMap, OpenRequest, OpenResult, ProblemKind, Reply, Request, WorkerEvent } from './protocol.js';
+import type { ClusterMap, OpenRequest, OpenResult, ProblemKind, Reply, Request, StagedImport, WorkerEvent } from './protocol.js';
 
 /** A failure the Worker reported, with its kind so the page can choose what to offer. */
 export class DiskProblem extends Error {
@@ -75,12 +75,23 @@ export class RemoteDisk {
     return this.call<OpenResult>({ op: 'open', ...request });
   }
 
-  exportOverlay(): Promise<{ bytes: Uint8Array; name: string }> {
+  /** The overlay's bytes; `asStored`: as last saved, after a write failed for want of space. */
+  exportOverlay(): Promise<{ bytes: Uint8Array; name: string; asStored: boolean }> {
     return this.call({ op: 'export' });
   }
 
-  importOverlay(file: Blob): Promise<ClusterMap> {
-    return this.call({ op: 'import', file });
+  /** Checks `file` and opens it read-write in a staging file; the stored disk is untouched until commitImport. */
+  stageImport(file: Blob, name: string): Promise<StagedImport> {
+    return this.call({ op: 'stage-import', file, name });
+  }
+
+  /** Puts the staged file in place of the stored disk; replies with its map. On failure the old disk stays open. */
+  commitImport(): Promise<ClusterMap> {
+    return this.call({ op: 'commit-import' });
+  }
+
+  discardImport(): Promise<void> {
+    return this.call({ op: 'discard-import' });
   }
 
   reset(): Promise<ClusterMap> {

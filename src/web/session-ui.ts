@@ -13,8 +13,14 @@ import { ask, setPhase } from './status-view.js';
 import { formatBytes } from './format.js';
 import { v86StateMemoryBytes } from '../v86/session.js';
 
-/** Address parameter asking the page to resume a session at load without asking (see needsNewMachine). */
+/**
+ * Address parameter naming a session to offer at load: the page reloads itself with it to build a machine of the
+ * session's memory size (restoreLater). A link may carry it too, so it reverts the disk only after the user
+ * confirms in the page, or when this tab's own reload carries the confirmation given before it (CONFIRMED_KEY).
+ */
 const RESUME_PARAM = 'resume-session';
+/** sessionStorage key: the session id the user confirmed in this tab just before the page reloaded itself. */
+const CONFIRMED_KEY = 'qcow86-confirmed-resume';
 
 /** What the session actions need from the emulator (v86's own method names; in-page or in a Worker). */
 export interface SessionMachine {
@@ -35,6 +41,8 @@ export interface SessionHooks {
   showMap(map: ClusterMap): void;
   /** The machine continues from `session` (the page says so instead of showing boot phases). */
   resumed(session: SessionSummary): void;
+  /** Loads `url` in this tab (the page's own reload: the disk is saved). */
+  navigate(url: URL): void;
 }
 
 interface Resumed {
@@ -89,38 +97,35 @@ export class SessionUi {
   }
 
   /**
-   * Before the machine exists: when the stored overlay holds sessions, asks whether to resume the newest. On yes
-   * the disk is already reverted and the state to start from is returned.
+   * Before the machine exists: when the stored overlay holds sessions, asks whether to resume the newest (or the
+   * one the address names). On yes the disk is already reverted and the state to start from is returned.
    */
   async offerOnLoad(): Promise<ArrayBuffer | undefined> {
     await this.refresh();
-    const requested = new URL(location.href).searchParams.get(RESUME_PARAM);
-    if (requested !== null) {
-      const url = new URL(location.href);
-      url.searchParams.delete(RESUME_PARAM);
-      history.replaceState(null, '', url);
-      const session = this.sessions.find((s) => s.id === requested);
-      if (session) {
-        const resumed = await this.revert(session);
-        this.resumedAfterRestart = resumed.session;
-        return resumed.state;
-      }
+    const requested = this.takeRequested();
+    if (requested?.confirmed) {
+      const resumed = await this.revert(requested.session);
+      this.resumedAfterRestart = resumed.session;
+      return resumed.state;
     }
-    const newest = this.newest();
-    if (!newest) return undefined;
+    const offered = requested?.session ?? this.newest();
+    if (!offered) return undefined;
+    const intro = requested
+      ? `The address of this page asks to resume the saved session ${describeSession(offered)}.`
+      : `This disk holds a saved session ${describeSession(offered)}.`;
     const choice = await ask(
-      'Resume your saved session?',
-      `This disk holds a saved session ${describeSession(newest)}. Resuming continues the machine exactly where it was. ` +
+      requested ? `Resume session '${offered.name}'?` : 'Resume your saved session?',
+      `${intro} Resuming continues the machine exactly where it was. ` +
         'The disk goes back to that moment too: disk changes made after the session was saved are discarded. ' +
         'Or start the machine normally on the disk as it is now (the session stays saved).',
       [
         { label: 'Start normally', value: 'boot' },
-        { label: `Resume '${newest.name}'`, value: 'resume', kind: 'primary' },
+        { label: `Resume '${offered.name}'`, value: 'resume', kind: 'primary' },
       ],
     );
     if (choice !== 'resume') return undefined;
     try {
-      const resumed = await this.revert(newest);
+      const resumed = await this.revert(offered);
       // Said once the machine runs (afterRestart): the page's start-up phases would overwrite it before.
       this.resumedAfterRestart = resumed.session;
       return resumed.state;
@@ -128,6 +133,27 @@ export class SessionUi {
       await ask('The session cannot be resumed', `${(error as Error).message}. The disk was not changed; the machine starts normally.`, [{ label: 'OK', value: 'ok', kind: 'primary' }]);
       return undefined;
     }
+  }
+
+  /**
+   * The session the address names (the parameter is removed from the address), and whether this tab's user
+   * confirmed resuming it just before the page reloaded itself. A confirmation is used once.
+   */
+  private takeRequested(): { session: SessionSummary; confirmed: boolean } | undefined {
+    const url = new URL(location.href);
+    const id = url.searchParams.get(RESUME_PARAM);
+    let confirmedId: string | null = null;
+    try {
+      confirmedId = sessionStorage.getItem(CONFIRMED_KEY);
+      sessionStorage.removeItem(CONFIRMED_KEY);
+    } catch {
+      // No sessionStorage (blocked): every request is asked about.
+    }
+    if (id === null) return undefined;
+    url.searchParams.delete(RESUME_PARAM);
+    history.replaceState(null, '', url);
+    const session = this.sessions.find((s) => s.id === id);
+    return session ? { session, confirmed: confirmedId === id } : undefined;
   }
 
   /**
@@ -162,7 +188,13 @@ export class SessionUi {
     if (memory !== undefined && this.machine && memory !== this.machine.memoryBytes) {
       const url = new URL(location.href);
       url.searchParams.set(RESUME_PARAM, session.id);
-      location.replace(url);
+      // The user confirmed this resume here: the reloaded page goes ahead without asking again.
+      try {
+        sessionStorage.setItem(CONFIRMED_KEY, session.id);
+      } catch {
+        // Blocked storage: the reloaded page asks once more.
+      }
+      this.hooks.navigate(url);
       return;
     }
     this.pending = state;
@@ -180,6 +212,11 @@ export class SessionUi {
   }
 
   private resumedAfterRestart: SessionSummary | undefined;
+
+  /** How many sessions the open disk holds. */
+  count(): number {
+    return this.sessions.length;
+  }
 
   async refresh(): Promise<void> {
     this.sessions = await this.disk.call<SessionSummary[]>({ op: 'sessions' });

@@ -14,11 +14,22 @@ export function setPhase(text: string, state: PhaseState = 'busy'): void {
   pill.querySelector('.text')!.textContent = text;
 }
 
-export function showDisk(info: { base: string; overlay: string; mode: string }): void {
+export function showDisk(info: { base: string; overlay: string; mode: string; copiedAt?: number | undefined }): void {
   byId('base-url').textContent = info.base;
-  const mode = info.mode === 'readonly' ? ' (read-only in this tab: changes are not kept)' : '';
+  const copy = info.copiedAt !== undefined ? `a copy taken at ${new Date(info.copiedAt).toLocaleTimeString()}, ` : '';
+  const mode = info.mode === 'readonly' ? ` (read-only in this tab: ${copy}changes are not kept)` : '';
   byId('overlay-name').textContent = `browser storage: ${info.overlay}${mode}`;
   byId('overlay-name').dataset.mode = info.mode;
+}
+
+/** Whether the browser promised to keep the site's storage (navigator.storage.persist()). */
+export function showPersistence(granted: boolean): void {
+  const kept = byId('persistence');
+  kept.textContent = granted
+    ? 'persistent: the browser keeps this disk until you delete it'
+    : 'not persistent: the browser may evict this disk when it runs short of space. Download overlay to keep a copy.';
+  kept.className = granted ? 'ok' : 'pending';
+  kept.dataset.granted = String(granted);
 }
 
 export function showStats(stats: Stats): void {
