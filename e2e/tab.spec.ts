@@ -9,7 +9,7 @@ import { createHash } from 'node:crypto';
 import { copyFileSync, mkdtempSync, rmSync, utimesSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { test, expect, openOverlayFile, run, waitForConsole, waitForShell, waitSaved, BOOT_TIMEOUT } from './fixtures.js';
+import { test, expect, consoleText, openOverlayFile, run, storedFiles, waitForConsole, waitForShell, waitSaved, BOOT_TIMEOUT } from './fixtures.js';
 import { copyBase, ROOT, type Server } from './servers.js';
 
 const execFileAsync = promisify(execFile);
@@ -110,31 +110,62 @@ test('the guest boots, keeps its writes across a reload, and its overlay opens i
   }
 });
 
-test('a second tab on the same disk is refused write access and offered read-only or a fresh disk', async ({ context, server }) => {
-  const first = await context.newPage();
-  await first.goto(server.url);
-  await expect(first.getByTestId('overlay-name')).toContainText('browser storage');
-  // Powered off, the first tab keeps its disk (and the lock) open without competing for the CPU with the boot below.
-  await first.getByRole('button', { name: 'Power off' }).click();
-  await expect(first.getByTestId('phase')).toHaveAttribute('data-state', 'off');
+test('a second tab on the same disk is refused write access and offered read-only (a copy, never the live file) or a fresh disk', async ({ context, server }) => {
+  const dir = mkdtempSync(join(tmpdir(), 'qcow86-e2e-second-'));
+  try {
+    // The stored disk holds 64 KiB of 0x5a at 12 MiB: in the boot partition's free tail, which neither guest
+    // touches, so only the test's own read sees it.
+    const baseUrl = new URL('/images/base.qcow2', server.url).href;
+    const pattern = join(dir, 'pattern.qcow2');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-b', baseUrl, '-F', 'qcow2', pattern, '30408704']);
+    execFileSync('qemu-io', ['-c', 'write -P 0x5a 12M 64k', pattern]);
+    const first = await context.newPage();
+    await first.goto(server.url);
+    await expect(first.getByRole('button', { name: /Open overlay/ })).toBeEnabled({ timeout: 120_000 });
+    await openOverlayFile(first, pattern);
+    const overlayCells = first.locator('#map-legend li[data-kind="3"] .amount');
+    await expect(overlayCells).not.toHaveText('0 B');
+    // Powered off, the first tab keeps its disk (and the lock) open without competing for the CPU with the boot below.
+    await first.getByRole('button', { name: 'Power off' }).click();
+    await expect(first.getByTestId('phase')).toHaveAttribute('data-state', 'off');
 
-  const second = await context.newPage();
-  await second.goto(server.url);
-  const dialog = second.locator('dialog');
-  await expect(dialog).toBeVisible();
-  await expect(dialog).toContainText('open in another tab');
-  await dialog.getByRole('button', { name: 'Open read-only' }).click();
-  await expect(second.getByTestId('overlay-name')).toContainText('read-only');
-  await expect(second.getByRole('button', { name: /Download overlay/ })).toBeDisabled();
-  await waitForShell(second);
+    const second = await context.newPage();
+    await second.goto(server.url);
+    const dialog = second.locator('dialog');
+    await expect(dialog).toBeVisible();
+    await expect(dialog).toContainText('open in another tab');
+    await dialog.getByRole('button', { name: 'Open read-only' }).click();
+    await expect(second.getByTestId('overlay-name')).toContainText(/read-only in this tab: a copy taken at \d/);
+    await expect(second.getByRole('button', { name: /Download overlay/ })).toBeDisabled();
+    const copies = (await storedFiles(first)).filter((name) => name.includes('.copy-'));
+    expect(copies).toHaveLength(1);
+    await waitForShell(second);
 
-  // A third tab takes a fresh disk: a different overlay, writable, remembered in its address.
-  const third = await context.newPage();
-  await third.goto(server.url);
-  await third.locator('dialog').getByRole('button', { name: 'Use a fresh disk' }).click();
-  await expect(third.getByTestId('overlay-name')).not.toContainText('read-only');
-  await expect(third).toHaveURL(/[?&]disk=/);
-  await expect(third.getByRole('button', { name: /Download overlay/ })).toBeEnabled();
+    // The writing tab throws its disk away: the stored file no longer holds the pattern.
+    await first.getByRole('button', { name: 'Reset disk…' }).click();
+    await first.locator('dialog').getByRole('button', { name: 'Reset disk' }).click();
+    await expect(overlayCells).toHaveText('0 B');
+    await expect(first.getByRole('button', { name: 'Power off' })).toBeEnabled();
+    await first.getByRole('button', { name: 'Power off' }).click();
+    await expect(first.getByTestId('phase')).toHaveAttribute('data-state', 'off');
+    // The read-only tab reads its copy, as of when it opened: the pattern is still there.
+    await run(second, 'dd if=/dev/sda bs=65536 skip=192 count=1 2>/dev/null | md5sum; echo read-$((40 + 2))');
+    await waitForConsole(second, /^read-42/m);
+    expect(await consoleText(second)).toContain(createHash('md5').update(Buffer.alloc(65536, 0x5a)).digest('hex'));
+
+    // A third tab takes a fresh disk: a different overlay, writable, remembered in its address. Opening a disk
+    // deletes the copies of readers that are gone.
+    await second.close();
+    const third = await context.newPage();
+    await third.goto(server.url);
+    await third.locator('dialog').getByRole('button', { name: 'Use a fresh disk' }).click();
+    await expect(third.getByTestId('overlay-name')).not.toContainText('read-only');
+    await expect(third).toHaveURL(/[?&]disk=/);
+    await expect(third.getByRole('button', { name: /Download overlay/ })).toBeEnabled();
+    expect((await storedFiles(third)).filter((name) => name.includes('.copy-'))).toEqual([]);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 test('a base whose ETag changed on the server is refused with a readable message; the old disk can be downloaded, then reset', async ({ page, server }) => {

@@ -118,7 +118,7 @@ async function open(request: OpenRequest): Promise<OpenResult> {
   try {
     base = await openBase(request.base);
     const makeRoom = makeRoomFor(base);
-    await sweepCopies(dir, overlayName).catch(() => {});
+    await sweepCopies(dir).catch(() => {});
     let created = false;
     let snapshot: BlobStore | undefined;
     let copiedAt: number | undefined;

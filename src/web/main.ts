@@ -196,9 +196,8 @@ async function start(): Promise<void> {
   );
   terminal.focus();
   for (const button of document.querySelectorAll<HTMLButtonElement>('.actions button')) button.disabled = false;
-  byId<HTMLButtonElement>('download').disabled = opened.mode === 'readonly';
-  byId<HTMLButtonElement>('open').disabled = opened.mode === 'readonly';
-  byId<HTMLButtonElement>('reset').disabled = opened.mode === 'readonly';
+  readOnlyTab = opened.mode === 'readonly';
+  updateActions();
 }
 
 /**
@@ -235,7 +234,29 @@ async function offerWayOutOfChangedBase(): Promise<void> {
  * (nothing changed: the guest carries on where it stopped).
  */
 async function withMachineStopped(label: string, change: () => Promise<'reboot' | 'disk-changed' | 'resume'>): Promise<void> {
-  if (!started) return;
+  if (!started || changing) return;
+  changing = true;
+  updateActions();
+  try {
+    await changeStopped(label, change);
+  } finally {
+    changing = false;
+    updateActions();
+  }
+}
+
+/** Set while withMachineStopped runs: the machine and disk actions wait (a Power off then would race the restart). */
+let changing = false;
+/** A read-only tab's disk cannot be downloaded, replaced or reset (it is another tab's). */
+let readOnlyTab = false;
+
+function updateActions(): void {
+  for (const id of ['download', 'open', 'reset', 'restart', 'power']) {
+    byId<HTMLButtonElement>(id).disabled = !started || changing || (readOnlyTab && (id === 'download' || id === 'open' || id === 'reset'));
+  }
+}
+
+async function changeStopped(label: string, change: () => Promise<'reboot' | 'disk-changed' | 'resume'>): Promise<void> {
   const before = { text: byId('phase').querySelector('.text')!.textContent ?? '', state: byId('phase').dataset.state as PhaseState };
   await machine.stop();
   setPhase(label);
@@ -428,7 +449,7 @@ window.addEventListener('drop', (event) => {
   dragDepth = 0;
   dropzone.hidden = true;
   const file = event.dataTransfer?.files[0];
-  if (file && mode !== 'readonly' && started) guard(() => openOverlay(file))();
+  if (file && !readOnlyTab && started && !changing) guard(() => openOverlay(file))();
 });
 
 // Guest writes reach OPFS within a moment; this makes them durable before the tab goes away.

@@ -118,10 +118,10 @@ function askWriter(overlay: string, into: string): Promise<void> {
   });
 }
 
-/** Deletes copies of `overlay` no reader holds any more (their tab closed before deleting them). */
-export async function sweepCopies(dir: FileSystemDirectoryHandle, overlay: string): Promise<void> {
+/** Deletes the copies no reader holds any more (their tab closed before deleting them), of every overlay. */
+export async function sweepCopies(dir: FileSystemDirectoryHandle): Promise<void> {
   for (const name of await opfsNames(dir)) {
-    if (!name.startsWith(overlay + COPY)) continue;
+    if (!name.includes(COPY)) continue;
     const release = await tryLock(copyLock(name));
     if (!release) continue;
     try {
