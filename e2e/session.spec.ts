@@ -173,6 +173,24 @@ test('a session saved by qcow86 boot with another memory size resumes in the tab
     const total = Number(/MemTotal:\s+(\d+) kB/.exec(await consoleText(page))?.[1]);
     // A 192 MiB machine shows well over 128 MiB to the guest (a 64 MiB one under 64).
     expect(total).toBeGreaterThan(150_000);
+
+    // A link naming the session (as the page's own reload above did, but without this tab's confirmation) never
+    // reverts the disk by itself: the page asks, and 'Start normally' boots the disk as it is.
+    const id = execFileSync('qemu-img', ['snapshot', '-l', file], { encoding: 'utf8' })
+      .split('\n')
+      .find((line) => line.split(/\s+/)[1] === 'counter')!
+      .split(/\s+/)[0]!;
+    await page.goto(`${server.url}?resume-session=${id}`);
+    const dialog = page.locator('dialog');
+    await expect(dialog).toBeVisible();
+    await expect(dialog).toContainText("Resume session 'counter'?");
+    await expect(dialog).toContainText('The address of this page asks to resume the saved session');
+    await expect(page).not.toHaveURL(/resume-session/);
+    await dialog.getByRole('button', { name: 'Start normally' }).click();
+    await waitForConsole(page, /SYSLINUX/, 120_000);
+    expect(await consoleText(page)).not.toMatch(/C=\d+/);
+    await expect(page.getByTestId('phase')).not.toContainText('resumed');
+    await expect(page.getByTestId('session-list').locator('li[data-session="counter"]')).toBeVisible();
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
