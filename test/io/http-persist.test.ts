@@ -7,7 +7,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { randomBytes } from 'node:crypto';
-import { closeSync, existsSync, fstatSync, readFileSync, fsyncSync, ftruncateSync, openSync, readSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, fstatSync, readFileSync, fsyncSync, ftruncateSync, openSync, readSync, statSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { startNginx, type NginxServer } from '../helpers/nginx.js';
 import { tempDir } from '../helpers/qemu.js';
@@ -94,6 +94,25 @@ describe('HttpStore with persistent blocks', () => {
     expect(store.stats()).toMatchObject({ requests: 1, bytesFetched: 0, bytesRestored: truth.length });
     await store.close();
     expect(logged(before)).toEqual([expect.objectContaining({ status: 304, range: `bytes=0-${BLOCK - 1}`, bytes: 0 })]);
+  });
+
+  it('discarded while the store is open (the site\'s storage is full), the blocks are gone and none is kept again', async () => {
+    const path = join(dir, 'discard.blocks');
+    const first = await HttpStore.open(url, { ...options, persist: PersistentBlocks.open(nodeSyncFile(path)) });
+    await readAll(first, truth.length);
+    await first.close();
+    expect(statSync(path).size).toBeGreaterThan(truth.length);
+    const persist = PersistentBlocks.open(nodeSyncFile(path));
+    const store = await HttpStore.open(url, { ...options, persist });
+    expect(Buffer.from(await store.read(0, 100)).equals(truth.subarray(0, 100))).toBe(true);
+    persist.discard();
+    expect(statSync(path).size).toBe(0);
+    // The store goes on over the network, with the right bytes, and writes nothing to the discarded file.
+    expect(Buffer.from(await readAll(store, truth.length)).equals(truth)).toBe(true);
+    expect(store.stats().bytesFetched).toBeGreaterThan(0);
+    await store.close();
+    persist.close();
+    expect(statSync(path).size).toBe(0);
   });
 
   it('blocks written but never committed (a crash) are not used', async () => {
