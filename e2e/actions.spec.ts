@@ -86,11 +86,12 @@ test('Open overlay refuses foreign and broken files, Reset disk asks first, Rest
     await waitForConsole(page, /^still-42/m);
     await waitSaved(page);
 
-    // A good overlay of this base: the page asks before it replaces the disk; Cancel leaves everything as it was.
+    // A good overlay of this base, dropped: the page asks before it replaces the disk (the picker's way is taken
+    // in tab.spec.ts and session.spec.ts); Cancel leaves everything as it was.
     const good = join(dir, 'good.qcow2');
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-b', baseUrl, '-F', 'qcow2', good, '30408704']);
     const stored = await storedFiles(page);
-    await page.locator('#open-file').setInputFiles(good);
+    await dropFile(page, 'good.qcow2', readFileSync(good));
     const replace = page.locator('dialog');
     await expect(replace).toContainText('Replace this disk with good.qcow2?');
     await expect(replace).toContainText(/unless you download it first/);

@@ -166,10 +166,10 @@ async function open(request: OpenRequest): Promise<OpenResult> {
 async function close(): Promise<void> {
   const current = session;
   if (!current) return;
+  await discardStaged();
   session = undefined;
   clearTimeout(flushTimer);
   try {
-    await discardStaged();
     // Images opened over the shared stores only flush them on close (see disk-open.ts): close the stores here.
     await current.device.close();
     await current.overlayStore.close();
