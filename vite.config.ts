@@ -40,6 +40,8 @@ export default defineConfig({
   // move the script away from the file, and discovering it only when a session is first saved would reload deps.
   optimizeDeps: { exclude: ['@bokuweb/zstd-wasm'] },
   test: {
+    // Tests import the machine library by its package name, as users do (README's example is a test), from source.
+    alias: { 'qcow86/machine': resolve(import.meta.dirname, 'src/node/machine.ts') },
     testTimeout: 60_000,
     hookTimeout: 300_000,
     pool: 'forks',

@@ -19,7 +19,7 @@ import { openNaiveHttpStore } from './_http-naive.mjs';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const { ensureImages } = await import(join(root, 'images/build.mjs'));
-const { bootMachine } = await import(join(root, 'dist/v86/machine.js'));
+const { Machine } = await import(join(root, 'dist/v86/machine.js'));
 const { loadMachineAssets } = await import(join(root, 'dist/node/machine-assets.js'));
 const { openBootDisk } = await import(join(root, 'dist/node/boot-disk.js'));
 const { openImage } = await import(join(root, 'dist/qcow2/open.js'));
@@ -109,8 +109,8 @@ async function boot(label, file, client) {
   const started = performance.now();
   const device = client === 'ours' ? (await openBootDisk({ base: url })).device : await naiveDisk(url);
   const { device: watched, unique } = recording(device);
-  const machine = bootMachine({ disk: watched, ...assets, timeoutMs: BOOT_TIMEOUT });
-  await machine.expect('# ', { timeoutMs: BOOT_TIMEOUT });
+  const machine = new Machine({ disk: watched, ...assets, timeout: BOOT_TIMEOUT });
+  await machine.expect('# ', { timeout: BOOT_TIMEOUT });
   const seconds = (performance.now() - started) / 1000;
   const storeWait = machine.disk.stats.storeWaitMs / 1000;
   await machine.close();

@@ -10,7 +10,7 @@ import { fileURLToPath } from 'node:url';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const { ensureImages } = await import(join(root, 'images/build.mjs'));
-const { bootMachine } = await import(join(root, 'dist/v86/machine.js'));
+const { Machine } = await import(join(root, 'dist/v86/machine.js'));
 const { loadMachineAssets } = await import(join(root, 'dist/node/machine-assets.js'));
 const { openBootDisk } = await import(join(root, 'dist/node/boot-disk.js'));
 const { RawImage } = await import(join(root, 'dist/qcow2/raw.js'));
@@ -31,7 +31,7 @@ async function timed(machine, command) {
   const began = performance.now();
   const { match } = await machine
     .send(`echo ${tag}-$((1+1)); ${command}; echo ${tag}-$((2+1))\n`)
-    .expect(new RegExp(`${tag}-2\\n([\\s\\S]*?)${tag}-3\\n`), { timeoutMs: 300_000 });
+    .expect(new RegExp(`${tag}-2\\n([\\s\\S]*?)${tag}-3\\n`), { timeout: 300_000 });
   return { seconds: (performance.now() - began) / 1000, output: match[1] };
 }
 
@@ -39,15 +39,15 @@ async function once(kind) {
   let machine;
   if (kind === 'qcow2') {
     const disk = await openBootDisk({});
-    machine = bootMachine({ disk: disk.device, ...assets });
+    machine = new Machine({ disk: disk.device, ...assets });
   } else {
     // A private copy per boot: v86 writes into the buffer it is given.
     const copy = rawBytes.buffer.slice(rawBytes.byteOffset, rawBytes.byteOffset + rawBytes.byteLength);
     const idle = await RawImage.open(new MemoryStore('idle', new Uint8Array(512)));
-    machine = bootMachine({ disk: idle, referenceDisk: { buffer: copy }, ...assets });
+    machine = new Machine({ disk: idle, referenceDisk: { buffer: copy }, ...assets });
   }
   const began = performance.now();
-  await machine.expect('# ', { timeoutMs: BOOT_TIMEOUT });
+  await machine.expect('# ', { timeout: BOOT_TIMEOUT });
   const boot = (performance.now() - began) / 1000;
   // 8 MiB written and fsynced into a file; then the FAT partition (12 MiB of base data) read back from the
   // device with the page cache dropped, so both go through the disk.

@@ -12,7 +12,7 @@ import { fileURLToPath } from 'node:url';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const { ensureImages } = await import(join(root, 'images/build.mjs'));
-const { bootMachine } = await import(join(root, 'dist/v86/machine.js'));
+const { Machine } = await import(join(root, 'dist/v86/machine.js'));
 const { loadMachineAssets } = await import(join(root, 'dist/node/machine-assets.js'));
 const { openBootDisk } = await import(join(root, 'dist/node/boot-disk.js'));
 const { nodeCodecs } = await import(join(root, 'dist/io/node-codecs.js'));
@@ -41,9 +41,9 @@ const timed = async (f) => {
 
 try {
   let disk = await openBootDisk({ overlay });
-  let machine = bootMachine({ disk: disk.device, ...assets, memoryBytes: MEMORY, timeoutMs: 120_000 });
+  let machine = new Machine({ disk: disk.device, ...assets, memoryBytes: MEMORY, timeout: 120_000 });
   trackGuestClock(machine);
-  await machine.expect('# ', { timeoutMs: 600_000 });
+  await machine.expect('# ', { timeout: 600_000 });
   await machine.send(COUNTER).expect('C=3\n');
 
   // v86's own blob, taken the way a session takes it (machine stopped, disk settled).
@@ -69,7 +69,7 @@ try {
   const resumes = [];
   for (let round = 1; round <= ROUNDS; round++) {
     disk = await openBootDisk({ overlay });
-    machine = bootMachine({ disk: disk.device, ...assets, memoryBytes: MEMORY, timeoutMs: 120_000 });
+    machine = new Machine({ disk: disk.device, ...assets, memoryBytes: MEMORY, timeout: 120_000 });
     await machine.started;
     const loadMs = (await timed(() => loadSession(disk.device, 'bench', codecs))).ms;
     const r = await timed(() => resumeSession(machine, disk.device, 'bench', codecs));

@@ -12,3 +12,7 @@ export const KERNEL_CMDLINE: string;
 export const OUTPUT_FILES: string[];
 export function buildImages(options?: { outDir?: string; update?: boolean }): Promise<ImagesManifest>;
 export function ensureImages(options?: { outDir?: string }): Promise<ImagesManifest>;
+export function debianPackage(name: string): string;
+export interface GuestEntry { id: string; name: string; file: string; build: string; boot: 'linux'; memoryMiB: number }
+export const GUESTS: Array<GuestEntry & { manifest: string }>;
+export function writeGuestList(outDir?: string): void;

@@ -18,25 +18,25 @@ import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ensurePackages } from '../scripts/system-deps.mjs';
 
-const root = join(dirname(fileURLToPath(import.meta.url)), '..');
-const CACHE = join(root, '.cache');
+export const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+export const CACHE = join(root, '.cache');
 const WORK = join(CACHE, 'images');
-const DEFAULT_OUT = join(root, 'public/images');
+export const DEFAULT_OUT = join(root, 'public/images');
 
 /** Every time stamp in the image (files, file systems, archives). 2024-01-01T00:00:00Z. */
-const EPOCH = 1704067200;
+export const EPOCH = 1704067200;
 const EXT4_UUID = '5ec0c086-0000-4000-8000-00000000c086';
 const FAT_VOLUME_ID = 'c0860086';
 const MBR_LABEL_ID = '0xc0860086';
 
-const MiB = 1024 * 1024;
+export const MiB = 1024 * 1024;
 const FAT_START = 1 * MiB;
 const FAT_SIZE = 12 * MiB;
 const ROOT_START = FAT_START + FAT_SIZE;
 const ROOT_SIZE = 16 * MiB;
 const DISK_SIZE = ROOT_START + ROOT_SIZE;
 
-const HOST_PACKAGES = ['seabios', 'mtools', 'syslinux', 'syslinux-common', 'dosfstools', 'fdisk', 'cpio', 'kmod', 'e2fsprogs', 'qemu-utils'];
+export const HOST_PACKAGES = ['seabios', 'mtools', 'syslinux', 'syslinux-common', 'dosfstools', 'fdisk', 'cpio', 'kmod', 'e2fsprogs', 'qemu-utils'];
 
 /**
  * The modules the Debian 686 kernel needs to reach an ext4 root on an IDE disk (ata_piix), in dependency order:
@@ -48,18 +48,18 @@ const MODULES = ['scsi_common', 'scsi_mod', 'libata', 'ata_piix', 'crc64', 'crc6
 /** `quiet cryptomgr.notests` saves ~6 s of boot (crypto self-tests); the last console= is /dev/console. */
 export const KERNEL_CMDLINE = 'console=tty1 console=ttyS0,115200 root=/dev/sda2 rw quiet cryptomgr.notests tsc=reliable mitigations=off random.trust_cpu=on';
 
-const FIXED_ENV = {
+export const FIXED_ENV = {
   SOURCE_DATE_EPOCH: String(EPOCH),
   E2FSPROGS_FAKE_TIME: String(EPOCH),
   TZ: 'UTC',
   LC_ALL: 'C',
 };
 
-function run(command, args, options = {}) {
+export function run(command, args, options = {}) {
   return execFileSync(command, args, { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, ...FIXED_ENV }, ...options });
 }
 
-function sha256(path) {
+export function sha256(path) {
   return createHash('sha256').update(readFileSync(path)).digest('hex');
 }
 
@@ -68,9 +68,9 @@ function sha256(path) {
 const APT_LISTS = join(CACHE, 'apt/lists');
 const DEBS = join(CACHE, 'debs');
 /** i386 without multiarch on the host: a private state directory with its own lists. */
-const APT_OPTIONS = ['-oAPT::Architecture=i386', '-oAPT::Architectures=i386', `-oDir::State::Lists=${APT_LISTS}`, '-oDebug::NoLocking=1'];
+export const APT_OPTIONS = ['-oAPT::Architecture=i386', '-oAPT::Architectures=i386', `-oDir::State::Lists=${APT_LISTS}`, '-oDebug::NoLocking=1'];
 
-function aptUpdate(force) {
+export function aptUpdate(force) {
   mkdirSync(join(APT_LISTS, 'partial'), { recursive: true });
   const haveIndex = readdirSync(APT_LISTS).some((name) => /_Packages(\.[a-z0-9]+)?$/.test(name));
   if (haveIndex && !force) return;
@@ -93,7 +93,7 @@ function resolveKernelPackage() {
   return match[1];
 }
 
-function candidateVersion(name) {
+export function candidateVersion(name) {
   const policy = aptCache('policy', name);
   const match = policy.match(/Candidate: (\S+)/);
   if (!match || match[1] === '(none)') throw new Error(`no i386 candidate for ${name}`);
@@ -101,11 +101,12 @@ function candidateVersion(name) {
 }
 
 /** Downloads (once) the .deb for name=version into .cache/debs and returns its path. */
-function fetchDeb(name, version) {
+export function fetchDeb(name, version) {
   mkdirSync(DEBS, { recursive: true });
   const fileVersion = version.replace(/:/g, '%3a');
-  const path = join(DEBS, `${name}_${fileVersion}_i386.deb`);
-  if (existsSync(path)) return path;
+  // i386 or all (architecture-independent packages).
+  const cached = readdirSync(DEBS).find((file) => file.startsWith(`${name}_${fileVersion}_`) && file.endsWith('.deb'));
+  if (cached) return join(DEBS, cached);
   console.log(`images: downloading ${name} ${version}`);
   run('apt-get', [...APT_OPTIONS, '-qq', 'download', `${name}=${version}`], { cwd: DEBS, stdio: 'inherit' });
   const found = readdirSync(DEBS).find((file) => file.startsWith(`${name}_${fileVersion}_`) && file.endsWith('.deb'));
@@ -113,13 +114,22 @@ function fetchDeb(name, version) {
   return join(DEBS, found);
 }
 
-function hostPackageVersion(name) {
+export function hostPackageVersion(name) {
   return run('dpkg-query', ['-W', '-f=${Version}', name]).toString().trim();
+}
+
+/**
+ * Debian 12's i386 package NAME as a .deb in .cache/debs (downloaded once, at the version the cached package
+ * index names), for tests that boot disks other people built (boot loader and tool images from Debian packages).
+ */
+export function debianPackage(name) {
+  aptUpdate(false);
+  return fetchDeb(name, candidateVersion(name));
 }
 
 // ---------------------------------------------------------------- trees
 
-function unpack(deb, dir) {
+export function unpack(deb, dir) {
   rmSync(dir, { recursive: true, force: true });
   mkdirSync(dir, { recursive: true });
   run('dpkg-deb', ['-x', deb, dir]);
@@ -139,7 +149,7 @@ function findFile(dir, predicate) {
 }
 
 /** All paths under dir (relative, sorted bytewise) so archives list them in one order on every machine. */
-function listTree(dir) {
+export function listTree(dir) {
   const out = [];
   const walk = (sub) => {
     for (const name of readdirSync(join(dir, sub)).sort()) {
@@ -152,14 +162,14 @@ function listTree(dir) {
   return out.sort((a, b) => (Buffer.from(a) < Buffer.from(b) ? -1 : a === b ? 0 : 1));
 }
 
-function pinTimes(dir) {
+export function pinTimes(dir) {
   // touch -h sets symlinks' own times; mke2fs -d and cpio copy these into the images.
   const paths = listTree(dir).map((rel) => join(dir, rel));
   for (let i = 0; i < paths.length; i += 500) run('touch', ['-h', '-d', `@${EPOCH}`, ...paths.slice(i, i + 500)]);
   run('touch', ['-h', '-d', `@${EPOCH}`, dir]);
 }
 
-function writeExecutable(path, text) {
+export function writeExecutable(path, text) {
   writeFileSync(path, text);
   chmodSync(path, 0o755);
 }
@@ -269,7 +279,8 @@ function buildRootTree(busybox, dir) {
 
 // ---------------------------------------------------------------- file systems and disk
 
-function buildExt4(tree, out) {
+/** An ext4 image of `tree`; the options are the Debian guest's (the default guest takes the defaults). */
+export function buildExt4(tree, out, { sizeBytes = ROOT_SIZE, inodes = 1024, journalMiB = 1, label = 'qcow86-root' } = {}) {
   rmSync(out, { force: true });
   // A journal (1 MiB, the smallest), because a closed or reloaded tab is a power cut for the guest: the kernel
   // replays the journal on the next mount, where a journal-less ext4 came back with errors (seen after a reload:
@@ -277,19 +288,19 @@ function buildExt4(tree, out) {
   // guest's ext4lazyinit thread after every first mount: that thread wrote to the overlay behind the user's back,
   // after their sync. The zeros cost nothing in the base (qemu-img convert leaves zero clusters unallocated).
   // -N 1024 because busybox's few hundred symlinks need inodes.
-  run('mke2fs', ['-q', '-F', '-t', 'ext4', '-J', 'size=1', '-N', '1024', '-L', 'qcow86-root', '-U', EXT4_UUID,
-    '-E', `hash_seed=${EXT4_UUID},root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0`, '-d', tree, out, `${ROOT_SIZE / 1024}k`]);
+  run('mke2fs', ['-q', '-F', '-t', 'ext4', '-J', `size=${journalMiB}`, ...(inodes ? ['-N', String(inodes)] : []), '-L', label, '-U', EXT4_UUID,
+    '-E', `hash_seed=${EXT4_UUID},root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0`, '-d', tree, out, `${sizeBytes / 1024}k`]);
   // mke2fs -d copies each source file's ctime, which touch cannot set: pin it (and crtime) inode by inode.
   const commands = ['/', ...listTree(tree).map((rel) => `/${rel}`)]
     .flatMap((path) => [`sif "${path}" ctime @${EPOCH}`, `sif "${path}" crtime @${EPOCH}`, `sif "${path}" atime @${EPOCH}`, `sif "${path}" mtime @${EPOCH}`]);
-  const script = join(WORK, 'debugfs.cmds');
+  const script = `${out}.debugfs-commands`;
   writeFileSync(script, commands.join('\n') + '\n');
   run('debugfs', ['-w', '-f', script, out], { stdio: ['ignore', 'ignore', 'pipe'] });
 }
 
-function buildFat(files, out) {
+export function buildFat(files, out, sizeBytes = FAT_SIZE) {
   rmSync(out, { force: true });
-  run('mkfs.fat', ['-F', '16', '-n', 'QCOW86', '-i', FAT_VOLUME_ID, '--invariant', '-C', out, String(FAT_SIZE / 1024)], { stdio: 'ignore' });
+  run('mkfs.fat', ['-F', '16', '-n', 'QCOW86', '-i', FAT_VOLUME_ID, '--invariant', '-C', out, String(sizeBytes / 1024)], { stdio: 'ignore' });
   // mcopy -m keeps the (pinned) source mtimes instead of the current time.
   run('mcopy', ['-m', '-i', out, ...files, '::/'], { env: { ...process.env, ...FIXED_ENV, MTOOLS_SKIP_CHECK: '1' } });
   run('syslinux', ['--install', out]);
@@ -307,25 +318,30 @@ LABEL linux
 `;
 }
 
-function assembleDisk(fat, ext4, out) {
+/** Where the partitions go; the default guest's layout unless given (the Debian guest has a bigger disk). */
+const DEFAULT_LAYOUT = { fatStart: FAT_START, fatSize: FAT_SIZE, rootStart: ROOT_START, rootSize: ROOT_SIZE, diskSize: DISK_SIZE };
+
+export function assembleDisk(fat, ext4, out, layout = DEFAULT_LAYOUT) {
+  const { fatStart, fatSize, rootStart, rootSize, diskSize } = layout;
   rmSync(out, { force: true });
-  run('truncate', ['-s', String(DISK_SIZE), out]);
+  run('truncate', ['-s', String(diskSize), out]);
   const table = `label: dos\nlabel-id: ${MBR_LABEL_ID}\nunit: sectors\n\n` +
-    `start=${FAT_START / 512}, size=${FAT_SIZE / 512}, type=6, bootable\n` +
-    `start=${ROOT_START / 512}, size=${ROOT_SIZE / 512}, type=83\n`;
+    `start=${fatStart / 512}, size=${fatSize / 512}, type=6, bootable\n` +
+    `start=${rootStart / 512}, size=${rootSize / 512}, type=83\n`;
   execFileSync('sfdisk', ['--no-reread', '--no-tell-kernel', '-q', out], { input: table, stdio: ['pipe', 'ignore', 'inherit'] });
   const mbr = findFile('/usr/lib/syslinux/mbr', (name) => name === 'mbr.bin');
   // Only the boot code: bytes 440.. hold the disk signature and the partition table sfdisk just wrote.
   run('dd', [`if=${mbr}`, `of=${out}`, 'bs=440', 'count=1', 'conv=notrunc'], { stdio: 'ignore' });
-  run('dd', [`if=${fat}`, `of=${out}`, 'bs=1M', `seek=${FAT_START / MiB}`, 'conv=notrunc'], { stdio: 'ignore' });
-  run('dd', [`if=${ext4}`, `of=${out}`, 'bs=1M', `seek=${ROOT_START / MiB}`, 'conv=notrunc'], { stdio: 'ignore' });
+  run('dd', [`if=${fat}`, `of=${out}`, 'bs=1M', `seek=${fatStart / MiB}`, 'conv=notrunc'], { stdio: 'ignore' });
+  // sparse: the file system's unused gigabytes stay holes instead of written zeros.
+  run('dd', [`if=${ext4}`, `of=${out}`, 'bs=1M', `seek=${rootStart / MiB}`, 'conv=notrunc,sparse'], { stdio: 'ignore' });
 }
 
 /**
  * The final form of the disk: a deflate-compressed qcow2 written by our own engine, the way users will make
  * theirs. This is the one place that turns the raw disk into base.qcow2.
  */
-function convertToCompressedQcow2(raw, out) {
+export function convertToCompressedQcow2(raw, out) {
   rmSync(out, { force: true });
   if (existsSync(join(root, 'dist/node/cli.js'))) {
     const ours = spawnSync(process.execPath, [join(root, 'bin/qcow86.js'), 'convert', '-c', '-O', 'qcow2', raw, out], { stdio: ['ignore', 'inherit', 'pipe'], encoding: 'utf8' });
@@ -339,8 +355,48 @@ function convertToCompressedQcow2(raw, out) {
   return 'qemu-img convert -c -O qcow2 (fallback)';
 }
 
-function virtualSizeOf(image) {
+export function virtualSizeOf(image) {
   return JSON.parse(run('qemu-img', ['info', '--output=json', image]).toString())['virtual-size'];
+}
+
+/**
+ * The boot partition's files, shared by every guest: the Debian 686 kernel, an initramfs (busybox, the disk and
+ * ext4 modules, an init that mounts root= and switches to its /sbin/init) and syslinux.cfg, in `work`/boot.
+ */
+export function buildBootFiles(work) {
+  const kernelPackage = resolveKernelPackage();
+  const packages = {};
+  for (const name of [kernelPackage, 'busybox-static']) packages[name] = candidateVersion(name);
+  const kernelTree = join(work, 'kernel');
+  const busyboxTree = join(work, 'busybox');
+  unpack(fetchDeb(kernelPackage, packages[kernelPackage]), kernelTree);
+  unpack(fetchDeb('busybox-static', packages['busybox-static']), busyboxTree);
+  const kver = readdirSync(join(kernelTree, 'lib/modules'))[0];
+  const busybox = join(busyboxTree, 'bin/busybox');
+
+  const boot = join(work, 'boot');
+  rmSync(boot, { recursive: true, force: true });
+  mkdirSync(boot, { recursive: true });
+  copyFileSync(join(kernelTree, 'boot', `vmlinuz-${kver}`), join(boot, 'vmlinuz'));
+  buildInitramfs(kernelTree, kver, busybox, join(work, 'initramfs'), join(boot, 'initrd.gz'));
+  writeFileSync(join(boot, 'syslinux.cfg'), syslinuxConfig());
+  pinTimes(boot);
+  return { packages, kver, boot, busybox };
+}
+
+/**
+ * The guests this checkout can build, for the tab's guest list (public/images/guests.json, rewritten by every
+ * images build): which are built here, and the command that builds the others. `boot: 'linux'` tells the tab
+ * what to expect on the console (kernel messages, then a shell prompt); memory is what the tab gives the guest.
+ */
+export const GUESTS = [
+  { id: 'default', name: 'Default guest (Linux, busybox)', file: 'base.qcow2', manifest: 'manifest.json', build: 'npm run images', boot: 'linux', memoryMiB: 64 },
+  { id: 'debian', name: 'Debian 12 (bash, python3, 2 GiB disk)', file: 'debian.qcow2', manifest: 'debian.json', build: 'npm run images -- debian', boot: 'linux', memoryMiB: 128 },
+];
+
+export function writeGuestList(outDir = DEFAULT_OUT) {
+  const guests = GUESTS.map(({ manifest, ...guest }) => ({ ...guest, built: existsSync(join(outDir, guest.file)) && existsSync(join(outDir, manifest)) }));
+  writeFileSync(join(outDir, 'guests.json'), JSON.stringify({ guests }, null, 2) + '\n');
 }
 
 // ---------------------------------------------------------------- entry points
@@ -358,23 +414,7 @@ export async function buildImages({ outDir = DEFAULT_OUT, update = false } = {})
   mkdirSync(outDir, { recursive: true });
 
   aptUpdate(update);
-  const kernelPackage = resolveKernelPackage();
-  const packages = {};
-  for (const name of [kernelPackage, 'busybox-static']) packages[name] = candidateVersion(name);
-  const kernelTree = join(WORK, 'kernel');
-  const busyboxTree = join(WORK, 'busybox');
-  unpack(fetchDeb(kernelPackage, packages[kernelPackage]), kernelTree);
-  unpack(fetchDeb('busybox-static', packages['busybox-static']), busyboxTree);
-  const kver = readdirSync(join(kernelTree, 'lib/modules'))[0];
-  const busybox = join(busyboxTree, 'bin/busybox');
-
-  const boot = join(WORK, 'boot');
-  rmSync(boot, { recursive: true, force: true });
-  mkdirSync(boot, { recursive: true });
-  copyFileSync(join(kernelTree, 'boot', `vmlinuz-${kver}`), join(boot, 'vmlinuz'));
-  buildInitramfs(kernelTree, kver, busybox, join(WORK, 'initramfs'), join(boot, 'initrd.gz'));
-  writeFileSync(join(boot, 'syslinux.cfg'), syslinuxConfig());
-  pinTimes(boot);
+  const { packages, kver, boot, busybox } = buildBootFiles(WORK);
 
   buildRootTree(busybox, join(WORK, 'rootfs'));
   buildExt4(join(WORK, 'rootfs'), join(WORK, 'root.ext4'));
@@ -403,6 +443,7 @@ export async function buildImages({ outDir = DEFAULT_OUT, update = false } = {})
     })),
   };
   writeFileSync(join(outDir, 'manifest.json'), JSON.stringify(manifest, null, 2) + '\n');
+  writeGuestList(outDir);
   console.log(`images: built ${relative(root, base)} (${manifest.files['base.qcow2'].size} bytes, raw sha256 ${manifest.raw.sha256.slice(0, 16)}…) in ${((Date.now() - started) / 1000).toFixed(1)} s`);
   return manifest;
 }
@@ -415,7 +456,10 @@ export async function ensureImages({ outDir = DEFAULT_OUT } = {}) {
   const missing = OUTPUT_FILES.filter((name) => !existsSync(join(outDir, name)));
   if (missing.length === 0) {
     const manifest = JSON.parse(readFileSync(join(outDir, 'manifest.json'), 'utf8'));
-    if (manifest.recipe === RECIPE) return manifest;
+    if (manifest.recipe === RECIPE) {
+      if (!existsSync(join(outDir, 'guests.json'))) writeGuestList(outDir);
+      return manifest;
+    }
     console.log(`images: rebuilding the default guest (built by recipe ${manifest.recipe ?? 1}, this checkout has ${RECIPE})`);
   } else {
     console.log(`images: building the default guest (missing: ${missing.join(', ')})`);
@@ -425,7 +469,24 @@ export async function ensureImages({ outDir = DEFAULT_OUT } = {}) {
 
 if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
   const args = process.argv.slice(2);
-  const action = args.includes('--force') ? buildImages({ update: args.includes('--update') }) : ensureImages();
+  const guests = args.filter((arg) => !arg.startsWith('--'));
+  const unknown = guests.filter((name) => name !== 'default' && name !== 'debian');
+  if (unknown.length) {
+    console.error(`images: unknown guest ${unknown.join(', ')} (known: default, debian)`);
+    process.exit(2);
+  }
+  const force = args.includes('--force');
+  const update = args.includes('--update');
+  // `npm run images` builds the default guest; `npm run images -- debian` the Debian guest (after the default
+  // guest's files it shares, when those are missing).
+  const action = (async () => {
+    if (guests.length === 0 || guests.includes('default')) await (force ? buildImages({ update }) : ensureImages());
+    if (guests.includes('debian')) {
+      if (!guests.includes('default')) await ensureImages();
+      const { buildDebian, ensureDebian } = await import('./debian.mjs');
+      await (force ? buildDebian({ update }) : ensureDebian());
+    }
+  })();
   action.catch((error) => {
     console.error(`images: ${error.message}`);
     process.exit(1);

@@ -1,20 +1,27 @@
 /**
- * A v86 PC with our disk and a scriptable serial console, shared by Node (CLI, tests, benchmarks) and the browser.
- * Platform specifics come in as values: BIOS bytes, the wasm location (a file path in Node, a URL in a page) and
- * an optional screen container.
+ * A v86 PC with our disk, a scriptable serial console, and its VGA screen and PS/2 keyboard. Platform specifics
+ * come in as values: BIOS bytes and the wasm location (a file path in Node). Node's `bootMachine` (src/node/
+ * machine.ts, the `qcow86/machine` export) opens the disk and firmware and makes one of these.
  *
- *   const m = bootMachine({ ... });
  *   await m.expect('# ');
  *   const { match } = await m.send('sha256sum f\n').expect(/([0-9a-f]{64})/);
- *   await m.stop();           // stops the CPU and flushes the disk
+ *   await m.sendKeys('c').expect('grub>', { on: 'screen' });
+ *   await m.close();          // stops the CPU, flushes the disk and closes it
  *
- * Steps run one after another in the order they were chained, whoever awaits them. A step that times out rejects
- * with a StepError naming the step and carrying the console's last lines; later steps then fail too.
+ * Steps (expect, send, sendKeys) run one after another in the order they were chained, whoever awaits them. A
+ * step that times out rejects with a StepError naming the step and carrying the console's and the screen's last
+ * lines; later steps then fail too.
  */
 import { V86, type V86Image, type V86Options } from 'v86';
+import type { Codecs } from '../qcow2/compression.js';
 import type { BlockDevice } from '../qcow2/device.js';
+import { Qcow2Image } from '../qcow2/image.js';
 import { ConsoleText } from './console.js';
 import { V86DiskAdapter, type DiskAdapterOptions } from './disk.js';
+import { parseKeys, strokeScancodes, type KeyStroke } from './keyboard.js';
+import { encodePng } from './png.js';
+import { ScreenCapture, provideImageData } from './screen.js';
+import { SessionError, saveSession, trackGuestClock, type SaveResult } from './session.js';
 
 export interface MachineOptions {
   /** The hard disk: a BlockDevice (wrapped in a V86DiskAdapter) or an adapter the caller made. */
@@ -35,16 +42,29 @@ export interface MachineOptions {
   bzimage?: ArrayBuffer;
   initrd?: ArrayBuffer;
   cmdline?: string;
-  /** Default timeout of an expect step, in milliseconds (default 60 s). */
-  timeoutMs?: number;
+  /** Default time an expect step may wait, in milliseconds (default 300000). */
+  timeout?: number;
   /** Every chunk of serial output as it arrives, undecoded escapes included (for stdout or a terminal). */
   onSerial?: (text: string) => void;
-  /** A page element for the VGA screen (browser only). */
-  screenContainer?: unknown;
+  /** Compression codecs for saveSession (sessions are stored compressed inside the qcow2 overlay). */
+  codecs?: Codecs;
+}
+
+export interface ExpectOptions {
+  /** Milliseconds this step may wait (default: the machine's, 300000 unless set otherwise). */
+  timeout?: number;
+  /**
+   * Where to look: 'serial' (default) matches console output printed after the previous serial match; 'screen'
+   * matches anywhere on the VGA text screen as it is (rows joined by newlines), text drawn earlier included.
+   */
+  on?: 'serial' | 'screen';
 }
 
 export interface ExpectResult {
-  /** Console text (escapes removed) from the end of the previous match to the end of this one. */
+  /**
+   * On the serial console: the text (escapes removed) from the end of the previous match to the end of this
+   * one. On the screen: the whole screen text when it matched.
+   */
   text: string;
   match: RegExpExecArray | [string];
 }
@@ -52,9 +72,11 @@ export interface ExpectResult {
 /** What the kernel prints last on `poweroff`: with ACPI "Power down", without it (v86 here) "System halted". */
 export const POWERED_OFF = /reboot: (Power down|System halted)/;
 
+export const DEFAULT_TIMEOUT_MS = 300_000;
+
 export class StepError extends Error {
-  constructor(readonly step: string, readonly lastLines: string, reason: string) {
-    super(`${step}: ${reason}\n--- last console lines ---\n${lastLines}\n---`);
+  constructor(readonly step: string, readonly lastLines: string, reason: string, readonly screenLines = '') {
+    super(`${step}: ${reason}\n--- last console lines ---\n${lastLines}\n--- last screen lines ---\n${screenLines}\n---`);
     this.name = 'StepError';
   }
 }
@@ -63,7 +85,7 @@ export class StepError extends Error {
 export class Steps<T> implements PromiseLike<T> {
   constructor(private readonly machine: Machine, private readonly done: Promise<T>) {}
 
-  expect(pattern: string | RegExp, options?: { timeoutMs?: number }): Steps<ExpectResult> {
+  expect(pattern: string | RegExp, options?: ExpectOptions): Steps<ExpectResult> {
     return this.machine.expect(pattern, options);
   }
 
@@ -71,26 +93,44 @@ export class Steps<T> implements PromiseLike<T> {
     return this.machine.send(text);
   }
 
+  sendKeys(keys: string): Steps<void> {
+    return this.machine.sendKeys(keys);
+  }
+
   then<A = T, B = never>(onFulfilled?: ((value: T) => A | PromiseLike<A>) | null, onRejected?: ((reason: unknown) => B | PromiseLike<B>) | null): Promise<A | B> {
     return this.done.then(onFulfilled, onRejected);
   }
 }
 
+/** How often a screen expect looks again while the screen keeps changing (it looks at once when idle). */
+const SCREEN_CHECK_MS = 50;
+/** Pause after each key press: BIOS-level guests keep only 15 keys in their buffer. */
+const KEY_GAP_MS = 8;
+
+interface Ps2 {
+  enable_keyboard_stream: boolean;
+  kbd_buffer: { length: number };
+}
+
 export class Machine {
   readonly console = new ConsoleText();
+  readonly screen: ScreenCapture;
   readonly disk: V86DiskAdapter;
   readonly emulator: V86;
   /** Resolves when v86 has started running the guest. */
   readonly started: Promise<void>;
   private queue: Promise<unknown> = Promise.resolve();
   private stepCount = 0;
-  private readonly timeoutMs: number;
+  private readonly timeout: number;
+  private readonly codecs: Codecs | undefined;
   private stopped: Promise<void> | undefined;
   private failure: unknown;
 
   constructor(options: MachineOptions) {
-    this.timeoutMs = options.timeoutMs ?? 60_000;
+    this.timeout = options.timeout ?? DEFAULT_TIMEOUT_MS;
+    this.codecs = options.codecs;
     this.disk = options.disk instanceof V86DiskAdapter ? options.disk : new V86DiskAdapter(options.disk, options.diskOptions);
+    provideImageData();
     const config: V86Options = {
       wasm_path: options.wasmPath,
       memory_size: options.memoryBytes ?? 128 * 1024 * 1024,
@@ -100,27 +140,32 @@ export class Machine {
       // v86 duck-types its disk: any object with get/set/load is used as is (see disk.ts for the contract).
       hda: (options.referenceDisk ?? this.disk) as unknown as V86Image,
       autostart: true,
+      // Keys go in as scancodes (sendKeys); v86's keyboard adapter reads a page's DOM events.
       disable_keyboard: true,
       disable_mouse: true,
       disable_speaker: true,
       ...(options.bzimage ? { bzimage: { buffer: options.bzimage } } : {}),
       ...(options.initrd ? { initrd: { buffer: options.initrd } } : {}),
       ...(options.cmdline !== undefined ? { cmdline: options.cmdline } : {}),
-      ...(options.screenContainer ? { screen: { container: options.screenContainer } } : {}),
     } as V86Options;
     this.emulator = new V86(config);
+    this.screen = new ScreenCapture(this.emulator as unknown as ConstructorParameters<typeof ScreenCapture>[0]);
     this.started = new Promise((resolve) => this.emulator.add_listener('emulator-started', () => resolve()));
     this.emulator.add_listener('serial0-output-byte', (byte: number) => {
       const text = this.console.push(Uint8Array.of(byte));
       if (text) options.onSerial?.(text);
     });
+    // A session saved from this machine records how long its guest has run.
+    trackGuestClock(this);
   }
 
-  /** Waits until pattern appears on the serial console after the previous match. */
-  expect(pattern: string | RegExp, options: { timeoutMs?: number } = {}): Steps<ExpectResult> {
-    const label = `step ${++this.stepCount} (expect ${describe(pattern)})`;
-    const timeoutMs = options.timeoutMs ?? this.timeoutMs;
-    return this.enqueue(() => this.waitFor(pattern, label, timeoutMs));
+  /** Waits until pattern appears on the serial console after the previous match, or on the screen. */
+  expect(pattern: string | RegExp, options: ExpectOptions = {}): Steps<ExpectResult> {
+    const on = options.on ?? 'serial';
+    if (on !== 'serial' && on !== 'screen') throw new TypeError(`expect: 'on' must be 'serial' or 'screen', not ${JSON.stringify(on)}`);
+    const label = `step ${++this.stepCount} (${on === 'screen' ? 'expect-screen' : 'expect'} ${describe(pattern)})`;
+    const timeout = options.timeout ?? this.timeout;
+    return this.enqueue(() => (on === 'screen' ? this.waitForScreen(pattern, label, timeout) : this.waitFor(pattern, label, timeout)));
   }
 
   /** Types text on the serial console exactly as given (the caller adds '\n'). */
@@ -132,10 +177,43 @@ export class Machine {
   }
 
   /**
+   * Types keys on the PS/2 keyboard (see src/v86/keyboard.ts: `\n` is Enter, `<Esc>`, `<F1>`, `<Ctrl-X>`...,
+   * `<<` a literal '<'). Throws a KeysError at once for text that cannot be typed.
+   */
+  sendKeys(keys: string): Steps<void> {
+    const strokes = parseKeys(keys);
+    const label = `step ${++this.stepCount} (send-keys ${JSON.stringify(keys)})`;
+    return this.enqueue(() => this.type(strokes, label));
+  }
+
+  /** The VGA text screen now: its rows (full width) joined by newlines; '' in a graphics mode. */
+  screenText(): string {
+    return this.screen.text();
+  }
+
+  /** The screen now as a PNG: text modes drawn with the VGA's font, graphics modes from the frame buffer. */
+  screenshot(): Uint8Array {
+    return encodePng(this.screen.frame());
+  }
+
+  /**
+   * Saves the running machine and its disk as session NAME inside the qcow2 overlay (replacing one of that
+   * name); `qcow86 boot --resume NAME` and the tab continue from it.
+   */
+  async saveSession(name: string): Promise<SaveResult> {
+    const device = this.disk.device;
+    if (!(device instanceof Qcow2Image)) throw new SessionError(device.name, name, 'needs a qcow2 overlay');
+    if (!this.codecs) throw new SessionError(device.name, name, 'cannot be saved: this machine was made without codecs');
+    await this.queue;
+    if (this.failure) throw this.failure;
+    return saveSession(this, device, name, this.codecs, { replace: true });
+  }
+
+  /**
    * Types `poweroff` and waits for the kernel's last words. v86 offers no ACPI tables to this guest, so the
    * kernel halts ("reboot: System halted") after busybox init has synced and remounted everything read-only.
    */
-  powerOff(options: { timeoutMs?: number } = {}): Steps<ExpectResult> {
+  powerOff(options: { timeout?: number } = {}): Steps<ExpectResult> {
     return this.send('poweroff\n').expect(POWERED_OFF, options);
   }
 
@@ -149,7 +227,7 @@ export class Machine {
     return this.stopped;
   }
 
-  /** stop(), then closes the disk's device and its backing chain. */
+  /** stop(), then closes the disk's device and its backing chain (the overlay is flushed first). */
   async close(): Promise<void> {
     await this.stop();
     await this.disk.close();
@@ -169,7 +247,11 @@ export class Machine {
     return new Steps(this, done);
   }
 
-  private waitFor(pattern: string | RegExp, label: string, timeoutMs: number): Promise<ExpectResult> {
+  private fail(label: string, reason: string): StepError {
+    return new StepError(label, this.console.lastLines(), reason, this.screen.lastLines());
+  }
+
+  private waitFor(pattern: string | RegExp, label: string, timeout: number): Promise<ExpectResult> {
     return new Promise((resolve, reject) => {
       const attempt = (): boolean => {
         const found = this.console.take(pattern);
@@ -180,8 +262,8 @@ export class Machine {
       };
       const timer = setTimeout(() => {
         cleanup();
-        reject(new StepError(label, this.console.lastLines(), `timed out after ${(timeoutMs / 1000).toFixed(1)} s`));
-      }, timeoutMs);
+        reject(this.fail(label, `timed out after ${(timeout / 1000).toFixed(1)} s`));
+      }, timeout);
       const unsubscribe = this.console.onChange(attempt);
       const cleanup = () => {
         clearTimeout(timer);
@@ -190,12 +272,103 @@ export class Machine {
       attempt();
     });
   }
+
+  private waitForScreen(pattern: string | RegExp, label: string, timeout: number): Promise<ExpectResult> {
+    return new Promise((resolve, reject) => {
+      let checkedVersion = -1;
+      let scheduled: ReturnType<typeof setTimeout> | undefined;
+      const attempt = (): void => {
+        scheduled = undefined;
+        if (checkedVersion === this.screen.version) return;
+        checkedVersion = this.screen.version;
+        const text = this.screen.text();
+        const match = matchIn(text, pattern);
+        if (!match) return;
+        cleanup();
+        resolve({ text, match });
+      };
+      // The screen changes a character at a time: look again shortly after changes instead of after each one.
+      const unsubscribe = this.screen.onChange(() => {
+        scheduled ??= setTimeout(attempt, SCREEN_CHECK_MS);
+      });
+      const timer = setTimeout(() => {
+        cleanup();
+        reject(this.fail(label, `timed out after ${(timeout / 1000).toFixed(1)} s`));
+      }, timeout);
+      const cleanup = () => {
+        clearTimeout(timer);
+        if (scheduled) clearTimeout(scheduled);
+        unsubscribe();
+      };
+      attempt();
+    });
+  }
+
+  /**
+   * Presses keys one at a time, each once the keyboard controller has handed the previous one to the guest, and
+   * only while the guest has its keyboard enabled (v86 drops keys sent before that). A guest that reads keys
+   * through the BIOS (boot loaders, menus) keeps at most 15 in the BIOS's buffer and loses the rest while it is
+   * busy (loading modules, say): typing waits while that buffer fills, as long as something is emptying it.
+   */
+  private async type(strokes: KeyStroke[], label: string): Promise<void> {
+    const cpu = (this.emulator as unknown as { v86?: { cpu?: { devices?: { ps2?: Ps2 }; mem8?: Uint8Array } } }).v86?.cpu;
+    const ps2 = cpu?.devices?.ps2;
+    const deadline = Date.now() + this.timeout;
+    const until = async (ready: () => boolean, what: string) => {
+      while (!ready()) {
+        if (Date.now() > deadline) throw this.fail(label, `timed out after ${(this.timeout / 1000).toFixed(1)} s waiting for ${what}`);
+        await sleep(5);
+      }
+    };
+    let watchBios = true;
+    for (const stroke of strokes) {
+      if (ps2) await until(() => ps2.enable_keyboard_stream && ps2.kbd_buffer.length === 0, 'the guest to enable and read its keyboard');
+      if (watchBios && cpu?.mem8) watchBios = await waitForBiosBuffer(cpu.mem8);
+      await this.emulator.keyboard_send_scancodes(strokeScancodes(stroke));
+      await sleep(KEY_GAP_MS);
+    }
+    if (ps2) await until(() => ps2.kbd_buffer.length === 0, 'the guest to read the last key');
+  }
+}
+
+/** Keys the BIOS holds for the guest (its ring buffer in the BIOS data area), or undefined when it is not set up. */
+function biosKeyBacklog(mem: Uint8Array): number | undefined {
+  const word = (at: number) => mem[at]! | (mem[at + 1]! << 8);
+  const head = word(0x41a);
+  const tail = word(0x41c);
+  const start = word(0x480);
+  const end = word(0x482);
+  if (!(start < end && end - start <= 64 && head >= start && head < end && tail >= start && tail < end)) return undefined;
+  return ((tail - head + (end - start)) % (end - start)) / 2;
+}
+
+/** Waits while the BIOS key buffer is nearly full; false once it stopped draining (nothing reads it: stop looking). */
+async function waitForBiosBuffer(mem: Uint8Array): Promise<boolean> {
+  let backlog = biosKeyBacklog(mem);
+  let since = Date.now();
+  while (backlog !== undefined && backlog >= 8) {
+    await sleep(5);
+    const now = biosKeyBacklog(mem);
+    if (now !== backlog) {
+      backlog = now;
+      since = Date.now();
+    } else if (Date.now() - since > 1000) {
+      return false;
+    }
+  }
+  return true;
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((done) => setTimeout(done, ms));
+}
+
+function matchIn(text: string, pattern: string | RegExp): RegExpExecArray | [string] | undefined {
+  if (typeof pattern === 'string') return text.includes(pattern) ? [pattern] : undefined;
+  const re = new RegExp(pattern.source, pattern.flags.replace('g', '').replace('y', ''));
+  return re.exec(text) ?? undefined;
 }
 
 function describe(pattern: string | RegExp): string {
   return typeof pattern === 'string' ? JSON.stringify(pattern) : String(pattern);
-}
-
-export function bootMachine(options: MachineOptions): Machine {
-  return new Machine(options);
 }

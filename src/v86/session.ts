@@ -82,8 +82,8 @@ function guestClockNsec(machine: Machine): number {
 }
 
 /**
- * Starts counting the guest clock a session records (call right after bootMachine); without it a session saved
- * from a fresh boot records clock 0. A resumed machine counts on from its session's clock by itself.
+ * Starts counting the guest clock a session records (every Machine does when it is made). A resumed machine
+ * counts on from its session's clock by itself.
  */
 export function trackGuestClock(machine: Machine): void {
   if (!clocks.has(machine)) clocks.set(machine, { baseNsec: 0, sinceMs: now() });

@@ -9,8 +9,8 @@
  */
 import { execFileSync, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { copyFileSync, existsSync, readFileSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { copyFileSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { ensureImages } from '../../images/build.mjs';
 import { buildEngine } from '../helpers/build.js';
@@ -19,7 +19,6 @@ import { qemuCheck, qemuConvertToRaw, qemuImg, qemuInfo, tempDir } from '../help
 import { POWERED_OFF } from '../../src/v86/machine.js';
 import { BOOT_TIMEOUT_MS, DEFAULT_BASE } from './guest.js';
 
-const root = resolve(import.meta.dirname, '../..');
 const sha256 = (bytes: Uint8Array) => createHash('sha256').update(bytes).digest('hex');
 const SUMS = /^([0-9a-f]{64})\s+(\S+)$/gm;
 /** The guest's prompt; escape sequences and carriage returns are stripped before matching. */
@@ -37,9 +36,6 @@ interface BootRun {
 /** Runs `qcow86 boot ARGS` from a private build, snapshotting nginx's log `settleMs` after the first prompt. */
 function bootCli(args: string[], nginx: NginxServer, settleMs: number): Promise<BootRun> {
   const dist = buildEngine();
-  // machine-assets.ts finds the BIOS in ../../public/images relative to the compiled file.
-  const publicDir = resolve(dist, '../public');
-  if (!existsSync(publicDir)) symlinkSync(join(root, 'public'), publicDir);
   const script = 'const { main } = await import(process.argv[1]); process.exitCode = await main(process.argv.slice(2));';
   const child = spawn(process.execPath, ['--input-type=module', '-e', script, join(dist, 'node/cli.js'), ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';

@@ -52,7 +52,7 @@ describe('default guest on a qcow2 overlay', { timeout: BOOT_TIMEOUT_MS + 300_00
     written = parseSums(await shell(machine!, 'cat /root/sums'));
     expect([...written.keys()].sort()).toEqual(['/root/big.bin', '/root/odd.bin', '/root/small.txt']);
     expect(written.get('/root/small.txt')).toBe(createHash('sha256').update('hello-from-qcow86\n').digest('hex'));
-    await machine!.powerOff({ timeoutMs: 120_000 });
+    await machine!.powerOff({ timeout: 120_000 });
     await machine!.close();
     machine = undefined;
   });
@@ -78,7 +78,7 @@ describe('default guest on a qcow2 overlay', { timeout: BOOT_TIMEOUT_MS + 300_00
     const again = parseSums(await shell(machine, 'sha256sum /root/small.txt /root/big.bin /root/odd.bin'));
     expect(again).toEqual(written);
     expect(await shell(machine, 'cat /root/small.txt')).toBe('hello-from-qcow86\n');
-    await machine.send('poweroff\n').expect(POWERED_OFF, { timeoutMs: 120_000 });
+    await machine.send('poweroff\n').expect(POWERED_OFF, { timeout: 120_000 });
     await machine.close();
     machine = undefined;
     execFileSync('qemu-img', ['check', overlay]);
@@ -110,7 +110,7 @@ describe('default guest on a qcow2 overlay', { timeout: BOOT_TIMEOUT_MS + 300_00
     expect(check).toMatch(/\/root\/small.txt: OK/);
     expect(check).toMatch(/\/root\/odd.bin: OK/);
     expect(parseSums(await shell(machine, 'sha256sum /root/small.txt /root/big.bin /root/odd.bin'))).toEqual(written);
-    await machine.send('poweroff\n').expect(POWERED_OFF, { timeoutMs: 120_000 });
+    await machine.send('poweroff\n').expect(POWERED_OFF, { timeout: 120_000 });
     await machine.close();
     machine = undefined;
     execFileSync('qemu-img', ['check', baseCopy]);

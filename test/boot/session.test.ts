@@ -7,9 +7,9 @@
  * sessions with their VM sizes, finds the image clean and converts a session's disk. Damaged VM-state areas fail
  * before the disk is touched.
  */
-import { copyFileSync, openSync, readSync, writeSync, closeSync, readFileSync, symlinkSync, existsSync } from 'node:fs';
+import { copyFileSync, openSync, readSync, writeSync, closeSync, readFileSync } from 'node:fs';
 import { createHash } from 'node:crypto';
-import { join, resolve } from 'node:path';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { buildEngine } from '../helpers/build.js';
 import { qemuCheck, qemuImg, run, tempDir } from '../helpers/qemu.js';
@@ -20,16 +20,12 @@ import type { Machine } from '../../src/v86/machine.js';
 import { crc32, decodeVmState, encodeVmState, listSessions, saveSession } from '../../src/v86/session.js';
 import { bootGuest, BOOT_TIMEOUT_MS } from './guest.js';
 
-const root = resolve(import.meta.dirname, '../..');
 const COUNTER = 'i=0; while true; do i=$((i+1)); echo $i > /c; echo C=$i; sleep 1; done &\n';
 const sha256 = (path: string) => createHash('sha256').update(readFileSync(path)).digest('hex');
 
 /** `qcow86 boot ...` in a new process, from a private build (a concurrent `npm run build` cannot interfere). */
 async function qcow86(args: string[]) {
   const dist = buildEngine();
-  // machine-assets.ts finds the BIOS in ../../public/images relative to the compiled file.
-  const publicDir = resolve(dist, '../public');
-  if (!existsSync(publicDir)) symlinkSync(join(root, 'public'), publicDir);
   const cli = join(dist, 'node/cli.js');
   return run(process.execPath, ['--input-type=module', '-e', 'const { main } = await import(process.argv[1]); process.exitCode = await main(process.argv.slice(2));', cli, ...args]);
 }

@@ -12,7 +12,7 @@ let built: string | undefined;
 
 /**
  * Directory holding the compiled qcow2/, io/, v86/ and node/ trees and the bundled CLI in cli/ (with
- * node_modules reachable for pako and friends).
+ * node_modules reachable for pako and friends, and ../public for the default guest).
  */
 export function buildEngine(): string {
   if (built) return built;
@@ -24,6 +24,8 @@ export function buildEngine(): string {
     // Type errors elsewhere in src/ do not stop emitting; the import below fails if the engine itself is missing.
   }
   symlinkSync(join(root, 'node_modules'), join(dir, 'node_modules'));
+  // The CLI and the machine library find the default guest and the BIOS in ../public/images next to dist/.
+  symlinkSync(join(root, 'public'), join(dir, 'public'));
   // The bundled CLI (dist/cli/), what bin/qcow86.js runs.
   execFileSync(process.execPath, [join(root, 'scripts/bundle-cli.mjs'), out], { stdio: 'pipe' });
   built = out;

@@ -1,19 +1,18 @@
 /**
- * `qcow86 boot`: boots the PC headless on a qcow2 overlay, streams the serial console to stdout and runs an
- * expect/send script. Exit 0 when the last step completed and the disk was flushed; 1 on a timeout or error
- * (with the step and the console's last lines on stderr); 2 for bad usage.
+ * `qcow86 boot`: boots the PC headless on a qcow2 overlay (through `bootMachine`, the `qcow86/machine` library),
+ * streams the serial console to stdout and runs a script of serial and screen steps. Exit 0 when the last step
+ * completed and the disk was flushed; 1 on a timeout or error (with the step and the console's and screen's last
+ * lines on stderr); 2 for bad usage.
  */
 import { createWriteStream, type WriteStream } from 'node:fs';
-import { readFile } from 'node:fs/promises';
-import { join } from 'node:path';
-import { bootMachine, POWERED_OFF, StepError, type Machine } from '../../v86/machine.js';
-import { loadMachineAssets, readFileBuffer, DEFAULT_IMAGES_DIR } from '../machine-assets.js';
-import { openBootDisk } from '../boot-disk.js';
-import { prepareBootSession } from '../boot-session.js';
+import { readFile, writeFile } from 'node:fs/promises';
+import { KeysError, parseKeys } from '../../v86/keyboard.js';
+import { POWERED_OFF, StepError } from '../../v86/machine.js';
+import { bootMachine, guestMemoryBytes, type BootedMachine } from '../machine.js';
 
 export const USAGE = `usage: qcow86 boot [--base FILE|URL] [--overlay FILE] [--memory 128M] [--cmdline TEXT [--kernel FILE] [--initrd FILE]]
-                   [--expect TEXT | --send TEXT]... [--script FILE] [--timeout S] [--serial-log FILE] [--quiet]
-                   [--force-base-change]
+                   [--expect TEXT | --send TEXT | --expect-screen TEXT | --send-keys TEXT]... [--script FILE]
+                   [--screenshot FILE] [--timeout S] [--serial-log FILE] [--quiet] [--force-base-change]
   --base      base image (default public/images/base.qcow2); an http(s) URL is read with Range requests, and a
               new overlay records the base's version (ETag, or Last-Modified + size)
   --force-base-change  open an existing overlay even though its base changed since the overlay was made (its
@@ -22,8 +21,15 @@ export const USAGE = `usage: qcow86 boot [--base FILE|URL] [--overlay FILE] [--m
               the base when it does not; without it the writes go to a throw-away overlay in memory
   --cmdline   boot the kernel directly (default guest's vmlinuz/initrd.gz) with this command line
   --expect    wait for TEXT on the serial console (terminal escape sequences are ignored)
-  --send      type TEXT exactly as given (the caller supplies the newline, e.g. $'ls\\n')
-  --script    more steps from FILE, one per line: 'expect TEXT' or 'send TEXT' (\\n \\t \\\\ \\e escapes; # comments)
+  --send      type TEXT on the serial console exactly as given (the caller supplies the newline, e.g. $'ls\\n')
+  --expect-screen  wait until TEXT is on the VGA text screen (anywhere on it, rows joined by newlines; text
+              drawn before the step counts)
+  --send-keys type TEXT on the PS/2 keyboard: \\n is Enter; <Enter> <Esc> <Tab> <Backspace> <Up> <Down> <Left>
+              <Right> <Home> <End> <PgUp> <PgDn> <Insert> <Delete> <F1>..<F12>; <Ctrl-X>, <Alt-F2>, <Shift-Tab>
+              hold modifiers; << is a literal <
+  --screenshot  when the run ends (success, failure or timeout) write the screen to FILE as a PNG
+  --script    more steps from FILE, one per line: 'expect TEXT', 'send TEXT', 'expect-screen TEXT',
+              'send-keys TEXT' or 'screenshot FILE' (\\n \\t \\\\ \\e escapes; # comments)
   --timeout   seconds each expect step may wait (default 300)
   --resume NAME        restore session NAME from --overlay first and run the steps from there (the disk goes
                        back to that session: later disk changes are discarded)
@@ -31,7 +37,8 @@ export const USAGE = `usage: qcow86 boot [--base FILE|URL] [--overlay FILE] [--m
                        of that name) and exit
 Steps run in the order given. Without steps the guest runs until it powers off or Ctrl+C.`;
 
-type Step = { kind: 'expect' | 'send'; text: string; origin: string };
+type StepKind = 'expect' | 'send' | 'expect-screen' | 'send-keys' | 'screenshot';
+type Step = { kind: StepKind; text: string; origin: string };
 
 interface BootArgs {
   base?: string;
@@ -43,6 +50,7 @@ interface BootArgs {
   steps: Step[];
   timeoutMs: number;
   serialLog?: string;
+  screenshot?: string;
   quiet: boolean;
   forceBaseChange: boolean;
   resume?: string;
@@ -51,11 +59,12 @@ interface BootArgs {
 
 class UsageError extends Error {}
 
-export function parseSize(text: string): number {
-  const match = /^(\d+)([KMG]?)i?B?$/i.exec(text.trim());
-  if (!match) throw new UsageError(`bad size '${text}' (e.g. 128M)`);
-  const unit = { '': 1024 * 1024, K: 1024, M: 1024 * 1024, G: 1024 * 1024 * 1024 }[match[2]!.toUpperCase() as '' | 'K' | 'M' | 'G'];
-  return Number(match[1]) * unit;
+export function parseMemory(text: string): number {
+  try {
+    return guestMemoryBytes(text);
+  } catch (error) {
+    throw new UsageError((error as Error).message);
+  }
 }
 
 /** Script-file escapes, so a step can end with a newline or carry an escape character. */
@@ -63,14 +72,31 @@ function unescapeScript(text: string): string {
   return text.replace(/\\(n|t|r|e|\\)/g, (_, c: string) => ({ n: '\n', t: '\t', r: '\r', e: '\x1b', '\\': '\\' })[c]!);
 }
 
+/** Keys are checked while parsing, so a typo is a usage error before anything boots. */
+function checkKeys(text: string, origin: string): void {
+  try {
+    parseKeys(text);
+  } catch (error) {
+    if (error instanceof KeysError) throw new UsageError(`${origin}: send-keys: ${error.message}`);
+    throw error;
+  }
+}
+
 async function parseScript(path: string): Promise<Step[]> {
   const steps: Step[] = [];
   const lines = (await readFile(path, 'utf8')).split('\n');
   lines.forEach((line, index) => {
     if (/^\s*(#|$)/.test(line)) return;
-    const match = /^\s*(expect|send)(?: (.*))?$/.exec(line);
-    if (!match) throw new UsageError(`${path}:${index + 1}: expected 'expect TEXT' or 'send TEXT', got '${line}'`);
-    steps.push({ kind: match[1] as 'expect' | 'send', text: unescapeScript(match[2] ?? ''), origin: `${path}:${index + 1}` });
+    const origin = `${path}:${index + 1}`;
+    const match = /^\s*(expect-screen|send-keys|screenshot|expect|send)(?: (.*))?$/.exec(line);
+    if (!match) throw new UsageError(`${origin}: expected 'expect TEXT', 'send TEXT', 'expect-screen TEXT', 'send-keys TEXT' or 'screenshot FILE', got '${line}'`);
+    const kind = match[1] as StepKind;
+    const raw = match[2] ?? '';
+    if (kind === 'screenshot' && raw.trim() === '') throw new UsageError(`${origin}: screenshot needs a file name`);
+    // send-keys reads its own escapes (\n is Enter, \\ a backslash): unescaping here too would read them twice.
+    const text = kind === 'send-keys' ? raw : kind === 'screenshot' ? raw.trim() : unescapeScript(raw);
+    if (kind === 'send-keys') checkKeys(text, origin);
+    steps.push({ kind, text, origin });
   });
   return steps;
 }
@@ -90,15 +116,22 @@ async function parseArgs(args: string[]): Promise<BootArgs | 'help'> {
     }
     const value = args[++i];
     if (value === undefined) throw new UsageError(`${flag} needs a value`);
+    const origin = `argument ${i}`;
     switch (flag) {
       case '--base': out.base = value; break;
       case '--overlay': out.overlay = value; break;
-      case '--memory': out.memoryBytes = parseSize(value); break;
+      case '--memory': out.memoryBytes = parseMemory(value); break;
       case '--cmdline': out.cmdline = value; break;
       case '--kernel': out.kernel = value; break;
       case '--initrd': out.initrd = value; break;
-      case '--expect': out.steps.push({ kind: 'expect', text: value, origin: `argument ${i}` }); break;
-      case '--send': out.steps.push({ kind: 'send', text: value, origin: `argument ${i}` }); break;
+      case '--expect': out.steps.push({ kind: 'expect', text: value, origin }); break;
+      case '--send': out.steps.push({ kind: 'send', text: value, origin }); break;
+      case '--expect-screen': out.steps.push({ kind: 'expect-screen', text: value, origin }); break;
+      case '--send-keys':
+        checkKeys(value, origin);
+        out.steps.push({ kind: 'send-keys', text: value, origin });
+        break;
+      case '--screenshot': out.screenshot = value; break;
       case '--script': out.steps.push(...await parseScript(value)); break;
       case '--timeout': {
         const seconds = Number(value);
@@ -128,6 +161,27 @@ function batchedWriter(sinks: Array<(text: string) => void>): (text: string) => 
   };
 }
 
+async function runStep(machine: BootedMachine, step: Step): Promise<void> {
+  switch (step.kind) {
+    case 'expect': await machine.expect(step.text); return;
+    case 'send': await machine.send(step.text); return;
+    case 'expect-screen': await machine.expect(step.text, { on: 'screen' }); return;
+    case 'send-keys': await machine.sendKeys(step.text); return;
+    case 'screenshot': await writeScreenshot(machine, step.text); return;
+  }
+}
+
+async function writeScreenshot(machine: BootedMachine, file: string): Promise<void> {
+  const png = machine.screenshot();
+  await writeFile(file, png);
+  console.error(`qcow86 boot: screenshot ${file} (${describeScreen(machine)}, ${png.length} bytes)`);
+}
+
+function describeScreen(machine: BootedMachine): string {
+  const mode = machine.screen.mode;
+  return mode.graphical ? `${mode.width}x${mode.height} graphics` : `${mode.cols}x${mode.rows} text`;
+}
+
 export async function run(args: string[]): Promise<number> {
   let parsed: BootArgs | 'help';
   try {
@@ -146,56 +200,73 @@ export async function run(args: string[]): Promise<number> {
   const sinks: Array<(text: string) => void> = [];
   if (!options.quiet) sinks.push((text) => process.stdout.write(text));
   if (log) sinks.push((text) => log.write(text));
+  if (options.saveOnExit !== undefined && options.overlay === undefined) {
+    console.error('qcow86 boot: note: --save-on-exit without --overlay saves into a throw-away overlay in memory');
+  }
 
-  const disk = await openBootDisk({ base: options.base, overlay: options.overlay, forceBaseChange: options.forceBaseChange });
-  console.error(`qcow86 boot: ${disk.description}`);
-  const session = await prepareBootSession(options, disk.device, options.overlay);
-  const assets = await loadMachineAssets();
-  const direct = options.cmdline !== undefined
-    ? {
-      bzimage: await readFileBuffer(options.kernel ?? join(DEFAULT_IMAGES_DIR, 'vmlinuz')),
-      initrd: await readFileBuffer(options.initrd ?? join(DEFAULT_IMAGES_DIR, 'initrd.gz')),
-      cmdline: options.cmdline,
-      // v86 places the initrd at 64 MiB: make sure it fits above that.
-    }
-    : {};
   const started = Date.now();
-  const machine: Machine = bootMachine({ disk: disk.device, ...assets, memoryBytes: session.memoryBytes ?? options.memoryBytes, timeoutMs: options.timeoutMs, onSerial: batchedWriter(sinks), ...direct });
+  const machine = await bootMachine({
+    base: options.base,
+    overlay: options.overlay,
+    memory: options.memoryBytes,
+    resume: options.resume,
+    timeout: options.timeoutMs,
+    onSerial: batchedWriter(sinks),
+    forceBaseChange: options.forceBaseChange,
+    ...(options.cmdline !== undefined ? { cmdline: options.cmdline, kernel: options.kernel, initrd: options.initrd } : {}),
+  });
+  console.error(`qcow86 boot: ${machine.description}`);
+  if (machine.resumed) {
+    const info = machine.resumed;
+    const image = machine.disk.device as { snapshots?: Array<{ name: string; dateSec: number }> };
+    const newer = (image.snapshots ?? []).filter((s) => s.dateSec > info.date.getTime() / 1000).map((s) => s.name);
+    console.error(`qcow86 boot: resumed session '${info.name}' of ${info.date.toISOString()} (disk changes made after it were discarded${newer.length ? `; newer sessions kept: ${newer.join(', ')}` : ''})`);
+  }
 
   let interrupted = false;
   const onSignal = () => {
     interrupted = true;
     console.error('\nqcow86 boot: interrupted, flushing the disk');
-    void machine.close().finally(() => process.exit(130));
+    void (async () => {
+      if (options.screenshot) await writeScreenshot(machine, options.screenshot).catch(() => {});
+      await machine.close();
+    })().finally(() => process.exit(130));
   };
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
 
   let code = 0;
+  let current: Step | undefined;
   try {
-    await session.started(machine);
     if (options.steps.length === 0) {
-      await machine.expect(POWERED_OFF, { timeoutMs: 2 ** 31 - 1 });
+      await machine.expect(POWERED_OFF, { timeout: 2 ** 31 - 1 });
     }
     for (const step of options.steps) {
-      if (step.kind === 'expect') await machine.expect(step.text);
-      else await machine.send(step.text);
+      current = step;
+      await runStep(machine, step);
     }
-    await session.finished(machine);
+    current = undefined;
+    if (options.saveOnExit !== undefined) {
+      const result = await machine.saveSession(options.saveOnExit);
+      const mib = (bytes: number): string => `${(bytes / 1048576).toFixed(1)} MiB`;
+      console.error(`\nqcow86 boot: saved session '${result.name}': VM state ${mib(result.rawBytes)} raw, ${mib(result.vmStateSize)} stored (${result.format}), guest paused ${(result.pausedMs / 1000).toFixed(1)} s`);
+    }
   } catch (error) {
     if (!(error instanceof StepError)) throw error;
-    const step = options.steps[Number(/step (\d+)/.exec(error.step)?.[1] ?? 0) - 1];
-    console.error(`\nqcow86 boot: ${error.step}${step ? ` from ${step.origin}` : ''} ${error.message.slice(error.step.length + 2)}`);
+    console.error(`\nqcow86 boot: ${error.step}${current ? ` from ${current.origin}` : ''} ${error.message.slice(error.step.length + 2)}`);
     code = 1;
   } finally {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
-    if (!interrupted) await machine.close();
+    if (!interrupted) {
+      if (options.screenshot) await writeScreenshot(machine, options.screenshot).catch((error: unknown) => console.error(`qcow86 boot: cannot write screenshot ${options.screenshot}: ${(error as Error).message}`));
+      await machine.close();
+    }
     await new Promise<void>((done) => (log ? log.end(done) : done()));
   }
   const s = machine.disk.stats;
-  if (disk.http) {
-    const h = disk.http.stats();
+  if (machine.http) {
+    const h = machine.http.stats();
     console.error(`qcow86 boot: base over HTTP: ${h.requests} requests, ${(h.bytesFetched / 1048576).toFixed(2)} MiB fetched, ${h.retries} retries, ${(h.hitRate * 100).toFixed(0)}% of reads from the cache`);
   }
   console.error(`\nqcow86 boot: ${code === 0 ? 'done' : 'failed'} after ${((Date.now() - started) / 1000).toFixed(1)} s; disk: ${s.reads} reads (${(s.readBytes / 1048576).toFixed(1)} MiB), ${s.writes} writes (${(s.writeBytes / 1048576).toFixed(1)} MiB), ${s.cacheHits} cache hits, ${s.deviceFlushes} flushes, ${(s.storeWaitMs / 1000).toFixed(2)} s waiting on the store`);
