@@ -6,7 +6,7 @@
 import { execFile, execFileSync } from 'node:child_process';
 import { promisify } from 'node:util';
 import { createHash } from 'node:crypto';
-import { copyFileSync, mkdtempSync, rmSync, utimesSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, readFileSync, rmSync, utimesSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test, expect, consoleText, openOverlayFile, run, storedFiles, waitForConsole, waitForShell, waitSaved, BOOT_TIMEOUT } from './fixtures.js';
@@ -228,6 +228,67 @@ test('the base blocks kept in the browser stay for the four most recently used b
     expect(kept).toEqual([0, 2, 3, 4].map((i) => fileOf(bases[i]!)).sort());
   } finally {
     for (const base of bases) base.remove();
+  }
+});
+
+test('a read-only tab whose writer has gone makes its copy itself', async ({ context, server }) => {
+  const writer = await context.newPage();
+  await writer.goto(server.url);
+  await expect(writer.getByTestId('overlay-name')).toContainText('browser storage');
+  const reader = await context.newPage();
+  await reader.goto(server.url);
+  await expect(reader.locator('dialog')).toContainText('open in another tab');
+  // The writing tab closes while the question is up: nobody answers a request for a copy any more.
+  await writer.close();
+  await reader.locator('dialog').getByRole('button', { name: 'Open read-only' }).click();
+  await expect(reader.getByTestId('overlay-name')).toContainText(/read-only in this tab: a copy taken at \d/);
+  expect((await storedFiles(reader)).filter((name) => name.includes('.copy-'))).toHaveLength(1);
+});
+
+test('a replacement the tab did not finish is undone or completed at the next open', async ({ page, server }) => {
+  const dir = mkdtempSync(join(tmpdir(), 'qcow86-e2e-recover-'));
+  try {
+    // Two overlays of the base, told apart by 64 KiB at 12 MiB that no guest touches.
+    const baseUrl = new URL('/images/base.qcow2', server.url).href;
+    const overlay = (name: string, byte: number) => {
+      const file = join(dir, name);
+      execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-b', baseUrl, '-F', 'qcow2', file, '30408704']);
+      execFileSync('qemu-io', ['-c', `write -P ${byte} 12M 64k`, file]);
+      return readFileSync(file).toString('base64');
+    };
+    const old = overlay('old.qcow2', 0x11);
+    const replacement = overlay('new.qcow2', 0x22);
+    // A page of the same origin that is not the app, to arrange the stored files as a closed tab left them.
+    await page.goto(new URL('/images/manifest.json', server.url).href);
+    await page.evaluate(async (files: Record<string, string>) => {
+      const dir = await (await navigator.storage.getDirectory()).getDirectoryHandle('qcow86', { create: true });
+      for (const [name, data] of Object.entries(files)) {
+        const writable = await (await dir.getFileHandle(name, { create: true })).createWritable();
+        await writable.write(Uint8Array.from(atob(data), (c) => c.charCodeAt(0)));
+        await writable.close();
+      }
+    }, {
+      // Closed between the two renames: the old disk set aside, the new one still staged.
+      'between.qcow2.previous': old,
+      'between.qcow2.incoming': replacement,
+      // Closed after them: the new disk in place, the old one not yet deleted.
+      'after.qcow2': replacement,
+      'after.qcow2.previous': old,
+    });
+    for (const [name, byte] of [['between.qcow2', 0x11], ['after.qcow2', 0x22]] as const) {
+      await page.goto(`${server.url}?disk=${name}`);
+      await expect(page.getByTestId('overlay-name')).toContainText(`browser storage: ${name}`);
+      await expect(page.getByRole('button', { name: /Download overlay/ })).toBeEnabled({ timeout: 120_000 });
+      expect((await storedFiles(page)).filter((file) => file.startsWith(name))).toEqual([name]);
+      const [download] = await Promise.all([page.waitForEvent('download'), page.getByRole('button', { name: /Download overlay/ }).click()]);
+      const file = join(dir, `${name}-downloaded.qcow2`);
+      await download.saveAs(file);
+      const read = execFileSync('qemu-io', ['-c', `read -P ${byte} 12M 64k`, file], { encoding: 'utf8' });
+      expect(read, `${name} holds the ${byte === 0x11 ? 'old' : 'new'} disk`).not.toContain('Pattern verification failed');
+      expect(read).toContain('read 65536/65536 bytes');
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
   }
 });
 

@@ -44,7 +44,7 @@ class ProblemError extends Error {
 /** What a person reads when the overlay's writes do not fit any more, and what to do about it. */
 const QUOTA_MESSAGE =
   "The browser's storage for this site is full, so the guest's latest writes could not be saved (the base image's blocks kept in this browser were already deleted to make room). " +
-  'Download overlay now: it holds the disk as last saved. Then free space (on this computer, or other sites’ data in the browser’s settings) and reload the page to go on; the writes that did not fit are lost.';
+  "Download overlay now: it holds the disk as last saved. Then free space (on this computer, or other sites' data in the browser's settings) and reload the page to go on; the writes that did not fit are lost.";
 
 interface Session {
   device: BlockDevice;

@@ -16,6 +16,8 @@ import { copyToFile } from './overlay-files.js';
 const COPY = '.copy-';
 /** How long a reader waits for the writing tab's copy (it runs between the writer's guest requests). */
 const ANSWER_MS = 30_000;
+/** How often a reader waiting for that copy looks whether the writer is still there. */
+const POLL_MS = 250;
 
 interface CopyMessage {
   /** A reader's request: copy the overlay into this file. */
@@ -60,22 +62,7 @@ export async function takeCopy(dir: FileSystemDirectoryHandle, overlay: string, 
   const releaseCopy = await tryLock(copyLock(into));
   if (!releaseCopy) throw new Error(`the copy ${into} is in use`);
   try {
-    const releaseWriter = await tryLock(writerLock(overlay));
-    if (releaseWriter) {
-      // Nobody writes the disk now: the stored file itself is consistent, and stays so while the lock is ours.
-      try {
-        const stored = await OpfsStore.open(dir, overlay, { readOnly: true });
-        try {
-          await copyToFile(dir, stored, into, makeRoom);
-        } finally {
-          await stored.close();
-        }
-      } finally {
-        releaseWriter();
-      }
-    } else {
-      await askWriter(overlay, into);
-    }
+    await copyByWhoeverMay(dir, overlay, into, makeRoom);
     const at = Date.now();
     const file = await (await dir.getFileHandle(into)).getFile();
     const store = new BlobStore(`opfs:${dir.name}/${overlay} (copy of ${new Date(at).toLocaleTimeString()})`, file);
@@ -100,22 +87,51 @@ export async function takeCopy(dir: FileSystemDirectoryHandle, overlay: string, 
   }
 }
 
-function askWriter(overlay: string, into: string): Promise<void> {
+/**
+ * Has the writing tab copy `overlay` into `into`, or copies it here once no tab writes it: the writer lock is
+ * tried again while the answer is awaited, since a tab that just closed may still hold it for a moment (and then
+ * never answers).
+ */
+async function copyByWhoeverMay(dir: FileSystemDirectoryHandle, overlay: string, into: string, makeRoom: MakeRoom | undefined): Promise<void> {
   const channel = channelFor(overlay);
-  return new Promise<void>((resolve, reject) => {
-    const timer = setTimeout(() => {
-      channel.close();
-      reject(new Error(`the tab writing this disk did not hand over a copy within ${ANSWER_MS / 1000} s (it may be busy or suspended): try again, or use a fresh disk`));
-    }, ANSWER_MS);
-    channel.onmessage = (event: MessageEvent<CopyMessage>) => {
-      if (event.data.done !== into && event.data.failed !== into) return;
-      clearTimeout(timer);
-      channel.close();
-      if (event.data.done === into) resolve();
-      else reject(new Error(`the tab writing this disk could not copy it: ${event.data.message}`));
-    };
-    channel.postMessage({ want: into } satisfies CopyMessage);
-  });
+  let answer: CopyMessage | undefined;
+  channel.onmessage = (event: MessageEvent<CopyMessage>) => {
+    if (event.data.done === into || event.data.failed === into) answer = event.data;
+  };
+  try {
+    const deadline = Date.now() + ANSWER_MS;
+    let asked = false;
+    for (;;) {
+      if (answer?.done) return;
+      if (answer?.failed) throw new Error(`the tab writing this disk could not copy it: ${answer.message}`);
+      // A writer copying holds its lock: the lock is free only once it is gone, so there is one copier at a time.
+      const releaseWriter = await tryLock(writerLock(overlay));
+      if (releaseWriter) {
+        // Nobody writes the disk now: the stored file itself is consistent, and stays so while the lock is ours.
+        try {
+          const stored = await OpfsStore.open(dir, overlay, { readOnly: true });
+          try {
+            await copyToFile(dir, stored, into, makeRoom);
+          } finally {
+            await stored.close();
+          }
+          return;
+        } finally {
+          releaseWriter();
+        }
+      }
+      if (!asked) {
+        channel.postMessage({ want: into } satisfies CopyMessage);
+        asked = true;
+      }
+      if (Date.now() > deadline) {
+        throw new Error(`the tab writing this disk did not hand over a copy within ${ANSWER_MS / 1000} s (it may be busy or suspended): try again, or use a fresh disk`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+    }
+  } finally {
+    channel.close();
+  }
 }
 
 /** Deletes the copies no reader holds any more (their tab closed before deleting them), of every overlay. */
