@@ -275,6 +275,11 @@ test('a replacement the tab did not finish is undone or completed at the next op
       'after.qcow2': replacement,
       'after.qcow2.previous': old,
     });
+    // An address cannot name one of those files as its disk (a later open would take it for a leftover).
+    for (const name of ['after.qcow2.previous', 'between.qcow2.copy-1-a']) {
+      await page.goto(`${server.url}?disk=${name}`);
+      await expect(page.locator('#problems')).toContainText(`'${name}' cannot name a disk in this browser`);
+    }
     for (const [name, byte] of [['between.qcow2', 0x11], ['after.qcow2', 0x22]] as const) {
       await page.goto(`${server.url}?disk=${name}`);
       await expect(page.getByTestId('overlay-name')).toContainText(`browser storage: ${name}`);

@@ -15,7 +15,7 @@ import { describeBaseProblem, makeOverlay, openBase, openTop, validateImport, ty
 import type { OpenRequest, OpenResult, ProblemKind, Reply, Request, StagedImport, Stats, WorkerEvent } from './protocol.js';
 import { deleteSessionById, resumeSessionState, saveSessionState, sessionsOf } from './disk-sessions.js';
 import { tryLock, writerLock } from './web-locks.js';
-import { copyToFile, dropPrevious, dropStaged, makeRoomFor, recoverReplacement, stageFile, swapBack, swapIn } from './overlay-files.js';
+import { checkOverlayName, copyToFile, dropPrevious, dropStaged, makeRoomFor, recoverReplacement, stageFile, swapBack, swapIn } from './overlay-files.js';
 import { serveCopies, sweepCopies, takeCopy } from './readonly-copy.js';
 import { formatBytes } from './format.js';
 
@@ -108,6 +108,7 @@ async function open(request: OpenRequest): Promise<OpenResult> {
   if (request.mode === 'fresh') {
     overlayName = request.overlay.replace(/(\.qcow2)?$/, `-${Date.now().toString(36)}.qcow2`);
   }
+  nameProblem(overlayName);
   if (request.mode !== 'readonly') {
     const releaseLock = await tryLock(writerLock(overlayName));
     if (!releaseLock) throw new ProblemError('locked', 'This disk is open in another tab. Only one tab at a time may write to it.');
@@ -184,6 +185,15 @@ async function copyFor(into: string): Promise<void> {
   const s = need();
   await flushUnlessFailed();
   await copyToFile(await opfsDirectory(), s.overlayStore, into, s.makeRoom);
+}
+
+/** A disk name from the address that is not one this page keeps is refused before any file is touched. */
+function nameProblem(name: string): void {
+  try {
+    checkOverlayName(name);
+  } catch (error) {
+    throw new ProblemError('other', (error as Error).message);
+  }
 }
 
 function need(): Session {
@@ -289,6 +299,7 @@ async function exportOverlay(): Promise<{ bytes: Uint8Array; name: string; asSto
 
 /** The stored overlay's bytes, read without opening it as an image (it may be one that cannot be opened). */
 async function exportStored(name: string): Promise<Uint8Array> {
+  nameProblem(name);
   const dir = await opfsDirectory();
   if (!(await opfsExists(dir, name))) throw new ProblemError('other', `There is no stored disk named ${name}.`);
   const file = await (await dir.getFileHandle(name)).getFile();
@@ -297,6 +308,7 @@ async function exportStored(name: string): Promise<Uint8Array> {
 
 /** Deletes a stored overlay that is not open here, once no other tab is writing it. */
 async function discardStored(name: string): Promise<void> {
+  nameProblem(name);
   if (session?.overlayName === name) throw new ProblemError('other', 'This disk is open: use Reset to start it over.');
   const release = await tryLock(writerLock(name));
   if (!release) throw new ProblemError('locked', 'This disk is open in another tab. Only one tab at a time may write to it.');

@@ -27,7 +27,7 @@ let overlayName = params.get('disk') ?? overlayNameFor(baseUrl);
 function overlayNameFor(url: string): string {
   let hash = 0x811c9dc5;
   for (const char of url) hash = Math.imul(hash ^ char.charCodeAt(0), 0x01000193) >>> 0;
-  const stem = (new URL(url).pathname.split('/').pop() || 'disk').replace(/\.qcow2$/, '').replace(/[^\w.-]/g, '_');
+  const stem = (new URL(url).pathname.split('/').pop() || 'disk').replace(/\.qcow2$/, '').replace(/[^\w.-]/g, '_').slice(0, 100);
   return `${stem}-${hash.toString(16).padStart(8, '0')}.qcow2`;
 }
 

@@ -12,6 +12,19 @@ import type { ByteStore } from '../qcow2/store.js';
 import { OpfsStore, opfsExists, opfsRemove, opfsRename, removeKeptBlocks, type MakeRoom } from '../io/opfs.js';
 import type { BaseHandle } from './disk-open.js';
 
+/**
+ * What a stored overlay may be called: its name comes from the page's address (?disk=), and must never be one of
+ * the files kept beside an overlay (which end otherwise), or a file of them would be taken for it and deleted.
+ */
+const OVERLAY_NAME = /^[\w.-]{0,200}\.qcow2$/;
+
+/** Refuses a name that is not a stored overlay's (see OVERLAY_NAME), with the rule in words. */
+export function checkOverlayName(name: string): void {
+  if (!OVERLAY_NAME.test(name)) {
+    throw new Error(`'${name}' cannot name a disk in this browser: a disk name is letters, digits, '_', '-' and '.', ending in .qcow2`);
+  }
+}
+
 const INCOMING = '.incoming';
 const PREVIOUS = '.previous';
 /** Copies are written and read in pieces of this size (a whole overlay may not fit in memory twice). */

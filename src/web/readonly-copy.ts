@@ -14,6 +14,8 @@ import { copyLock, tryLock, writerLock } from './web-locks.js';
 import { copyToFile } from './overlay-files.js';
 
 const COPY = '.copy-';
+/** A copy's name: the overlay's (which ends in .qcow2), COPY, a time and a random part. No overlay is named so. */
+const COPY_NAME = /\.qcow2\.copy-[0-9a-z]+-[0-9a-z]+$/;
 /** How long a reader waits for the writing tab's copy (it runs between the writer's guest requests). */
 const ANSWER_MS = 30_000;
 /** How often a reader waiting for that copy looks whether the writer is still there. */
@@ -39,7 +41,7 @@ export function serveCopies(overlay: string, copy: (into: string) => Promise<voi
   const channel = channelFor(overlay);
   channel.onmessage = (event: MessageEvent<CopyMessage>) => {
     const into = event.data.want;
-    if (typeof into !== 'string' || !into.startsWith(overlay + COPY)) return;
+    if (typeof into !== 'string' || !into.startsWith(overlay + COPY) || !COPY_NAME.test(into)) return;
     copy(into).then(
       () => channel.postMessage({ done: into } satisfies CopyMessage),
       (error: unknown) => channel.postMessage({ failed: into, message: (error as Error).message ?? String(error) } satisfies CopyMessage),
@@ -137,7 +139,7 @@ async function copyByWhoeverMay(dir: FileSystemDirectoryHandle, overlay: string,
 /** Deletes the copies no reader holds any more (their tab closed before deleting them), of every overlay. */
 export async function sweepCopies(dir: FileSystemDirectoryHandle): Promise<void> {
   for (const name of await opfsNames(dir)) {
-    if (!name.includes(COPY)) continue;
+    if (!COPY_NAME.test(name)) continue;
     const release = await tryLock(copyLock(name));
     if (!release) continue;
     try {
