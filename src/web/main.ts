@@ -234,17 +234,23 @@ async function offerWayOutOfChangedBase(): Promise<void> {
  * (nothing changed: the guest carries on where it stopped).
  */
 async function withMachineStopped(label: string, change: () => Promise<'reboot' | 'disk-changed' | 'resume'>): Promise<void> {
-  if (!started || changing) return;
-  changing = true;
-  updateActions();
-  try {
-    await changeStopped(label, change);
-  } finally {
-    changing = false;
+  if (!started) return;
+  // One change at a time (a session resumed while an overlay is swapped in waits for it).
+  const turn = changes.then(async () => {
+    changing = true;
     updateActions();
-  }
+    try {
+      await changeStopped(label, change);
+    } finally {
+      changing = false;
+      updateActions();
+    }
+  });
+  changes = turn.catch(() => {});
+  return turn;
 }
 
+let changes: Promise<void> = Promise.resolve();
 /** Set while withMachineStopped runs: the machine and disk actions wait (a Power off then would race the restart). */
 let changing = false;
 /** A read-only tab's disk cannot be downloaded, replaced or reset (it is another tab's). */
@@ -302,7 +308,7 @@ function saveOverlay(bytes: Uint8Array): void {
   setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
 }
 
-/** Set while a file is being opened (checked, confirmed, swapped in): a second drop waits its turn. */
+/** Set while a file is being opened (checked, confirmed, swapped in): another file dropped meanwhile is ignored. */
 let opening = false;
 
 /**
