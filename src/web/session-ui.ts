@@ -103,27 +103,9 @@ export class SessionUi {
   async offerOnLoad(): Promise<ArrayBuffer | undefined> {
     await this.refresh();
     const requested = this.takeRequested();
-    if (requested?.confirmed) {
-      const resumed = await this.revert(requested.session);
-      this.resumedAfterRestart = resumed.session;
-      return resumed.state;
-    }
     const offered = requested?.session ?? this.newest();
     if (!offered) return undefined;
-    const intro = requested
-      ? `The address of this page asks to resume the saved session ${describeSession(offered)}.`
-      : `This disk holds a saved session ${describeSession(offered)}.`;
-    const choice = await ask(
-      requested ? `Resume session '${offered.name}'?` : 'Resume your saved session?',
-      `${intro} Resuming continues the machine exactly where it was. ` +
-        'The disk goes back to that moment too: disk changes made after the session was saved are discarded. ' +
-        'Or start the machine normally on the disk as it is now (the session stays saved).',
-      [
-        { label: 'Start normally', value: 'boot' },
-        { label: `Resume '${offered.name}'`, value: 'resume', kind: 'primary' },
-      ],
-    );
-    if (choice !== 'resume') return undefined;
+    if (!requested?.confirmed && !(await this.askOnLoad(offered, requested !== undefined))) return undefined;
     try {
       const resumed = await this.revert(offered);
       // Said once the machine runs (afterRestart): the page's start-up phases would overwrite it before.
@@ -133,6 +115,24 @@ export class SessionUi {
       await ask('The session cannot be resumed', `${(error as Error).message}. The disk was not changed; the machine starts normally.`, [{ label: 'OK', value: 'ok', kind: 'primary' }]);
       return undefined;
     }
+  }
+
+  /** Whether to resume `offered` at load; `named`: the page's address asked for it. */
+  private async askOnLoad(offered: SessionSummary, named: boolean): Promise<boolean> {
+    const intro = named
+      ? `The address of this page asks to resume the saved session ${describeSession(offered)}.`
+      : `This disk holds a saved session ${describeSession(offered)}.`;
+    const choice = await ask(
+      named ? `Resume session '${offered.name}'?` : 'Resume your saved session?',
+      `${intro} Resuming continues the machine exactly where it was. ` +
+        'The disk goes back to that moment too: disk changes made after the session was saved are discarded. ' +
+        'Or start the machine normally on the disk as it is now (the session stays saved).',
+      [
+        { label: 'Start normally', value: 'boot' },
+        { label: `Resume '${offered.name}'`, value: 'resume', kind: 'primary' },
+      ],
+    );
+    return choice === 'resume';
   }
 
   /**
