@@ -6,18 +6,18 @@
  * One writer per overlay: before opening an overlay for writing the Worker takes the Web Lock named after it and
  * holds it until it closes; a second tab finds the lock taken and is told so.
  */
-import type { BlockDevice } from '../qcow2/device.js';
 import { LockError, BackingChainError } from '../qcow2/errors.js';
 import { MemoryStore } from '../io/memory.js';
-import { OpfsStore, BlobStore, QuotaError, opfsDirectory, opfsExists, type MakeRoom } from '../io/opfs.js';
+import { OpfsStore, BlobStore, QuotaError, opfsDirectory, opfsExists } from '../io/opfs.js';
 import { DiskMap } from './disk-map.js';
-import { describeBaseProblem, makeOverlay, openBase, openTop, validateImport, type BaseHandle } from './disk-open.js';
+import { describeBaseProblem, makeOverlay, openBase, openTop, type BaseHandle } from './disk-open.js';
 import type { OpenRequest, OpenResult, ProblemKind, Reply, Request, StagedImport, Stats, WorkerEvent } from './protocol.js';
 import { deleteSessionById, resumeSessionState, saveSessionState, sessionsOf } from './disk-sessions.js';
 import { tryLock, writerLock } from './web-locks.js';
-import { checkOverlayName, copyToFile, dropPrevious, dropStaged, makeRoomFor, recoverReplacement, stageFile, swapBack, swapIn } from './overlay-files.js';
+import { checkOverlayName, copyToFile, makeRoomFor, recoverReplacement } from './overlay-files.js';
+import { stage, swapStaged, unstage, type Staged, type StoredDisk } from './overlay-import.js';
+import { ProblemError } from './problem.js';
 import { serveCopies, sweepCopies, takeCopy } from './readonly-copy.js';
-import { formatBytes } from './format.js';
 
 interface WorkerScope {
   postMessage(message: unknown, transfer?: Transferable[]): void;
@@ -32,38 +32,17 @@ const REPORT_INTERVAL_MS = 250;
 /** Network failures reading the base are retried forever with this backoff (ms), shown as a countdown. */
 const RETRY_DELAYS = [1000, 2000, 4000, 8000, 15000];
 
-class ProblemError extends Error {
-  constructor(
-    readonly kind: ProblemKind,
-    message: string,
-  ) {
-    super(message);
-  }
-}
-
 /** What a person reads when the overlay's writes do not fit any more, and what to do about it. */
 const QUOTA_MESSAGE =
   "The browser's storage for this site is full, so the guest's latest writes could not be saved (the base image's blocks kept in this browser were already deleted to make room). " +
   "Download overlay now: it holds the disk as last saved. Then free space (on this computer, or other sites' data in the browser's settings) and reload the page to go on; the writes that did not fit are lost.";
 
-interface Session {
-  device: BlockDevice;
-  base: BaseHandle;
-  overlayStore: OpfsStore | MemoryStore;
-  overlayName: string;
+/** The open disk: the stored overlay (or a read-only tab's throwaway one) over the base. */
+interface Session extends StoredDisk {
   mode: OpenRequest['mode'];
-  map: DiskMap;
   /** Ends what the session holds besides its stores: the writer lock and copy service, or a read-only copy. */
   release: () => Promise<void>;
   request: OpenRequest;
-  makeRoom: MakeRoom;
-}
-
-/** A file opened with Open overlay, staged and open read-write, waiting for the user to confirm the swap. */
-interface Staged {
-  store: OpfsStore;
-  device: BlockDevice;
-  map: DiskMap;
 }
 
 let session: Session | undefined;
@@ -320,93 +299,32 @@ async function discardStored(name: string): Promise<void> {
   }
 }
 
-/**
- * Open overlay, first step: checks `file` against this page's base, writes it into a staging file and opens it
- * read-write there, as it will be used. The stored disk is not touched; the user is asked next.
- */
+/** Open overlay, first step (overlay-import.ts): the file staged and opened; the user is asked next. */
 async function stageImport(file: Blob, fileName: string): Promise<StagedImport> {
-  const s = need();
-  if (s.mode === 'readonly') throw new ProblemError('other', 'This tab is read-only: open the overlay in the tab that is writing the disk.');
+  const s = writable('open an overlay');
   await discardStaged();
-  const problem = await validateImport(file, fileName, s.request.base, s.base);
-  if (problem) throw new ProblemError('foreign-overlay', problem);
-  const dir = await opfsDirectory();
-  let store: OpfsStore;
-  try {
-    store = await stageFile(dir, s.overlayName, file, s.makeRoom);
-  } catch (error) {
-    if (error instanceof QuotaError) {
-      throw new ProblemError('quota', `There is not enough browser storage to take in ${fileName} (${formatBytes(file.size)}), even after deleting the base image's blocks kept in this browser. Your disk was not changed. Free space, then try again.`);
-    }
-    throw error;
-  }
-  try {
-    const device = await openTop(store, s.base);
-    try {
-      const map = await DiskMap.build(device);
-      staged = { store, device, map };
-      return { sessions: sessionsOf(device).length, size: file.size };
-    } catch (error) {
-      await device.close().catch(() => {});
-      throw error;
-    }
-  } catch (error) {
-    await store.close().catch(() => {});
-    await dropStaged(dir, s.overlayName).catch(() => {});
-    throw new ProblemError('foreign-overlay', `${fileName} cannot be used: ${(error as Error).message}`);
-  }
+  staged = await stage(s, file, fileName);
+  return { sessions: sessionsOf(staged.device).length, size: file.size };
 }
 
 async function discardStaged(): Promise<void> {
   const current = staged;
   staged = undefined;
-  if (!current) return;
-  await current.device.close().catch(() => {});
-  await current.store.close().catch(() => {});
-  if (session) await dropStaged(await opfsDirectory(), session.overlayName).catch(() => {});
+  if (current && session) await unstage(session, current);
 }
 
-/**
- * Open overlay, confirmed: the staged file takes the stored overlay's place by renames (overlay-files.ts) and is
- * opened there. Any failure puts the old disk back and reopens it, so the guest goes on with it.
- */
+/** Open overlay, confirmed: the staged file replaces the stored disk (or the old disk stays open). */
 async function commitImport(): Promise<void> {
   const s = need();
   const incoming = staged;
   staged = undefined;
   if (!incoming) throw new ProblemError('other', 'No overlay file is waiting to be opened.');
-  const dir = await opfsDirectory();
-  await incoming.device.close();
-  await incoming.store.close();
-  // The old disk is being replaced, but it must be whole if the replacement fails below.
-  await flushUnlessFailed();
-  await s.device.close();
-  await s.overlayStore.close();
   try {
-    await swapIn(dir, s.overlayName);
-  } catch (error) {
-    await dropStaged(dir, s.overlayName).catch(() => {});
-    await reopenStored(s);
-    throw new ProblemError('other', `The overlay could not be put in place of the stored disk (${(error as Error).message}); the disk was not changed.`);
+    await swapStaged(s, incoming, flushUnlessFailed);
+  } finally {
+    unsaved = 0;
   }
-  try {
-    await reopenStored(s);
-  } catch (error) {
-    await s.overlayStore.close().catch(() => {});
-    await swapBack(dir, s.overlayName);
-    await reopenStored(s);
-    throw new ProblemError('foreign-overlay', `The overlay could not be opened in place (${(error as Error).message}); the disk was not changed.`);
-  }
-  await dropPrevious(dir, s.overlayName).catch(() => {});
   writeFailure = undefined;
-}
-
-/** Opens the stored overlay file again into `s` (same lock, same base). */
-async function reopenStored(s: Session): Promise<void> {
-  s.overlayStore = await OpfsStore.open(await opfsDirectory(), s.overlayName, { makeRoom: s.makeRoom });
-  s.device = await openTop(s.overlayStore, s.base);
-  s.map = await DiskMap.build(s.device);
-  unsaved = 0;
 }
 
 async function reset(): Promise<void> {

@@ -11,8 +11,8 @@ import { createConsole } from './console-view.js';
 import { MapView } from './map-view.js';
 import { ask, clearProblem, setPhase, showDisk, showPersistence, showProblem, showStats, type PhaseState } from './status-view.js';
 import { BootPhases } from './boot-phase.js';
-import type { OpenMode, OpenResult, StagedImport, Stats } from './protocol.js';
-import { formatBytes } from './format.js';
+import type { OpenMode, OpenResult, Stats } from './protocol.js';
+import { OverlayOpener } from './overlay-open-ui.js';
 import { SessionUi } from './session-ui.js';
 import { v86StateMemoryBytes } from '../v86/session.js';
 
@@ -56,6 +56,13 @@ const sessions = new SessionUi(disk, {
     leaving = true;
     location.replace(url);
   },
+});
+
+const opener = new OverlayOpener(disk, sessions, {
+  withMachineStopped: (label, change) => withMachineStopped(label, change),
+  download: () => download(),
+  overlaySize: () => lastStats?.overlaySize,
+  showMap: (map) => mapView.show(map),
 });
 
 /** The disk Worker's last report, drawn with the machine's unsaved bytes whenever either changes. */
@@ -308,73 +315,6 @@ function saveOverlay(bytes: Uint8Array): void {
   setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
 }
 
-/** Set while a file is being opened (checked, confirmed, swapped in): another file dropped meanwhile is ignored. */
-let opening = false;
-
-/**
- * Open overlay (picker or drop). The file is checked and opened read-write in a staging file while the guest
- * runs on; only a file that opened is offered, and the stored disk is replaced only once the user says so. Until
- * then, and whenever a step fails, the current disk stays as it is and the machine keeps running.
- */
-async function openOverlay(file: File): Promise<void> {
-  if (opening) return;
-  opening = true;
-  try {
-    let staged: StagedImport;
-    try {
-      staged = await disk.stageImport(file, file.name);
-    } catch (error) {
-      await ask('This overlay cannot be used here', (error as Error).message, [{ label: 'OK', value: 'ok', kind: 'primary' }]);
-      return;
-    }
-    if (!(await confirmReplace(file.name, staged))) {
-      await disk.discardImport();
-      return;
-    }
-    let failure: string | undefined;
-    await withMachineStopped(`Opening ${file.name}…`, async () => {
-      try {
-        mapView.show(await disk.commitImport());
-      } catch (error) {
-        failure = (error as Error).message;
-        return 'resume';
-      }
-      clearProblem('foreign-overlay');
-      clearProblem('quota');
-      await sessions.offerAfterOpen(file.name);
-      return 'disk-changed';
-    });
-    if (failure) await ask('This overlay cannot be used here', failure, [{ label: 'OK', value: 'ok', kind: 'primary' }]);
-  } finally {
-    opening = false;
-    // Whatever stopped the swap (a machine that could not stop), the staged file is not left behind.
-    await disk.discardImport().catch(() => {});
-  }
-}
-
-/** Asks before a file replaces the stored disk; the current disk can be downloaded first. True to go ahead. */
-async function confirmReplace(fileName: string, staged: StagedImport): Promise<boolean> {
-  const held = sessions.count();
-  const current = `${lastStats ? `${formatBytes(lastStats.overlaySize)} of changes` : 'its changes'}${held ? ` and ${held} saved session${held > 1 ? 's' : ''}` : ''}`;
-  for (;;) {
-    const choice = await ask(
-      `Replace this disk with ${fileName}?`,
-      `The disk stored in this browser (${current}) is replaced by ${fileName} (${formatBytes(staged.size)}${staged.sessions ? `, ${staged.sessions} saved session${staged.sessions > 1 ? 's' : ''}` : ''}), ` +
-        'and the machine restarts on it. What the machine is doing now is lost, and so is the current disk unless you download it first.',
-      [
-        { label: 'Cancel', value: 'cancel' },
-        { label: 'Download this disk first', value: 'download' },
-        { label: 'Replace disk', value: 'replace', kind: 'danger' },
-      ],
-    );
-    if (choice === 'download') {
-      await download();
-      continue;
-    }
-    return choice === 'replace';
-  }
-}
-
 async function resetDisk(): Promise<void> {
   const choice = await ask(
     'Reset the disk?',
@@ -417,7 +357,7 @@ byId<HTMLInputElement>('open-file').addEventListener('change', (event) => {
   const input = event.target as HTMLInputElement;
   const file = input.files?.[0];
   input.value = '';
-  if (file) guard(() => openOverlay(file))();
+  if (file) guard(() => opener.open(file))();
 });
 byId('reset').addEventListener('click', guard(resetDisk));
 byId('restart').addEventListener('click', guard(() => withMachineStopped('Restarting…', async () => {
@@ -455,7 +395,7 @@ window.addEventListener('drop', (event) => {
   dragDepth = 0;
   dropzone.hidden = true;
   const file = event.dataTransfer?.files[0];
-  if (file && !readOnlyTab && started && !changing) guard(() => openOverlay(file))();
+  if (file && !readOnlyTab && started && !changing) guard(() => opener.open(file))();
 });
 
 // Guest writes reach OPFS within a moment; this makes them durable before the tab goes away.
