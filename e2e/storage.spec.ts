@@ -77,12 +77,13 @@ test('storage full: kept base blocks make room first; then the page says what to
     await download.saveAs(file);
     // qemu-img check exits 0 (clean) or 3 (leaked clusters of the write that failed: harmless); corruption is 2.
     let check: string;
+    let status = 0;
     try {
       check = execFileSync('qemu-img', ['check', '--output=json', file], { encoding: 'utf8' });
     } catch (error) {
       const failed = error as { status: number; stdout: string };
       expect(failed.status, failed.stdout).toBe(3);
-      check = failed.stdout;
+      ({ status, stdout: check } = failed);
     }
     expect(JSON.parse(check)).toMatchObject({ 'check-errors': 0 });
     expect(JSON.parse(check).corruptions ?? 0).toBe(0);
@@ -90,6 +91,9 @@ test('storage full: kept base blocks make room first; then the page says what to
     const map = JSON.parse(execFileSync('qemu-img', ['map', '--output=json', file], { encoding: 'utf8' })) as Array<{ length: number; depth: number; data: boolean }>;
     const own = map.filter((extent) => extent.depth === 0 && extent.data).reduce((sum, extent) => sum + extent.length, 0);
     expect(own).toBeGreaterThan(3 * MiB);
+    const figures = `kept base blocks ${kept[0]} B, deleted for the first 3 MiB; download ${own} B of guest data, qemu-img check exit ${status}`;
+    test.info().annotations.push({ type: 'storage', description: figures });
+    console.log(figures);
   } finally {
     await context.close();
     rmSync(profile, { recursive: true, force: true });

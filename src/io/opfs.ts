@@ -22,6 +22,14 @@ interface SyncCapableFileHandle extends FileSystemFileHandle {
 /** Thrown when the browser's storage quota does not let a write through: the UI says so in plain words. */
 export class QuotaError extends StoreError {}
 
+/** The QuotaError behind `error`, which may have been wrapped (an engine error naming the store's as its cause). */
+export function quotaErrorIn(error: unknown): QuotaError | undefined {
+  for (let at = error, depth = 0; at !== undefined && at !== null && depth < 8; at = (at as { cause?: unknown }).cause, depth++) {
+    if (at instanceof QuotaError) return at;
+  }
+  return undefined;
+}
+
 /**
  * Called when a write or resize finds the site's storage full: frees what it can (kept copies, caches) and
  * says whether anything was freed, in which case the operation is tried once more. Writes never reach the

@@ -8,7 +8,7 @@
  */
 import { LockError, BackingChainError } from '../qcow2/errors.js';
 import { MemoryStore } from '../io/memory.js';
-import { OpfsStore, BlobStore, QuotaError, opfsDirectory, opfsExists } from '../io/opfs.js';
+import { OpfsStore, BlobStore, opfsDirectory, opfsExists, quotaErrorIn } from '../io/opfs.js';
 import { DiskMap } from './disk-map.js';
 import { describeBaseProblem, makeOverlay, openBase, openTop, type BaseHandle } from './disk-open.js';
 import type { OpenRequest, OpenResult, ProblemKind, Reply, Request, StagedImport, Stats, WorkerEvent } from './protocol.js';
@@ -109,7 +109,7 @@ async function open(request: OpenRequest): Promise<OpenResult> {
         try {
           copy = await takeCopy(dir, overlayName, makeRoom);
         } catch (error) {
-          if (error instanceof QuotaError) throw new ProblemError('quota', `There is not enough browser storage for a read-only copy of this disk (${error.message}). Download the overlay in the tab that writes it, or free space.`);
+          if (quotaErrorIn(error)) throw new ProblemError('quota', `There is not enough browser storage for a read-only copy of this disk (${(error as Error).message}). Download the overlay in the tab that writes it, or free space.`);
           throw new ProblemError('other', `No read-only copy of this disk could be made: ${(error as Error).message}`);
         }
         releases.push(copy.release);
@@ -207,7 +207,7 @@ async function write(offset: number, data: Uint8Array): Promise<void> {
   try {
     await s.device.write(offset, data);
   } catch (error) {
-    if (error instanceof QuotaError) {
+    if (quotaErrorIn(error)) {
       writeFailure ??= error;
       throw new ProblemError('quota', QUOTA_MESSAGE);
     }
@@ -228,7 +228,7 @@ async function flush(): Promise<void> {
   try {
     await session.device.flush();
   } catch (error) {
-    if (error instanceof QuotaError) writeFailure ??= error;
+    if (quotaErrorIn(error)) writeFailure ??= error;
     throw error;
   }
   unsaved = 0;
@@ -254,7 +254,7 @@ async function flushUnlessFailed(): Promise<void> {
  * base image's server, whatever type the error has: only a full disk keeps its own kind.
  */
 function sessionProblem(error: unknown): unknown {
-  if (error instanceof QuotaError) {
+  if (quotaErrorIn(error)) {
     return new ProblemError('quota', "There is not enough browser storage to save this session, even after deleting the base image's blocks kept in this browser: it was not saved. Download overlay to keep the disk, free space, then save again.");
   }
   if (error instanceof ProblemError) return error;
@@ -372,7 +372,7 @@ function reportError(error: unknown): void {
 
 function classify(error: unknown): { kind: ProblemKind; message: string } {
   if (error instanceof ProblemError) return { kind: error.kind, message: error.message };
-  if (error instanceof QuotaError) return { kind: 'quota', message: QUOTA_MESSAGE };
+  if (quotaErrorIn(error)) return { kind: 'quota', message: QUOTA_MESSAGE };
   if (error instanceof LockError) return { kind: 'locked', message: 'This disk is open in another tab.' };
   if (error instanceof BackingChainError) return describeBaseProblem(error);
   return describeBaseProblem(error);

@@ -6,7 +6,7 @@
  */
 import type { BlockDevice } from '../qcow2/device.js';
 import type { MemoryStore } from '../io/memory.js';
-import { OpfsStore, QuotaError, opfsDirectory, type MakeRoom } from '../io/opfs.js';
+import { OpfsStore, opfsDirectory, quotaErrorIn, type MakeRoom } from '../io/opfs.js';
 import { DiskMap } from './disk-map.js';
 import { openTop, validateImport, type BaseHandle } from './disk-open.js';
 import { dropPrevious, dropStaged, stageFile, swapBack, swapIn } from './overlay-files.js';
@@ -39,7 +39,7 @@ export async function stage(disk: StoredDisk, file: Blob, fileName: string): Pro
   try {
     store = await stageFile(dir, disk.overlayName, file, disk.makeRoom);
   } catch (error) {
-    if (error instanceof QuotaError) {
+    if (quotaErrorIn(error)) {
       throw new ProblemError('quota', `There is not enough browser storage to take in ${fileName} (${formatBytes(file.size)}), even after deleting the base image's blocks kept in this browser. Your disk was not changed. Free space, then try again.`);
     }
     throw error;

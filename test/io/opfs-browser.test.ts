@@ -13,6 +13,7 @@ import { join, resolve } from 'node:path';
 import { chromium, type Browser, type BrowserContext } from '@playwright/test';
 import { startNginx, type NginxServer } from '../helpers/nginx.js';
 import { tempDir } from '../helpers/qemu.js';
+import { QuotaError, quotaErrorIn } from '../../src/io/opfs.js';
 
 const ROOT = resolve(import.meta.dirname, '../..');
 const CHROMIUM = '/usr/bin/chromium';
@@ -122,6 +123,16 @@ async function scenario<T>(context: BrowserContext, name: string, room: number):
   if (message['error']) throw new Error(String(message['error']));
   return message['ok'] as T;
 }
+
+describe('quotaErrorIn', () => {
+  it('finds a QuotaError however deep an engine error wraps it, and nothing else', () => {
+    const quota = new QuotaError('opfs:qcow86/disk', 'write failed');
+    expect(quotaErrorIn(quota)).toBe(quota);
+    expect(quotaErrorIn(new Error('flush failed', { cause: new Error('metadata write failed', { cause: quota }) }))).toBe(quota);
+    expect(quotaErrorIn(new Error('other', { cause: new Error('no space') }))).toBeUndefined();
+    expect(quotaErrorIn(undefined)).toBeUndefined();
+  });
+});
 
 describe.skipIf(!existsSync(CHROMIUM))('OpfsStore in Chromium on a full storage', () => {
   for (const profile of ['in-memory', 'on-disk'] as const) {
