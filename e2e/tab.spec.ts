@@ -10,7 +10,7 @@ import { copyFileSync, mkdtempSync, readFileSync, rmSync, utimesSync } from 'nod
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test, expect, consoleText, openOverlayFile, run, storedFiles, waitForConsole, waitForShell, waitSaved, BOOT_TIMEOUT } from './fixtures.js';
-import { copyBase, ROOT, type Server } from './servers.js';
+import { copyBase, PUBLIC_IMAGES, ROOT, type Server } from './servers.js';
 
 const execFileAsync = promisify(execFile);
 
@@ -19,7 +19,7 @@ function qcow86(args: string[], cwd: string) {
   return execFileAsync(process.execPath, [join(ROOT, 'bin/qcow86.js'), ...args], { cwd, encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 });
 }
 
-test('@dev the guest boots from the dev server and keeps a file across a reload', async ({ page, server }) => {
+test('@dev the guest boots from the dev server and keeps a file across a reload; the Screen view types on tty1', async ({ page, server }) => {
   const seed = 1000 + Math.floor(Math.random() * 9000);
   await page.goto(server.url);
   await waitForShell(page);
@@ -30,6 +30,22 @@ test('@dev the guest boots from the dev server and keeps a file across a reload'
   await waitForShell(page);
   await run(page, 'cat /dev-marker.txt');
   await waitForConsole(page, new RegExp(`^dev-${seed + 1}`, 'm'));
+
+  // The guest list names the guests the image builds made (this one chosen), unbuilt ones as such.
+  const guests = JSON.parse(readFileSync(join(PUBLIC_IMAGES, 'guests.json'), 'utf8')) as { guests: Array<{ id: string; name: string; built: boolean }> };
+  const select = page.getByTestId('guest');
+  await expect(select).toHaveValue('default');
+  for (const guest of guests.guests) {
+    await expect(select.locator(`option[value="${guest.id}"]`)).toHaveText(guest.built ? guest.name : `${guest.name} — not built`);
+  }
+  // The Screen view takes typing as a new user tries it: a command and Enter on tty1, answered on the screen.
+  await page.getByRole('button', { name: 'Screen', exact: true }).click();
+  const screen = page.locator('#screen');
+  await expect(screen.locator('.text')).toContainText('#', { timeout: 60_000 });
+  await screen.click();
+  await page.keyboard.type('echo hi-$((6*7)) $(tty)');
+  await page.keyboard.press('Enter');
+  await expect(screen.locator('.text')).toContainText('hi-42 /dev/tty1', { timeout: 60_000 });
 });
 
 test('the guest boots, keeps its writes across a reload, and its overlay opens in QEMU, in qcow86 boot and in a fresh profile', async ({ page, server, browser, longTasks }, testInfo) => {

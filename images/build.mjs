@@ -13,7 +13,7 @@
 //   --force   rebuild even when the outputs exist
 import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { chmodSync, copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync, lstatSync } from 'node:fs';
+import { chmodSync, closeSync, copyFileSync, existsSync, openSync, readSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync, lstatSync } from 'node:fs';
 import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ensurePackages } from '../scripts/system-deps.mjs';
@@ -60,7 +60,16 @@ export function run(command, args, options = {}) {
 }
 
 export function sha256(path) {
-  return createHash('sha256').update(readFileSync(path)).digest('hex');
+  // In pieces: the Debian guest's raw disk is larger than one Node buffer may be.
+  const hash = createHash('sha256');
+  const chunk = Buffer.alloc(16 * 1024 * 1024);
+  const fd = openSync(path, 'r');
+  try {
+    for (let n; (n = readSync(fd, chunk, 0, chunk.length, null)) > 0;) hash.update(chunk.subarray(0, n));
+  } finally {
+    closeSync(fd);
+  }
+  return hash.digest('hex');
 }
 
 // ---------------------------------------------------------------- packages

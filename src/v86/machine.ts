@@ -124,7 +124,11 @@ export class Machine {
   private readonly timeout: number;
   private readonly codecs: Codecs | undefined;
   private stopped: Promise<void> | undefined;
+  private closed: Promise<void> | undefined;
   private failure: unknown;
+  /** Set when v86 itself failed (a guest that trips an emulator bug): every waiting and later step fails with it. */
+  private crash: Error | undefined;
+  private readonly crashListeners = new Set<(error: Error) => void>();
 
   constructor(options: MachineOptions) {
     this.timeout = options.timeout ?? DEFAULT_TIMEOUT_MS;
@@ -157,6 +161,7 @@ export class Machine {
     });
     // A session saved from this machine records how long its guest has run.
     trackGuestClock(this);
+    this.emulator.add_listener('emulator-loaded', () => this.catchEmulatorErrors());
   }
 
   /** Waits until pattern appears on the serial console after the previous match, or on the screen. */
@@ -227,10 +232,50 @@ export class Machine {
     return this.stopped;
   }
 
-  /** stop(), then closes the disk's device and its backing chain (the overlay is flushed first). */
-  async close(): Promise<void> {
-    await this.stop();
-    await this.disk.close();
+  /** stop(), then closes the disk's device and its backing chain (the overlay is flushed first). Safe to call twice. */
+  close(): Promise<void> {
+    this.closed ??= (async () => {
+      await this.stop();
+      await this.disk.close();
+    })();
+    return this.closed;
+  }
+
+  /**
+   * v86 runs the guest in slices from timers; an exception there (a guest tripping an emulator bug: "memory access
+   * out of bounds") would end the whole process. It stops the machine instead, and the steps say why.
+   */
+  private catchEmulatorErrors(): void {
+    const main = (this.emulator as unknown as { v86?: { do_tick?: () => void; stopping: boolean } }).v86;
+    const tick = main?.do_tick;
+    if (!main || typeof tick !== 'function') return;
+    main.do_tick = () => {
+      if (this.crash) return;
+      try {
+        tick.call(main);
+      } catch (error) {
+        this.crash = error instanceof Error ? error : new Error(String(error));
+        // One more tick with `stopping` set only marks the machine stopped (v86's stop() and destroy() wait for it).
+        main.stopping = true;
+        tick.call(main);
+        for (const listener of this.crashListeners) listener(this.crash);
+      }
+    };
+  }
+
+  /** Calls listener if (or once) the emulator failed; returns an unsubscribe function. */
+  private onCrash(listener: (error: Error) => void): () => void {
+    if (this.crash) {
+      listener(this.crash);
+      return () => {};
+    }
+    this.crashListeners.add(listener);
+    return () => this.crashListeners.delete(listener);
+  }
+
+  /** Why the emulator stopped, when it failed (see catchEmulatorErrors). */
+  get emulatorError(): Error | undefined {
+    return this.crash;
   }
 
   private enqueue<T>(step: () => Promise<T>): Steps<T> {
@@ -245,6 +290,20 @@ export class Machine {
     // Marks the rejection handled for chains whose middle steps nobody awaits; awaiting `done` still rejects.
     done.catch(() => {});
     return new Steps(this, done);
+  }
+
+  /** Rejects with a StepError if the emulator fails while a step waits; returns cleanup extended to unsubscribe. */
+  private failOnCrash(label: string, reject: (error: StepError) => void, cleanup: () => void): () => void {
+    let off = () => {};
+    const all = () => {
+      cleanup();
+      off();
+    };
+    off = this.onCrash((error) => {
+      all();
+      reject(this.fail(label, `the emulator stopped: ${error.message}`));
+    });
+    return all;
   }
 
   private fail(label: string, reason: string): StepError {
@@ -265,11 +324,12 @@ export class Machine {
         reject(this.fail(label, `timed out after ${(timeout / 1000).toFixed(1)} s`));
       }, timeout);
       const unsubscribe = this.console.onChange(attempt);
-      const cleanup = () => {
+      let cleanup = () => {
         clearTimeout(timer);
         unsubscribe();
       };
-      attempt();
+      if (attempt()) return;
+      cleanup = this.failOnCrash(label, reject, cleanup);
     });
   }
 
@@ -295,11 +355,12 @@ export class Machine {
         cleanup();
         reject(this.fail(label, `timed out after ${(timeout / 1000).toFixed(1)} s`));
       }, timeout);
-      const cleanup = () => {
+      let cleanup = () => {
         clearTimeout(timer);
         if (scheduled) clearTimeout(scheduled);
         unsubscribe();
       };
+      cleanup = this.failOnCrash(label, reject, cleanup);
       attempt();
     });
   }
@@ -316,6 +377,7 @@ export class Machine {
     const deadline = Date.now() + this.timeout;
     const until = async (ready: () => boolean, what: string) => {
       while (!ready()) {
+        if (this.crash) throw this.fail(label, `the emulator stopped: ${this.crash.message}`);
         if (Date.now() > deadline) throw this.fail(label, `timed out after ${(this.timeout / 1000).toFixed(1)} s waiting for ${what}`);
         await sleep(5);
       }

@@ -1,6 +1,8 @@
 /**
  * Guesses the boot phase from what a person would see: the machine starting, the first disk reads (boot
- * loader), the kernel's console output, and finally a shell prompt on the serial console.
+ * loader), the kernel's console output, and finally a shell prompt on the serial console. That story is known
+ * only for the guests this server lists (images/build.mjs GUESTS); for any other disk the page says only what it
+ * observes (the firmware started, the disk is being read, the console or the screen is active).
  */
 import type { ConsoleView } from './console-view.js';
 import type { PhaseState } from './status-view.js';
@@ -21,9 +23,17 @@ export class BootPhases {
   private resumedFrom: string | undefined;
   /** The shell's prompt appeared in this boot: kernel messages printed after it (an ext4 warning) do not undo that. */
   private shellSeen = false;
+  /** Whether the guest is one whose boot this page knows (a listed Linux guest). */
+  private known = true;
 
   constructor(private readonly console: ConsoleView) {
     setInterval(() => this.update(), 200);
+  }
+
+  /** An unlisted guest: claim nothing about boot loaders, kernels or shells. */
+  unknownGuest(): void {
+    this.known = false;
+    this.update();
   }
 
   onChange(listener: Listener): void {
@@ -64,7 +74,17 @@ export class BootPhases {
     const text = this.console.text;
     let phase: string;
     let state: PhaseState = 'busy';
-    if (this.shellSeen || PROMPT.test(text)) {
+    if (!this.known) {
+      if (this.resumedFrom !== undefined) {
+        phase = `Running — resumed session '${this.resumedFrom}'`;
+        state = 'ready';
+      } else if (this.readsThisBoot > 0) {
+        phase = text.trim() ? 'Running — booted from the disk; its serial console is active' : 'Running — booted from the disk (see its screen)';
+        state = 'ready';
+      } else {
+        phase = 'Firmware (BIOS) is starting…';
+      }
+    } else if (this.shellSeen || PROMPT.test(text)) {
       this.shellSeen = true;
       phase = 'Running — shell ready on the serial console';
       state = 'ready';

@@ -57,10 +57,6 @@ export class MachineClient {
     void this.call({ op: 'serial', data }).catch(() => {});
   }
 
-  keyboard_send_text(text: string): void {
-    void this.call({ op: 'keys', text }).catch(() => {});
-  }
-
   keyboard_send_scancodes(codes: number[]): void {
     void this.call({ op: 'scancodes', codes }).catch(() => {});
   }

@@ -23,7 +23,6 @@ export interface MachineStart {
 export type MachineRequest =
   | MachineStart
   | { op: 'serial'; data: string }
-  | { op: 'keys'; text: string }
   | { op: 'scancodes'; codes: number[] }
   /** Stops the CPU and writes every acknowledged guest write to the disk (flushed). */
   | { op: 'stop' }
@@ -42,7 +41,9 @@ export type MachineEvent =
   /** Serial output bytes, batched (a message per byte would flood the page). */
   | { event: 'serial'; bytes: Uint8Array }
   /** The VGA text screen, one string per row, sent when it changed (at most a few times a second). */
-  | { event: 'screen'; rows: string[]; cursor: { row: number; col: number } | undefined; graphical: { width: number; height: number } | undefined }
+  | { event: 'screen'; rows: string[]; cursor: { row: number; col: number } | undefined }
+  /** A graphics mode's picture (RGBA), sent a few times a second while the guest shows one. */
+  | { event: 'frame'; width: number; height: number; rgba: Uint8Array }
   /** Guest writes acknowledged but not yet handed to the disk Worker. */
   | { event: 'dirty'; bytes: number }
   | { event: 'disk-error'; kind: string; message: string }

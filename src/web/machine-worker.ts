@@ -5,6 +5,7 @@
  */
 import { V86, type V86Image, type V86Options } from 'v86';
 import { V86DiskAdapter } from '../v86/disk.js';
+import { ScreenCapture } from '../v86/screen.js';
 import { RemoteDisk, DiskProblem } from './remote-disk.js';
 import type { MachineEvent, MachineReply, MachineRequest, MachineStart } from './machine-protocol.js';
 
@@ -42,44 +43,37 @@ function serialByte(byte: number): void {
   }, SERIAL_BATCH_MS);
 }
 
-// ---------------------------------------------------------------- the VGA text screen
+// ---------------------------------------------------------------- the VGA screen
 
-interface TextScreen {
-  get_text_screen(): string[];
-  [method: string]: unknown;
-}
+/** Graphics frames are sent at most this often (a frame is width x height x 4 bytes). */
+const FRAME_MS = 250;
+let screen: ScreenCapture | undefined;
 let screenDirty = false;
-let cursor: { row: number; col: number } | undefined;
-let graphical: { width: number; height: number } | undefined;
+let lastFrame = 0;
 
 /**
- * Without a page to draw on, v86 keeps the text screen in its plain adapter. Its methods are wrapped so that a
- * change marks the screen for the next report (the page redraws the whole 80x25 text, which is small).
+ * v86 has no page to draw on here: the screen is watched by the same ScreenCapture the Node harness uses. Text
+ * modes go to the page as rows (it shows them as text); graphics modes as RGBA frames from v86's frame buffer,
+ * which change without any call the capture could see, so they are sent on a timer while a graphics mode shows.
  */
-function watchScreen(screen: TextScreen): void {
-  const wrap = (name: string, after: (...args: number[]) => void = () => {}) => {
-    const original = screen[name] as ((...args: unknown[]) => unknown) | undefined;
-    if (typeof original !== 'function') return;
-    screen[name] = (...args: number[]) => {
-      const result = original.apply(screen, args);
-      screenDirty = true;
-      after(...args);
-      return result;
-    };
-  };
-  wrap('put_char');
-  wrap('clear_screen');
-  wrap('set_size_text', () => (graphical = undefined));
-  wrap('set_size_graphical', (width, height) => (graphical = { width: width!, height: height! }));
-  wrap('set_mode', (isGraphical) => {
-    if (!isGraphical) graphical = undefined;
-  });
-  wrap('update_cursor', (row, col) => (cursor = { row: row!, col: col! }));
+function watchScreen(machine: V86): void {
+  screen = new ScreenCapture(machine as unknown as ConstructorParameters<typeof ScreenCapture>[0]);
+  screen.onChange(() => (screenDirty = true));
   screenDirty = true;
   setInterval(() => {
+    if (!screen) return;
+    const mode = screen.mode;
+    if (mode.graphical) {
+      if (Date.now() - lastFrame < FRAME_MS) return;
+      lastFrame = Date.now();
+      const frame = screen.frame();
+      emit({ event: 'frame', width: frame.width, height: frame.height, rgba: frame.rgba }, [frame.rgba.buffer as ArrayBuffer]);
+      return;
+    }
     if (!screenDirty) return;
     screenDirty = false;
-    emit({ event: 'screen', rows: graphical ? [] : screen.get_text_screen(), cursor, graphical });
+    const cursor = screen.cursorState;
+    emit({ event: 'screen', rows: screen.textRows(), cursor: cursor.visible ? { row: cursor.row, col: cursor.col } : undefined });
   }, REPORT_MS);
 }
 
@@ -117,15 +111,14 @@ function start(request: MachineStart): void {
     // A resumed session: v86 restores it once loaded, before it runs (no boot).
     ...(request.initialState ? { initial_state: { buffer: request.initialState } } : {}),
     autostart: true,
-    // No DOM here: the page reads keys and forwards them.
+    // No DOM here: the page turns keys into scancodes (src/v86/keyboard.ts) and forwards them.
     disable_keyboard: true,
     disable_mouse: true,
     disable_speaker: true,
   } as V86Options;
   const machine = new V86(options);
   emulator = machine;
-  // v86 makes its screen adapter once its wasm is in, just before it starts the machine.
-  machine.add_listener('emulator-loaded', () => watchScreen((machine as unknown as { screen_adapter: TextScreen }).screen_adapter));
+  watchScreen(machine);
   machine.add_listener('emulator-started', () => emit({ event: 'started' }));
   machine.add_listener('emulator-stopped', () => emit({ event: 'stopped' }));
   machine.add_listener('serial0-output-byte', serialByte);
@@ -143,9 +136,6 @@ async function handle(request: MachineRequest): Promise<{ value?: unknown; trans
       return {};
     case 'serial':
       need().machine.serial0_send(request.data);
-      return {};
-    case 'keys':
-      need().machine.keyboard_send_text(request.text);
       return {};
     case 'scancodes':
       need().machine.keyboard_send_scancodes(request.codes);

@@ -15,6 +15,7 @@ import type { OpenMode, OpenResult, Stats } from './protocol.js';
 import { OverlayOpener } from './overlay-open-ui.js';
 import { SessionUi } from './session-ui.js';
 import { v86StateMemoryBytes } from '../v86/session.js';
+import { guestAt, loadGuests, showGuestList } from './guest-list.js';
 
 const byId = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
 
@@ -41,8 +42,9 @@ const screenView = createScreen(byId('screen'), machine);
 let started = false;
 let mode: OpenMode = 'write';
 let poweredOff = false;
-/** The default guest needs no more. */
+/** The default guest needs no more; listed guests say what they need (guests.json). */
 const DEFAULT_MEMORY_BYTES = 64 * 1024 * 1024;
+let guestMemoryBytes = DEFAULT_MEMORY_BYTES;
 const sessions = new SessionUi(disk, {
   withMachineStopped: (label, change) =>
     withMachineStopped(label, async () => {
@@ -134,6 +136,11 @@ async function openDisk(): Promise<OpenResult | undefined> {
 
 async function start(): Promise<void> {
   byId('base-url').textContent = baseUrl;
+  const guests = await loadGuests(imagesUrl);
+  const guest = guestAt(guests, baseUrl, imagesUrl);
+  showGuestList(byId<HTMLSelectElement>('guest'), guests, guest, baseUrl, imagesUrl);
+  if (!guest) phases.unknownGuest();
+  guestMemoryBytes = (guest?.memoryMiB ?? DEFAULT_MEMORY_BYTES / 1048576) * 1048576;
   let opened: OpenResult | undefined;
   try {
     opened = await openDisk();
@@ -150,21 +157,24 @@ async function start(): Promise<void> {
   // Before the machine exists: a resumed session starts from its state instead of booting.
   const initialState = opened.mode === 'readonly' ? undefined : await sessions.offerOnLoad();
   // v86 restores a state only into a machine of the memory size it was saved with.
-  const memoryBytes = (initialState && v86StateMemoryBytes(initialState)) ?? DEFAULT_MEMORY_BYTES;
+  const memoryBytes = (initialState && v86StateMemoryBytes(initialState)) ?? guestMemoryBytes;
   setPhase('Loading the firmware…');
   machine.on((event) => {
     switch (event.event) {
       case 'started':
         phases.started();
+        showScreenIfSerialSilent();
         return;
       case 'dirty':
         // The saved indicator counts these bytes too: redraw it now, not at the next disk report.
         drawStats();
         return;
       case 'serial':
+        serialSeen = true;
         terminal.write(event.bytes);
         return;
       case 'screen':
+      case 'frame':
         screenView.apply(event);
         return;
       case 'disk-error':
@@ -366,15 +376,35 @@ byId('restart').addEventListener('click', guard(() => withMachineStopped('Restar
 })));
 byId('power').addEventListener('click', guard(togglePower));
 
+function showView(view: string): void {
+  document.querySelector<HTMLElement>('section.displays')!.dataset.view = view;
+  for (const other of document.querySelectorAll<HTMLButtonElement>('button[data-view]')) other.setAttribute('aria-pressed', String(other.dataset.view === view));
+  if (view === 'screen') byId('screen').focus();
+  else terminal.focus();
+}
+
 for (const button of document.querySelectorAll<HTMLButtonElement>('[data-view]')) {
   if (!(button instanceof HTMLButtonElement)) continue;
   button.addEventListener('click', () => {
-    const view = button.dataset.view!;
-    document.querySelector<HTMLElement>('section.displays')!.dataset.view = view;
-    for (const other of document.querySelectorAll<HTMLButtonElement>('button[data-view]')) other.setAttribute('aria-pressed', String(other === button));
-    if (view === 'screen') byId('screen').focus();
-    else terminal.focus();
+    viewChosen = true;
+    showView(button.dataset.view!);
   });
+}
+
+/**
+ * Guests that never write to the serial port (boot loaders, installers, most operating systems) show their life
+ * on the screen only: when the console is still silent this long after the machine started and the screen shows
+ * something, the screen is shown, unless the user picked a view.
+ */
+const SILENT_SERIAL_MS = 12_000;
+let serialSeen = false;
+let viewChosen = false;
+function showScreenIfSerialSilent(): void {
+  setTimeout(() => {
+    if (serialSeen || viewChosen) return;
+    if (screenView.hasContent) showView('screen');
+    else showScreenIfSerialSilent();
+  }, SILENT_SERIAL_MS);
 }
 
 // Drag and drop anywhere on the page opens an overlay.

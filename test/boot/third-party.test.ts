@@ -12,9 +12,11 @@
  *
  * PNGs are read by test/helpers/png.ts (node:zlib and the PNG specification), not by the encoder's library.
  */
+import { execFileSync } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { debianPackage } from '../../images/build.mjs';
 import { bootMachine, StepError, type BootedMachine } from '../../src/node/machine.js';
 import { qcow86 } from '../cli/cli.js';
 import { grubRescueDisk } from '../helpers/grub.js';
@@ -76,13 +78,13 @@ describe('GRUB rescue disk from Debian under `qcow86 boot`', { timeout: 900_000 
   });
 
   test('a step that fails prints the last screen lines and still writes the screenshot; bad keys are a usage error', async () => {
-    const result = await qcow86(['boot', '--base', disk, '--timeout', '20', '--expect-screen', 'GNU GRUB',
-      '--expect-screen', 'no such text', '--screenshot', join(dir, 'failed.png')], { timeoutMs: 600_000 });
+    const result = await qcow86(['boot', '--base', disk, '--timeout', '10', '--expect-screen', 'no such text',
+      '--screenshot', join(dir, 'failed.png')], { timeoutMs: 600_000 });
     expect(result.exitCode).toBe(1);
-    expect(result.stderr).toMatch(/step 2 \(expect-screen "no such text"\) from argument \d+ timed out after 20\.0 s/);
+    expect(result.stderr).toMatch(/step 1 \(expect-screen "no such text"\) from argument \d+ timed out after 10\.0 s/);
+    // The screen as it was: the BIOS banner at least (GRUB's menu follows on a machine that is not too busy).
     const screen = result.stderr.slice(result.stderr.indexOf('--- last screen lines ---'));
-    expect(screen).toContain('GNU GRUB  version 2.06');
-    expect(screen).toContain('Use the ↑ and ↓ keys to select which entry is highlighted.');
+    expect(screen).toMatch(/SeaBIOS \(version 1\.16|GNU GRUB  version 2\.06/);
     expect(result.stderr).toContain('--- last console lines ---');
     expect(decodePng(readFileSync(join(dir, 'failed.png'))).width).toBe(720);
 
@@ -92,6 +94,23 @@ describe('GRUB rescue disk from Debian under `qcow86 boot`', { timeout: 900_000 
     const lone = await qcow86(['boot', '--base', disk, '--send-keys', 'a < b']);
     expect(lone.exitCode).toBe(2);
     expect(lone.stderr).toContain('write << for a literal <');
+  });
+});
+
+describe('other disks people try', { timeout: 600_000 }, () => {
+  test('memtest86+ from Debian: whatever v86 makes of it, the run ends with an exit code and a picture, never a crash', async () => {
+    const unpacked = join(dir, 'memtest');
+    execFileSync('dpkg-deb', ['-x', debianPackage('memtest86+'), unpacked]);
+    const image = join(dir, 'memtest.qcow2');
+    execFileSync('qemu-img', ['convert', '-c', '-O', 'qcow2', join(unpacked, 'usr/lib/memtest86+/memtest86+ia32.iso'), image]);
+    const result = await qcow86(['boot', '--base', image, '--timeout', '60', '--expect-screen', 'Memtest86+ v6',
+      '--screenshot', join(dir, 'memtest.png')], { timeoutMs: 300_000 });
+    // v86 0.5.462 faults on this image ("memory access out of bounds" in its CPU loop): that ends the step, not
+    // the process. Should a later v86 run it, the step passes instead.
+    expect([0, 1]).toContain(result.exitCode);
+    if (result.exitCode === 1) expect(result.stderr).toMatch(/step 1 \(expect-screen "Memtest86\+ v6"\) from argument \d+ (the emulator stopped: .+|timed out after 60\.0 s)/);
+    expect(result.stderr).not.toContain('Node.js v');
+    expect(decodePng(readFileSync(join(dir, 'memtest.png'))).width).toBeGreaterThan(0);
   });
 });
 
