@@ -139,7 +139,9 @@ async function start(): Promise<void> {
   const guests = await loadGuests(imagesUrl);
   const guest = guestAt(guests, baseUrl, imagesUrl);
   showGuestList(byId<HTMLSelectElement>('guest'), guests, guest, baseUrl, imagesUrl);
-  if (!guest) phases.unknownGuest();
+  // Without a list (a server that has none), the default guest is still the one the page knows.
+  const defaultGuest = guests.length === 0 && baseUrl === new URL('/images/base.qcow2', location.href).href;
+  if (!guest && !defaultGuest) phases.unknownGuest();
   guestMemoryBytes = (guest?.memoryMiB ?? DEFAULT_MEMORY_BYTES / 1048576) * 1048576;
   let opened: OpenResult | undefined;
   try {
