@@ -1,10 +1,21 @@
 /**
- * One writer per image (Node): a lock file next to the image holding the writer's PID and start time. A second
- * live writer is refused with a message naming the lock; a lock whose holder is gone (killed with SIGKILL, say)
- * is taken over at once, because liveness is checked, not assumed.
+ * One writer per image (Node): a lock file next to the image holding the writer's PID, start time and a random
+ * nonce. A second live writer is refused with a message naming the lock and its holder; a lock whose holder is
+ * gone (killed with SIGKILL, say) is taken over at once, because liveness is checked, not assumed.
+ *
+ * Atomicity, without a window between "no lock" and "lock written":
+ * - A lock file only ever appears whole: the holder's record is written to a private file first and then
+ *   hard-linked to the lock's name, which fails if the name exists (link(2) is atomic and exclusive).
+ * - Taking over a dead holder's lock must replace exactly that lock and no newer one. The taker first claims
+ *   that lock generation exclusively, by linking its record to a claim file named after a hash of the stale
+ *   record; only the claim's owner re-reads the lock and, if it is still the stale record, renames its own
+ *   record over it (rename(2) replaces atomically, so the lock name never goes missing). A taker that dies while
+ *   holding a claim leaves a claim with a dead holder: the next taker claims the next level, named after that
+ *   claim's record, and so on. Claims of a generation that is gone are removed by the taker that ends it.
  */
-import { open, readFile, rename, unlink } from 'node:fs/promises';
+import { link, readFile, rename, unlink, writeFile } from 'node:fs/promises';
 import { readFileSync } from 'node:fs';
+import { createHash, randomUUID } from 'node:crypto';
 import { hostname } from 'node:os';
 import { LockError } from '../qcow2/errors.js';
 import type { BlockDevice } from '../qcow2/device.js';
@@ -21,6 +32,8 @@ interface Holder {
   host: string;
   /** Process start time (Linux /proc), so a recycled PID is not mistaken for the holder. */
   start: string;
+  /** Tells two lock generations of one process apart. */
+  nonce?: string;
 }
 
 function startTimeOf(pid: number): string {
@@ -47,11 +60,22 @@ function isAlive(holder: Holder): boolean {
 function parseHolder(text: string): Holder | undefined {
   try {
     const value = JSON.parse(text) as Holder;
-    return Number.isInteger(value.pid) ? value : undefined;
+    return Number.isInteger(value.pid) && typeof value.host === 'string' ? value : undefined;
   } catch {
     return undefined;
   }
 }
+
+const code = (error: unknown) => (error as NodeJS.ErrnoException).code;
+const readOrUndefined = (path: string) => readFile(path, 'utf8').catch((error: unknown) => {
+  if (code(error) === 'ENOENT') return undefined;
+  throw error;
+});
+const claimName = (base: string, record: string) => `${base}.takeover-${createHash('sha256').update(record).digest('hex').slice(0, 16)}`;
+const pause = (ms: number) => new Promise((done) => setTimeout(done, ms));
+
+/** How long a taker waits for another live taker of the same stale lock before giving up (it finishes in ms). */
+const TAKEOVER_WAIT_MS = 5_000;
 
 export class WriteLock {
   private released = false;
@@ -64,48 +88,81 @@ export class WriteLock {
   /** Takes the image's write lock, or throws a LockError naming the lock file and the live holder. */
   static async acquire(imagePath: string): Promise<WriteLock> {
     const lockPath = lockPathOf(imagePath);
-    const me: Holder = { pid: process.pid, host: hostname(), start: startTimeOf(process.pid) };
+    const me: Holder = { pid: process.pid, host: hostname(), start: startTimeOf(process.pid), nonce: randomUUID() };
     const content = JSON.stringify(me);
-    for (let attempt = 0; attempt < 5; attempt++) {
-      try {
-        const handle = await open(lockPath, 'wx');
-        try {
-          await handle.writeFile(content);
-          await handle.sync();
-        } finally {
-          await handle.close();
-        }
-        return new WriteLock(imagePath, lockPath, content);
-      } catch (error) {
-        if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw new LockError(imagePath, `cannot create lock file ${lockPath}: ${(error as Error).message}`);
-      }
-      const text = await readFile(lockPath, 'utf8').catch(() => undefined);
-      if (text === undefined) continue; // released meanwhile
-      const holder = parseHolder(text);
-      // An empty or half-written file is a writer that died while taking the lock (or is taking it right now).
-      if (holder && isAlive(holder)) {
-        throw new LockError(imagePath, `Failed to get "write" lock: the image is in use by process ${holder.pid} on ${holder.host} (lock file ${lockPath})`);
-      }
-      // Stale: move it aside atomically, then make sure what we moved is the stale lock and not a new one.
-      const aside = `${lockPath}.stale-${process.pid}-${attempt}`;
-      try {
-        await rename(lockPath, aside);
-      } catch {
-        continue;
-      }
-      const moved = await readFile(aside, 'utf8').catch(() => '');
-      if (moved !== text) await rename(aside, lockPath).catch(() => {});
-      else await unlink(aside).catch(() => {});
+    const record = `${lockPath}.${me.nonce}.tmp`;
+    try {
+      await writeFile(record, content, { flag: 'wx' });
+    } catch (error) {
+      throw new LockError(imagePath, `cannot create lock file ${lockPath}: ${(error as Error).message}`);
     }
-    throw new LockError(imagePath, `Failed to get "write" lock: lock file ${lockPath} keeps changing`);
+    try {
+      const deadline = Date.now() + TAKEOVER_WAIT_MS;
+      for (;;) {
+        try {
+          await link(record, lockPath);
+          return new WriteLock(imagePath, lockPath, content);
+        } catch (error) {
+          if (code(error) !== 'EEXIST') throw new LockError(imagePath, `cannot create lock file ${lockPath}: ${(error as Error).message}`);
+        }
+        const stale = await readOrUndefined(lockPath);
+        if (stale === undefined) continue; // released meanwhile
+        const holder = parseHolder(stale);
+        if (holder && isAlive(holder)) {
+          throw new LockError(imagePath, `Failed to get "write" lock: the image is in use by process ${holder.pid} on ${holder.host} (lock file ${lockPath})`);
+        }
+        // Dead holder, or a record no qcow86 writes (damaged): take it over.
+        const outcome = await takeOver(lockPath, stale, record);
+        if (outcome === 'taken') return new WriteLock(imagePath, lockPath, content);
+        if (outcome === 'busy') {
+          if (Date.now() > deadline) throw new LockError(imagePath, `Failed to get "write" lock: another process keeps taking over the stale lock file ${lockPath}`);
+          await pause(5);
+        }
+      }
+    } finally {
+      await unlink(record).catch(() => {});
+    }
   }
 
   async release(): Promise<void> {
     if (this.released) return;
     this.released = true;
-    const text = await readFile(this.lockPath, 'utf8').catch(() => undefined);
+    // Only this holder (alive) can change a lock it holds: nobody takes over a live holder's lock.
+    const text = await readOrUndefined(this.lockPath).catch(() => undefined);
     if (text === this.content) await unlink(this.lockPath).catch(() => {});
   }
+}
+
+/**
+ * Replaces the stale lock record `stale` at `lockPath` by `record` (see the header comment): 'taken' when it did,
+ * 'changed' when the lock is no longer that stale record (look again), 'busy' when a live taker is at it.
+ */
+async function takeOver(lockPath: string, stale: string, record: string): Promise<'taken' | 'changed' | 'busy'> {
+  const deadClaims: string[] = [];
+  let claim = claimName(lockPath, stale);
+  for (let level = 0; level < 64; level++) {
+    try {
+      await link(record, claim);
+    } catch (error) {
+      if (code(error) !== 'EEXIST') throw error;
+      const text = await readOrUndefined(claim);
+      if (text === undefined) continue; // its taker finished: claim again
+      const taker = parseHolder(text);
+      if (taker && isAlive(taker)) return 'busy';
+      deadClaims.push(claim);
+      claim = claimName(claim, text);
+      continue;
+    }
+    try {
+      if ((await readOrUndefined(lockPath)) !== stale) return 'changed';
+      await rename(record, lockPath);
+      for (const dead of deadClaims) await unlink(dead).catch(() => {});
+      return 'taken';
+    } finally {
+      await unlink(claim).catch(() => {});
+    }
+  }
+  return 'busy';
 }
 
 /**
