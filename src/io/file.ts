@@ -1,4 +1,4 @@
-import { close, fdatasync, fstat, ftruncate, open, read, readSync, write } from 'node:fs';
+import { close, constants, fdatasync, fstat, ftruncate, open, read, readSync, stat, write, type Stats } from 'node:fs';
 import type { ByteStore } from '../qcow2/store.js';
 import { ReadOnlyError, StoreError } from '../qcow2/errors.js';
 
@@ -19,15 +19,35 @@ export class FileStore implements ByteStore {
     readonly readOnly: boolean,
   ) {}
 
-  static async open(path: string, options: { readOnly?: boolean; create?: boolean } = {}): Promise<FileStore> {
+  /**
+   * `regularFile` (a name for the message, e.g. 'backing file') refuses anything but a regular file - a FIFO,
+   * device, socket or directory - by name, without opening it: opening a FIFO waits for a writer forever, and
+   * opening a device can have effects of its own. For files an image names, which its author chose.
+   */
+  static async open(path: string, options: { readOnly?: boolean; create?: boolean; regularFile?: string } = {}): Promise<FileStore> {
     const readOnly = options.readOnly ?? true;
-    const flags = readOnly ? 'r' : options.create ? 'w+' : 'r+';
+    const { O_RDONLY, O_RDWR, O_CREAT, O_TRUNC, O_NONBLOCK, O_NOCTTY } = constants;
+    let flags = readOnly ? O_RDONLY : options.create ? O_RDWR | O_CREAT | O_TRUNC : O_RDWR;
+    if (options.regularFile !== undefined) {
+      const kind = await fileKind(path);
+      if (kind !== 'regular file' && kind !== undefined) throw new StoreError(path, `${options.regularFile} is a ${kind}, not a regular file: refused`);
+      // Should the name be swapped for a FIFO after the check, the open still returns at once; fstat decides.
+      flags |= O_NONBLOCK | O_NOCTTY;
+    }
+    let fd: number;
     try {
-      const fd = await new Promise<number>((resolve, reject) => open(path, flags, (error, fd) => (error ? reject(error) : resolve(fd))));
-      return new FileStore(path, fd, readOnly);
+      fd = await new Promise<number>((resolve, reject) => open(path, flags, 0o666, (error, fd) => (error ? reject(error) : resolve(fd))));
     } catch (error) {
       throw new StoreError(path, `cannot open: ${(error as Error).message}`, { cause: error });
     }
+    if (options.regularFile !== undefined) {
+      const kind = kindOf(await new Promise<Stats>((resolve, reject) => fstat(fd, (error, stats) => (error ? reject(error) : resolve(stats)))));
+      if (kind !== 'regular file') {
+        await new Promise((resolve) => close(fd, resolve));
+        throw new StoreError(path, `${options.regularFile} is a ${kind}, not a regular file: refused`);
+      }
+    }
+    return new FileStore(path, fd, readOnly);
   }
 
   size(): Promise<number> {
@@ -110,4 +130,19 @@ export async function writeAll(fd: number, data: Uint8Array, position: number): 
       write(fd, data, done, data.length - done, position + done, (error, written) => (error ? reject(error) : resolve(written))),
     );
   }
+}
+
+/** What a path names, following symlinks, in words for a message; undefined when it does not exist. */
+export function fileKind(path: string): Promise<string | undefined> {
+  return new Promise((resolve) => stat(path, (error, stats) => resolve(error ? undefined : kindOf(stats))));
+}
+
+function kindOf(stats: Stats): string {
+  if (stats.isFile()) return 'regular file';
+  if (stats.isDirectory()) return 'directory';
+  if (stats.isFIFO()) return 'FIFO';
+  if (stats.isSocket()) return 'socket';
+  if (stats.isBlockDevice()) return 'block device';
+  if (stats.isCharacterDevice()) return 'character device';
+  return 'special file';
 }

@@ -19,8 +19,13 @@ export interface Pinned {
 export interface RangeContext {
   url: string;
   fetch: typeof fetch;
-  /** Per attempt, from sending the request to the last body byte. */
+  /** Per attempt: the longest wait for the response or the next body chunk (an idle timeout). */
   timeoutMs: number;
+  /**
+   * Per attempt, a total deadline as well: four idle timeouts, or timeoutMs plus the time the body takes at this
+   * many bytes a second if that is longer, so a server that trickles a byte now and then cannot hold a read for ever.
+   */
+  minBytesPerSecond: number;
   /** Further attempts after the first for network errors, timeouts, short bodies, 408, 429 and 5xx. */
   retries: number;
   /** Delay before the first retry; doubles for each further one. */
@@ -85,16 +90,22 @@ async function attemptRange(ctx: RangeContext, start: number, end: number, pinne
   const { url } = ctx;
   const range = `bytes=${start}-${end}`;
   const controller = new AbortController();
-  // An idle timeout, re-armed by every body chunk: a large readahead over a slow link is not a stall.
-  let timedOut = false;
+  // An idle timeout, re-armed by every body chunk: a large readahead over a slow link is not a stall. And a total
+  // deadline that no trickle of bytes re-arms.
+  let timedOut: 'idle' | 'deadline' | undefined;
   let timer: ReturnType<typeof setTimeout> | undefined;
   const arm = () => {
     clearTimeout(timer);
     timer = setTimeout(() => {
-      timedOut = true;
+      timedOut ??= 'idle';
       controller.abort();
     }, ctx.timeoutMs);
   };
+  const deadlineMs = Math.max(4 * ctx.timeoutMs, ctx.timeoutMs + Math.ceil(((end - start + 1) / ctx.minBytesPerSecond) * 1000));
+  const deadline = setTimeout(() => {
+    timedOut ??= 'deadline';
+    controller.abort();
+  }, deadlineMs);
   const cancel = () => controller.abort(ctx.signal.reason);
   ctx.signal.addEventListener('abort', cancel);
   // Browsers drop Accept-Encoding (a forbidden header) and ask for identity on ranged requests themselves; Node's
@@ -110,10 +121,9 @@ async function attemptRange(ctx: RangeContext, start: number, end: number, pinne
     ctx.onRequest();
     arm();
     try {
-      // no-store: a browser's HTTP cache may answer ranges from a different version than the one pinned.
-      response = await ctx.fetch(url, { headers, cache: 'no-store', signal: controller.signal });
+      response = await fetchFollowingSameOrigin(ctx, headers, controller.signal);
     } catch (error) {
-      throw networkError(ctx, range, error, timedOut);
+      throw networkError(ctx, range, error, timedOut, deadlineMs);
     }
     if (ifNoneMatch && !pinned && response.status === 304) {
       const etag = response.headers.get('ETag') ?? undefined;
@@ -136,7 +146,7 @@ async function attemptRange(ctx: RangeContext, start: number, end: number, pinne
       });
     } catch (error) {
       if (error instanceof HttpError) throw error;
-      throw networkError(ctx, range, error, timedOut);
+      throw networkError(ctx, range, error, timedOut, deadlineMs);
     }
     if (bytes.length < wanted) throw new Transient(url, `short body for ${range}: ${bytes.length} of ${wanted} bytes`, 206);
     if (!pinned && start === 0 && looksLikeHtml(bytes)) {
@@ -149,7 +159,40 @@ async function attemptRange(ctx: RangeContext, start: number, end: number, pinne
     throw error;
   } finally {
     clearTimeout(timer);
+    clearTimeout(deadline);
     ctx.signal.removeEventListener('abort', cancel);
+  }
+}
+
+/** Redirects followed within the image's own origin; one to another origin is never followed. */
+const MAX_REDIRECTS = 5;
+
+/**
+ * Sends the request with redirects handled here: the image's URL is what the user (or the overlay) named, and a
+ * server must not be able to send the reader somewhere else. A browser hides where a redirect goes
+ * ('opaqueredirect'), so there every redirect is refused.
+ */
+async function fetchFollowingSameOrigin(ctx: RangeContext, headers: Record<string, string>, signal: AbortSignal): Promise<Response> {
+  let target = ctx.url;
+  for (let hop = 0; ; hop++) {
+    // no-store: a browser's HTTP cache may answer ranges from a different version than the one pinned.
+    const response = await ctx.fetch(target, { headers, cache: 'no-store', signal, redirect: 'manual' });
+    if (response.type === 'opaqueredirect') throw new HttpError(ctx.url, 'the server answered with a redirect, which is not followed: serve the image at the URL given');
+    if (![301, 302, 303, 307, 308].includes(response.status)) return response;
+    await response.body?.cancel().catch(() => {});
+    const location = response.headers.get('Location');
+    if (location === null) throw new HttpError(ctx.url, `redirect (${response.status}) without a Location`, response.status);
+    let next: URL;
+    try {
+      next = new URL(location, target);
+    } catch {
+      throw new HttpError(ctx.url, `redirect (${response.status}) to an unusable Location '${location}'`, response.status);
+    }
+    if (next.origin !== new URL(ctx.url).origin) {
+      throw new HttpError(ctx.url, `the server redirects to another origin (${next.href}): not followed`, response.status);
+    }
+    if (hop + 1 >= MAX_REDIRECTS) throw new HttpError(ctx.url, `more than ${MAX_REDIRECTS} redirects`, response.status);
+    target = next.href;
   }
 }
 
@@ -262,9 +305,12 @@ function changed(url: string, how: string): HttpError {
   return error;
 }
 
-function networkError(ctx: RangeContext, range: string, error: unknown, timedOut: boolean): Error {
+function networkError(ctx: RangeContext, range: string, error: unknown, timedOut: 'idle' | 'deadline' | undefined, deadlineMs: number): Error {
   if (ctx.signal.aborted) return ctx.signal.reason as Error;
-  if (timedOut) return new Transient(ctx.url, `the server sent nothing for ${range} in ${ctx.timeoutMs} ms`, undefined, { cause: error });
+  // A refusal made before the request left (a destination the fetch may not reach) is final.
+  if (error instanceof HttpError) return error;
+  if (timedOut === 'idle') return new Transient(ctx.url, `the server sent nothing for ${range} in ${ctx.timeoutMs} ms`, undefined, { cause: error });
+  if (timedOut === 'deadline') return new Transient(ctx.url, `the server did not finish ${range} within ${deadlineMs} ms`, undefined, { cause: error });
   const cause = (error as { cause?: { code?: string; message?: string } }).cause;
   const detail = cause?.code ?? cause?.message ?? (error as Error).message;
   return new Transient(ctx.url, `network error on ${range}: ${detail}`, undefined, { cause: error });

@@ -12,7 +12,7 @@
  * the first request then carries If-None-Match with the stored strong ETag, a 304 confirms the stored blocks are
  * of the version the server has now, and any other answer empties the store before a byte of it is used.
  */
-import type { ByteStore, StoreResolver } from '../qcow2/store.js';
+import type { ByteStore, ResolveOptions, StoreResolver } from '../qcow2/store.js';
 import { HttpError, ReadOnlyError } from '../qcow2/errors.js';
 import { BlockCache } from './block-cache.js';
 import { fetchRange, isVersionChange, type Pinned, type RangeContext } from './http-range.js';
@@ -37,8 +37,13 @@ export interface HttpStoreOptions {
   missChunk?: number;
   /** Largest single request in bytes when coalescing misses (default 8 MiB). */
   maxRequestBytes?: number;
-  /** Per attempt, until the last body byte (default 30 s). */
+  /** Per attempt, the longest wait for the response or for the next body chunk (default 30 s). */
   timeoutMs?: number;
+  /**
+   * Per attempt, a total deadline too: four timeoutMs, or timeoutMs plus the body's length at this rate (default
+   * 32 KiB/s) when longer, so a server that trickles bytes cannot hold a read for ever.
+   */
+  minBytesPerSecond?: number;
   /** Further attempts for network errors, timeouts, short bodies, 408, 429 and 5xx (default 4). */
   retries?: number;
   /** First retry delay, doubling per retry (default 250 ms). */
@@ -102,6 +107,7 @@ const DEFAULTS = {
   missChunk: 0,
   maxRequestBytes: 8 * 1024 * 1024,
   timeoutMs: 30_000,
+  minBytesPerSecond: 32 * 1024,
   retries: 4,
   backoffMs: 250,
 };
@@ -165,6 +171,7 @@ export class HttpStore implements ByteStore {
       url,
       fetch: options.fetch ?? globalThis.fetch.bind(globalThis),
       timeoutMs: options.timeoutMs ?? DEFAULTS.timeoutMs,
+      minBytesPerSecond: options.minBytesPerSecond ?? DEFAULTS.minBytesPerSecond,
       retries: options.retries ?? DEFAULTS.retries,
       backoffMs: options.backoffMs ?? DEFAULTS.backoffMs,
       signal: closer.signal,
@@ -486,8 +493,7 @@ export function isHttpUrl(name: string): boolean {
   return /^https?:\/\//i.test(name);
 }
 
-export interface HttpResolveOptions {
-  readOnly: boolean;
+export interface HttpResolveOptions extends ResolveOptions {
   expectedValidator?: string | undefined;
   force?: boolean | undefined;
 }

@@ -13,14 +13,16 @@
  *   holding a claim leaves a claim with a dead holder: the next taker claims the next level, named after that
  *   claim's record, and so on. Claims of a generation that is gone are removed by the taker that ends it.
  */
-import { link, readFile, rename, unlink, writeFile } from 'node:fs/promises';
+import { link, readFile, rename, stat, unlink, writeFile } from 'node:fs/promises';
 import { readFileSync } from 'node:fs';
 import { createHash, randomUUID } from 'node:crypto';
 import { hostname } from 'node:os';
 import { LockError } from '../qcow2/errors.js';
 import type { BlockDevice } from '../qcow2/device.js';
 import { openImage, type OpenOptions } from '../qcow2/open.js';
-import { FileStore, nodeResolver } from './node.js';
+import type { ByteStore } from '../qcow2/store.js';
+import { FileStore } from './file.js';
+import { nodeResolver } from './node-resolver.js';
 import { nodeCodecs } from './node-codecs.js';
 
 export function lockPathOf(imagePath: string): string {
@@ -166,25 +168,53 @@ async function takeOver(lockPath: string, stale: string, record: string): Promis
 }
 
 /**
- * Opens an image file read-write under its write lock; closing the device releases the lock. This is what
- * Node callers that modify images (CLI commands, the harness) use.
+ * The write lock of a file a command is about to create or overwrite (create, convert): taken before the file is
+ * truncated, so a file another writer holds is never truncated. A path that exists and is not a regular file (a
+ * block device, /dev/null) gets no lock file beside it: there is no image there for another qcow86 to open.
  */
-export async function openForWriting(path: string, options: Omit<OpenOptions, 'readOnly'> = {}): Promise<BlockDevice> {
+export async function lockOutput(path: string): Promise<WriteLock | undefined> {
+  const existing = await stat(path).catch(() => undefined);
+  if (existing && !existing.isFile()) return undefined;
+  return WriteLock.acquire(path);
+}
+
+/** Runs `body` holding the write locks of `paths` (outputs, see lockOutput), released afterwards in any case. */
+export async function withOutputLocks<T>(paths: readonly string[], body: () => Promise<T>): Promise<T> {
+  const locks: (WriteLock | undefined)[] = [];
+  try {
+    for (const path of paths) locks.push(await lockOutput(path));
+    return await body();
+  } finally {
+    for (const lock of locks.reverse()) await lock?.release();
+  }
+}
+
+/**
+ * Opens an image file read-write under its write lock; closing the device releases the lock. This is what
+ * Node callers that modify images (CLI commands, the harness) use. With `store`, that store (already open on
+ * `path`, read-write) is used instead of opening the file, with a resolver the caller chose in `options`.
+ */
+export async function openForWriting(path: string, options: Omit<OpenOptions, 'readOnly'> = {}, store?: () => Promise<ByteStore>): Promise<BlockDevice> {
   const lock = await WriteLock.acquire(path);
   try {
-    const store = await FileStore.open(path, { readOnly: false });
-    const device = await openImage(store, { resolver: nodeResolver(), codecs: nodeCodecs(), ...options, readOnly: false });
-    const close = device.close.bind(device);
-    device.close = async () => {
-      try {
-        await close();
-      } finally {
-        await lock.release();
-      }
-    };
-    return device;
+    const opened = store ? await store() : await FileStore.open(path, { readOnly: false });
+    return releasedOnClose(await openImage(opened, { resolver: nodeResolver(), codecs: nodeCodecs(), ...options, readOnly: false }), lock);
   } catch (error) {
     await lock.release();
     throw error;
   }
+}
+
+/** Makes closing `device` release `lock` too (after the device's own close, whatever its outcome). */
+export function releasedOnClose<T extends BlockDevice>(device: T, lock: WriteLock | undefined): T {
+  if (!lock) return device;
+  const close = device.close.bind(device);
+  device.close = async () => {
+    try {
+      await close();
+    } finally {
+      await lock.release();
+    }
+  };
+  return device;
 }

@@ -4,7 +4,7 @@
  */
 import { realpath } from 'node:fs/promises';
 import { isAbsolute, resolve } from 'node:path';
-import type { ByteStore, StoreResolver } from '../qcow2/store.js';
+import type { ByteStore, ResolveOptions, StoreResolver } from '../qcow2/store.js';
 import { FileStore } from './file.js';
 import type { HttpStoreOptions } from './http.js';
 
@@ -20,13 +20,14 @@ function isUrl(name: string): boolean {
 export function nodeResolver(http: HttpStoreOptions = {}): StoreResolver {
   let urls: StoreResolver | undefined;
   return {
-    async open(name: string, relativeTo: ByteStore, options: { readOnly: boolean }) {
+    async open(name: string, relativeTo: ByteStore, options: ResolveOptions) {
       if (isUrl(name) || isUrl(relativeTo.name)) {
         urls ??= (await import('./http.js')).httpResolver(http);
         return urls.open(name, relativeTo, options);
       }
       const fullName = combinePath(relativeTo.name, name);
-      const store = await FileStore.open(fullName, { readOnly: options.readOnly });
+      // A name an image records was chosen by whoever wrote the image: a FIFO or device there is refused unopened.
+      const store = await FileStore.open(fullName, { readOnly: options.readOnly, regularFile: options.purpose ?? 'named file' });
       return { store, fullName, identity: await realpath(fullName).catch(() => resolve(fullName)) };
     },
   };

@@ -7,11 +7,22 @@
  *   no --overlay              a throw-away overlay in memory on --base: the guest's writes vanish at exit
  *
  * A base given as an http(s) URL is opened by the HTTP Range store through nodeResolver (src/io/http.ts).
+ *
+ * The overlay's write lock is held for as long as the device is open (the whole run of the guest).
+ *
+ * What the guest is given is what the user named (README, Security). Unless `trustImage`, a file an image of the
+ * chain names is opened only where it is
+ *   - a backing file that resolves, after symlinks, inside the overlay's own directory (without --overlay: the
+ *     base's directory), is the --base given, or is the default guest's base; or an http(s) URL whose every
+ *     connection goes to an address that is not link-local (cloud metadata services live there);
+ *   - a data file that resolves inside the overlay's directory.
+ * Anything else is refused before the guest starts, naming the field, the value and --trust-image.
  */
 import { existsSync } from 'node:fs';
 import { realpath } from 'node:fs/promises';
-import { resolve } from 'node:path';
-import { FileStore, HttpStore, MemoryStore, isHttpUrl, nodeCodecs, nodeResolver } from '../io/node.js';
+import { dirname, resolve, sep } from 'node:path';
+import { FileStore, HttpStore, MemoryStore, combinePath, isHttpUrl, nodeCodecs, nodeResolver } from '../io/node.js';
+import { lockOutput, releasedOnClose } from '../io/lock.js';
 import { BOOT_HTTP_OPTIONS, type HttpStoreOptions } from '../io/http.js';
 import { createQcow2 } from '../qcow2/create.js';
 import { backingOf, fullNameOf, openImage, probeFormat } from '../qcow2/open.js';
@@ -29,6 +40,8 @@ export interface BootDiskOptions {
   forceBaseChange?: boolean | undefined;
   /** Options for an http(s) base (tests and benchmarks pass their own counters or limits). */
   http?: HttpStoreOptions | undefined;
+  /** Open every file the images name, wherever it is (`--trust-image`). */
+  trustImage?: boolean | undefined;
 }
 
 export interface BootDisk {
@@ -55,12 +68,12 @@ interface OpenedBase {
   size: number;
 }
 
-async function openBase(base: string, http: HttpStoreOptions | undefined): Promise<OpenedBase> {
+async function openBase(base: string, http: HttpStoreOptions | undefined, resolver: StoreResolver): Promise<OpenedBase> {
   const store = isHttpUrl(base) ? await HttpStore.open(base, http) : await FileStore.open(base, { readOnly: true });
   try {
     const format = await probeFormat(store);
     // A view whose close() is a no-op: closing this probe must not close the store the overlay will use.
-    const device = await openImage(keepOpen(store), { readOnly: true, resolver: nodeResolver(http), codecs: nodeCodecs(), format });
+    const device = await openImage(keepOpen(store), { readOnly: true, resolver, codecs: nodeCodecs(), format });
     const size = device.virtualSize;
     await device.close();
     return { store, format, size };
@@ -84,9 +97,8 @@ function keepOpen(store: ByteStore): ByteStore {
   };
 }
 
-/** nodeResolver, except that the base's recorded name resolves to the store already open for it (once). */
-function reusing(base: OpenedBase, name: string, http: HttpStoreOptions | undefined): StoreResolver {
-  const fallback = nodeResolver(http);
+/** `resolver`, except that the base's recorded name resolves to the store already open for it (once). */
+function reusing(base: OpenedBase, name: string, resolver: StoreResolver): StoreResolver {
   let unused: ByteStore | undefined = base.store;
   return {
     async open(wanted, relativeTo, options) {
@@ -95,25 +107,102 @@ function reusing(base: OpenedBase, name: string, http: HttpStoreOptions | undefi
         unused = undefined;
         return { store, fullName: name, identity: isHttpUrl(name) ? name : await realpath(name).catch(() => name) };
       }
-      return fallback.open(wanted, relativeTo, options);
+      return resolver.open(wanted, relativeTo, options);
     },
   };
 }
 
+/** What `boot` lets the images of a chain name without --trust-image (see the header comment). */
+interface TrustPolicy {
+  /** Real path of the overlay's directory (without an overlay file, of the base's). */
+  directory: string;
+  /** Real paths, and URLs as given, of the files the user named: --base and the default guest's base. */
+  named: Set<string>;
+}
+
+/** Refuses an image-named file the policy does not allow, with the field, the value and the way out. */
+export class UntrustedNameError extends BackingChainError {}
+
+async function trustPolicy(anchor: string, named: string[]): Promise<TrustPolicy> {
+  const real = async (path: string) => realpath(path).catch(() => resolve(path));
+  return {
+    directory: await real(dirname(resolve(anchor))),
+    named: new Set(await Promise.all(named.map((name) => (isHttpUrl(name) ? name : real(name))))),
+  };
+}
+
+/** nodeResolver under a TrustPolicy; URLs it lets through are opened with link-local addresses refused. */
+function trustingResolver(policy: TrustPolicy, http: HttpStoreOptions): StoreResolver {
+  const named = nodeResolver(http);
+  let guarded: StoreResolver | undefined;
+  return {
+    async open(name, relativeTo, options) {
+      const purpose = options.purpose ?? 'backing file';
+      const refuse = (why: string) => {
+        throw new UntrustedNameError(relativeTo.name, `${purpose} '${name}' ${why}: refused (boot with --trust-image to trust every name the image records)`);
+      };
+      if (isUrlName(name) || isUrlName(relativeTo.name)) {
+        const url = resolveUrl(name, relativeTo.name);
+        if (purpose === 'data file') refuse('is not a file inside the overlay\'s directory');
+        if (url === undefined || !isHttpUrl(url)) refuse('is not an http(s) URL');
+        if (policy.named.has(url!)) return named.open(name, relativeTo, options);
+        guarded ??= nodeResolver({ ...http, fetch: (await import('../io/node-fetch.js')).linkLocalRefusingFetch() });
+        return guarded.open(name, relativeTo, options);
+      }
+      const full = combinePath(relativeTo.name, name);
+      const real = await realpath(full).catch(() => resolve(full));
+      const inside = real.startsWith(policy.directory.endsWith(sep) ? policy.directory : policy.directory + sep);
+      if (!inside && !(purpose === 'backing file' && policy.named.has(real))) {
+        refuse(`resolves to ${real}, outside the overlay's directory ${policy.directory}${purpose === 'backing file' ? ', and is not the --base given' : ''}`);
+      }
+      return named.open(name, relativeTo, options);
+    },
+  };
+}
+
+function isUrlName(name: string): boolean {
+  return /^[a-z][a-z0-9+.-]*:\/\//i.test(name);
+}
+
+function resolveUrl(name: string, relativeTo: string): string | undefined {
+  try {
+    return new URL(name, isUrlName(relativeTo) ? relativeTo : undefined).href;
+  } catch {
+    return undefined;
+  }
+}
+
+function httpOf(device: BlockDevice): HttpStore | undefined {
+  for (let layer: BlockDevice | undefined = device; layer; layer = backingOf(layer)) {
+    const store = (layer as { store?: ByteStore }).store;
+    if (store instanceof HttpStore) return store;
+  }
+  return undefined;
+}
+
 export async function openBootDisk(options: BootDiskOptions): Promise<BootDisk> {
+  // The overlay's write lock, taken before the file is created or opened, is held until the device is closed.
+  const lock = options.overlay !== undefined ? await lockOutput(options.overlay) : undefined;
+  try {
+    const disk = await openUnlocked(options);
+    releasedOnClose(disk.device, lock);
+    return disk;
+  } catch (error) {
+    await lock?.release();
+    throw error;
+  }
+}
+
+async function openUnlocked(options: BootDiskOptions): Promise<BootDisk> {
   const base = options.base ?? DEFAULT_BASE;
   const http: HttpStoreOptions = { ...BOOT_HTTP_OPTIONS, ...options.http };
   const openOptions = { readOnly: false, codecs: nodeCodecs(), format: 'qcow2' as const, forceBackingChange: options.forceBaseChange === true };
-  const httpOf = (device: BlockDevice): HttpStore | undefined => {
-    for (let layer: BlockDevice | undefined = device; layer; layer = backingOf(layer)) {
-      const store = (layer as { store?: ByteStore }).store;
-      if (store instanceof HttpStore) return store;
-    }
-    return undefined;
-  };
+  const policyFor = async (anchor: string) =>
+    options.trustImage ? nodeResolver(http) : trustingResolver(await trustPolicy(anchor, options.base !== undefined ? [options.base, DEFAULT_BASE] : [DEFAULT_BASE]), http);
 
   if (options.overlay && existsSync(options.overlay)) {
-    const device = await openImage(await FileStore.open(options.overlay, { readOnly: false }), { ...openOptions, resolver: nodeResolver(http) }).catch((error: unknown) => {
+    const resolver = await policyFor(options.overlay);
+    const device = await openImage(await FileStore.open(options.overlay, { readOnly: false }), { ...openOptions, resolver }).catch((error: unknown) => {
       // The engine says "reopen with force"; a person at the command line needs the flag's name.
       if (error instanceof BackingChainError && /has changed since this overlay was made/.test(error.message)) {
         throw new BackingChainError('', `${error.message.replace(/; reopen with force to use it anyway$/, '')}; boot with --force-base-change to use it anyway`);
@@ -131,10 +220,11 @@ export async function openBootDisk(options: BootDiskOptions): Promise<BootDisk> 
   if (!isHttpUrl(base) && !existsSync(base)) {
     throw new FormatError(base, options.base ? 'base image not found' : 'default guest not built: run `npm run images`');
   }
-  const opened = await openBase(base, http);
+  const inner = await policyFor(options.overlay ?? (isHttpUrl(base) ? '.' : base));
+  const opened = await openBase(base, http, inner);
   const name = backingName(base);
   const spec = { size: opened.size, backingFile: name, backingFormat: opened.format, backingValidator: opened.store.validator };
-  const resolver = reusing(opened, name, http);
+  const resolver = reusing(opened, name, inner);
   try {
     let store: ByteStore;
     let description: string;

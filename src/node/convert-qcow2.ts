@@ -6,8 +6,9 @@
  * gets that backing file and only clusters whose contents differ from it are written.
  */
 import { parseArgs } from 'node:util';
-import { FileStore, combinePath } from '../io/node.js';
-import { openForWriting } from '../io/lock.js';
+import { FileStore, combinePath, nodeCodecs, nodeResolver } from '../io/node.js';
+import { withOutputLocks } from '../io/lock.js';
+import { openImage } from '../qcow2/open.js';
 import { createQcow2 } from '../qcow2/create.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { QcowV1Image } from '../qcow2/qcow1.js';
@@ -53,6 +54,10 @@ export async function run(args: string[]): Promise<number> {
   if (values.backing !== undefined) options.set('backing_file', values.backing);
   if (values['backing-format'] !== undefined) options.set('backing_fmt', values['backing-format']);
   const createOptions = qcow2Options(options);
+  if (createOptions.backingFile !== undefined && createOptions.backingFormat === undefined) {
+    console.error('qcow86 convert: Use of backing file requires explicit backing format');
+    return 1;
+  }
   if (values.compress && createOptions.dataFile !== undefined) return usageError('convert', 'compression is not possible with an external data file', USAGE);
   if (values.compress && createOptions.preallocation === 'metadata') return usageError('convert', 'Compression and preallocation not supported at the same time', USAGE);
 
@@ -65,22 +70,29 @@ export async function run(args: string[]): Promise<number> {
       source = await image.loadSnapshotTemporarily(values.snapshot);
     }
     const progress = values.progress && !values.quiet ? progressPrinter() : undefined;
-    const store = await FileStore.open(dst, { readOnly: false, create: true });
-    const dataStore = createOptions.dataFile !== undefined ? await FileStore.open(combinePath(dst, createOptions.dataFile), { readOnly: false, create: true }) : undefined;
-    try {
-      await createQcow2(store, { ...createOptions, size: source.virtualSize, ...(dataStore ? { dataStore } : {}) });
-    } finally {
-      await store.close();
-      await dataStore?.close();
-    }
-    const target = await openForWriting(dst, { format: 'qcow2' });
-    try {
-      if (!(target instanceof Qcow2Image)) throw new Error(`${dst}: not a qcow2 image after creating it`);
-      await copyToQcow2(source, target, { compress: values.compress, ...(progress ? { progress } : {}) });
-      await target.flush();
-    } finally {
-      await target.close();
-    }
+    const dataPath = createOptions.dataFile !== undefined ? combinePath(dst, createOptions.dataFile) : undefined;
+    // The destination's lock is taken before it is truncated and held until the copy is flushed.
+    await withOutputLocks(dataPath !== undefined ? [dst, dataPath] : [dst], async () => {
+      const store = await FileStore.open(dst, { readOnly: false, create: true });
+      const dataStore = dataPath !== undefined ? await FileStore.open(dataPath, { readOnly: false, create: true }).catch(async (error: unknown) => {
+        await store.close();
+        throw error;
+      }) : undefined;
+      try {
+        await createQcow2(store, { ...createOptions, size: source.virtualSize, ...(dataStore ? { dataStore } : {}) });
+      } finally {
+        await store.close();
+        await dataStore?.close();
+      }
+      const target = await openImage(await FileStore.open(dst, { readOnly: false }), { format: 'qcow2', readOnly: false, resolver: nodeResolver(), codecs: nodeCodecs() });
+      try {
+        if (!(target instanceof Qcow2Image)) throw new Error(`${dst}: not a qcow2 image after creating it`);
+        await copyToQcow2(source, target, { compress: values.compress, ...(progress ? { progress } : {}) });
+        await target.flush();
+      } finally {
+        await target.close();
+      }
+    });
     progress?.(1, true);
     return 0;
   } finally {

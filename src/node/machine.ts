@@ -42,6 +42,12 @@ export interface BootMachineOptions {
   onSerial?: (text: string) => void;
   /** Open an existing overlay although its base changed since the overlay was made. */
   forceBaseChange?: boolean;
+  /**
+   * Open every file the images name, wherever it is (`--trust-image`). By default only backing files inside the
+   * overlay's directory, `base`, the default guest's base and http(s) URLs that are not link-local, and data
+   * files inside the overlay's directory (README, Security).
+   */
+  trustImage?: boolean;
   /** Direct kernel boot with this command line (kernel and initrd default to the default guest's). */
   cmdline?: string;
   kernel?: string;
@@ -88,7 +94,7 @@ export async function bootMachine(options: BootMachineOptions = {}): Promise<Boo
   if (options.resume !== undefined && options.overlay === undefined) {
     throw new SessionError('(no overlay)', options.resume, 'cannot be resumed without an overlay file (the file holding it)');
   }
-  const disk = await openBootDisk({ base: options.base, overlay: options.overlay, forceBaseChange: options.forceBaseChange });
+  const disk = await openBootDisk({ base: options.base, overlay: options.overlay, forceBaseChange: options.forceBaseChange, trustImage: options.trustImage });
   let machine: BootedMachine | undefined;
   try {
     // A session is read and checked before the machine starts: a missing or damaged one fails with nothing changed.

@@ -25,6 +25,8 @@ export interface OpenPathOptions {
   readOnly?: boolean;
   /** Open backing files (default true). */
   openBacking?: boolean;
+  /** Open an external data file the image names (default true; inspection passes false). */
+  openDataFile?: boolean;
   l2CacheSize?: number;
   /** Open read-write even when marked corrupt or dirty, to repair it (check -r). */
   repair?: boolean;
@@ -43,6 +45,7 @@ export async function openPath(path: string, options: OpenPathOptions = {}): Pro
     resolver: nodeResolver(),
     codecs: nodeCodecs(),
     openBacking: options.openBacking ?? true,
+    openDataFile: options.openDataFile ?? true,
     repair: options.repair === true,
     metadataOnly: options.metadataOnly === true,
     forCheck: options.forCheck === true,

@@ -177,7 +177,8 @@ export async function analyse(image: Qcow2Image, onMessage?: (line: string) => v
       incompleteSnapshots++;
     });
   }
-  const external = image.dataStore !== undefined;
+  // From the header: check runs without opening the data file (it never opens what an image names).
+  const external = image.geometry.externalData;
   /** qemu-img's qcow2_inc_refcounts_imrt; `exact` spells the region when its offset may be past 2^53. */
   const refRange = (offset: number, length: number, exact?: { offset: bigint; length: bigint }) => {
     if (length <= 0) return;

@@ -87,7 +87,8 @@ export class Qcow2Image implements BlockDevice {
     l2CacheSize: number,
   ) {
     this.clusterSize = clusterSizeOf(header);
-    this.geometry = makeGeometry(header.clusterBits, hasExtendedL2(header), dataStore !== undefined, header.version);
+    // From the header, not from whether the data file was opened: inspection reads the tables without it.
+    this.geometry = makeGeometry(header.clusterBits, hasExtendedL2(header), (header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n, header.version);
     // Decided once: reads check it on every call.
     this.refuseData = dataRefusal(store.name, header, dataStore);
     this.l2Cache = new L2Cache(Math.max(2, Math.floor(l2CacheSize / this.clusterSize)));
@@ -627,7 +628,9 @@ function dataRefusal(file: string, header: Qcow2Header, dataStore: ByteStore | u
     return () => new UnsupportedError(file, 'encryption', `encrypted images are not supported (crypt_method ${header.cryptMethod} at offset 32)`);
   }
   if (header.incompatibleFeatures & INCOMPAT_DATA_FILE && !dataStore) {
-    return () => new FormatError(file, 'the image keeps its data in an external data file, but none was given or named in the header', { field: 'data file' });
+    return header.dataFile === undefined
+      ? () => new FormatError(file, 'the image keeps its data in an external data file, but none was given or named in the header', { field: 'data file' })
+      : () => new UnsupportedError(file, 'data file', `the image keeps its data in the external data file '${header.dataFile}', which was not opened`);
   }
   return undefined;
 }

@@ -1,5 +1,5 @@
 /** The qcow86 engine: pure TypeScript, no platform imports. Byte stores come from the caller (see src/io/). */
-export type { ByteStore, StoreResolver } from './store.js';
+export type { ByteStore, NamedFilePurpose, ResolveOptions, StoreResolver } from './store.js';
 export type { BlockDevice } from './device.js';
 export * from './errors.js';
 export { openImage, probeFormat, backingOf, fullNameOf, type OpenOptions, type ImageFormat } from './open.js';

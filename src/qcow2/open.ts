@@ -7,12 +7,13 @@ import type { ByteStore, StoreResolver } from './store.js';
 import { BackingChainError, UnsupportedError } from './errors.js';
 import { u32 } from './bytes.js';
 import { QCOW2_MAGIC, INCOMPAT_DATA_FILE, backingValidatorOf, type Qcow2Header } from './header.js';
+import { PROBE_BYTES, foreignFormatOf, qcowFormatOf, type ImageFormat } from './probe.js';
 import { Qcow2Image } from './image.js';
 import { QcowV1Image } from './qcow1.js';
 import { RawImage } from './raw.js';
 import { portableCodecs, type Codecs } from './compression.js';
 
-export type ImageFormat = 'qcow2' | 'qcow' | 'raw';
+export type { ImageFormat };
 
 /** Chains deeper than this are refused: each layer holds its L1 table in memory. */
 export const MAX_CHAIN_DEPTH = 64;
@@ -27,8 +28,14 @@ export interface OpenOptions {
   /** The top image's canonical identity (a real path or URL), for loop detection; defaults to its store name. */
   identity?: string | undefined;
   codecs?: Codecs | undefined;
-  /** Open backing files (default true). qemu-img info without --backing-chain still opens them. */
+  /** Open backing files (default true). */
   openBacking?: boolean;
+  /**
+   * Open external data files (default true). Inspection (info, check, snapshot -l, measure) passes false: it never
+   * opens a file an image names for its data, so such a name - a FIFO, a device, a URL - can neither hang nor
+   * reach anything; the image then opens for its metadata only.
+   */
+  openDataFile?: boolean;
   l2CacheSize?: number | undefined;
   /** Open an overlay even when its base's recorded validator (ETag...) differs from the base's current one. */
   forceBackingChange?: boolean;
@@ -45,58 +52,16 @@ export interface OpenOptions {
  * this engine does not read is then refused by name); with version 0 neither driver claims it, so it is raw.
  */
 export async function probeFormat(store: ByteStore): Promise<ImageFormat> {
-  const start = await store.read(0, 8);
-  if (start.length < 8 || u32(start, 0) !== QCOW2_MAGIC) return 'raw';
-  const version = u32(start, 4);
-  return version === 1 ? 'qcow' : version >= 2 ? 'qcow2' : 'raw';
+  return qcowFormatOf(await store.read(0, 8));
 }
 
 /**
  * The QEMU driver that would claim a file this engine does not read (VMDK, VDI, VHDX, VHD, QED, Parallels, LUKS,
- * Bochs), judged from its first 2 KiB by the same magic numbers QEMU's probes look for; undefined when none does
- * (then QEMU takes it as raw too). Probing must not take such an image for a raw disk: its bytes are not the
- * guest's.
+ * Bochs), judged from its first 2 KiB as QEMU's probes judge it; undefined when none does (then QEMU takes it as
+ * raw too). Probing must not take such an image for a raw disk: its bytes are not the guest's.
  */
 export async function probeForeignFormat(store: ByteStore): Promise<string | undefined> {
-  const head = await store.read(0, PROBE_BYTES);
-  const text = (at: number, magic: string) => head.length >= at + magic.length && magic.split('').every((char, i) => head[at + i] === char.charCodeAt(0));
-  const le32 = (at: number) => (head.length >= at + 4 ? (head[at]! | (head[at + 1]! << 8) | (head[at + 2]! << 16) | (head[at + 3]! << 24)) >>> 0 : undefined);
-  if (text(0, 'KDMV') || text(0, 'COWD') || isVmdkDescriptor(head)) return 'vmdk';
-  if (head.length >= 512 && le32(0x40) === 0xbeda107f) return 'vdi';
-  if (text(0, 'vhdxfile')) return 'vhdx';
-  if (text(0, 'conectix')) return 'vpc';
-  if (head.length >= 64 && le32(0) === 0x00444551) return 'qed';
-  if (head.length >= 64 && (text(0, 'WithoutFreeSpace') || text(0, 'WithouFreSpacExt')) && le32(16) === 2) return 'parallels';
-  if (text(0, 'LUKS\xba\xbe')) return 'luks';
-  if (head.length >= 512 && text(0, 'Bochs Virtual HD Image\0')) return 'bochs';
-  return undefined;
-}
-
-/** How much of a file QEMU's probes see. */
-const PROBE_BYTES = 2048;
-
-/**
- * A VMDK text descriptor as QEMU's probe recognises one (checked against qemu-img 7.2): comment lines, then
- * lines of spaces only, then `version=1|2|3` ending in LF or CRLF. An empty line or any other text first: not one.
- */
-function isVmdkDescriptor(head: Uint8Array): boolean {
-  let at = 0;
-  while (at < head.length) {
-    if (head[at] === 0x23 /* # */) {
-      while (at < head.length && head[at] !== 0x0a) at++;
-      at++;
-      continue;
-    }
-    if (head[at] === 0x20) {
-      while (at < head.length && head[at] === 0x20) at++;
-      if (head[at] === 0x0d) at++;
-      if (head[at] !== 0x0a) return false;
-      at++;
-      continue;
-    }
-    return /^version=[123]\r?\n/.test(String.fromCharCode(...head.subarray(at, at + 11)));
-  }
-  return false;
+  return foreignFormatOf(await store.read(0, PROBE_BYTES));
 }
 
 /** True when the file starts with the qcow magic, whatever its version. */
@@ -145,7 +110,7 @@ async function openLayer(
         );
       }
     }
-    if (chosen === 'raw') return await RawImage.open(store, { readOnly });
+    if (chosen === 'raw') return await RawImage.open(store, { readOnly, probed: format === undefined });
     if (chosen === 'qcow') {
       // The header names the backing file; a first open without it learns the name cheaply.
       const backingName = (await QcowV1Image.open(store, { codecs: options.codecs })).backingName;
@@ -155,16 +120,17 @@ async function openLayer(
     const forCheck = chain.length === 0 && options.forCheck === true;
     const { header } = await Qcow2Image.readMetadata(store, forCheck);
     let dataStore: ByteStore | undefined;
-    if (header.incompatibleFeatures & INCOMPAT_DATA_FILE && header.dataFile !== undefined) {
+    const skipData = options.openDataFile === false && (header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
+    if (header.incompatibleFeatures & INCOMPAT_DATA_FILE && header.dataFile !== undefined && !skipData) {
       if (!options.resolver) throw new UnsupportedError(store.name, 'data file', `cannot open external data file '${header.dataFile}': no resolver given`);
-      dataStore = (await options.resolver.open(header.dataFile, store, { readOnly })).store;
+      dataStore = (await options.resolver.open(header.dataFile, store, { readOnly, purpose: 'data file' })).store;
     }
     const backing =
       header.backingFile !== undefined && options.openBacking !== false
         ? await openBacking(store, header.backingFile, header.backingFormat, path, options)
         : undefined;
     if (backing) await checkBackingValidator(store, header, backing, options);
-    return await Qcow2Image.open(store, { readOnly, codecs: options.codecs, backing, dataStore, l2CacheSize: options.l2CacheSize, repair: chain.length === 0 && options.repair === true, metadataOnly: options.metadataOnly === true, forCheck });
+    return await Qcow2Image.open(store, { readOnly, codecs: options.codecs, backing, dataStore, l2CacheSize: options.l2CacheSize, repair: chain.length === 0 && options.repair === true, metadataOnly: options.metadataOnly === true || skipData, forCheck });
   } catch (error) {
     await store.close().catch(() => {});
     throw error;
@@ -188,8 +154,10 @@ async function openBacking(
   }
   let opened: { store: ByteStore; fullName: string; identity: string };
   try {
-    opened = await options.resolver.open(name, store, { readOnly: true });
+    opened = await options.resolver.open(name, store, { readOnly: true, purpose: 'backing file' });
   } catch (error) {
+    // A chain error (a resolver's refusal says which image named what) is already the whole story.
+    if (error instanceof BackingChainError) throw error;
     throw new BackingChainError(store.name, `could not open backing file '${name}': ${(error as Error).message}`);
   }
   const device = await openLayer(opened.store, format, true, opened.identity, chain, options);

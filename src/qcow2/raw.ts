@@ -1,6 +1,7 @@
 import type { BlockDevice } from './device.js';
 import { readIntoPadded, type ByteStore } from './store.js';
-import { FormatError, ReadOnlyError } from './errors.js';
+import { FormatError, ReadOnlyError, UnsupportedError } from './errors.js';
+import { nonRawFormatOf } from './probe.js';
 
 /** QEMU's block layer keeps a device's length in whole 512-byte sectors. */
 const SECTOR = 512;
@@ -19,6 +20,8 @@ export class RawImage implements BlockDevice {
     /** The file's length: bytes from here to the end of the disk are past the end of the file. */
     public fileSize: number,
     readonly readOnly: boolean,
+    /** Its format was probed, not given: see write(). */
+    readonly probed: boolean,
   ) {
     this.virtualSize = Math.ceil(fileSize / SECTOR) * SECTOR;
   }
@@ -27,8 +30,8 @@ export class RawImage implements BlockDevice {
     return this.store.name;
   }
 
-  static async open(store: ByteStore, options: { readOnly?: boolean } = {}): Promise<RawImage> {
-    return new RawImage(store, await store.size(), options.readOnly ?? store.readOnly);
+  static async open(store: ByteStore, options: { readOnly?: boolean; probed?: boolean } = {}): Promise<RawImage> {
+    return new RawImage(store, await store.size(), options.readOnly ?? store.readOnly, options.probed === true);
   }
 
   async read(offset: number, length: number): Promise<Uint8Array> {
@@ -48,8 +51,28 @@ export class RawImage implements BlockDevice {
   async write(offset: number, data: Uint8Array): Promise<void> {
     if (this.readOnly) throw new ReadOnlyError(this.name, 'image is open read-only');
     checkRange(this, offset, data.length);
+    if (this.probed && offset < SECTOR && data.length > 0) await this.guardFirstSector(offset, data);
     await this.store.write(offset, data);
     this.fileSize = Math.max(this.fileSize, offset + data.length);
+  }
+
+  /**
+   * A disk whose format was probed as raw must never start to probe as another format: the next open would read
+   * it as, say, a qcow2 image, whose header can name any host file as its backing file - a guest could reach the
+   * host's files by writing one sector (QEMU refuses these writes for the same reason). The first sector as it
+   * would be after the write is judged whole (a partial write is combined with the bytes it leaves in place).
+   */
+  private async guardFirstSector(offset: number, data: Uint8Array): Promise<void> {
+    let sector = data.subarray(0, SECTOR);
+    if (offset !== 0 || data.length < SECTOR) {
+      sector = new Uint8Array(SECTOR);
+      await readIntoPadded(this.store, 0, sector);
+      sector.set(data.subarray(0, SECTOR - offset), offset);
+    }
+    const claimed = nonRawFormatOf(sector);
+    if (claimed) {
+      throw new UnsupportedError(this.name, 'probed raw', `refusing to write a ${claimed} header into the first sector of an image whose format was probed as raw (it would open as ${claimed} next time); give the format (-f raw) to write it`);
+    }
   }
 
   async flush(): Promise<void> {

@@ -43,6 +43,9 @@ export interface ByteStore {
   close(): Promise<void>;
 }
 
+/** The fields of an image that name other files. */
+export type NamedFilePurpose = 'backing file' | 'data file';
+
 /** How a backing (or external data) file is found: the caller decides what a name means. */
 export interface StoreResolver {
   /**
@@ -52,7 +55,14 @@ export interface StoreResolver {
    * written); `identity` names the underlying file canonically (a real path, a normalised URL) so that loops in a
    * backing chain are found however the names are spelled.
    */
-  open(name: string, relativeTo: ByteStore, options: { readOnly: boolean }): Promise<{ store: ByteStore; fullName: string; identity: string }>;
+  open(name: string, relativeTo: ByteStore, options: ResolveOptions): Promise<{ store: ByteStore; fullName: string; identity: string }>;
+}
+
+/** What the engine says when it asks a resolver for a file an image names. */
+export interface ResolveOptions {
+  readOnly: boolean;
+  /** Which field of the image named it, for the resolver's policy and its messages. */
+  purpose?: NamedFilePurpose;
 }
 
 /**

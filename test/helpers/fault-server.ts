@@ -17,7 +17,10 @@ export type Fault =
   | 'gzip' // the body gzipped with Content-Encoding: gzip
   | 'wrong-range' // a 206 for a range other than the one asked for
   | 'long-body' // ten bytes more than the Content-Range covers
-  | 'trickle'; // the right body in 30 pieces, 20 ms apart
+  | 'trickle' // the right body in 30 pieces, 20 ms apart
+  | 'drip' // the right headers, then one body byte every 100 ms (never finishing a range of any size in time)
+  | 'redirect-same-origin' // 302 to the same file under another path of this server
+  | 'redirect-other-origin'; // 302 to the same file on another origin (http://localhost:PORT/)
 
 export interface FaultServerOptions {
   /** Which validators the server sends (default: a strong ETag and Last-Modified). */
@@ -79,7 +82,11 @@ export async function startFaultServer(initial: Uint8Array, options: FaultServer
       res.writeHead(status, headers);
       res.end(body);
     };
-    if (path !== '/disk.img') {
+    if (fault === 'redirect-same-origin' || fault === 'redirect-other-origin') {
+      const port = (req.socket.localPort ?? 0);
+      return send(302, { Location: fault === 'redirect-same-origin' ? '/moved/disk.img' : `http://localhost:${port}/disk.img` });
+    }
+    if (path !== '/disk.img' && path !== '/moved/disk.img') {
       if (options.htmlForMissing) return send(200, { 'Content-Type': 'text/html; charset=utf-8', 'Content-Length': Buffer.byteLength(INDEX_HTML) }, INDEX_HTML);
       return send(404, { 'Content-Type': 'text/plain' }, 'not found\n');
     }
@@ -115,6 +122,17 @@ export async function startFaultServer(initial: Uint8Array, options: FaultServer
     }
     if (fault === 'short-length') body = body.subarray(0, body.length >> 1);
     if (fault === 'long-body') body = Buffer.concat([body, Buffer.alloc(10, 0xee)]);
+    if (fault === 'drip') {
+      entry.status = 206;
+      res.writeHead(206, { ...headers, 'Content-Length': body.length });
+      let sent = 0;
+      const timer = setInterval(() => {
+        if (sent >= body.length || res.destroyed) return clearInterval(timer);
+        res.write(body.subarray(sent, ++sent));
+      }, 100);
+      res.on('close', () => clearInterval(timer));
+      return;
+    }
     if (fault === 'trickle') {
       entry.status = 206;
       res.writeHead(206, { ...headers, 'Content-Length': body.length });

@@ -168,6 +168,38 @@ describe('HttpStore error cases', () => {
     await expect(store.read(128 * KiB, 10)).rejects.toThrow(/the server sent nothing for bytes=131072-135167 in 200 ms \(gave up after 2 attempts\)/);
   }, 20_000);
 
+  it('ends a read that a server drips out slowly at its total deadline, however steadily the bytes come', async () => {
+    const s = await serve();
+    const store = await HttpStore.open(s.url, { ...quick, timeoutMs: 300, retries: 1 });
+    s.always('drip');
+    const started = performance.now();
+    const error = await store.read(64 * KiB, 4 * KiB).catch((e: unknown) => e);
+    const took = performance.now() - started;
+    expect(error).toBeInstanceOf(HttpError);
+    // A byte every 100 ms keeps the 300 ms idle timeout re-armed: only the 1200 ms deadline (4 idle timeouts for
+    // so small a range) ends each of the two attempts.
+    expect((error as Error).message).toMatch(/the server did not finish bytes=65536-69631 within 1200 ms \(gave up after 2 attempts\)/);
+    expect(took).toBeGreaterThan(2 * 1200);
+    expect(took).toBeLessThan(10_000);
+  }, 20_000);
+
+  it('follows a redirect within the image\'s origin, never one to another origin', async () => {
+    const s = await serve();
+    s.queue('redirect-same-origin');
+    const store = await HttpStore.open(s.url, quick);
+    await expectTrue(store, 0, 4 * KiB);
+    s.queue('redirect-same-origin');
+    await expectTrue(store, 40 * KiB, 4 * KiB);
+    expect(s.requests.map((r) => [r.path, r.status])).toEqual([['/disk.img', 302], ['/moved/disk.img', 206], ['/disk.img', 302], ['/moved/disk.img', 206]]);
+    s.requests.length = 0;
+    s.queue('redirect-other-origin');
+    const error = await store.read(80 * KiB, 4 * KiB).catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(HttpError);
+    expect((error as Error).message).toContain(`${s.url}: the server redirects to another origin (http://localhost:`);
+    // Refused, not retried, and nothing was asked of the other origin (the same server under another name).
+    expect(s.requests.map((r) => [r.path, r.status])).toEqual([['/disk.img', 302]]);
+  });
+
   it('refuses a body longer than its Content-Range without retrying', async () => {
     const s = await serve();
     const store = await HttpStore.open(s.url, quick);

@@ -12,11 +12,14 @@ import { bootMachine, guestMemoryBytes, type BootedMachine } from '../machine.js
 
 export const USAGE = `usage: qcow86 boot [--base FILE|URL] [--overlay FILE] [--memory 128M] [--cmdline TEXT [--kernel FILE] [--initrd FILE]]
                    [--expect TEXT | --send TEXT | --expect-screen TEXT | --send-keys TEXT]... [--script FILE]
-                   [--screenshot FILE] [--timeout S] [--serial-log FILE] [--quiet] [--force-base-change]
+                   [--screenshot FILE] [--timeout S] [--serial-log FILE] [--quiet] [--force-base-change] [--trust-image]
   --base      base image (default public/images/base.qcow2); an http(s) URL is read with Range requests, and a
               new overlay records the base's version (ETag, or Last-Modified + size)
   --force-base-change  open an existing overlay even though its base changed since the overlay was made (its
               blocks may then no longer fit the base)
+  --trust-image  open every file the images name (backing files, data files) wherever it is; by default only
+              backing files inside the overlay's directory, the --base given, the default guest's base and http(s)
+              URLs that are not link-local, and data files inside the overlay's directory, are opened
   --overlay   qcow2 overlay for the guest's writes: opened on its own backing file when it exists, created on
               the base when it does not; without it the writes go to a throw-away overlay in memory
   --cmdline   boot the kernel directly (default guest's vmlinuz/initrd.gz) with this command line
@@ -53,6 +56,7 @@ interface BootArgs {
   screenshot?: string;
   quiet: boolean;
   forceBaseChange: boolean;
+  trustImage: boolean;
   resume?: string;
   saveOnExit?: string;
 }
@@ -102,7 +106,7 @@ async function parseScript(path: string): Promise<Step[]> {
 }
 
 async function parseArgs(args: string[]): Promise<BootArgs | 'help'> {
-  const out: BootArgs = { memoryBytes: 128 * 1024 * 1024, steps: [], timeoutMs: 300_000, quiet: false, forceBaseChange: false };
+  const out: BootArgs = { memoryBytes: 128 * 1024 * 1024, steps: [], timeoutMs: 300_000, quiet: false, forceBaseChange: false, trustImage: false };
   for (let i = 0; i < args.length; i++) {
     const flag = args[i]!;
     if (flag === '--help' || flag === '-h') return 'help';
@@ -112,6 +116,10 @@ async function parseArgs(args: string[]): Promise<BootArgs | 'help'> {
     }
     if (flag === '--force-base-change') {
       out.forceBaseChange = true;
+      continue;
+    }
+    if (flag === '--trust-image') {
+      out.trustImage = true;
       continue;
     }
     const value = args[++i];
@@ -213,6 +221,7 @@ export async function run(args: string[]): Promise<number> {
     timeout: options.timeoutMs,
     onSerial: batchedWriter(sinks),
     forceBaseChange: options.forceBaseChange,
+    trustImage: options.trustImage,
     ...(options.cmdline !== undefined ? { cmdline: options.cmdline, kernel: options.kernel, initrd: options.initrd } : {}),
   });
   console.error(`qcow86 boot: ${machine.description}`);

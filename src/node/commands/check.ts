@@ -49,7 +49,7 @@ export async function run(args: string[]): Promise<number> {
   try {
     if (repair) lock = await WriteLock.acquire(path);
     // The check looks at this file's metadata only: the backing chain is not needed (and may be missing).
-    device = await openPath(path, { format: parseFormat(values.format), openBacking: false, forCheck: true, ...(repair ? { readOnly: false, repair: true } : {}) });
+    device = await openPath(path, { format: parseFormat(values.format), openBacking: false, openDataFile: false, forCheck: true, ...(repair ? { readOnly: false, repair: true } : {}) });
     if (!(device instanceof Qcow2Image)) {
       console.error('qcow86 check: This image format does not support checks');
       return 63;

@@ -9,6 +9,7 @@
 import { parseArgs } from 'node:util';
 import { close, ftruncate, open, writeSync } from 'node:fs';
 import { writeAll } from '../../io/file.js';
+import { withOutputLocks } from '../../io/lock.js';
 import type { BlockDevice } from '../../qcow2/device.js';
 import type { ByteStore } from '../../qcow2/store.js';
 import { Qcow2Image } from '../../qcow2/image.js';
@@ -85,16 +86,19 @@ export async function run(args: string[]): Promise<number> {
   const image = await openPath(src, { format: parseFormat(values.format) });
   try {
     const source = values.snapshot === undefined ? image : await snapshotOf(image, values.snapshot);
-    const target = await RawTarget.create(dst, source.virtualSize);
-    const progress = values.progress && !values.quiet ? progressPrinter() : undefined;
-    try {
-      await copyDevice(source, target, progress);
-    } catch (error) {
-      await target.abort();
-      throw error;
-    }
-    await target.finish();
-    progress?.(1, true);
+    // The destination's lock is taken before it is truncated and held until the copy is done.
+    await withOutputLocks([dst], async () => {
+      const target = await RawTarget.create(dst, source.virtualSize);
+      const progress = values.progress && !values.quiet ? progressPrinter() : undefined;
+      try {
+        await copyDevice(source, target, progress);
+      } catch (error) {
+        await target.abort();
+        throw error;
+      }
+      await target.finish();
+      progress?.(1, true);
+    });
     return 0;
   } finally {
     await image.close();

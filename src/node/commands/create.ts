@@ -5,7 +5,9 @@
 import { parseArgs } from 'node:util';
 import { open } from 'node:fs/promises';
 import { FileStore, combinePath } from '../../io/node.js';
+import { withOutputLocks } from '../../io/lock.js';
 import { createQcow2 } from '../../qcow2/create.js';
+import { probeFormat } from '../../qcow2/open.js';
 import { openPath, parseFormat } from '../open-image.js';
 import { describeQcow2, parseImageSize, parseOptionList, qcow2Options, SIZE_ERROR } from '../image-options.js';
 import { usageError } from '../usage.js';
@@ -49,13 +51,22 @@ export async function run(args: string[]): Promise<number> {
     if (backingFile !== undefined || options.size > 0) return usageError('create', `raw images take no options (${[...options.keys()].join(', ')})`, USAGE);
     if (size === undefined) return usageError('create', 'Image creation needs a size parameter', USAGE);
     if (!values.quiet) console.log(`Formatting '${file}', fmt=raw size=${size}`);
-    const handle = await open(file, 'w');
-    await handle.truncate(size);
-    await handle.close();
+    await withOutputLocks([file], async () => {
+      const handle = await open(file, 'w');
+      await handle.truncate(size);
+      await handle.close();
+    });
     return 0;
   }
 
   const createOptions = qcow2Options(options);
+  if (backingFile !== undefined && createOptions.backingFormat === undefined) {
+    // qemu-img 7.2 refuses this: a probed backing format lets whoever writes the backing file choose how the
+    // overlay reads it. Like qemu-img, say what the probe would have found when the file opens.
+    const detected = values.unsafe ? undefined : await probePath(combinePath(file, backingFile));
+    console.error(`qcow86 create: ${file}: Backing file specified without backing format${detected ? `\nDetected format of ${detected}.` : ''}`);
+    return 1;
+  }
   if (backingFile !== undefined && (!values.unsafe || size === undefined)) {
     // Like qemu-img: the backing file must open (this also gives the size when none was given).
     let backing;
@@ -70,13 +81,32 @@ export async function run(args: string[]): Promise<number> {
   }
   if (size === undefined) return usageError('create', 'Image creation needs a size parameter', USAGE);
   if (!values.quiet) console.log(`Formatting '${file}', fmt=qcow2 ${describeQcow2(options, size)}`);
-  const store = await FileStore.open(file, { readOnly: false, create: true });
-  const dataStore = createOptions.dataFile !== undefined ? await FileStore.open(combinePath(file, createOptions.dataFile), { readOnly: false, create: true }) : undefined;
-  try {
-    await createQcow2(store, { ...createOptions, size, ...(dataStore ? { dataStore } : {}) });
-  } finally {
-    await store.close();
-    await dataStore?.close();
-  }
+  const dataPath = createOptions.dataFile !== undefined ? combinePath(file, createOptions.dataFile) : undefined;
+  await withOutputLocks(dataPath !== undefined ? [file, dataPath] : [file], async () => {
+    const store = await FileStore.open(file, { readOnly: false, create: true });
+    const dataStore = dataPath !== undefined ? await FileStore.open(dataPath, { readOnly: false, create: true }).catch(async (error: unknown) => {
+      await store.close();
+      throw error;
+    }) : undefined;
+    try {
+      await createQcow2(store, { ...createOptions, size: size!, ...(dataStore ? { dataStore } : {}) });
+    } finally {
+      await store.close();
+      await dataStore?.close();
+    }
+  });
   return 0;
+}
+
+/** The format QEMU's probe would give the file at `path`, or undefined when it cannot be read. */
+async function probePath(path: string): Promise<string | undefined> {
+  let store: FileStore | undefined;
+  try {
+    store = await FileStore.open(path, { readOnly: true, regularFile: 'backing file' });
+    return await probeFormat(store);
+  } catch {
+    return undefined;
+  } finally {
+    await store?.close();
+  }
 }

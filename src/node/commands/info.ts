@@ -29,7 +29,7 @@ export async function run(args: string[]): Promise<number> {
   if (values.output !== 'json' && values.output !== 'human') return usageError('info', `--output must be used with human or json as argument`, USAGE);
   const path = positionals[0]!;
   const chain = values['backing-chain'];
-  const device = await openPath(path, { format: parseFormat(values.format), openBacking: chain, metadataOnly: true });
+  const device = await openPath(path, { format: parseFormat(values.format), openBacking: chain, openDataFile: false, metadataOnly: true });
   try {
     const infos: Info[] = [];
     let layer: BlockDevice | undefined = device;

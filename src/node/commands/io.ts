@@ -6,6 +6,7 @@
 import { FileStore, nodeResolver } from '../../io/node.js';
 import { nodeCodecs } from '../../io/node-codecs.js';
 import { openImage, type ImageFormat } from '../../qcow2/open.js';
+import { openForWriting } from '../../io/lock.js';
 import { executeIoCommand, parseIoCommand, writesImage, type IoCommand, type IoDevice, type IoOutput } from '../io-commands.js';
 
 export const USAGE = `usage: qcow86 io [-f raw|qcow2|qcow] [-r] -c COMMAND [-c COMMAND...] FILE
@@ -75,8 +76,9 @@ export async function runIo(args: string[], output: IoOutput): Promise<number> {
     commands.push(command);
   }
   const readOnly = parsed.readOnly || !commands.some(writesImage);
-  const store = await FileStore.open(parsed.file, { readOnly });
-  const device: IoDevice = await openImage(store, { format: parsed.format, readOnly, resolver: nodeResolver(), codecs: nodeCodecs() });
+  const device: IoDevice = readOnly
+    ? await openImage(await FileStore.open(parsed.file, { readOnly }), { format: parsed.format, readOnly, resolver: nodeResolver(), codecs: nodeCodecs() })
+    : await openForWriting(parsed.file, { format: parsed.format });
   let ok = true;
   try {
     for (const command of commands) ok = (await executeIoCommand(device, command, output)) && ok;

@@ -60,7 +60,7 @@ export async function run(args: string[]): Promise<number> {
   try {
     let source: BlockDevice | undefined;
     if (file !== undefined) {
-      image = await openPath(file, { format: parseFormat(values.format) });
+      image = await openPath(file, { format: parseFormat(values.format), openDataFile: false });
       source = image;
       if (values.snapshot !== undefined) {
         if (!(image instanceof Qcow2Image)) return fail(`Failed to load snapshot: ${file}: only qcow2 images have internal snapshots`);

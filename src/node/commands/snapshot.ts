@@ -35,7 +35,7 @@ export async function run(args: string[]): Promise<number> {
   const format = parseFormat(values.format);
 
   if (actions.length === 0 || values.list) {
-    const device = await openPath(file, { format, openBacking: false });
+    const device = await openPath(file, { format, openBacking: false, openDataFile: false });
     try {
       const info = await imageInfo(device, file);
       const snapshots = (info.snapshots as Info[] | undefined) ?? [];
