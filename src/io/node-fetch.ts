@@ -45,8 +45,11 @@ function ipv6Words(address: string): number[] | undefined {
   return words.length === 8 && words.every((w) => Number.isInteger(w) && w >= 0 && w <= 0xffff) ? words : undefined;
 }
 
-function refusal(url: string, host: string, address: string): HttpError {
-  return new HttpError(url, `${host === address ? 'address' : `host ${host} resolves to`} ${address}, a link-local address (the range of cloud metadata services): refused`);
+/** A destination refused because it is link-local. */
+export class LinkLocalRefusal extends HttpError {}
+
+function refusal(url: string, host: string, address: string): LinkLocalRefusal {
+  return new LinkLocalRefusal(url, `${host === address ? 'address' : `host ${host} resolves to`} ${address}, a link-local address (the range of cloud metadata services): refused`);
 }
 
 type LookupCallback = (error: NodeJS.ErrnoException | null, address: string | LookupAddress[], family?: number) => void;
@@ -75,7 +78,7 @@ export function linkLocalRefusingFetch(): typeof fetch {
     } catch (error) {
       // The lookup's refusal arrives as the cause of undici's "fetch failed": surface it as it is.
       const cause = (error as { cause?: unknown }).cause;
-      if (cause instanceof HttpError) throw new HttpError(url.href, cause.message.replace(/^http:\/\/[^ ]*: /, ''));
+      if (cause instanceof LinkLocalRefusal) throw new LinkLocalRefusal(url.href, cause.message.replace(/^http:\/\/[^ ]*: /, ''));
       throw error;
     }
   }) as typeof fetch;

@@ -146,8 +146,14 @@ function trustingResolver(policy: TrustPolicy, http: HttpStoreOptions): StoreRes
         if (purpose === 'data file') refuse('is not a file inside the overlay\'s directory');
         if (url === undefined || !isHttpUrl(url)) refuse('is not an http(s) URL');
         if (policy.named.has(url!)) return named.open(name, relativeTo, options);
-        guarded ??= nodeResolver({ ...http, fetch: (await import('../io/node-fetch.js')).linkLocalRefusingFetch() });
-        return guarded.open(name, relativeTo, options);
+        const { linkLocalRefusingFetch, LinkLocalRefusal } = await import('../io/node-fetch.js');
+        guarded ??= nodeResolver({ ...http, fetch: linkLocalRefusingFetch() });
+        try {
+          return await guarded.open(name, relativeTo, options);
+        } catch (error) {
+          if (error instanceof LinkLocalRefusal) refuse(`connects to ${error.message.replace(/^[^ ]*: /, '').replace(/: refused$/, '')}`);
+          throw error;
+        }
       }
       const full = combinePath(relativeTo.name, name);
       const real = await realpath(full).catch(() => resolve(full));
