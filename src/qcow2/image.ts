@@ -5,6 +5,7 @@
 import type { BlockDevice } from './device.js';
 import type { ByteStore } from './store.js';
 import { readExact, readIntoPadded } from './store.js';
+import { failStop, type FailStopStore } from './fail-stop.js';
 import { CorruptImageError, FormatError, ReadOnlyError, UnsupportedError } from './errors.js';
 import {
   AUTOCLEAR_DATA_FILE_RAW,
@@ -119,6 +120,11 @@ export class Qcow2Image implements BlockDevice {
     return (this.header.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n;
   }
 
+  /** The first failed write, truncate or flush of this image's files, after which it takes no more writes. */
+  get writeFailure(): unknown {
+    return (this.store as Partial<FailStopStore>).failure ?? (this.dataStore as Partial<FailStopStore> | undefined)?.failure;
+  }
+
   get dataFileRaw(): boolean {
     return (this.header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n;
   }
@@ -148,7 +154,10 @@ export class Qcow2Image implements BlockDevice {
     if (!readOnly && header.incompatibleFeatures & INCOMPAT_CORRUPT && !options.repair) {
       throw new CorruptImageError(store.name, 'image is marked corrupt (incompatible feature bit 1): it can only be opened read-only until repaired with check -r');
     }
-    const image = new this(store, header, l1Table, snapshots, readOnly, options.codecs, options.backing, options.dataStore, options.l2CacheSize ?? DEFAULT_L2_CACHE_BYTES);
+    // Written through stores that stop at their first failed write or flush (fail-stop.ts).
+    const image = readOnly
+      ? new this(store, header, l1Table, snapshots, readOnly, options.codecs, options.backing, options.dataStore, options.l2CacheSize ?? DEFAULT_L2_CACHE_BYTES)
+      : new this(failStop(store), header, l1Table, snapshots, readOnly, options.codecs, options.backing, options.dataStore && failStop(options.dataStore), options.l2CacheSize ?? DEFAULT_L2_CACHE_BYTES);
     // A writer with lazy refcounts died with the image dirty: its refcounts are rebuilt before any write.
     if (!readOnly && header.incompatibleFeatures & INCOMPAT_DIRTY && !options.repair) await (await writeSide()).repairDirtyImage(image);
     return image;

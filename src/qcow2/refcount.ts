@@ -94,6 +94,8 @@ export class Refcounts {
   onBlockAdded: ((offset: number) => void) | undefined;
   /** Called when the refcount table moves (the overlap guard must forget the old place). */
   onTableMoved: ((oldOffset: number, oldClusters: number) => void) | undefined;
+  /** Called before a refcount block or table entry is written, to refuse a place other metadata holds. */
+  beforeWrite: ((offset: number, length: number, kind: 'refcount block' | 'refcount table') => Promise<void>) | undefined;
 
   constructor(
     readonly store: ByteStore,
@@ -318,8 +320,12 @@ export class Refcounts {
 
   private async writeBlocks(): Promise<void> {
     const offsets = [...this.dirtyBlocks].sort((a, b) => a - b);
-    for (const offset of offsets) await this.store.write(offset, this.blocks.get(offset)!);
-    this.dirtyBlocks.clear();
+    for (const offset of offsets) {
+      await this.beforeWrite?.(offset, this.clusterSize, 'refcount block');
+      await this.store.write(offset, this.blocks.get(offset)!);
+      // Clean only once written: a failed write leaves the rest dirty, as they are.
+      this.dirtyBlocks.delete(offset);
+    }
   }
 
   /**
@@ -334,9 +340,10 @@ export class Refcounts {
       for (const index of indices) {
         const entry = new Uint8Array(8);
         putU64(entry, 0, this.table[index]!);
+        await this.beforeWrite?.(this.header.refcountTableOffset + index * 8, 8, 'refcount table');
         await this.store.write(this.header.refcountTableOffset + index * 8, entry);
+        this.dirtyTable.delete(index);
       }
-      this.dirtyTable.clear();
     }
   }
 

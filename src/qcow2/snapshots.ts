@@ -44,12 +44,26 @@ export interface Snapshot {
  * the file (QEMU would read zeros there: like the header-level tables, the table itself must lie in the file).
  * A snapshot's own L1 table is not judged here: QEMU opens such an image and refuses only to use that snapshot.
  */
+/** How much of the snapshot table one read takes. */
+const TABLE_READ_WINDOW = 256 * 1024;
+
 export async function readSnapshotTable(store: ByteStore, offset: number, count: number, currentDiskSize: number): Promise<Snapshot[]> {
   const file = store.name;
   const snapshots: Snapshot[] = [];
+  // The table is read in windows rather than two reads per entry: 65536 entries would be 131072 round trips.
+  let window: Uint8Array = new Uint8Array(0);
+  let windowAt = offset;
+  const bytesAt = async (position: number, length: number, what: string): Promise<Uint8Array> => {
+    if (position < windowAt || position + length > windowAt + window.length) {
+      window = await store.read(position, Math.max(length, TABLE_READ_WINDOW));
+      windowAt = position;
+      if (window.length < length) return readExact(store, position, length, what);
+    }
+    return window.subarray(position - windowAt, position - windowAt + length);
+  };
   let at = offset;
   for (let i = 0; i < count; i++) {
-    const fixed = await readExact(store, at, 40, `snapshot table entry ${i}`);
+    const fixed = await bytesAt(at, 40, `snapshot table entry ${i}`);
     const l1TableOffset = u64(fixed, 0);
     const idSize = u16(fixed, 12);
     const nameSize = u16(fixed, 14);
@@ -70,7 +84,7 @@ export async function readSnapshotTable(store: ByteStore, offset: number, count:
         value: end - offset,
       });
     }
-    const variable = await readExact(store, at + 40, extraSize + idSize + nameSize, `snapshot table entry ${i}`);
+    const variable = await bytesAt(at + 40, extraSize + idSize + nameSize, `snapshot table entry ${i}`);
     const extra = variable.subarray(0, extraSize);
     const exact = u64big(fixed, 0);
     snapshots.push({

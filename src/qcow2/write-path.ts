@@ -18,7 +18,7 @@ import { SUBCLUSTERS, decodeCompressed, isCompressed, isCopied, readL2Entry, sta
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, AUTOCLEAR_BITMAPS, KNOWN_AUTOCLEAR, encodeHeader, MAX_L1_BYTES } from './header.js';
 import { Refcounts } from './refcount.js';
 import { referenceBitmaps, type CheckResult } from './check.js';
-import { MetadataMap } from './overlap.js';
+import { MetadataMap, type MetadataKind } from './overlap.js';
 import { snapshotTableBytes } from './snapshots.js';
 import type { Qcow2Image } from './image.js';
 
@@ -67,6 +67,7 @@ export class WriteEngine {
   /** Keeps the overlap guard in step with refcount blocks being added and the refcount table moving. */
   hookRefcounts(): void {
     this.refcounts.onBlockAdded = (offset) => this.metadata.addRange(offset, this.clusterSize, 'refcount block');
+    this.refcounts.beforeWrite = (offset, length, kind) => this.guardMetadata(offset, length, kind);
     this.refcounts.onTableMoved = (oldOffset, oldClusters) => {
       this.metadata.removeRange(oldOffset, oldClusters * this.clusterSize);
       this.metadata.addRange(this.header.refcountTableOffset, this.header.refcountTableClusters * this.clusterSize, 'refcount table');
@@ -105,7 +106,7 @@ export class WriteEngine {
     for (const offset of this.refcounts.blockOffsets()) m.addRange(offset, this.clusterSize, 'refcount block');
     if (h.nbSnapshots) m.addRange(h.snapshotsOffset, snapshotTableBytes(this.image.snapshots), 'snapshot table');
     // A damaged entry (oversized, or past 2^53) guards nothing real; QEMU refuses to use such a snapshot anyway.
-    for (const s of this.image.snapshots) if (s.l1Size <= MAX_L1_BYTES / 8 && s.l1TableOffsetExact === undefined) m.addRange(s.l1TableOffset, s.l1Size * 8, 'inactive L1 table');
+    m.addRanges(this.image.snapshots.filter((s) => s.l1Size <= MAX_L1_BYTES / 8 && s.l1TableOffsetExact === undefined).map((s) => ({ offset: s.l1TableOffset, length: s.l1Size * 8, kind: 'inactive L1 table' as const })));
     if (h.bitmaps) m.addRange(h.bitmaps.directoryOffset, h.bitmaps.directorySize, 'bitmap directory');
     m.addL2Tables(this.image.l1Table);
   }
@@ -231,15 +232,36 @@ export class WriteEngine {
     const hit = this.metadata.overlap(hostOffset, length);
     if (!hit) return;
     this.corrupt = true;
-    const message = `Marking image as corrupt: preventing ${what} write at ${hex(hostOffset)} (${length} bytes) that would overwrite the ${hit.kind} at ${hex(hit.offset)}`;
     try {
       await this.writeBack();
     } finally {
-      this.header.incompatibleFeatures |= INCOMPAT_CORRUPT;
-      await this.writeHeader();
-      await this.store.flush();
+      await this.markCorrupt();
     }
-    throw new CorruptImageError(this.image.name, message, hostOffset);
+    throw this.overlapError(what, hostOffset, length, hit);
+  }
+
+  /**
+   * The same guard for a metadata structure about to be written where it belongs (`kind` may be there): another
+   * kind there means the tables contradict each other. The image is marked corrupt before the write fails; what
+   * was being written back stays unwritten (it would have overwritten the other structure).
+   */
+  async guardMetadata(hostOffset: number, length: number, kind: MetadataKind): Promise<void> {
+    const hit = this.metadata.overlap(hostOffset, length, kind);
+    if (!hit) return;
+    this.corrupt = true;
+    await this.markCorrupt();
+    throw this.overlapError(kind, hostOffset, length, hit);
+  }
+
+  private overlapError(what: string, hostOffset: number, length: number, hit: { kind: string; offset: number }): CorruptImageError {
+    return new CorruptImageError(this.image.name, `Marking image as corrupt: preventing ${what} write at ${hex(hostOffset)} (${length} bytes) that would overwrite the ${hit.kind} at ${hex(hit.offset)}`, hostOffset);
+  }
+
+  /** Sets the corrupt bit on disk (QEMU's qcow2_signal_corruption): the image opens read-only until repaired. */
+  private async markCorrupt(): Promise<void> {
+    this.header.incompatibleFeatures |= INCOMPAT_CORRUPT;
+    await this.writeHeader();
+    await this.store.flush();
   }
 
   freeLater(offset: number, length: number): void {
@@ -278,8 +300,7 @@ export class WriteEngine {
     if (!lazy || this.dirtyL1.size) await this.store.flush();
     const tables = [...this.dirtyL2].sort((a, b) => a[0] - b[0]);
     for (const [offset, table] of tables) {
-      const hit = this.metadata.overlap(offset, this.clusterSize, 'active L2 table');
-      if (hit) throw new CorruptImageError(this.image.name, `L2 table at ${hex(offset)} overlaps the ${hit.kind} at ${hex(hit.offset)}`, offset);
+      await this.guardMetadata(offset, this.clusterSize, 'active L2 table');
       await this.store.write(offset, table);
       this.image.l2Cache.put(offset, table);
     }
@@ -307,24 +328,35 @@ export class WriteEngine {
   private async writeL1Entries(): Promise<void> {
     const l1 = this.image.l1Table;
     const indices = [...this.dirtyL1].sort((a, b) => a - b);
-    this.dirtyL1.clear();
     // Contiguous runs of entries go out as one write.
     for (let i = 0; i < indices.length; ) {
       let j = i;
       while (j + 1 < indices.length && indices[j + 1] === indices[j]! + 1) j++;
       const from = indices[i]!;
       const to = indices[j]! + 1;
+      await this.guardMetadata(this.header.l1TableOffset + from * 8, (to - from) * 8, 'active L1 table');
       await this.store.write(this.header.l1TableOffset + from * 8, l1.slice(from * 8, to * 8));
+      // Clean only once written: a failed write leaves them dirty, as they are.
+      for (let k = from; k < to; k++) this.dirtyL1.delete(k);
       i = j + 1;
     }
   }
 
-  /** Makes everything durable; with lazy refcounts the dirty bit stays set until close. */
+  /**
+   * Makes everything durable; with lazy refcounts the dirty bit stays set until close. Data written in place
+   * changes no table, so the files are flushed even when no table is pending.
+   */
   async flush(): Promise<void> {
-    await this.writeBack();
+    if (this.hasPending) await this.writeBack();
+    else await this.store.flush();
+    if (this.image.dataStore) await this.image.dataStore.flush();
   }
 
   async close(): Promise<void> {
+    // After a failed write or flush nothing more is written (fail-stop.ts): the tables on disk were written in
+    // the crash-safe order, so the image is as a crash at that moment would have left it.
+    // Nor into an image found corrupt: it stays as it was when that was found (QEMU makes it read-only).
+    if (this.image.writeFailure !== undefined || this.corrupt) return;
     await this.writeBack();
     if (this.started && this.image.lazyRefcounts && this.header.incompatibleFeatures & INCOMPAT_DIRTY && !this.corrupt) {
       // Refcounts are complete and durable: the image no longer needs a rebuild on the next open.
