@@ -34,7 +34,7 @@ afterAll(() => new Promise<void>((done) => server.close(() => done())));
 /** A 1 MiB qcow2 image keeping its data in an external data file, then renamed to `name` by qemu-img amend. */
 async function withDataFile(file: string, name: string): Promise<string> {
   const path = join(dir, file);
-  await qemuImg(['create', '-q', '-f', 'qcow2', '-o', `data_file=${file}.data`, path, '1M']);
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-o', `data_file=${path}.data`, path, '1M']);
   await qemuImg(['amend', '-o', `data_file=${name}`, path]);
   return path;
 }

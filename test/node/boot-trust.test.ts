@@ -62,7 +62,7 @@ describe('boot opens only what the user named', () => {
     writeFileSync(hostFile, Buffer.alloc(4 << 20, 0x5e));
     for (const [file, name] of [['d-host.qcow2', hostFile], ['d-url.qcow2', 'http://127.0.0.1:9/data.raw']] as const) {
       const path = join(guestDir, file);
-      await qemuImg(['create', '-q', '-f', 'qcow2', '-o', `data_file=${file}.data`, path, '4M']);
+      await qemuImg(['create', '-q', '-f', 'qcow2', '-o', `data_file=${path}.data`, path, '4M']);
       await qemuImg(['amend', '-o', `data_file=${name}`, path]);
       await refusedBoot(['--overlay', path], 'data file', name);
     }
