@@ -289,8 +289,13 @@ function buildRootTree(busybox, dir) {
 // ---------------------------------------------------------------- file systems and disk
 
 /** An ext4 image of `tree`; the options are the Debian guest's (the default guest takes the defaults). */
-export function buildExt4(tree, out, { sizeBytes = ROOT_SIZE, inodes = 1024, journalMiB = 1, label = 'qcow86-root' } = {}) {
-  rmSync(out, { force: true });
+/**
+ * An ext4 image of `tree` in `out`; with `offset`, inside the disk image `out` at that byte (its partition), which
+ * saves copying a mostly empty file system of gigabytes into the disk. The options are the Debian guest's (the
+ * default guest takes the defaults).
+ */
+export function buildExt4(tree, out, { sizeBytes = ROOT_SIZE, inodes = 1024, journalMiB = 1, label = 'qcow86-root', offset } = {}) {
+  if (offset === undefined) rmSync(out, { force: true });
   // A journal (1 MiB, the smallest), because a closed or reloaded tab is a power cut for the guest: the kernel
   // replays the journal on the next mount, where a journal-less ext4 came back with errors (seen after a reload:
   // 'ext4lazyinit: bad block bitmap checksum'). Inode tables and the journal are zeroed here, not lazily by the
@@ -298,13 +303,18 @@ export function buildExt4(tree, out, { sizeBytes = ROOT_SIZE, inodes = 1024, jou
   // after their sync. The zeros cost nothing in the base (qemu-img convert leaves zero clusters unallocated).
   // -N 1024 because busybox's few hundred symlinks need inodes.
   run('mke2fs', ['-q', '-F', '-t', 'ext4', '-J', `size=${journalMiB}`, ...(inodes ? ['-N', String(inodes)] : []), '-L', label, '-U', EXT4_UUID,
-    '-E', `hash_seed=${EXT4_UUID},root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0`, '-d', tree, out, `${sizeBytes / 1024}k`]);
+    '-E', `hash_seed=${EXT4_UUID},root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0${offset === undefined ? '' : `,offset=${offset}`}`, '-d', tree, out, `${sizeBytes / 1024}k`]);
   // mke2fs -d copies each source file's ctime, which touch cannot set: pin it (and crtime) inode by inode.
   const commands = ['/', ...listTree(tree).map((rel) => `/${rel}`)]
     .flatMap((path) => [`sif "${path}" ctime @${EPOCH}`, `sif "${path}" crtime @${EPOCH}`, `sif "${path}" atime @${EPOCH}`, `sif "${path}" mtime @${EPOCH}`]);
   const script = `${out}.debugfs-commands`;
   writeFileSync(script, commands.join('\n') + '\n');
-  run('debugfs', ['-w', '-f', script, out], { stdio: ['ignore', 'ignore', 'pipe'] });
+  run('debugfs', ['-w', '-f', script, fileSystemAt(out, offset)], { stdio: ['ignore', 'ignore', 'pipe'] });
+}
+
+/** How e2fsprogs' tools name a file system inside a disk image: FILE?offset=BYTES. */
+export function fileSystemAt(file, offset) {
+  return offset === undefined ? file : `${file}?offset=${offset}`;
 }
 
 export function buildFat(files, out, sizeBytes = FAT_SIZE) {
@@ -342,8 +352,8 @@ export function assembleDisk(fat, ext4, out, layout = DEFAULT_LAYOUT) {
   // Only the boot code: bytes 440.. hold the disk signature and the partition table sfdisk just wrote.
   run('dd', [`if=${mbr}`, `of=${out}`, 'bs=440', 'count=1', 'conv=notrunc'], { stdio: 'ignore' });
   run('dd', [`if=${fat}`, `of=${out}`, 'bs=1M', `seek=${fatStart / MiB}`, 'conv=notrunc'], { stdio: 'ignore' });
-  // sparse: the file system's unused gigabytes stay holes instead of written zeros.
-  run('dd', [`if=${ext4}`, `of=${out}`, 'bs=1M', `seek=${rootStart / MiB}`, 'conv=notrunc,sparse'], { stdio: 'ignore' });
+  // No ext4: the caller makes the file system in place (buildExt4 with an offset).
+  if (ext4) run('dd', [`if=${ext4}`, `of=${out}`, 'bs=1M', `seek=${rootStart / MiB}`, 'conv=notrunc'], { stdio: 'ignore' });
 }
 
 /**
@@ -406,6 +416,20 @@ export const GUESTS = [
 export function writeGuestList(outDir = DEFAULT_OUT) {
   const guests = GUESTS.map(({ manifest, ...guest }) => ({ ...guest, built: existsSync(join(outDir, guest.file)) && existsSync(join(outDir, manifest)) }));
   writeFileSync(join(outDir, 'guests.json'), JSON.stringify({ guests }, null, 2) + '\n');
+}
+
+/**
+ * The default guest's boot files when its build left them in .cache (ensureImages has run): the Debian guest
+ * boots from the same kernel, initramfs and syslinux.cfg, and unpacking the kernel again is most of a build.
+ */
+export function defaultBootFiles(outDir = DEFAULT_OUT) {
+  const boot = join(WORK, 'boot');
+  const manifestPath = join(outDir, 'manifest.json');
+  if (!existsSync(manifestPath) || !['vmlinuz', 'initrd.gz', 'syslinux.cfg'].every((name) => existsSync(join(boot, name)))) return undefined;
+  const manifest = JSON.parse(readFileSync(manifestPath, 'utf8'));
+  if (manifest.recipe !== RECIPE || sha256(join(boot, 'initrd.gz')) !== manifest.files['initrd.gz']?.sha256) return undefined;
+  const packages = Object.fromEntries(Object.entries(manifest.packages).filter(([name]) => name.startsWith('linux-image-') || name === 'busybox-static'));
+  return { packages, kver: manifest.kernel, boot };
 }
 
 // ---------------------------------------------------------------- entry points
