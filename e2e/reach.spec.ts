@@ -2,7 +2,8 @@
  * The tab reaches its base image URL and nothing else an image names: a base that names a backing or data file,
  * and overlays (opened with Open overlay) that name another base or an external data file - by absolute URL,
  * protocol-relative URL or host path - are refused with the name shown, and the browser sends no request for any
- * of them. The names point at a decoy server on loopback that counts what reaches it; every request the page
+ * of them; a base URL that redirects is refused too (the browser cannot see where a redirect goes before it
+ * follows it, so the tab follows none). The names point at a decoy server on loopback that counts what reaches it; every request the page
  * and its Workers send is checked too. No guest boot is waited for.
  */
 import { execFileSync } from 'node:child_process';
@@ -75,6 +76,15 @@ test('the tab reaches only its base image: files an image names are refused, nev
       await expect(page.locator('#problems')).toContainText(`names another file (${named}); this page reaches only the base image itself`);
     }
 
+    // A base URL that redirects, to another origin or within its own: the tab follows neither.
+    for (const [name, location] of [['elsewhere', `${trap.url}images/base.qcow2`], ['here', baseUrl]] as const) {
+      await page.route((url) => url.pathname === `/images/redirect-${name}.qcow2`, (route) => route.fulfill({ status: 302, headers: { Location: location } }));
+      await page.goto(`${server.url}?base=/images/redirect-${name}.qcow2`);
+      await expect(page.getByTestId('phase')).toHaveAttribute('data-state', 'error');
+      await expect(page.locator('#problems')).toContainText('the server answered with a redirect, which is not followed');
+      await expect(page.locator('#problems')).not.toContainText('Cannot reach the server');
+    }
+
     // Overlays of other places, opened on the default base.
     await page.goto(server.url);
     await expect(page.getByRole('button', { name: /Open overlay/ })).toBeEnabled({ timeout: 120_000 });
@@ -107,12 +117,12 @@ test('the tab reaches only its base image: files an image names are refused, nev
       expect(await refusal(page)).toMatch(overlay.says);
     }
 
-    // Nothing reached the decoy, and the browser asked its own server only for the app, its firmware and the
-    // bases named in the address (its Workers' requests are seen here: the base's ranges are among them).
+    // Nothing reached the decoy, and the browser asked its own server only for the app, its firmware, its guest
+    // list and the bases named in the address (its Workers' requests are seen here: the base's ranges are among them).
     expect(trap.seen).toEqual([]);
     expect(requests.filter((url) => new URL(url).origin !== origin)).toEqual([]);
     const images = [...new Set(requests.filter((url) => new URL(url).pathname.startsWith('/images/')).map((url) => new URL(url).pathname))].sort();
-    expect(images).toEqual(['/images/base.qcow2', '/images/bios.bin', `/images/${namesBacking}`, `/images/${namesData}`, '/images/vgabios-stdvga.bin'].sort());
+    expect(images).toEqual(['/images/base.qcow2', '/images/bios.bin', `/images/${namesBacking}`, `/images/${namesData}`, '/images/redirect-elsewhere.qcow2', '/images/redirect-here.qcow2', '/images/vgabios-stdvga.bin', '/images/guests.json'].sort());
   } finally {
     for (const name of placed) rmSync(join(server.imagesDir, name), { force: true });
     rmSync(dir, { recursive: true, force: true });

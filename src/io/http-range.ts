@@ -61,6 +61,15 @@ class Transient extends HttpError {
   }
 }
 
+/**
+ * Whether `error` is a failure of the network or the server that may pass (a connection refused, a timeout, a 5xx
+ * ...), retried or given up on after the retries: a caller may try again later. Refusals (a redirect, a changed
+ * image, a 404) are not.
+ */
+export function isPassingFailure(error: unknown): boolean {
+  return error instanceof Transient || (error instanceof HttpError && (error as { cause?: unknown }).cause instanceof Transient);
+}
+
 const CONTENT_RANGE = /^bytes\s+(\d+)-(\d+)\/(\d+|\*)$/i;
 const UNSATISFIED_RANGE = /^bytes\s+\*\/(\d+)$/i;
 

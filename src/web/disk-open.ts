@@ -4,8 +4,8 @@
  */
 import type { BlockDevice } from '../qcow2/device.js';
 import type { ByteStore, StoreResolver } from '../qcow2/store.js';
-import { openImage, probeFormat, Qcow2Image, BackingChainError, HttpError } from '../qcow2/index.js';
-import { isVersionChange } from '../io/http-range.js';
+import { openImage, probeFormat, Qcow2Image, BackingChainError } from '../qcow2/index.js';
+import { isPassingFailure, isVersionChange } from '../io/http-range.js';
 import { createQcow2 } from '../qcow2/create.js';
 import { backingValidatorOf, INCOMPAT_DATA_FILE } from '../qcow2/header.js';
 import { BlobStore } from '../io/opfs.js';
@@ -162,9 +162,9 @@ export function describeBaseProblem(error: unknown): { kind: ProblemKind; messag
       message: `The base image on the server has changed since this disk was made, so your saved changes no longer fit it and it was not opened (${message}). Download the overlay to keep it, or reset the disk to start over on the new base.`,
     };
   }
-  const status = error instanceof HttpError ? error.status : undefined;
-  if (error instanceof TypeError || (error instanceof HttpError && (status === undefined || status >= 500 || status === 408 || status === 429))) {
-    return { kind: 'network', message: `Cannot reach the server for the base image (${message}).` };
+  // Anywhere in the chain: the engine may wrap the store's error in its own.
+  for (let at = error, depth = 0; at !== undefined && at !== null && depth < 8; at = (at as { cause?: unknown }).cause, depth++) {
+    if (isPassingFailure(at)) return { kind: 'network', message: `Cannot reach the server for the base image (${message}).` };
   }
   return { kind: 'other', message };
 }
