@@ -63,7 +63,7 @@ test('storage full: kept base blocks make room first; then the page says what to
     const problem = page.locator('#problems p[data-kind="quota"]');
     await expect(problem).toContainText("The browser's storage for this site is full");
     await expect(problem).toContainText('Download overlay now: it holds the disk as last saved. Then free space');
-    await expect(page.getByTestId('overlay-saved')).toHaveText(/^saving /);
+    await expect(page.getByTestId('overlay-saved')).toHaveText(/^\d+(\.\d)? (KiB|MiB) not saved: writing failed$/);
 
     // Those bytes can never be saved: leaving asks first (here the answer is 'stay').
     prompts.answer = 'dismiss';

@@ -70,8 +70,11 @@ const opener = new OverlayOpener(disk, sessions, {
 /** The disk Worker's last report, drawn with the machine's unsaved bytes whenever either changes. */
 let lastStats: Stats | undefined;
 function drawStats(): void {
-  if (lastStats) showStats({ ...lastStats, unsaved: unsavedBytes() });
+  if (lastStats) showStats({ ...lastStats, unsaved: unsavedBytes() }, writesFailed);
 }
+
+/** Set once a guest write failed (the machine's disk adapter stops there): unsaved bytes stay unsaved. */
+let writesFailed = false;
 
 /** Guest bytes not yet saved in this browser: in the disk Worker, and still held by the machine's disk adapter. */
 function unsavedBytes(): number {
@@ -180,6 +183,9 @@ async function start(): Promise<void> {
         screenView.apply(event);
         return;
       case 'disk-error':
+        // The machine's disk stops at its first failed write: what it still holds will not be saved.
+        writesFailed = true;
+        drawStats();
         showProblem(event.kind as DiskProblem['kind'], event.message);
         setPhase('Disk error: the guest is waiting', 'error');
         return;

@@ -32,7 +32,8 @@ export function showPersistence(granted: boolean): void {
   kept.dataset.granted = String(granted);
 }
 
-export function showStats(stats: Stats): void {
+/** `failed`: a write failed, so the unsaved bytes will not be saved (they are not 'saving'). */
+export function showStats(stats: Stats, failed = false): void {
   // The bar shows what this browser holds of the base: fetched now or kept from an earlier session.
   const held = stats.baseFetched + stats.baseRestored;
   const fraction = stats.baseSize > 0 ? Math.min(1, held / stats.baseSize) : 0;
@@ -46,8 +47,8 @@ export function showStats(stats: Stats): void {
   byId('base-hits').textContent = lookups ? `${formatPercent(stats.cacheHits, lookups)} of ${lookups} reads` : '–';
   byId('overlay-size').textContent = formatBytes(stats.overlaySize);
   const saved = byId('overlay-saved');
-  saved.textContent = stats.unsaved ? `saving ${formatBytes(stats.unsaved)}…` : 'all saved in this browser';
-  saved.className = stats.unsaved ? 'pending' : 'ok';
+  saved.textContent = !stats.unsaved ? 'all saved in this browser' : failed ? `${formatBytes(stats.unsaved)} not saved: writing failed` : `saving ${formatBytes(stats.unsaved)}…`;
+  saved.className = !stats.unsaved ? 'ok' : failed ? 'failed' : 'pending';
   const stalled = stats.busy && stats.busy.ms > 3000 ? ` · waiting ${Math.round(stats.busy.ms / 1000)} s for ${stats.busy.what}` : '';
   byId('guest-io').textContent = `${stats.guestReads} reads, ${stats.guestWrites} writes (${formatBytes(stats.bytesWritten)})${stalled}`;
 }
