@@ -15,9 +15,10 @@ import { execFileSync } from 'node:child_process';
 import { chmodSync, copyFileSync, existsSync, linkSync, lstatSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { dirname, join, relative } from 'node:path';
 import { ensurePackages } from '../scripts/system-deps.mjs';
+import { APT_OPTIONS, CACHE, MiB, aptUpdate, fetchDeb, hostPackageVersion, listTree, pinTimes, root, run, sha256, writeExecutable } from './common.mjs';
 import {
-  APT_OPTIONS, CACHE, DEFAULT_OUT, HOST_PACKAGES, MiB, aptUpdate, assembleDisk, buildBootFiles, buildExt4, buildFat, defaultBootFiles,
-  convertToCompressedQcow2, fetchDeb, fileSystemAt, hostPackageVersion, listTree, pinTimes, root, run, sha256, virtualSizeOf, writeExecutable, writeGuestList,
+  DEFAULT_OUT, HOST_PACKAGES, assembleDisk, buildBootFiles, buildExt4, buildFat, convertToCompressedQcow2, defaultBootFiles, fileSystemAt, virtualSizeOf,
+  writeGuestList,
 } from './build.mjs';
 
 const WORK = join(CACHE, 'images-debian');
@@ -246,7 +247,7 @@ function unstageBootFiles(ext4, staged, script) {
   writeFileSync(script, commands.join('\n') + '\n');
   run('debugfs', ['-w', '-f', script, ext4], { stdio: ['ignore', 'ignore', 'pipe'] });
   // The file system must be exactly consistent afterwards.
-  run('e2fsck', ['-fn', ext4], { stdio: ['ignore', 'ignore', 'inherit'] });
+  run('e2fsck', ['-fn', ext4], { stdio: ['ignore', 'ignore', 'pipe'] });
 }
 
 // ---------------------------------------------------------------- entry points
