@@ -4,11 +4,11 @@
  */
 import type { BlockDevice } from '../qcow2/device.js';
 import { Qcow2Image } from '../qcow2/image.js';
+import { BITMAP_AUTO, BITMAP_IN_USE } from '../qcow2/bitmaps.js';
 import { QcowV1Image } from '../qcow2/qcow1.js';
 import { RawImage } from '../qcow2/raw.js';
 import { INCOMPAT_DATA_FILE } from '../qcow2/header.js';
 import { encryptionInfo } from '../qcow2/encryption.js';
-import { decodeText, u32 } from '../qcow2/bytes.js';
 import { combinePath } from '../io/node-resolver.js';
 import type { Snapshot } from '../qcow2/snapshots.js';
 import type { JsonValue } from './qemu-json.js';
@@ -87,26 +87,13 @@ async function qcow2Specific(image: Qcow2Image): Promise<Info> {
   return data;
 }
 
-/** Bitmap directory entries: name, granularity and flags, as qemu-img lists them. Bounded by the extension. */
+/** Bitmap directory entries: name, granularity and flags, as qemu-img lists them (validated on open). */
 async function bitmapList(image: Qcow2Image): Promise<Info[] | undefined> {
-  const extension = image.header.bitmaps;
-  if (!extension || extension.count === 0) return undefined;
-  // QEMU caps the directory at 64 KiB entries; a hostile size only costs one bounded read.
-  const size = Math.min(extension.directorySize, 64 * 1024 * 1024);
-  const directory = await image.store.read(extension.directoryOffset, size);
-  const list: Info[] = [];
-  let at = 0;
-  for (let n = 0; n < extension.count && at + 24 <= directory.length; n++) {
-    const flags = u32(directory, at + 12);
-    const granularityBits = directory[at + 17]!;
-    const nameSize = (directory[at + 18]! << 8) | directory[at + 19]!;
-    const extra = u32(directory, at + 20);
-    const nameStart = at + 24 + extra;
-    const names: string[] = [];
-    if (flags & 1) names.push('in-use');
-    if (flags & 2) names.push('auto');
-    list.push({ flags: names, name: decodeText(directory.subarray(nameStart, nameStart + nameSize)), granularity: 2 ** granularityBits });
-    at += Math.ceil((24 + extra + nameSize) / 8) * 8;
-  }
-  return list;
+  if (image.bitmaps.length === 0) return undefined;
+  return image.bitmaps.map((bitmap) => {
+    const flags: string[] = [];
+    if (bitmap.flags & BITMAP_IN_USE) flags.push('in-use');
+    if (bitmap.flags & BITMAP_AUTO) flags.push('auto');
+    return { flags, name: bitmap.name, granularity: 2 ** bitmap.granularityBits };
+  });
 }

@@ -8,10 +8,10 @@
  * (block/qcow2-refcount.c), so findings on damaged images match line for line. Memory is bounded by the file
  * size: a reference a cluster or more past the end of the file is a finding, never counted.
  */
-import { hex, u32, u64 } from './bytes.js';
+import { hex, u32 } from './bytes.js';
 import { decodeCompressed, isCompressed, isCopied, readL2Entry, standardHostOffset, type Geometry, type L2Entry } from './mapping.js';
 import { getRefcount, maxRefcount } from './refcount.js';
-import { AUTOCLEAR_BITMAPS, MAX_L1_BYTES } from './header.js';
+import { MAX_L1_BYTES } from './header.js';
 import { readExact, readIntoPadded, type ByteStore } from './store.js';
 import { snapshotTableBytes, V3_MIN_SNAPSHOT_EXTRA } from './snapshots.js';
 import { FormatError } from './errors.js';
@@ -536,31 +536,22 @@ class StoredRefcounts {
 
 /** Bitmap directory entries reference their bitmap table, which references data clusters. */
 export async function referenceBitmaps(image: Qcow2Image, fileSize: number, refRange: (offset: number, length: number) => void, result: CheckResult): Promise<void> {
-  const bitmaps = image.header.bitmaps;
-  // Without autoclear bit 0 the bitmaps extension is stale and QEMU ignores it: so do we.
-  if (!bitmaps || bitmaps.directorySize === 0 || !(image.header.autoclearFeatures & AUTOCLEAR_BITMAPS)) return;
+  // The directory was validated on open (bitmaps.ts); without consistent bitmaps there is none, as in QEMU.
+  const extension = image.header.bitmaps;
+  if (!extension) return;
   const cs = image.clusterSize;
-  refRange(bitmaps.directoryOffset, bitmaps.directorySize);
-  if (bitmaps.directorySize > 64 * 1024 * 1024 || bitmaps.directoryOffset + bitmaps.directorySize > fileSize) {
-    result.checkErrors++;
-    return;
-  }
-  const directory = await readExact(image.store, bitmaps.directoryOffset, bitmaps.directorySize, 'bitmap directory');
-  let at = 0;
-  for (let n = 0; n < bitmaps.count && at + 24 <= directory.length; n++) {
-    const tableOffset = u64(directory, at);
-    const tableSize = u32(directory, at + 8);
-    const nameSize = (directory[at + 18]! << 8) | directory[at + 19]!;
-    const extra = u32(directory, at + 20);
-    refRange(tableOffset, tableSize * 8);
-    if (tableOffset % cs === 0 && tableOffset + tableSize * 8 <= fileSize && tableSize <= (64 * 1024 * 1024) / 8) {
-      const table = await readExact(image.store, tableOffset, tableSize * 8, 'bitmap table');
-      for (let i = 0; i < tableSize; i++) {
-        const offset = (u32(table, i * 8) & 0x00ffffff) * TWO_32 + ((u32(table, i * 8 + 4) & 0xfffffe00) >>> 0);
-        if (offset > 1) refRange(offset, cs);
-      }
+  refRange(extension.directoryOffset, extension.directorySize);
+  for (const bitmap of image.bitmaps) {
+    refRange(bitmap.tableOffset, bitmap.tableSize * 8);
+    if (bitmap.tableOffset + bitmap.tableSize * 8 > fileSize) {
+      result.checkErrors++;
+      continue;
     }
-    at += Math.ceil((24 + extra + nameSize) / 8) * 8;
+    const table = await readExact(image.store, bitmap.tableOffset, bitmap.tableSize * 8, 'bitmap table');
+    for (let i = 0; i < bitmap.tableSize; i++) {
+      const offset = (u32(table, i * 8) & 0x00ffffff) * TWO_32 + ((u32(table, i * 8 + 4) & 0xfffffe00) >>> 0);
+      if (offset > 1) refRange(offset, cs);
+    }
   }
 }
 

@@ -4,6 +4,7 @@
  */
 import { FormatError, UnsupportedError } from './errors.js';
 import { decodeText, encodeText, hex, putU32, putU64, u32, u64, u64big } from './bytes.js';
+import { parseBitmapsExtension } from './bitmaps.js';
 
 export const QCOW2_MAGIC = 0x514649fb; // "QFI\xfb"
 export const V2_HEADER_LENGTH = 72;
@@ -66,11 +67,8 @@ export const QEMU_FEATURE_NAMES: FeatureName[] = [
   { type: 'autoclear', bit: 1, name: 'raw external data' },
 ];
 
-export interface BitmapsExtension {
-  count: number;
-  directorySize: number;
-  directoryOffset: number;
-}
+import type { BitmapsExtension } from './bitmaps.js';
+export type { BitmapsExtension };
 
 export interface RawExtension {
   type: number;
@@ -348,23 +346,32 @@ function parseExtensions(
     } else if (namesOnly) {
       // only the names were asked for
     } else if (type === EXT_BACKING_FORMAT) {
-      if (length > 15) throw new FormatError(file, `backing format extension at offset ${at} is ${length} bytes long (limit 15)`, { field: 'backing format', offset: at, value: length });
+      if (length > 15) throw new FormatError(file, `ERROR: ext_backing_format: len=${length} too large (>=16) (backing format extension at offset ${at})`, { field: 'backing format', offset: at + 4, value: length });
       header.backingFormat = decodeText(data);
     } else if (type === EXT_DATA_FILE) {
       if (length > MAX_BACKING_NAME) throw new FormatError(file, `external data file name at offset ${at} is ${length} bytes long (limit ${MAX_BACKING_NAME})`, { field: 'data file', offset: at, value: length });
       header.dataFile = decodeText(data);
     } else if (type === EXT_BITMAPS) {
-      if (length < 24) throw new FormatError(file, `bitmaps extension at offset ${at} is ${length} bytes (needs 24)`, { field: 'bitmaps', offset: at, value: length });
-      const count = u32(data, 0);
-      const directorySize = u64(data, 8);
-      const directoryOffset = u64(data, 16);
-      if (directoryOffset % clusterSize !== 0 || directoryOffset + directorySize > fileSize) {
-        throw new FormatError(file, `bitmap directory at ${hex(directoryOffset)} (${directorySize} bytes) is unaligned or outside the file`, { field: 'bitmap_directory_offset', offset: dataStart + 16, value: directoryOffset });
+      // Without autoclear bit 0 the bitmaps may have been changed by a program that does not keep them: QEMU
+      // ignores the extension then (and drops it when it rewrites the header).
+      const consistent = header.version >= 3 && (header.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n;
+      header.bitmaps = parseBitmapsExtension(file, data, dataStart, clusterSize, consistent);
+      if (header.bitmaps && header.bitmaps.directoryOffset + header.bitmaps.directorySize > fileSize) {
+        throw new FormatError(file, `bitmap directory at ${hex(header.bitmaps.directoryOffset)} (${header.bitmaps.directorySize} bytes) lies outside the file (${fileSize} bytes)`, {
+          field: 'bitmap_directory_offset',
+          offset: dataStart + 16,
+          value: header.bitmaps.directoryOffset,
+        });
       }
-      header.bitmaps = { count, directorySize, directoryOffset };
     } else if (type === EXT_FDE) {
-      if (length < 16) throw new FormatError(file, `encryption header extension at offset ${at} is ${length} bytes (needs 16)`, { field: 'fde', offset: at, value: length });
-      header.fde = { offset: u64(data, 0), length: u64(data, 8) };
+      // QEMU's checks, in its order and words.
+      if (header.cryptMethod !== 2) throw new FormatError(file, `CRYPTO header extension only expected with LUKS encryption method (crypt_method ${header.cryptMethod}; extension at offset ${at})`, { field: 'crypt_method', offset: 32, value: header.cryptMethod });
+      if (length !== 16) throw new FormatError(file, `CRYPTO header extension size ${length}, but expected size 16 (extension at offset ${at})`, { field: 'crypto header extension length', offset: at + 4, value: length });
+      const fdeOffset = u64(data, 0);
+      if (fdeOffset % clusterSize !== 0) {
+        throw new FormatError(file, `Encryption header offset '${fdeOffset}' is not a multiple of cluster size '${clusterSize}' (at offset ${dataStart})`, { field: 'crypto header offset', offset: dataStart, value: fdeOffset });
+      }
+      header.fde = { offset: fdeOffset, length: u64(data, 8) };
     } else {
       header.unknownExtensions.push({ type, data: data.slice() });
     }

@@ -6,6 +6,7 @@ import type { BlockDevice } from './device.js';
 import type { ByteStore } from './store.js';
 import { readExact, readIntoPadded } from './store.js';
 import { failStop, type FailStopStore } from './fail-stop.js';
+import { parseBitmapDirectory, type BitmapEntry } from './bitmaps.js';
 import { CorruptImageError, FormatError, ReadOnlyError, UnsupportedError } from './errors.js';
 import {
   AUTOCLEAR_DATA_FILE_RAW,
@@ -64,6 +65,8 @@ export interface Qcow2OpenOptions {
 export class Qcow2Image implements BlockDevice {
   readonly format = 'qcow2' as const;
   readonly geometry: Geometry;
+  /** The persistent dirty bitmaps' directory, validated on open (empty without consistent bitmaps). */
+  bitmaps: BitmapEntry[] = [];
   readonly clusterSize: number;
   readonly l2Cache: L2Cache;
   /** The last decompressed cluster: sequential reads of a compressed image hit it once per cluster. */
@@ -130,7 +133,7 @@ export class Qcow2Image implements BlockDevice {
   }
 
   /** Reads and validates the header, the active L1 table and the snapshot table. */
-  static async readMetadata(store: ByteStore, forCheck = false): Promise<{ header: Qcow2Header; l1Table: Uint8Array; snapshots: Snapshot[]; fileSize: number }> {
+  static async readMetadata(store: ByteStore, forCheck = false): Promise<{ header: Qcow2Header; l1Table: Uint8Array; snapshots: Snapshot[]; bitmaps: BitmapEntry[]; fileSize: number }> {
     const fileSize = await store.size();
     const start = await store.read(0, 112);
     const clusterBits = peekClusterBits(store.name, start);
@@ -139,7 +142,10 @@ export class Qcow2Image implements BlockDevice {
     const header = parseHeader(store.name, cluster0, fileSize, forCheck);
     const l1Table = header.l1Size ? await readExact(store, header.l1TableOffset, header.l1Size * 8, 'L1 table') : new Uint8Array(0);
     const snapshots = await readSnapshotTable(store, header.snapshotsOffset, header.nbSnapshots, Math.floor(header.size / 512) * 512);
-    return { header, l1Table, snapshots, fileSize };
+    const bitmaps = header.bitmaps
+      ? parseBitmapDirectory(store.name, await readExact(store, header.bitmaps.directoryOffset, header.bitmaps.directorySize, 'bitmap directory'), header.bitmaps, 2 ** header.clusterBits, Math.floor(header.size / 512) * 512)
+      : [];
+    return { header, l1Table, snapshots, bitmaps, fileSize };
   }
 
   /**
@@ -147,7 +153,7 @@ export class Qcow2Image implements BlockDevice {
    * backing chains). Refuses what cannot be read correctly; refuses write access where QEMU would.
    */
   static async open(store: ByteStore, options: Qcow2OpenOptions): Promise<Qcow2Image> {
-    const { header, l1Table, snapshots } = await Qcow2Image.readMetadata(store, options.forCheck === true);
+    const { header, l1Table, snapshots, bitmaps } = await Qcow2Image.readMetadata(store, options.forCheck === true);
     const refusal = dataRefusal(store.name, header, options.dataStore);
     if (refusal && !options.metadataOnly) throw refusal();
     let readOnly = options.readOnly || store.readOnly;
@@ -158,6 +164,7 @@ export class Qcow2Image implements BlockDevice {
     const image = readOnly
       ? new this(store, header, l1Table, snapshots, readOnly, options.codecs, options.backing, options.dataStore, options.l2CacheSize ?? DEFAULT_L2_CACHE_BYTES)
       : new this(failStop(store), header, l1Table, snapshots, readOnly, options.codecs, options.backing, options.dataStore && failStop(options.dataStore), options.l2CacheSize ?? DEFAULT_L2_CACHE_BYTES);
+    image.bitmaps = bitmaps;
     // A writer with lazy refcounts died with the image dirty: its refcounts are rebuilt before any write.
     if (!readOnly && header.incompatibleFeatures & INCOMPAT_DIRTY && !options.repair) await (await writeSide()).repairDirtyImage(image);
     return image;

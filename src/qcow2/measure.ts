@@ -6,9 +6,6 @@
 import type { BlockDevice } from './device.js';
 import { Qcow2Image } from './image.js';
 import { mapDevice, type BlockStatusOptions } from './block-status.js';
-import { AUTOCLEAR_BITMAPS } from './header.js';
-import { readExact } from './store.js';
-import { u32 } from './bytes.js';
 
 const roundUp = (value: number, to: number): number => Math.ceil(value / to) * to;
 const divRoundUp = (value: number, by: number): number => Math.ceil(value / by);
@@ -71,24 +68,16 @@ export async function requiredDataBytes(source: BlockDevice, clusterSize: number
  */
 export async function persistentBitmapsSize(source: BlockDevice, clusterSize: number): Promise<number | undefined> {
   if (!(source instanceof Qcow2Image) || source.header.version < 3) return undefined;
-  const extension = source.header.bitmaps;
-  // Without autoclear bit 0 the extension is stale: QEMU loads no bitmaps from it.
-  if (!extension || !(source.header.autoclearFeatures & AUTOCLEAR_BITMAPS) || extension.directorySize === 0) return 0;
-  const directory = await readExact(source.store, extension.directoryOffset, extension.directorySize, 'bitmap directory');
   let total = 0;
   let directoryBytes = 0;
-  let at = 0;
-  for (let n = 0; n < extension.count && at + 24 <= directory.length; n++) {
-    const granularity = 2 ** directory[at + 17]!;
-    const nameSize = (directory[at + 18]! << 8) | directory[at + 19]!;
-    const extra = u32(directory, at + 20);
-    const bytes = divRoundUp(divRoundUp(source.virtualSize, granularity), 8);
+  for (const bitmap of source.bitmaps) {
+    const bytes = divRoundUp(divRoundUp(source.virtualSize, 2 ** bitmap.granularityBits), 8);
     const clusters = divRoundUp(bytes, clusterSize);
     total += clusters * clusterSize + roundUp(clusters * 8, clusterSize);
-    // The new directory entry carries no extra data.
-    directoryBytes += roundUp(24 + nameSize, 8);
-    at += roundUp(24 + extra + nameSize, 8);
+    // The new directory entry carries no extra data (validated on open: none of them has any).
+    directoryBytes += roundUp(24 + bitmap.nameSize, 8);
   }
+  if (source.bitmaps.length === 0) return 0;
   return total + roundUp(directoryBytes, clusterSize);
 }
 
