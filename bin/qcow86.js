@@ -7,6 +7,7 @@ import { statSync } from 'node:fs';
 const dist = new URL('../dist/', import.meta.url);
 const mtime = (path) => statSync(new URL(path, dist), { throwIfNoEntry: false })?.mtimeMs ?? -1;
 const entry = mtime('cli/cli.js') >= mtime('node/cli.js') ? '../dist/cli/cli.js' : '../dist/node/cli.js';
-const { main } = await import(entry);
+const { main, exitOnStrayErrors } = await import(entry);
 
+exitOnStrayErrors(process.argv[2]);
 process.exitCode = await main(process.argv.slice(2));

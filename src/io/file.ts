@@ -87,17 +87,19 @@ export class FileStore implements ByteStore {
 
   async write(offset: number, data: Uint8Array): Promise<void> {
     if (this.readOnly) throw new ReadOnlyError(this.name, 'file is open read-only');
-    await writeAll(this.fd, data, offset);
+    await writeAll(this.fd, data, offset).catch((error: unknown) => {
+      throw failed(this.name, `writing ${data.length} bytes at offset ${offset}`, error);
+    });
   }
 
   truncate(size: number): Promise<void> {
     if (this.readOnly) return Promise.reject(new ReadOnlyError(this.name, 'file is open read-only'));
-    return new Promise((resolve, reject) => ftruncate(this.fd, size, (error) => (error ? reject(error) : resolve())));
+    return new Promise((resolve, reject) => ftruncate(this.fd, size, (error) => (error ? reject(failed(this.name, `setting the size to ${size} bytes`, error)) : resolve())));
   }
 
   async flush(): Promise<void> {
     if (this.readOnly) return;
-    await new Promise<void>((resolve, reject) => fdatasync(this.fd, (error) => (error ? reject(error) : resolve())));
+    await new Promise<void>((resolve, reject) => fdatasync(this.fd, (error) => (error ? reject(failed(this.name, 'flushing it to the disk', error)) : resolve())));
   }
 
   async close(): Promise<void> {
@@ -145,4 +147,11 @@ function kindOf(stats: Stats): string {
   if (stats.isBlockDevice()) return 'block device';
   if (stats.isCharacterDevice()) return 'character device';
   return 'special file';
+}
+
+/** A failed write, truncate or flush, said so a person knows which file, what and why ("no space left on device"). */
+function failed(file: string, what: string, error: unknown): StoreError {
+  const code = (error as NodeJS.ErrnoException).code;
+  const reason = code === 'ENOSPC' ? 'no space left on device' : code === 'EIO' ? 'input/output error' : code === 'EDQUOT' ? 'disk quota exceeded' : (error as Error).message;
+  return new StoreError(file, `${what} failed: ${reason}${code ? ` (${code})` : ''}`, { cause: error });
 }

@@ -27,6 +27,19 @@ const USAGE = `usage: qcow86 <command> [options]
 commands: ${Object.keys(COMMANDS).sort().join(', ')}
 Run 'qcow86 <command> --help' for a command's options.`;
 
+/**
+ * For the command-line process only (bin/qcow86.js): whatever fails where no caller waits (a timer, a stream)
+ * ends the command with one line naming the command, not a stack trace.
+ */
+export function exitOnStrayErrors(command: string | undefined): void {
+  const stray = (error: unknown) => {
+    console.error(`qcow86 ${command ?? ''}: ${error instanceof Error ? error.message : String(error)}`.replace('  ', ' '));
+    process.exit(1);
+  };
+  process.on('unhandledRejection', stray);
+  process.on('uncaughtException', stray);
+}
+
 export async function main(argv: string[]): Promise<number> {
   const [name, ...args] = argv;
   if (!name || name === '--help' || name === '-h') {

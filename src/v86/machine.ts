@@ -74,6 +74,14 @@ export const POWERED_OFF = /reboot: (Power down|System halted)/;
 
 export const DEFAULT_TIMEOUT_MS = 300_000;
 
+/** The disk failed under the guest (a full or failing overlay, a base gone from the network): the machine stops. */
+export class DiskFailure extends Error {
+  constructor(readonly failure: unknown) {
+    super(`the disk failed: ${failure instanceof Error ? failure.message : String(failure)}`);
+    this.name = 'DiskFailure';
+  }
+}
+
 export class StepError extends Error {
   constructor(readonly step: string, readonly lastLines: string, reason: string, readonly screenLines = '') {
     super(`${step}: ${reason}\n--- last console lines ---\n${lastLines}\n--- last screen lines ---\n${screenLines}\n---`);
@@ -133,7 +141,16 @@ export class Machine {
   constructor(options: MachineOptions) {
     this.timeout = options.timeout ?? DEFAULT_TIMEOUT_MS;
     this.codecs = options.codecs;
-    this.disk = options.disk instanceof V86DiskAdapter ? options.disk : new V86DiskAdapter(options.disk, options.diskOptions);
+    // A device error stops the machine and fails its steps (the guest's command would stay busy for ever).
+    this.disk = options.disk instanceof V86DiskAdapter
+      ? options.disk
+      : new V86DiskAdapter(options.disk, {
+        ...options.diskOptions,
+        onError: (error) => {
+          options.diskOptions?.onError?.(error);
+          this.halt(new DiskFailure(error));
+        },
+      });
     provideImageData();
     const config: V86Options = {
       wasm_path: options.wasmPath,
@@ -249,18 +266,36 @@ export class Machine {
     const main = (this.emulator as unknown as { v86?: { do_tick?: () => void; stopping: boolean } }).v86;
     const tick = main?.do_tick;
     if (!main || typeof tick !== 'function') return;
+    // One more tick with `stopping` set only marks the machine stopped (v86's stop() and destroy() wait for it).
+    this.markStopped = () => {
+      main.stopping = true;
+      tick.call(main);
+    };
     main.do_tick = () => {
       if (this.crash) return;
       try {
         tick.call(main);
       } catch (error) {
-        this.crash = error instanceof Error ? error : new Error(String(error));
-        // One more tick with `stopping` set only marks the machine stopped (v86's stop() and destroy() wait for it).
-        main.stopping = true;
-        tick.call(main);
-        for (const listener of this.crashListeners) listener(this.crash);
+        this.halt(error instanceof Error ? error : new Error(String(error)));
       }
     };
+    // The disk may have failed before the emulator was loaded (its first reads): stop it now.
+    if (this.crash) this.markStopped();
+  }
+
+  /** Stops running the guest for good and fails every waiting and later step with `reason`. */
+  private halt(reason: Error): void {
+    if (this.crash) return;
+    this.crash = reason;
+    this.markStopped?.();
+    for (const listener of this.crashListeners) listener(reason);
+  }
+
+  private markStopped: (() => void) | undefined;
+
+  /** The disk failure that stopped the machine, if one did. */
+  get diskFailure(): DiskFailure | undefined {
+    return this.crash instanceof DiskFailure ? this.crash : undefined;
   }
 
   /** Calls listener if (or once) the emulator failed; returns an unsubscribe function. */
@@ -301,7 +336,7 @@ export class Machine {
     };
     off = this.onCrash((error) => {
       all();
-      reject(this.fail(label, `the emulator stopped: ${error.message}`));
+      reject(this.fail(label, stoppedBecause(error)));
     });
     return all;
   }
@@ -377,7 +412,7 @@ export class Machine {
     const deadline = Date.now() + this.timeout;
     const until = async (ready: () => boolean, what: string) => {
       while (!ready()) {
-        if (this.crash) throw this.fail(label, `the emulator stopped: ${this.crash.message}`);
+        if (this.crash) throw this.fail(label, stoppedBecause(this.crash));
         if (Date.now() > deadline) throw this.fail(label, `timed out after ${(this.timeout / 1000).toFixed(1)} s waiting for ${what}`);
         await sleep(5);
       }
@@ -391,6 +426,10 @@ export class Machine {
     }
     if (ps2) await until(() => ps2.kbd_buffer.length === 0, 'the guest to read the last key');
   }
+}
+
+function stoppedBecause(error: Error): string {
+  return error instanceof DiskFailure ? error.message : `the emulator stopped: ${error.message}`;
 }
 
 /** Keys the BIOS holds for the guest (its ring buffer in the BIOS data area), or undefined when it is not set up. */

@@ -33,8 +33,15 @@ const FORMAT_CODES: Record<SessionFormat, number> = { raw: 0, deflate: 1, zstd: 
  * image (bench/session.mjs measures both).
  */
 export const VM_STATE_ZSTD_LEVEL = 6;
-/** v86 states are tens of MiB at most (RAM is stored sparsely); a larger claim means a damaged header. */
+/**
+ * v86's largest machine: its memory size is a 32-bit number, and a state holds that memory (stored sparsely:
+ * states are tens of MiB in practice) plus device state that is small beside it. A larger claim is damage.
+ */
 const MAX_RAW_BYTES = 4 * 1024 * 1024 * 1024;
+/** The most a stored VM state can take: the header and a payload that does not compress at all. */
+const MAX_AREA_BYTES = HEADER_BYTES + MAX_RAW_BYTES + 1024 * 1024;
+/** raw deflate inflates at most ~1032:1 (RFC 1951's longest match per bit); a raw length beyond is damage. */
+const DEFLATE_MAX_RATIO = 1032;
 
 /** A session that is missing, not a session, or whose VM state is damaged (the CLI prints it as one line). */
 export class SessionError extends Qcow86Error {
@@ -151,6 +158,13 @@ export interface LoadedSession {
 /** Reads and checks session `name` (an ID or a name) without touching the disk: a damaged session fails here. */
 export async function loadSession(image: Qcow2Image, name: string, codecs: Codecs): Promise<LoadedSession> {
   const snapshot = findSession(image, name);
+  // The VM state is read whole: its recorded size must first fit what the files store and what v86 can save.
+  const stored = (await image.store.size()) + ((await image.dataStore?.size()) ?? 0);
+  const limit = Math.min(stored, MAX_AREA_BYTES);
+  if (snapshot.vmStateSize > limit) {
+    const what = limit === stored ? `the image stores (${stored} bytes)` : `any v86 machine saves (${MAX_AREA_BYTES} bytes)`;
+    throw new SessionError(image.name, name, `VM state claims ${snapshot.vmStateSize} bytes (vm_state_size of snapshot ${snapshot.id}), more than ${what}: damaged`);
+  }
   const raw = await decodeVmState(await image.readVmState(snapshot), snapshot.vmStateSize, codecs, image.name, name);
   const state = raw.byteOffset === 0 && raw.byteLength === raw.buffer.byteLength ? raw.buffer as ArrayBuffer : raw.slice().buffer;
   return { snapshot, state };
@@ -260,6 +274,12 @@ export async function decodeVmState(area: Uint8Array, recordedSize: number, code
   const expected = view.getUint32(28);
   const actual = crc32(payload);
   if (actual !== expected) throw fail(`is corrupted: CRC-32 ${hex32(actual)} of ${storedLength} bytes, expected ${hex32(expected)}`);
+  // The checksum covers the payload, not the header: the raw length (what decompression allocates) must be what
+  // the checked payload can hold before any buffer is sized by it.
+  const holds = format === 'raw' ? storedLength : format === 'deflate' ? storedLength * DEFLATE_MAX_RATIO + 1024 : zstdContentSize(payload);
+  if (format === 'zstd' ? holds !== rawLength : rawLength > holds!) {
+    throw fail(`claims ${rawLength} raw bytes, but its ${storedLength}-byte ${format} payload ${holds === undefined ? 'does not say its size' : `holds ${format === 'deflate' ? 'at most ' : ''}${holds}`} (damaged header)`);
+  }
   let raw: Uint8Array;
   try {
     raw = format === 'zstd' ? await codecs.zstdDecompress(payload, rawLength) : format === 'deflate' ? await codecs.inflateRaw(payload, rawLength) : payload;
@@ -268,6 +288,25 @@ export async function decodeVmState(area: Uint8Array, recordedSize: number, code
   }
   if (raw.length !== rawLength) throw fail(`decompresses to ${raw.length} bytes, expected ${rawLength}`);
   return raw;
+}
+
+/**
+ * The content size a zstd frame declares in its header (RFC 8878 3.1.1.1: Frame_Content_Size), or undefined
+ * when it declares none. Our encoder writes one frame with its size.
+ */
+function zstdContentSize(payload: Uint8Array): number | undefined {
+  if (payload.length < 6 || payload[0] !== 0x28 || payload[1] !== 0xb5 || payload[2] !== 0x2f || payload[3] !== 0xfd) return undefined;
+  const descriptor = payload[4]!;
+  const fcsFlag = descriptor >> 6;
+  const singleSegment = (descriptor >> 5) & 1;
+  const dictBytes = [0, 1, 2, 4][descriptor & 3]!;
+  const fcsBytes = [singleSegment ? 1 : 0, 2, 4, 8][fcsFlag]!;
+  if (fcsBytes === 0) return undefined;
+  const at = 5 + (singleSegment ? 0 : 1) + dictBytes;
+  if (at + fcsBytes > payload.length) return undefined;
+  let size = 0;
+  for (let i = fcsBytes - 1; i >= 0; i--) size = size * 256 + payload[at + i]!;
+  return fcsBytes === 2 ? size + 256 : size;
 }
 
 const hex32 = (n: number): string => `0x${n.toString(16).padStart(8, '0')}`;

@@ -14,7 +14,8 @@ import { main } from '../../src/node/cli.js';
 export function qcow86(args: string[], options: { cwd?: string; timeoutMs?: number } = {}): Promise<RunResult> {
   // The bundled CLI, as bin/qcow86.js runs it.
   const cli = pathToFileURL(join(buildEngine(), 'cli/cli.js')).href;
-  const script = `import { main } from ${JSON.stringify(cli)}; process.exitCode = await main(process.argv.slice(1));`;
+  // As bin/qcow86.js runs it.
+  const script = `import { main, exitOnStrayErrors } from ${JSON.stringify(cli)}; exitOnStrayErrors(process.argv[1]); process.exitCode = await main(process.argv.slice(1));`;
   return new Promise((resolve, reject) => {
     execFile(
       process.execPath,

@@ -102,7 +102,7 @@ describe('link-local addresses', () => {
   /** The CLI inside a new network namespace with no routes (and, with `hosts`, its own /etc/hosts). */
   function isolatedBoot(overlay: string, hosts?: string): Promise<RunResult> {
     const cli = pathToFileURL(join(buildEngine(), 'cli/cli.js')).href;
-    const script = `import { main } from ${JSON.stringify(cli)}; process.exitCode = await main(process.argv.slice(1));`;
+    const script = `import { main, exitOnStrayErrors } from ${JSON.stringify(cli)}; exitOnStrayErrors(process.argv[1]); process.exitCode = await main(process.argv.slice(1));`;
     const node = [process.execPath, '--input-type=module', '-e', script, 'boot', '--overlay', overlay, '--timeout', '5', '--expect', 'never'];
     const command = hosts
       ? ['unshare', '-n', '-m', 'sh', '-c', 'mount --bind "$0" /etc/hosts && exec "$@"', hosts, ...node]

@@ -211,13 +211,32 @@ describe("the disk Worker's session path (src/web/disk-sessions.ts)", () => {
     u64.writeBigUInt64BE(BigInt(half));
     patch(truncated, entry + 40, u64);
 
+    // Numbers that would size an allocation: vm_state_size of 1 TiB (entry), the header's raw length at 4 GiB - 1.
+    const huge = join(dir, 'huge.qcow2');
+    copyFileSync(path, huge);
+    const tib = Buffer.alloc(8);
+    tib.writeBigUInt64BE(1n << 40n);
+    patch(huge, entry + 40, tib);
+    const rawLength = join(dir, 'rawlength.qcow2');
+    copyFileSync(path, rawLength);
+    const claim = Buffer.alloc(8);
+    claim.writeBigUInt64BE(2n ** 32n - 1n);
+    patch(rawLength, at + 16, claim);
+
     for (const [file, message] of [
       [corrupted, /corrupted\.qcow2: session '1' VM state is corrupted: CRC-32 0x[0-9a-f]{8} of \d+ bytes, expected 0x[0-9a-f]{8}/],
       [truncated, new RegExp(`truncated\\.qcow2: session '1' VM state is truncated: the header announces ${saved.vmStateSize} bytes, the snapshot records ${half}`)],
+      [huge, /huge\.qcow2: session '1' VM state claims 1099511627776 bytes \(vm_state_size of snapshot 1\), more than the image stores \(\d+ bytes\): damaged/],
+      [rawLength, /rawlength\.qcow2: session '1' VM state claims 4294967295 raw bytes, but its \d+-byte zstd payload holds \d+ \(damaged header\)/],
     ] as const) {
       const before = sha256File(file);
       const device = await openRw(file);
+      // Refused at once, before anything is sized by the damaged number.
+      const started = performance.now();
+      const memory = process.memoryUsage().arrayBuffers;
       await expect(resumeSessionState(device, saved.id)).rejects.toThrow(message);
+      expect(performance.now() - started).toBeLessThan(10_000);
+      expect(process.memoryUsage().arrayBuffers - memory).toBeLessThan(512 * MiB);
       // Nothing reverted: the change made after the session is still there, and the disk takes writes.
       expect((await device.read(0, 1))[0]).toBe(0x44);
       await device.close();

@@ -238,7 +238,7 @@ export async function run(args: string[]): Promise<number> {
     console.error('\nqcow86 boot: interrupted, flushing the disk');
     void (async () => {
       if (options.screenshot) await writeScreenshot(machine, options.screenshot).catch(() => {});
-      await machine.close();
+      await machine.close().catch((error: unknown) => console.error(`qcow86 boot: ${describeFailure(error)}`));
     })().finally(() => process.exit(130));
   };
   process.once('SIGINT', onSignal);
@@ -261,15 +261,25 @@ export async function run(args: string[]): Promise<number> {
       console.error(`\nqcow86 boot: saved session '${result.name}': VM state ${mib(result.rawBytes)} raw, ${mib(result.vmStateSize)} stored (${result.format}), guest paused ${(result.pausedMs / 1000).toFixed(1)} s`);
     }
   } catch (error) {
-    if (!(error instanceof StepError)) throw error;
-    console.error(`\nqcow86 boot: ${error.step}${current ? ` from ${current.origin}` : ''} ${error.message.slice(error.step.length + 2)}`);
-    code = 1;
+    if (machine.diskFailure) {
+      // One line: what failed, not the console (the guest was stopped in the middle of an I/O).
+      console.error(`\nqcow86 boot: ${describeFailure(machine.diskFailure.failure)}`);
+      code = 1;
+    } else {
+      if (!(error instanceof StepError)) throw error;
+      console.error(`\nqcow86 boot: ${error.step}${current ? ` from ${current.origin}` : ''} ${error.message.slice(error.step.length + 2)}`);
+      code = 1;
+    }
   } finally {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
     if (!interrupted) {
       if (options.screenshot) await writeScreenshot(machine, options.screenshot).catch((error: unknown) => console.error(`qcow86 boot: cannot write screenshot ${options.screenshot}: ${(error as Error).message}`));
-      await machine.close();
+      // The final flush can fail too (a disk that filled up after the last step): said once, in one line.
+      await machine.close().catch((error: unknown) => {
+        if (code === 0 || !machine.diskFailure) console.error(`qcow86 boot: ${describeFailure(error)}`);
+        code = 1;
+      });
     }
     await new Promise<void>((done) => (log ? log.end(done) : done()));
   }
@@ -280,4 +290,9 @@ export async function run(args: string[]): Promise<number> {
   }
   console.error(`\nqcow86 boot: ${code === 0 ? 'done' : 'failed'} after ${((Date.now() - started) / 1000).toFixed(1)} s; disk: ${s.reads} reads (${(s.readBytes / 1048576).toFixed(1)} MiB), ${s.writes} writes (${(s.writeBytes / 1048576).toFixed(1)} MiB), ${s.cacheHits} cache hits, ${s.deviceFlushes} flushes, ${(s.storeWaitMs / 1000).toFixed(2)} s waiting on the store`);
   return code;
+}
+
+/** A device error in a line a person reads: the disk, what failed and why ("no space left on device"). */
+function describeFailure(error: unknown): string {
+  return `the disk failed: ${(error instanceof Error ? error.message : String(error)).split('\n')[0]}`;
 }
