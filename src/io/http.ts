@@ -136,7 +136,7 @@ export class HttpStore implements ByteStore {
 
   private constructor(
     readonly name: string,
-    /** The pinned version: the strong ETag verbatim, or `lm:SIZE:LAST-MODIFIED`; undefined when the server gives neither. */
+    /** The pinned version: the strong ETag verbatim, or `pin:SIZE:HASH` of the first block without one. */
     readonly validator: string | undefined,
     private readonly pinned: Pinned,
     private readonly ctx: RangeContext,
@@ -152,6 +152,9 @@ export class HttpStore implements ByteStore {
   }
 
   /** Opens `url` with one small ranged request that yields the size, the validator and the first block. */
+  /** Names earlier qcow86 versions recorded for this version (`lm:SIZE:LAST-MODIFIED`): they still match it. */
+  legacyValidators: readonly string[] = [];
+
   static async open(url: string, options: HttpStoreOptions = {}): Promise<HttpStore> {
     const blockSize = options.blockSize ?? DEFAULTS.blockSize;
     if (!Number.isInteger(blockSize) || blockSize < 512) throw new RangeError(`blockSize must be an integer >= 512, not ${blockSize}`);
@@ -202,8 +205,13 @@ export class HttpStore implements ByteStore {
       weakEtag: strong ? undefined : first.etag,
       lastModified: strong ? undefined : first.lastModified,
     };
-    const validator = strong ?? (pinned.lastModified ? `lm:${size}:${pinned.lastModified}` : undefined);
-    if (options.expectedValidator !== undefined && validator !== options.expectedValidator && !options.force) {
+    // Without a strong ETag the version is pinned by its content: the size and a hash of the first block, which
+    // every open reads anyway (for a qcow2 base, its header and tables). A weak ETag or a Last-Modified date alone
+    // would let a base that changed on the server silently get an old overlay applied.
+    const validator = strong ?? `pin:${size}:${contentHash(first.bytes)}`;
+    const legacy = !strong && pinned.lastModified ? [`lm:${size}:${pinned.lastModified}`] : [];
+    const matches = (recorded: string) => recorded === validator || legacy.includes(recorded);
+    if (options.expectedValidator !== undefined && !matches(options.expectedValidator) && !options.force) {
       fail(new HttpError(url, `the image is not the version recorded earlier (recorded ${options.expectedValidator}, the server now has ${validator ?? 'no validator'}): it changed on the server; open with force to use it anyway`));
     }
     if (persist && !first.notModified) {
@@ -228,6 +236,7 @@ export class HttpStore implements ByteStore {
       onProgress: options.onProgress,
     };
     const store = new HttpStore(url, validator, pinned, ctx, closer, counters, settings, options.cacheBytes ?? DEFAULTS.cacheBytes, readahead, persist);
+    store.legacyValidators = legacy;
     notify = () => store.progress();
     if (first.bytes.length > 0) {
       store.cache.set(0, first.bytes);
@@ -487,6 +496,23 @@ function abortable<T>(promise: Promise<T>, signal: AbortSignal): Promise<T> {
     signal.addEventListener('abort', abort, { once: true });
     promise.then(resolve, reject).finally(() => signal.removeEventListener('abort', abort));
   });
+}
+
+/** 64 bits (two 32-bit lanes) of a fast non-cryptographic hash, in hex: tells versions apart, no more. */
+export function contentHash(bytes: Uint8Array): string {
+  let a = 0x811c9dc5;
+  let b = 0x9747b28c ^ bytes.length;
+  for (let i = 0; i < bytes.length; i++) {
+    a = Math.imul(a ^ bytes[i]!, 0x01000193);
+    b = Math.imul(b ^ bytes[i]!, 0x5bd1e995);
+    b ^= b >>> 15;
+  }
+  const mix = (h: number) => {
+    h = Math.imul(h ^ (h >>> 16), 0x85ebca6b);
+    h = Math.imul(h ^ (h >>> 13), 0xc2b2ae35);
+    return (h ^ (h >>> 16)) >>> 0;
+  };
+  return mix(a).toString(16).padStart(8, '0') + mix(b ^ a).toString(16).padStart(8, '0');
 }
 
 export function isHttpUrl(name: string): boolean {

@@ -88,6 +88,7 @@ function keepOpen(store: ByteStore): ByteStore {
     name: store.name,
     readOnly: true,
     validator: store.validator,
+    legacyValidators: store.legacyValidators,
     size: () => store.size(),
     read: (offset, length) => store.read(offset, length),
     write: (offset, data) => store.write(offset, data),

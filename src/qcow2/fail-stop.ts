@@ -37,6 +37,7 @@ export function failStop(store: ByteStore): FailStopStore {
     name: store.name,
     readOnly: store.readOnly,
     validator: store.validator,
+    legacyValidators: store.legacyValidators,
     get failure() {
       return failure;
     },

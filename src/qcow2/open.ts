@@ -3,7 +3,7 @@
  * backing and data-file resolution through the caller's resolver, and loop detection.
  */
 import type { BlockDevice } from './device.js';
-import type { ByteStore, StoreResolver } from './store.js';
+import { sameVersion, type ByteStore, type StoreResolver } from './store.js';
 import { BackingChainError, UnsupportedError } from './errors.js';
 import { u32 } from './bytes.js';
 import { QCOW2_MAGIC, INCOMPAT_DATA_FILE, backingValidatorOf, type Qcow2Header } from './header.js';
@@ -168,8 +168,9 @@ async function openBacking(
 /** Refuses an overlay whose base changed since the overlay was made: its blocks would mix two versions. */
 async function checkBackingValidator(store: ByteStore, header: Qcow2Header, backing: BlockDevice, options: OpenOptions): Promise<void> {
   const recorded = backingValidatorOf(header);
-  const current = (backing as { store?: ByteStore }).store?.validator;
-  if (recorded === undefined || current === undefined || recorded === current || options.forceBackingChange) return;
+  const backingStore = (backing as { store?: ByteStore }).store;
+  const current = backingStore?.validator;
+  if (recorded === undefined || current === undefined || sameVersion(recorded, backingStore!) || options.forceBackingChange) return;
   await backing.close().catch(() => {});
   throw new BackingChainError(
     store.name,

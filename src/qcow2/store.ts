@@ -16,6 +16,8 @@ export interface ByteStore {
    * Last-Modified + size). Overlays record their base's validator so a changed base is noticed on reopen.
    */
   readonly validator?: string | undefined;
+  /** Other names of the same version that older overlays may have recorded (see sameVersion). */
+  readonly legacyValidators?: readonly string[];
   /** Current size in bytes. */
   size(): Promise<number>;
   /**
@@ -88,4 +90,9 @@ export async function readExact(store: ByteStore, offset: number, length: number
     throw new ShortReadError(store.name, what, offset, length, bytes.length);
   }
   return bytes;
+}
+
+/** True when `recorded` (an overlay's record of its base) names the version `store` holds now. */
+export function sameVersion(recorded: string, store: ByteStore): boolean {
+  return recorded === store.validator || (store.legacyValidators?.includes(recorded) ?? false);
 }

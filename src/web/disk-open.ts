@@ -5,6 +5,7 @@
 import type { BlockDevice } from '../qcow2/device.js';
 import type { ByteStore, StoreResolver } from '../qcow2/store.js';
 import { openImage, probeFormat, Qcow2Image, BackingChainError } from '../qcow2/index.js';
+import { sameVersion } from '../qcow2/store.js';
 import { isPassingFailure, isVersionChange } from '../io/http-range.js';
 import { createQcow2 } from '../qcow2/create.js';
 import { backingValidatorOf, INCOMPAT_DATA_FILE } from '../qcow2/header.js';
@@ -145,7 +146,7 @@ export async function validateImport(file: Blob, fileName: string, baseUrl: stri
     return `${fileName} describes a ${header.size}-byte disk, but the base is ${base.device.virtualSize} bytes: it was not made for this base.`;
   }
   const recorded = backingValidatorOf(header);
-  if (recorded !== undefined && base.store.validator !== undefined && recorded !== base.store.validator) {
+  if (recorded !== undefined && base.store.validator !== undefined && !sameVersion(recorded, base.store)) {
     return `${fileName} was made for an earlier version of ${baseUrl} (version ${recorded}; the server now has ${base.store.validator}). Its changes cannot be applied to the new base.`;
   }
   return undefined;

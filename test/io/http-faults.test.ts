@@ -5,7 +5,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { randomBytes } from 'node:crypto';
 import { startFaultServer, type Fault, type FaultServer, type FaultServerOptions } from '../helpers/fault-server.js';
-import { HttpStore, type HttpStats, type HttpStoreOptions } from '../../src/io/http.js';
+import { HttpStore, contentHash, type HttpStats, type HttpStoreOptions } from '../../src/io/http.js';
 import { HttpError } from '../../src/qcow2/errors.js';
 
 const KiB = 1024;
@@ -99,8 +99,8 @@ describe('HttpStore error cases', () => {
     const s = await serve({}, new Uint8Array(0));
     const store = await HttpStore.open(s.url, quick);
     expect(await store.size()).toBe(0);
-    // This server's 416 carries no ETag or Last-Modified: nothing to pin (and nothing to mix up in 0 bytes).
-    expect(store.validator).toBeUndefined();
+    // This server's 416 carries no ETag or Last-Modified: the version is pinned by its (empty) content.
+    expect(store.validator).toBe(`pin:0:${contentHash(new Uint8Array(0))}`);
     expect(await store.read(0, 512)).toHaveLength(0);
     expect(s.requests.map((r) => [r.range, r.status])).toEqual([['bytes=0-4095', 416]]);
     // The same 416 from a file that has bytes is a server refusing a satisfiable range.
@@ -250,17 +250,27 @@ describe('HttpStore error cases', () => {
     await expect(store.read(300 * KiB, 10)).rejects.toThrow(/the image changed on the server during this session \(its ETag went from "v1-\d+" to "v2-\d+"\)/);
   });
 
-  it('pins Last-Modified + size when there is no strong ETag, and notices a change through it', async () => {
+  it('pins size and a hash of the first block when there is no strong ETag, and notices a change through it', async () => {
     const s = await serve({ etag: 'weak' });
     const store = await HttpStore.open(s.url, quick);
-    expect(store.validator).toBe(`lm:${truth.length}:Mon, 01 Jan 2024 00:00:01 GMT`);
+    expect(store.validator).toBe(`pin:${truth.length}:${contentHash(truth.subarray(0, 4 * KiB))}`);
+    // Overlays made by earlier versions recorded Last-Modified + size: that name still matches this version.
+    expect(store.legacyValidators).toEqual([`lm:${truth.length}:Mon, 01 Jan 2024 00:00:01 GMT`]);
     await expectTrue(store, 50 * KiB, 100);
     expect(s.requests.at(-1)!.ifRange).toBe('Mon, 01 Jan 2024 00:00:01 GMT');
     s.setFile(randomBytes(truth.length));
     await expect(store.read(300 * KiB, 10)).rejects.toThrow(/changed on the server/);
+    // A server with no validator at all: the content pin is the only one, and it tells versions apart.
     const s2 = await startFaultServer(truth, { etag: 'none', lastModified: false });
     try {
-      expect((await HttpStore.open(s2.url, quick)).validator).toBeUndefined();
+      const first = await HttpStore.open(s2.url, quick);
+      expect(first.validator).toBe(`pin:${truth.length}:${contentHash(truth.subarray(0, 4 * KiB))}`);
+      await expect(HttpStore.open(s2.url, { ...quick, expectedValidator: first.validator })).resolves.toBeDefined();
+      const changed = truth.slice();
+      changed[100] ^= 1;
+      s2.setFile(changed);
+      const refused = await HttpStore.open(s2.url, { ...quick, expectedValidator: first.validator }).catch((e: unknown) => e);
+      expect((refused as Error).message).toMatch(/is not the version recorded earlier \(recorded pin:\d+:[0-9a-f]{16}, the server now has pin:/);
     } finally {
       await s2.close();
     }

@@ -8,6 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { readFileSync, utimesSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { startNginx, type NginxServer } from '../helpers/nginx.js';
+import { startFaultServer } from '../helpers/fault-server.js';
 import { makeImage, qemuCheck, qemuImg, qemuInfo, qemuIo, tempDir } from '../helpers/qemu.js';
 import { openBootDisk } from '../../src/node/boot-disk.js';
 import { EXT_QCOW86_BACKING_VALIDATOR } from '../../src/qcow2/header.js';
@@ -108,6 +109,29 @@ describe('qcow86 boot disk over HTTP', () => {
       console.error = original;
     }
     expect(errors.join('\n')).toMatch(/qcow86 boot: .*guest\.qcow2: backing file '.*' has changed since this overlay was made .*--force-base-change/);
+  });
+
+  it('a base served without a strong ETag is pinned by its content: a changed one is refused', async () => {
+    const bytes = readFileSync(base);
+    const server = await startFaultServer(bytes, { etag: 'none', lastModified: false });
+    try {
+      const top = join(dir, 'pinned-top.qcow2');
+      const disk = await openBootDisk({ base: server.url, overlay: top });
+      await disk.device.write(4096 * KiB, new Uint8Array(64 * KiB).fill(0x66));
+      await disk.device.close();
+      const recorded = recordedValidator(top)!;
+      expect(recorded).toMatch(/^pin:\d+:[0-9a-f]{16}$/);
+      // The same bytes again (a new upload of the same file): accepted.
+      server.setFile(bytes);
+      await (await openBootDisk({ overlay: top })).device.close();
+      // Other bytes of the same size: refused, naming both versions.
+      const changed = Buffer.from(bytes);
+      changed[0x10000] = changed[0x10000]! ^ 0xff;
+      server.setFile(changed);
+      await expect(openBootDisk({ overlay: top })).rejects.toThrow(new RegExp(`backing file '.*' has changed since this overlay was made \\(recorded version ${recorded}, now pin:`));
+    } finally {
+      await server.close();
+    }
   });
 
   it('a raw base records its validator too', async () => {
