@@ -43,6 +43,14 @@ describe('default guest on a qcow2 overlay', { timeout: BOOT_TIMEOUT_MS + 300_00
     expect(await shell(machine!, 'echo $((6 * 7))')).toBe('42\n');
   });
 
+  test('first boot: the overlay is locked while the guest runs: a second writer is refused', async () => {
+    for (const args of [['io', '-c', 'write -P 0x77 0 4k', overlay], ['boot', '--overlay', overlay, '--expect', 'never']]) {
+      const result = await qcow86(args);
+      expect(result.exitCode, result.stderr).toBe(1);
+      expect(result.stderr).toContain(`Failed to get "write" lock: the image is in use by process ${process.pid}`);
+    }
+  });
+
   test('first boot: small and multi-MiB files written, synced, powered off', async () => {
     await shell(machine!, 'echo hello-from-qcow86 > /root/small.txt');
     // 6 MiB of guest randomness: more than one write-back batch, several qcow2 clusters and L2 entries.
