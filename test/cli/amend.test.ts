@@ -129,7 +129,7 @@ describe('amend', () => {
     expect((await run('qemu-img', ['compare', ours, theirs])).exitCode).toBe(0);
   });
 
-  it('refcount_bits: every width up and down, with a snapshot sharing clusters; with compat; refusals as qemu-img', async () => {
+  it('refcount_bits: every width up and down, with a snapshot sharing clusters; with compat; refusals as qemu-img', { timeout: 180_000 }, async () => {
     // The counts are carried over into new structures where qemu-img puts its own elsewhere: compared through
     // info, check, the guest contents of the disk and of the snapshot, not byte for byte.
     const withSnapshot = async (options: ImageOptions): Promise<[string, string]> =>
