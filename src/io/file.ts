@@ -63,7 +63,7 @@ export class FileStore implements ByteStore {
   readInto(offset: number, into: Uint8Array): Promise<number> {
     // One request in the common case; a short read before the end of the file (legal: signals, huge requests)
     // asks for the rest.
-    return readAt(this.fd, into, 0, into.length, offset).then((done) => (done === into.length || done === 0 ? done : this.readRest(offset, into, done)));
+    return readAt(this.fd, into, 0, into.length, offset, this.name).then((done) => (done === into.length || done === 0 ? done : this.readRest(offset, into, done)));
   }
 
   readIntoSync(offset: number, into: Uint8Array): number {
@@ -78,7 +78,7 @@ export class FileStore implements ByteStore {
 
   private async readRest(offset: number, into: Uint8Array, done: number): Promise<number> {
     while (done < into.length) {
-      const more = await readAt(this.fd, into, done, into.length - done, offset + done);
+      const more = await readAt(this.fd, into, done, into.length - done, offset + done, this.name);
       if (more === 0) break;
       done += more;
     }
@@ -118,10 +118,12 @@ function withinAnyFile(position: number): boolean {
   return Number.isSafeInteger(position) && position >= 0;
 }
 
-/** One positional read; resolves with the byte count (0 at the end of the file). */
-export function readAt(fd: number, buffer: Uint8Array, at: number, length: number, position: number): Promise<number> {
+/** One positional read; resolves with the byte count (0 at the end of the file). `file` names it in errors. */
+export function readAt(fd: number, buffer: Uint8Array, at: number, length: number, position: number, file?: string): Promise<number> {
   if (!withinAnyFile(position)) return Promise.resolve(0);
-  return new Promise((resolve, reject) => read(fd, buffer, at, length, position, (error, bytesRead) => (error ? reject(error) : resolve(bytesRead))));
+  return new Promise((resolve, reject) =>
+    read(fd, buffer, at, length, position, (error, bytesRead) => (error ? reject(file === undefined ? error : failed(file, `reading ${length} bytes at offset ${position}`, error)) : resolve(bytesRead))),
+  );
 }
 
 /** Writes all of `data` at `position` (pwrite may write less than asked; the rest follows). */
@@ -150,7 +152,7 @@ function kindOf(stats: Stats): string {
 }
 
 /** A failed write, truncate or flush, said so a person knows which file, what and why ("no space left on device"). */
-function failed(file: string, what: string, error: unknown): StoreError {
+export function failed(file: string, what: string, error: unknown): StoreError {
   const code = (error as NodeJS.ErrnoException).code;
   const reason = code === 'ENOSPC' ? 'no space left on device' : code === 'EIO' ? 'input/output error' : code === 'EDQUOT' ? 'disk quota exceeded' : (error as Error).message;
   return new StoreError(file, `${what} failed: ${reason}${code ? ` (${code})` : ''}`, { cause: error });

@@ -63,6 +63,11 @@ export async function main(argv: string[]): Promise<number> {
       console.error(`qcow86 ${name}: ${(error as Error).message}`);
       return 1;
     }
+    // A system call's failure (ENOSPC writing an output, EIO...): one line with the system's words and path.
+    if (typeof (error as NodeJS.ErrnoException).errno === 'number' && typeof (error as NodeJS.ErrnoException).syscall === 'string') {
+      console.error(`qcow86 ${name}: ${(error as Error).message}`);
+      return 1;
+    }
     throw error;
   }
 }

@@ -8,7 +8,7 @@
  */
 import { parseArgs } from 'node:util';
 import { close, ftruncate, open, writeSync } from 'node:fs';
-import { writeAll } from '../../io/file.js';
+import { failed, writeAll } from '../../io/file.js';
 import { withOutputLocks } from '../../io/lock.js';
 import type { BlockDevice } from '../../qcow2/device.js';
 import type { ByteStore } from '../../qcow2/store.js';
@@ -306,11 +306,17 @@ export class RawTarget implements ConvertTarget {
   }
 
   write(offset: number, data: Uint8Array): Promise<void> {
-    return writeAll(this.fd, data, offset);
+    return writeAll(this.fd, data, offset).catch((error: unknown) => {
+      throw failed(this.path, `writing ${data.length} bytes at offset ${offset}`, error);
+    });
   }
 
   writeSync(offset: number, data: Uint8Array): void {
-    for (let done = 0; done < data.length; ) done += writeSync(this.fd, data, done, data.length - done, offset + done);
+    try {
+      for (let done = 0; done < data.length; ) done += writeSync(this.fd, data, done, data.length - done, offset + done);
+    } catch (error) {
+      throw failed(this.path, `writing ${data.length} bytes at offset ${offset}`, error);
+    }
   }
 
   async finish(): Promise<void> {
