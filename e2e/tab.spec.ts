@@ -9,6 +9,7 @@ import { createHash } from 'node:crypto';
 import { copyFileSync, mkdtempSync, readFileSync, rmSync, utimesSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import type { Page } from '@playwright/test';
 import { test, expect, consoleText, openOverlayFile, run, storedFiles, waitForConsole, waitForShell, waitSaved, BOOT_TIMEOUT } from './fixtures.js';
 import { copyBase, PUBLIC_IMAGES, ROOT, type Server } from './servers.js';
 
@@ -19,32 +20,60 @@ function qcow86(args: string[], cwd: string) {
   return execFileAsync(process.execPath, [join(ROOT, 'bin/qcow86.js'), ...args], { cwd, encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 });
 }
 
-test('@dev the guest boots from the dev server and keeps a file across a reload; the Screen view types on tty1', async ({ page, server }) => {
+test('@dev a guest sync is a barrier: the page closed right after it, the file is there when it opens again, on virtio and on IDE; the Screen view types on tty1', async ({ context, server }) => {
   const seed = 1000 + Math.floor(Math.random() * 9000);
-  await page.goto(server.url);
-  await waitForShell(page);
-  await run(page, `echo dev-$((${seed} + 1)) > /dev-marker.txt; sync; echo written-$((2 * 21))`);
-  await waitForConsole(page, /^written-42/m);
-  await waitSaved(page);
-  await page.reload();
-  await waitForShell(page);
-  await run(page, 'cat /dev-marker.txt');
-  await waitForConsole(page, new RegExp(`^dev-${seed + 1}`, 'm'));
+  /** Boots `url` in a new page of this profile (the same stored disk), once the closed page let go of it. */
+  const open = async (url: string) => {
+    const page = await context.newPage();
+    await page.goto(new URL('/images/manifest.json', server.url).href);
+    await expect.poll(() => page.evaluate(async () => (await navigator.locks.query()).held?.length ?? 0), { timeout: 30_000 }).toBe(0);
+    await page.goto(url);
+    await waitForShell(page);
+    return page;
+  };
+  /** Writes a file, syncs, and closes the page the moment the guest says the sync returned. */
+  const writeThenClose = async (page: Page, file: string, text: string) => {
+    await run(page, `echo ${text}-$((${seed} + 1)) > ${file}; sync; echo synced-$((2 * 21))`);
+    await waitForConsole(page, /^synced-42/m);
+    // 'all saved' means durable: true once the guest's flush completed.
+    await expect(page.getByTestId('overlay-saved')).toHaveText(/all saved/, { timeout: 2000 });
+    await page.close();
+  };
+
+  // The default bus: virtio.
+  const first = await open(server.url);
+  await expect(first.getByTestId('disk-bus')).toHaveValue('virtio');
+  await run(first, "grep ' / ' /proc/mounts; cat /sys/block/vda/queue/write_cache");
+  await waitForConsole(first, /^\/dev\/vda2 \/ ext4 rw[\s\S]*^write back/m);
+  await writeThenClose(first, '/on-virtio', 'virtio');
+
+  // ?disk-bus=ide: the same disk on IDE, whose FLUSH CACHE now reaches the overlay too.
+  const second = await open(new URL('?disk-bus=ide', server.url).href);
+  await expect(second.getByTestId('disk-bus')).toHaveValue('ide');
+  await run(second, "cat /on-virtio; grep ' / ' /proc/mounts; cat /sys/block/sda/queue/write_cache");
+  await waitForConsole(second, new RegExp(`^virtio-${seed + 1}\\n/dev/sda2 / ext4 rw[\\s\\S]*^write back`, 'm'));
+  await writeThenClose(second, '/on-ide', 'ide');
+
+  // Without the parameter the disk keeps its setting: IDE.
+  const third = await open(server.url);
+  await expect(third.getByTestId('disk-bus')).toHaveValue('ide');
+  await run(third, "cat /on-ide; grep ' / ' /proc/mounts");
+  await waitForConsole(third, new RegExp(`^ide-${seed + 1}\\n/dev/sda2 / ext4 rw`, 'm'));
 
   // The guest list names the guests the image builds made (this one chosen), unbuilt ones as such.
   const guests = JSON.parse(readFileSync(join(PUBLIC_IMAGES, 'guests.json'), 'utf8')) as { guests: Array<{ id: string; name: string; built: boolean }> };
-  const select = page.getByTestId('guest');
+  const select = third.getByTestId('guest');
   await expect(select).toHaveValue('default');
   for (const guest of guests.guests) {
     await expect(select.locator(`option[value="${guest.id}"]`)).toHaveText(guest.built ? guest.name : `${guest.name} — not built`);
   }
   // The Screen view takes typing as a new user tries it: a command and Enter on tty1, answered on the screen.
-  await page.getByRole('button', { name: 'Screen', exact: true }).click();
-  const screen = page.locator('#screen');
+  await third.getByRole('button', { name: 'Screen', exact: true }).click();
+  const screen = third.locator('#screen');
   await expect(screen.locator('.text')).toContainText('#', { timeout: 60_000 });
   await screen.click();
-  await page.keyboard.type('echo hi-$((6*7)) $(tty)');
-  await page.keyboard.press('Enter');
+  await third.keyboard.type('echo hi-$((6*7)) $(tty)');
+  await third.keyboard.press('Enter');
   await expect(screen.locator('.text')).toContainText('hi-42 /dev/tty1', { timeout: 60_000 });
 });
 
@@ -156,6 +185,9 @@ test('a second tab on the same disk is refused write access and offered read-onl
     const copies = (await storedFiles(first)).filter((name) => name.includes('.copy-'));
     expect(copies).toHaveLength(1);
     await waitForShell(second);
+    // On virtio the read-only tab's guest is told so (the RO feature): its root is mounted read-only.
+    await run(second, 'cat /sys/block/vda/ro; touch /x || echo refused-$((6 * 7))');
+    await waitForConsole(second, /^1\n[\s\S]*^refused-42/m);
 
     // The writing tab throws its disk away: the stored file no longer holds the pattern.
     await first.getByRole('button', { name: 'Reset disk…' }).click();
@@ -165,7 +197,7 @@ test('a second tab on the same disk is refused write access and offered read-onl
     await first.getByRole('button', { name: 'Power off' }).click();
     await expect(first.getByTestId('phase')).toHaveAttribute('data-state', 'off');
     // The read-only tab reads its copy, as of when it opened: the pattern is still there.
-    await run(second, 'dd if=/dev/sda bs=65536 skip=192 count=1 2>/dev/null | md5sum; echo read-$((40 + 2))');
+    await run(second, 'dd if=/dev/vda bs=65536 skip=192 count=1 2>/dev/null | md5sum; echo read-$((40 + 2))');
     await waitForConsole(second, /^read-42/m);
     expect(await consoleText(second)).toContain(createHash('md5').update(Buffer.alloc(65536, 0x5a)).digest('hex'));
 

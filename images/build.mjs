@@ -42,14 +42,26 @@ const DISK_SIZE = ROOT_START + ROOT_SIZE;
 export const HOST_PACKAGES = ['seabios', 'mtools', 'syslinux', 'syslinux-common', 'dosfstools', 'fdisk', 'cpio', 'kmod', 'e2fsprogs', 'qemu-utils'];
 
 /**
- * The modules the Debian 686 kernel needs to reach an ext4 root on an IDE disk (ata_piix), in dependency order:
- * the .deb ships no modules.dep, so the initramfs loads them with insmod in exactly this order.
+ * The modules the Debian 686 kernel needs to reach an ext4 root on an IDE disk (ata_piix) or a virtio-blk disk
+ * (virtio_pci, virtio_blk), in dependency order: the .deb ships no modules.dep, so the initramfs loads them with
+ * insmod in exactly this order.
  */
 const MODULES = ['scsi_common', 'scsi_mod', 'libata', 'ata_piix', 'crc64', 'crc64-rocksoft', 'crct10dif_common', 'crc-t10dif', 't10-pi',
-  'sd_mod', 'crc16', 'mbcache', 'jbd2', 'crc32c_generic', 'ext4'];
+  'sd_mod', 'virtio', 'virtio_ring', 'virtio_pci_legacy_dev', 'virtio_pci_modern_dev', 'virtio_pci', 'virtio_blk',
+  'crc16', 'mbcache', 'jbd2', 'crc32c_generic', 'ext4'];
 
-/** `quiet cryptomgr.notests` saves ~6 s of boot (crypto self-tests); the last console= is /dev/console. */
-export const KERNEL_CMDLINE = 'console=tty1 console=ttyS0,115200 root=/dev/sda2 rw quiet cryptomgr.notests tsc=reliable mitigations=off random.trust_cpu=on';
+/** The root file system's label: the initramfs finds it by label, so the same disk boots on IDE (sda) and virtio (vda). */
+export const ROOT_LABEL = 'qcow86-root';
+
+/**
+ * The kernel command line of a guest whose root file system has ext4 label `label`. `quiet cryptomgr.notests`
+ * saves ~6 s of boot (crypto self-tests); the last console= is /dev/console.
+ */
+export function kernelCmdline(label = ROOT_LABEL) {
+  return `console=tty1 console=ttyS0,115200 root=LABEL=${label} rw quiet cryptomgr.notests tsc=reliable mitigations=off random.trust_cpu=on`;
+}
+
+export const KERNEL_CMDLINE = kernelCmdline();
 
 /**
  * Busybox's applet names, read from the binary itself: it holds them as one sorted NUL-separated table starting
@@ -87,22 +99,39 @@ function installBusybox(busybox, tree) {
 }
 
 const INIT_SCRIPT = (modules) => `#!/bin/sh
-# initramfs: load the disk and ext4 modules, mount the root named by root= and hand over to busybox init.
+# initramfs: load the disk and ext4 modules, find the root named by root= (a device, LABEL=... or UUID=..., so the
+# disk boots on IDE and on virtio alike), mount it and hand over to busybox init.
 mount -t devtmpfs devtmpfs /dev
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 for m in ${modules.join(' ')}; do
   insmod /lib/modules/$m.ko || echo "initramfs: insmod $m failed"
 done
-root=/dev/sda2
+root=LABEL=${ROOT_LABEL}
 for arg in $(cat /proc/cmdline); do
-  case "$arg" in root=/dev/*) root="\${arg#root=}" ;; esac
+  case "$arg" in root=*) root="\${arg#root=}" ;; esac
 done
+dev=
 i=0
-while [ ! -b "$root" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-if ! mount -t ext4 -o rw "$root" /newroot; then
-  echo "initramfs: cannot mount $root; dropping to a shell"
+while [ $i -lt 100 ]; do
+  case "$root" in
+    LABEL=*|UUID=*) dev=$(findfs "$root" 2>/dev/null) ;;
+    *) dev=$root ;;
+  esac
+  [ -n "$dev" ] && [ -b "$dev" ] && break
+  sleep 0.1; i=$((i + 1))
+done
+if [ -z "$dev" ] || [ ! -b "$dev" ]; then
+  echo "initramfs: no disk holds the root $root; dropping to a shell"
   exec sh
+fi
+# A read-only disk (a read-only tab on virtio) still boots, with the root read-only.
+if ! mount -t ext4 -o rw "$dev" /newroot 2>/dev/null; then
+  if ! mount -t ext4 -o ro "$dev" /newroot; then
+    echo "initramfs: cannot mount $dev; dropping to a shell"
+    exec sh
+  fi
+  echo "initramfs: $dev is read-only: the root file system is mounted read-only"
 fi
 mount --move /dev /newroot/dev
 umount /proc /sys
@@ -148,7 +177,7 @@ function buildRootTree(busybox, dir) {
   writeFileSync(join(dir, 'etc/passwd'), 'root:x:0:0:root:/root:/bin/sh\n');
   writeFileSync(join(dir, 'etc/group'), 'root:x:0:\n');
   writeFileSync(join(dir, 'etc/profile'), 'export PATH=/bin:/sbin:/usr/bin:/usr/sbin\nexport HOME=/root\ncd /root\nPS1=\'# \'\n');
-  writeFileSync(join(dir, 'etc/fstab'), '/dev/sda2 / ext4 rw 0 1\n');
+  writeFileSync(join(dir, 'etc/fstab'), `LABEL=${ROOT_LABEL} / ext4 rw 0 1\n`);
   chmodSync(join(dir, 'tmp'), 0o1777);
   chmodSync(join(dir, 'root'), 0o700);
   pinTimes(dir);
@@ -162,7 +191,7 @@ function buildRootTree(busybox, dir) {
  * saves copying a mostly empty file system of gigabytes into the disk. The options are the Debian guest's (the
  * default guest takes the defaults).
  */
-export function buildExt4(tree, out, { sizeBytes = ROOT_SIZE, inodes = 1024, journalMiB = 1, label = 'qcow86-root', offset } = {}) {
+export function buildExt4(tree, out, { sizeBytes = ROOT_SIZE, inodes = 1024, journalMiB = 1, label = ROOT_LABEL, offset } = {}) {
   if (offset === undefined) rmSync(out, { force: true });
   // A journal (1 MiB, the smallest), because a closed or reloaded tab is a power cut for the guest: the kernel
   // replays the journal on the next mount, where a journal-less ext4 came back with errors (seen after a reload:
@@ -193,7 +222,8 @@ export function buildFat(files, out, sizeBytes = FAT_SIZE) {
   run('syslinux', ['--install', out]);
 }
 
-function syslinuxConfig() {
+/** syslinux.cfg booting vmlinuz and initrd.gz with `cmdline`. */
+export function syslinuxConfig(cmdline = KERNEL_CMDLINE) {
   return `SERIAL 0 115200
 DEFAULT linux
 PROMPT 0
@@ -201,7 +231,7 @@ TIMEOUT 0
 LABEL linux
   KERNEL vmlinuz
   INITRD initrd.gz
-  APPEND ${KERNEL_CMDLINE}
+  APPEND ${cmdline}
 `;
 }
 
@@ -302,8 +332,11 @@ export function defaultBootFiles(outDir = DEFAULT_OUT) {
 
 // ---------------------------------------------------------------- entry points
 
-/** Raise when a change here changes the guest: ensureImages rebuilds outputs made by an older recipe. 2: ext4 journal. */
-const RECIPE = 2;
+/**
+ * Raise when a change here changes the guest: ensureImages rebuilds outputs made by an older recipe. 2: ext4
+ * journal. 3: virtio_pci/virtio_blk in the initramfs, root found by label.
+ */
+const RECIPE = 3;
 
 export const OUTPUT_FILES = ['base.qcow2', 'bios.bin', 'vgabios-stdvga.bin', 'vmlinuz', 'initrd.gz', 'manifest.json'];
 

@@ -17,8 +17,8 @@ import { dirname, join, relative } from 'node:path';
 import { ensurePackages } from '../scripts/system-deps.mjs';
 import { APT_OPTIONS, CACHE, MiB, aptUpdate, fetchDeb, hostPackageVersion, listTree, pinTimes, root, run, sha256, writeExecutable } from './common.mjs';
 import {
-  DEFAULT_OUT, HOST_PACKAGES, assembleDisk, buildBootFiles, buildExt4, buildFat, convertToCompressedQcow2, defaultBootFiles, fileSystemAt, virtualSizeOf,
-  writeGuestList,
+  DEFAULT_OUT, HOST_PACKAGES, assembleDisk, buildBootFiles, buildExt4, buildFat, convertToCompressedQcow2, defaultBootFiles, fileSystemAt, kernelCmdline,
+  syslinuxConfig, virtualSizeOf, writeGuestList,
 } from './build.mjs';
 
 const WORK = join(CACHE, 'images-debian');
@@ -31,8 +31,14 @@ export const DEBIAN_PACKAGES = [
   'usr-is-merged',
 ];
 
-/** Raise when a change here changes the guest (ensureDebian rebuilds images made by an older recipe). */
-const RECIPE = 1;
+/**
+ * Raise when a change here changes the guest (ensureDebian rebuilds images made by an older recipe). 2: the root
+ * is found by its label (the shared initramfs loads IDE and virtio drivers), so it boots on either disk bus.
+ */
+const RECIPE = 2;
+
+/** The root file system's label: the initramfs finds the root by it, on IDE (sda2) or virtio (vda2). */
+const ROOT_LABEL = 'qcow86-debian';
 
 const LAYOUT = (() => {
   const fatStart = 1 * MiB;
@@ -131,7 +137,7 @@ function configure(tree, packages, debs) {
   copyFileSync(join(tree, 'usr/share/base-passwd/group.master'), join(etc, 'group'));
   writeFileSync(join(etc, 'hostname'), 'qcow86\n');
   writeFileSync(join(etc, 'hosts'), '127.0.0.1\tlocalhost\n127.0.1.1\tqcow86\n::1\tlocalhost ip6-localhost ip6-loopback\n');
-  writeFileSync(join(etc, 'fstab'), '/dev/sda2 / ext4 rw,errors=remount-ro 0 1\n');
+  writeFileSync(join(etc, 'fstab'), `LABEL=${ROOT_LABEL} / ext4 rw,errors=remount-ro 0 1\n`);
   writeFileSync(join(etc, 'inittab'), INITTAB);
   mkdirSync(join(etc, 'qcow86'), { recursive: true });
   writeExecutable(join(etc, 'qcow86/rcS'), RCS);
@@ -283,13 +289,20 @@ export async function buildDebian({ outDir = DEFAULT_OUT, update = false } = {})
   pinTimes(tree);
   rmSync(join(WORK, 'root.ext4'), { force: true });
   const fat = join(WORK, 'boot.fat');
-  buildFat(['vmlinuz', 'initrd.gz', 'syslinux.cfg'].map((name) => join(boot, name)), fat, LAYOUT.fatSize);
+  // The default guest's kernel and initramfs; its own syslinux.cfg, naming this root's label.
+  const ownBoot = join(WORK, 'boot');
+  rmSync(ownBoot, { recursive: true, force: true });
+  mkdirSync(ownBoot, { recursive: true });
+  for (const name of ['vmlinuz', 'initrd.gz']) copyFileSync(join(boot, name), join(ownBoot, name));
+  writeFileSync(join(ownBoot, 'syslinux.cfg'), syslinuxConfig(kernelCmdline(ROOT_LABEL)));
+  pinTimes(ownBoot);
+  buildFat(['vmlinuz', 'initrd.gz', 'syslinux.cfg'].map((name) => join(ownBoot, name)), fat, LAYOUT.fatSize);
   const raw = join(WORK, 'disk.raw');
   // The partition table, boot code and boot partition first; the root file system is then made in place.
   assembleDisk(fat, undefined, raw, LAYOUT);
   timed('boot partition');
   // mke2fs's default inode count for the size; a 16 MiB journal.
-  buildExt4(tree, raw, { sizeBytes: LAYOUT.rootSize, inodes: 0, journalMiB: 16, label: 'qcow86-debian', offset: LAYOUT.rootStart });
+  buildExt4(tree, raw, { sizeBytes: LAYOUT.rootSize, inodes: 0, journalMiB: 16, label: ROOT_LABEL, offset: LAYOUT.rootStart });
   timed('ext4 made');
   unstageBootFiles(fileSystemAt(raw, LAYOUT.rootStart), staged, join(WORK, 'unstage-commands'));
   timed('boot files unstaged and checked');

@@ -18,11 +18,13 @@ import { Qcow2Image } from '../qcow2/image.js';
 import { Machine, type MachineOptions } from '../v86/machine.js';
 import { SessionError, loadSession, resumeSession, v86StateMemoryBytes, type LoadedSession, type SessionInfo } from '../v86/session.js';
 import { openBootDisk } from './boot-disk.js';
+import { DEFAULT_DISK_BUS, type DiskBus } from '../v86/disk-bus.js';
 import { DEFAULT_IMAGES_DIR, loadMachineAssets, readFileBuffer } from './machine-assets.js';
 
 export { POWERED_OFF, StepError, Steps, DEFAULT_TIMEOUT_MS, type ExpectOptions, type ExpectResult } from '../v86/machine.js';
 export { KeysError } from '../v86/keyboard.js';
 export { SessionError, type SaveResult, type SessionInfo } from '../v86/session.js';
+export type { DiskBus } from '../v86/disk-bus.js';
 
 export interface BootMachineOptions {
   /** Base image: a file path or an http(s) URL read with Range requests (default: the default guest). */
@@ -36,6 +38,11 @@ export interface BootMachineOptions {
   memory?: number | string;
   /** Continue from session NAME saved in `overlay` (the disk goes back to that session). */
   resume?: string;
+  /**
+   * How the disk is attached: 'virtio' (default) or 'ide'. A resumed session uses the bus it was saved on (IDE for
+   * sessions saved before buses were recorded); a different diskBus is refused.
+   */
+  diskBus?: DiskBus;
   /** Default time an expect step may wait, in milliseconds (default 300000). */
   timeout?: number;
   /** Every chunk of serial output as it arrives (escapes included), e.g. `(t) => process.stdout.write(t)`. */
@@ -102,6 +109,9 @@ export async function bootMachine(options: BootMachineOptions = {}): Promise<Boo
     if (options.resume !== undefined) {
       if (!(disk.device instanceof Qcow2Image)) throw new SessionError(disk.device.name, options.resume, 'needs a qcow2 overlay');
       loaded = await loadSession(disk.device, options.resume, codecs);
+      if (options.diskBus !== undefined && options.diskBus !== loaded.machine.diskBus) {
+        throw new SessionError(disk.device.name, loaded.snapshot.name, `was saved with its disk on ${loaded.machine.diskBus}: it resumes on ${loaded.machine.diskBus}, not on --disk-bus ${options.diskBus} (leave --disk-bus out)`);
+      }
     }
     const direct: Partial<MachineOptions> = options.cmdline !== undefined
       ? {
@@ -115,6 +125,7 @@ export async function bootMachine(options: BootMachineOptions = {}): Promise<Boo
       ...(await loadMachineAssets()),
       // v86 restores a state only into a machine of the memory size it was saved with.
       memoryBytes: (loaded && v86StateMemoryBytes(loaded.state)) ?? memory,
+      diskBus: loaded?.machine.diskBus ?? options.diskBus ?? DEFAULT_DISK_BUS,
       codecs,
       ...(options.timeout !== undefined ? { timeout: options.timeout } : {}),
       ...(options.onSerial ? { onSerial: options.onSerial } : {}),

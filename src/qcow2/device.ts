@@ -17,6 +17,17 @@ export interface BlockDevice {
   readInto?(offset: number, into: Uint8Array): Promise<void>;
   /** Guest write; copy-on-write for images with a backing file. */
   write(offset: number, data: Uint8Array): Promise<void>;
+  /**
+   * Optional: makes [offset, offset+length) read as zeros without sending zero bytes (qcow2: zero flags);
+   * `unmap` lets the image give the host clusters back. Devices without it get zero bytes written instead.
+   */
+  writeZeroes?(offset: number, length: number, options?: { unmap?: boolean }): Promise<void>;
+  /**
+   * Optional: the guest no longer needs [offset, offset+length). Whole clusters are given back and read as
+   * zeros afterwards (also over a backing file); parts of a cluster may keep their contents. Devices without
+   * it ignore discards (a discard is advisory).
+   */
+  discard?(offset: number, length: number): Promise<void>;
   /** Makes all completed writes (data and metadata) durable, in a crash-safe order. */
   flush(): Promise<void>;
   /** Flushes and releases the image and its whole backing chain. */

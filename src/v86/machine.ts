@@ -12,7 +12,7 @@
  * step that times out rejects with a StepError naming the step and carrying the console's and the screen's last
  * lines; later steps then fail too.
  */
-import { V86, type V86Image, type V86Options } from 'v86';
+import { V86, type V86Options } from 'v86';
 import type { Codecs } from '../qcow2/compression.js';
 import type { BlockDevice } from '../qcow2/device.js';
 import { Qcow2Image } from '../qcow2/image.js';
@@ -22,6 +22,8 @@ import { parseKeys, strokeScancodes, type KeyStroke } from './keyboard.js';
 import { encodePng } from './png.js';
 import { ScreenCapture, provideImageData } from './screen.js';
 import { SessionError, saveSession, trackGuestClock, type SaveResult } from './session.js';
+import { attachDisk, diskBusOptions, DEFAULT_DISK_BUS, type AttachedDisk, type DiskBus } from './disk-bus.js';
+import type { VirtioBlk } from './virtio-blk.js';
 
 export interface MachineOptions {
   /** The hard disk: a BlockDevice (wrapped in a V86DiskAdapter) or an adapter the caller made. */
@@ -32,6 +34,8 @@ export interface MachineOptions {
    */
   referenceDisk?: { buffer: ArrayBuffer };
   diskOptions?: DiskAdapterOptions;
+  /** The bus the disk sits on (default virtio). */
+  diskBus?: DiskBus;
   bios: ArrayBuffer;
   vgaBios: ArrayBuffer;
   /** Where v86.wasm is: a filesystem path in Node, a URL in a browser. */
@@ -125,8 +129,15 @@ export class Machine {
   readonly screen: ScreenCapture;
   readonly disk: V86DiskAdapter;
   readonly emulator: V86;
+  readonly diskBus: DiskBus;
   /** Resolves when v86 has started running the guest. */
   readonly started: Promise<void>;
+  /** Resolves once the disk is connected to the guest (before the BIOS runs). */
+  readonly attached: Promise<AttachedDisk>;
+  /** The virtio-blk device, once attached (virtio bus only). */
+  virtio: VirtioBlk | undefined;
+  /** Rejects when the disk could not be attached; never resolves otherwise. */
+  private readonly attachFailed: Promise<never>;
   private queue: Promise<unknown> = Promise.resolve();
   private stepCount = 0;
   private readonly timeout: number;
@@ -152,14 +163,14 @@ export class Machine {
         },
       });
     provideImageData();
+    this.diskBus = options.diskBus ?? DEFAULT_DISK_BUS;
     const config: V86Options = {
       wasm_path: options.wasmPath,
       memory_size: options.memoryBytes ?? 128 * 1024 * 1024,
       vga_memory_size: 8 * 1024 * 1024,
       bios: { buffer: options.bios },
       vga_bios: { buffer: options.vgaBios },
-      // v86 duck-types its disk: any object with get/set/load is used as is (see disk.ts for the contract).
-      hda: (options.referenceDisk ?? this.disk) as unknown as V86Image,
+      ...diskBusOptions(this.diskBus, options.referenceDisk ?? this.disk),
       autostart: true,
       // Keys go in as scancodes (sendKeys); v86's keyboard adapter reads a page's DOM events.
       disable_keyboard: true,
@@ -171,6 +182,26 @@ export class Machine {
     } as V86Options;
     this.emulator = new V86(config);
     this.screen = new ScreenCapture(this.emulator as unknown as ConstructorParameters<typeof ScreenCapture>[0]);
+    // v86's own buffer disk (benchmarks) keeps v86's IDE as it is; a write-through adapter has no cache to report.
+    const ideWriteCache = !options.referenceDisk && !options.diskOptions?.writeThrough;
+    // Discards smaller than a qcow2 cluster free nothing: the guest need not send them.
+    const clusterSize = (this.disk.device as { clusterSize?: unknown }).clusterSize;
+    const virtio = typeof clusterSize === 'number' ? { discardGranularity: clusterSize } : {};
+    this.attached = attachDisk(this.emulator, this.diskBus, this.disk, { ideWriteCache, virtio });
+    // A disk that cannot be connected as promised (a changed v86): the guest must not run without it, and the
+    // step waiting at that moment fails with the reason instead of timing out.
+    this.attachFailed = this.attached.then(
+      (attached) => {
+        this.virtio = attached.virtio;
+        return new Promise<never>(() => {});
+      },
+      (error: unknown) => {
+        this.failure ??= error;
+        void this.emulator.stop();
+        throw error;
+      },
+    );
+    this.attachFailed.catch(() => {});
     this.started = new Promise((resolve) => this.emulator.add_listener('emulator-started', () => resolve()));
     this.emulator.add_listener('serial0-output-byte', (byte: number) => {
       const text = this.console.push(Uint8Array.of(byte));
@@ -317,7 +348,7 @@ export class Machine {
     const done = this.queue.then(() => {
       // After a failure the script is over: later steps report the failure that ended it instead of running.
       if (this.failure) throw this.failure;
-      return step();
+      return Promise.race([step(), this.attachFailed]);
     });
     this.queue = done.catch((error: unknown) => {
       this.failure ??= error;

@@ -4,13 +4,16 @@
  * machine; `qemu-img snapshot -l` lists the sessions with their VM sizes and `qemu-img convert -l NAME` gives the
  * disk as of a session.
  *
- * The VM-state area holds a 32-byte header then the (compressed) blob:
+ * The VM-state area holds a header then the (compressed) blob:
  *
- *   0  magic "qcow86vm"     8  u32 header version (1)   12 u32 format (0 raw, 1 raw deflate, 2 zstd)
+ *   0  magic "qcow86vm"     8  u32 header version (1, 2) 12 u32 format (0 raw, 1 raw deflate, 2 zstd)
  *   16 u64 raw blob length  24 u32 stored payload length 28 u32 CRC-32 of the stored payload
+ *   version 2 only: 32 u32 machine record length        36 u32 CRC-32 of the record, then the record (JSON)
  *
- * The lengths and the checksum make a truncated or damaged area fail with a message that says so, before the
- * disk is touched, instead of v86 restoring garbage.
+ * The machine record says what v86's blob cannot: which bus the disk was on and the state of the devices
+ * attached from outside v86 (the virtio-blk disk). Version 1 areas (saved before buses existed) have none: their
+ * disk was on IDE. The lengths and checksums make a truncated or damaged area fail with a message that says so,
+ * before the disk is touched, instead of v86 restoring garbage.
  *
  * Resuming reverts the disk to the session's instant: disk changes made after it are discarded (they stay in any
  * newer session). No platform imports here: the browser shares this file.
@@ -20,12 +23,18 @@ import { Qcow86Error } from '../qcow2/errors.js';
 import type { Qcow2Image } from '../qcow2/image.js';
 import type { Snapshot } from '../qcow2/snapshots.js';
 import type { Machine } from './machine.js';
+import { isDiskBus, restoreV86State, type DiskBus } from './disk-bus.js';
+import type { VirtioBlkState } from './virtio-blk.js';
 
 export type SessionFormat = 'raw' | 'deflate' | 'zstd';
 
 const MAGIC = 'qcow86vm';
 const HEADER_BYTES = 32;
-const HEADER_VERSION = 1;
+/** Version 2 adds the machine record's length and checksum. */
+const RECORD_HEADER_BYTES = 8;
+const HEADER_VERSION = 2;
+/** A machine record is a few hundred bytes of JSON; a larger claim means a damaged header. */
+const MAX_RECORD_BYTES = 64 * 1024;
 const FORMAT_CODES: Record<SessionFormat, number> = { raw: 0, deflate: 1, zstd: 2 };
 /**
  * zstd level of the VM state. QEMU's cluster level (3) leaves the stored state a header's 32 bytes larger than a
@@ -49,6 +58,17 @@ export class SessionError extends Qcow86Error {
     super(file, `session '${session}' ${reason}`);
   }
 }
+
+/** What a session records about the machine beside v86's state (v86 saves only its own devices). */
+export interface MachineRecord {
+  /** The bus the disk was on: the session resumes on it. */
+  diskBus: DiskBus;
+  /** The virtio-blk device's state (virtio bus only). */
+  virtio?: VirtioBlkState | undefined;
+}
+
+/** Sessions saved before buses were recorded: v86's IDE disk was the only one. */
+const BEFORE_BUSES: MachineRecord = { diskBus: 'ide' };
 
 export interface SessionInfo {
   name: string;
@@ -111,8 +131,10 @@ export async function saveSession(machine: Machine, image: Qcow2Image, name: str
     // Answers to reads issued before the stop change device state: they must land before the state is taken.
     await machine.disk.settle();
     await machine.disk.flush();
+    const attached = await machine.attached;
     const raw = new Uint8Array(await emulator.save_state());
-    const stored = await storeSession(image, name, raw, codecs, { ...options, clockNsec: clock });
+    const record: MachineRecord = { diskBus: machine.diskBus, virtio: attached.virtio?.state() };
+    const stored = await storeSession(image, name, raw, codecs, { ...options, clockNsec: clock, machine: record });
     return { ...stored, pausedMs: now() - began };
   } finally {
     if (wasRunning) emulator.run();
@@ -123,6 +145,8 @@ export interface StoreOptions extends SaveOptions {
   /** Guest clock to record, in nanoseconds. */
   clockNsec?: number;
   date?: Date;
+  /** The bus and outside devices of the machine (without: a session as saved before buses existed). */
+  machine?: MachineRecord;
 }
 
 /**
@@ -134,7 +158,7 @@ export interface StoreOptions extends SaveOptions {
 export async function storeSession(image: Qcow2Image, name: string, raw: Uint8Array, codecs: Codecs, options: StoreOptions = {}): Promise<Omit<SaveResult, 'pausedMs'>> {
   const format = options.format ?? 'zstd';
   const replaced = refuseExisting(image, name, options);
-  const stored = await encodeVmState(raw, format, codecs);
+  const stored = await encodeVmState(raw, format, codecs, options.machine);
   const snapshot = await image.createSnapshot(name, { vmState: stored, vmClockNsec: options.clockNsec ?? 0, date: options.date ?? new Date(), allowSameName: true });
   await image.flush();
   for (const old of replaced) await image.deleteSnapshot(old.id);
@@ -153,6 +177,8 @@ function refuseExisting(image: Qcow2Image, name: string, options: SaveOptions): 
 export interface LoadedSession {
   snapshot: Snapshot;
   state: ArrayBuffer;
+  /** The machine it was saved from: its disk bus (IDE for sessions saved before buses were recorded). */
+  machine: MachineRecord;
 }
 
 /** Reads and checks session `name` (an ID or a name) without touching the disk: a damaged session fails here. */
@@ -165,9 +191,11 @@ export async function loadSession(image: Qcow2Image, name: string, codecs: Codec
     const what = limit === stored ? `the image stores (${stored} bytes)` : `any v86 machine saves (${MAX_AREA_BYTES} bytes)`;
     throw new SessionError(image.name, name, `VM state claims ${snapshot.vmStateSize} bytes (vm_state_size of snapshot ${snapshot.id}), more than ${what}: damaged`);
   }
-  const raw = await decodeVmState(await image.readVmState(snapshot), snapshot.vmStateSize, codecs, image.name, name);
+  const area = await image.readVmState(snapshot);
+  const raw = await decodeVmState(area, snapshot.vmStateSize, codecs, image.name, name);
+  const machine = decodeMachineRecord(area, image.name, name);
   const state = raw.byteOffset === 0 && raw.byteLength === raw.buffer.byteLength ? raw.buffer as ArrayBuffer : raw.slice().buffer;
-  return { snapshot, state };
+  return { snapshot, state, machine };
 }
 
 /**
@@ -177,18 +205,37 @@ export async function loadSession(image: Qcow2Image, name: string, codecs: Codec
  */
 export async function resumeSession(machine: Machine, image: Qcow2Image, session: string | LoadedSession, codecs: Codecs): Promise<SessionInfo> {
   const loaded = typeof session === 'string' ? await loadSession(image, session, codecs) : session;
+  if (loaded.machine.diskBus !== machine.diskBus) {
+    throw new SessionError(image.name, loaded.snapshot.name, `was saved with its disk on ${loaded.machine.diskBus}, this machine's disk is on ${machine.diskBus}`);
+  }
   const emulator = machine.emulator;
   await machine.started;
+  const attached = await machine.attached;
   await emulator.stop();
   // The machine's own writes since it started belong to the disk being discarded; they must reach the image
   // before the revert (an unfinished write-back landing afterwards would corrupt the reverted disk).
   await machine.disk.flush();
   await revertToSession(image, loaded);
   machine.disk.invalidate();
-  await emulator.restore_state(loaded.state);
+  await restoreV86State(emulator, loaded.state);
+  restoreDevices(attached.virtio, loaded.machine, image.name, loaded.snapshot.name);
   clocks.set(machine, { baseNsec: loaded.snapshot.vmClockNsec, sinceMs: now() });
   emulator.run();
   return describe(loaded.snapshot);
+}
+
+/**
+ * Puts the outside devices' saved state back, after v86 restored its own (guest memory holds the rings the
+ * device reads again). A virtio session without device state (or a damaged one) fails by name.
+ */
+export function restoreDevices(virtio: { restore(state: VirtioBlkState): void } | undefined, record: MachineRecord, file: string, session: string): void {
+  if (!virtio) return;
+  if (!record.virtio) throw new SessionError(file, session, 'has no virtio-blk device state');
+  try {
+    virtio.restore(record.virtio);
+  } catch (error) {
+    throw new SessionError(file, session, `virtio-blk device state is damaged: ${(error as Error).message}`);
+  }
 }
 
 /**
@@ -238,18 +285,61 @@ function describe(s: Snapshot): SessionInfo {
 
 // ------------------------------------------------------------------ the VM-state area
 
-export async function encodeVmState(raw: Uint8Array, format: SessionFormat, codecs: Codecs): Promise<Uint8Array> {
+/** The area's bytes; with `machine` a version 2 area that records it, without one a version 1 area (no bus). */
+export async function encodeVmState(raw: Uint8Array, format: SessionFormat, codecs: Codecs, machine?: MachineRecord): Promise<Uint8Array> {
   const payload = format === 'zstd' ? await codecs.zstdCompress(raw, VM_STATE_ZSTD_LEVEL) : format === 'deflate' ? await codecs.deflateRaw(raw) : raw;
-  const out = new Uint8Array(HEADER_BYTES + payload.length);
+  const record = machine ? new TextEncoder().encode(JSON.stringify(machine)) : undefined;
+  const start = record ? HEADER_BYTES + RECORD_HEADER_BYTES + record.length : HEADER_BYTES;
+  const out = new Uint8Array(start + payload.length);
   const view = new DataView(out.buffer);
   for (let i = 0; i < MAGIC.length; i++) out[i] = MAGIC.charCodeAt(i);
-  view.setUint32(8, HEADER_VERSION);
+  view.setUint32(8, record ? 2 : 1);
   view.setUint32(12, FORMAT_CODES[format]);
   view.setBigUint64(16, BigInt(raw.length));
   view.setUint32(24, payload.length);
   view.setUint32(28, crc32(payload));
-  out.set(payload, HEADER_BYTES);
+  if (record) {
+    view.setUint32(32, record.length);
+    view.setUint32(36, crc32(record));
+    out.set(record, HEADER_BYTES + RECORD_HEADER_BYTES);
+  }
+  out.set(payload, start);
   return out;
+}
+
+/** Where the compressed payload starts: after the header, and in version 2 after the machine record. */
+function payloadStart(area: Uint8Array, view: DataView, version: number, fail: (reason: string) => Error): number {
+  if (version === 1) return HEADER_BYTES;
+  if (area.length < HEADER_BYTES + RECORD_HEADER_BYTES) throw fail(`is ${area.length} bytes, shorter than its ${HEADER_BYTES + RECORD_HEADER_BYTES}-byte header (truncated)`);
+  const recordLength = view.getUint32(32);
+  if (recordLength > MAX_RECORD_BYTES) throw fail(`claims a ${recordLength}-byte machine record (damaged header)`);
+  return HEADER_BYTES + RECORD_HEADER_BYTES + recordLength;
+}
+
+/**
+ * The machine record of a VM-state area that decodeVmState accepted: version 1 areas have none (their disk was on
+ * IDE). The record is checked (checksum, JSON, bus) and named when damaged; the device state inside is checked
+ * field by field when it is restored.
+ */
+export function decodeMachineRecord(area: Uint8Array, file: string, session: string): MachineRecord {
+  const fail = (reason: string) => new SessionError(file, session, `machine record ${reason}`);
+  const view = new DataView(area.buffer, area.byteOffset, area.byteLength);
+  if (view.getUint32(8) === 1) return BEFORE_BUSES;
+  const length = view.getUint32(32);
+  const start = HEADER_BYTES + RECORD_HEADER_BYTES;
+  if (length > MAX_RECORD_BYTES || start + length > area.length) throw fail('is truncated');
+  const bytes = area.subarray(start, start + length);
+  if (crc32(bytes) !== view.getUint32(36)) throw fail(`is corrupted: CRC-32 ${hex32(crc32(bytes))} of ${length} bytes, expected ${hex32(view.getUint32(36))}`);
+  let record: unknown;
+  try {
+    record = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes));
+  } catch (error) {
+    throw fail(`is not JSON: ${(error as Error).message}`);
+  }
+  const { diskBus, virtio } = (record ?? {}) as { diskBus?: unknown; virtio?: unknown };
+  if (!isDiskBus(diskBus)) throw fail(`names no known disk bus (${JSON.stringify(diskBus)})`);
+  if (virtio !== undefined && (typeof virtio !== 'object' || virtio === null)) throw fail('holds a virtio-blk state that is not an object');
+  return { diskBus, virtio: virtio as VirtioBlkState | undefined };
 }
 
 /** Checks and decompresses a VM-state area; every failure names what is wrong with it. */
@@ -260,17 +350,18 @@ export async function decodeVmState(area: Uint8Array, recordedSize: number, code
   if (magic !== MAGIC) throw fail(`does not start with '${MAGIC}' (found ${JSON.stringify(magic)}): not saved by qcow86, or damaged`);
   const view = new DataView(area.buffer, area.byteOffset, area.byteLength);
   const version = view.getUint32(8);
-  if (version !== HEADER_VERSION) throw fail(`header version ${version} is not supported (expected ${HEADER_VERSION})`);
+  if (version !== 1 && version !== HEADER_VERSION) throw fail(`header version ${version} is not supported (expected 1 or ${HEADER_VERSION})`);
+  const start = payloadStart(area, view, version, fail);
   const code = view.getUint32(12);
   const format = (Object.keys(FORMAT_CODES) as SessionFormat[]).find((f) => FORMAT_CODES[f] === code);
   if (!format) throw fail(`has unknown compression format ${code}`);
   const rawLength = Number(view.getBigUint64(16));
   if (rawLength === 0 || rawLength > MAX_RAW_BYTES) throw fail(`claims ${rawLength} raw bytes (damaged header)`);
   const storedLength = view.getUint32(24);
-  if (HEADER_BYTES + storedLength > area.length) {
-    throw fail(`is truncated: the header announces ${HEADER_BYTES + storedLength} bytes, the snapshot records ${recordedSize}`);
+  if (start + storedLength > area.length) {
+    throw fail(`is truncated: the header announces ${start + storedLength} bytes, the snapshot records ${recordedSize}`);
   }
-  const payload = area.subarray(HEADER_BYTES, HEADER_BYTES + storedLength);
+  const payload = area.subarray(start, start + storedLength);
   const expected = view.getUint32(28);
   const actual = crc32(payload);
   if (actual !== expected) throw fail(`is corrupted: CRC-32 ${hex32(actual)} of ${storedLength} bytes, expected ${hex32(expected)}`);

@@ -8,7 +8,7 @@
  */
 import type { BlockDevice } from '../qcow2/device.js';
 import { Qcow2Image } from '../qcow2/image.js';
-import { SessionError, listSessions, loadSession, revertToSession, storeSession, deleteSession } from '../v86/session.js';
+import { SessionError, listSessions, loadSession, revertToSession, storeSession, deleteSession, type MachineRecord } from '../v86/session.js';
 import type { SessionSummary } from './protocol.js';
 
 function qcow2(device: BlockDevice): Qcow2Image {
@@ -26,14 +26,14 @@ export function sessionsOf(device: BlockDevice): SessionSummary[] {
 }
 
 /**
- * Stores `state` (v86's save_state() of a stopped machine whose disk writes have all reached `device`) as
- * session `name`, replacing one of that name when `replace` (the old one is deleted only once the new one is
+ * Stores `state` (v86's save_state() of a stopped machine whose disk writes have all reached `device`) and the
+ * machine record (disk bus, virtio device state) as session `name`, replacing one of that name when `replace` (the old one is deleted only once the new one is
  * written).
  */
-export async function saveSessionState(device: BlockDevice, name: string, state: ArrayBuffer, options: { clockNsec: number; replace: boolean }): Promise<SessionSummary & { rawBytes: number }> {
+export async function saveSessionState(device: BlockDevice, name: string, state: ArrayBuffer, options: { clockNsec: number; replace: boolean; machine?: MachineRecord | undefined }): Promise<SessionSummary & { rawBytes: number }> {
   const image = qcow2(device);
   await image.flush();
-  const stored = await storeSession(image, name, new Uint8Array(state), image.codecs, { replace: options.replace, clockNsec: options.clockNsec });
+  const stored = await storeSession(image, name, new Uint8Array(state), image.codecs, { replace: options.replace, clockNsec: options.clockNsec, ...(options.machine ? { machine: options.machine } : {}) });
   return { ...summary(stored), rawBytes: stored.rawBytes };
 }
 
@@ -41,12 +41,12 @@ export async function saveSessionState(device: BlockDevice, name: string, state:
  * Reverts the disk to session `id` and returns v86's state to restore. The VM state is read and checked first:
  * a damaged session fails with the disk untouched.
  */
-export async function resumeSessionState(device: BlockDevice, id: string): Promise<{ session: SessionSummary; state: ArrayBuffer }> {
+export async function resumeSessionState(device: BlockDevice, id: string): Promise<{ session: SessionSummary; state: ArrayBuffer; machine: MachineRecord }> {
   const image = qcow2(device);
   const loaded = await loadSession(image, id, image.codecs);
   await image.flush();
   const info = await revertToSession(image, loaded);
-  return { session: summary(info), state: loaded.state };
+  return { session: summary(info), state: loaded.state, machine: loaded.machine };
 }
 
 export async function deleteSessionById(device: BlockDevice, id: string): Promise<void> {

@@ -132,7 +132,8 @@ async function open(request: OpenRequest): Promise<OpenResult> {
     session = { device, base, overlayStore, overlayName, mode: request.mode, map, release: releaseAll, request, makeRoom };
     unsaved = 0;
     writeFailure = undefined;
-    return { virtualSize: device.virtualSize, overlay: overlayName, mode: request.mode, created, map: map.snapshot(), copiedAt };
+    const clusterSize = (device as { clusterSize?: unknown }).clusterSize;
+    return { virtualSize: device.virtualSize, overlay: overlayName, mode: request.mode, created, map: map.snapshot(), copiedAt, clusterSize: typeof clusterSize === 'number' ? clusterSize : undefined };
   } catch (error) {
     // The base's block file and the overlay are held through exclusive OPFS sync handles: a failed open (a
     // changed base refused, a damaged overlay) must let the next open, or another tab, have them.

@@ -3,7 +3,7 @@
  * Worker's events (serial bytes, screen, dirty bytes) to listeners. Method names follow v86's own API where one
  * exists, so page code reads the same as against an in-page emulator.
  */
-import type { MachineEvent, MachineReply, MachineRequest, MachineStart } from './machine-protocol.js';
+import type { MachineEvent, MachineReply, MachineRequest, MachineStart, MachineState } from './machine-protocol.js';
 
 export class MachineClient {
   private readonly worker: Worker;
@@ -50,7 +50,7 @@ export class MachineClient {
 
   /** Boots v86 in the Worker on the disk reached through `start.disk` (a port from RemoteDisk.connect()). */
   start(start: Omit<MachineStart, 'op'>): Promise<void> {
-    return this.call({ op: 'start', ...start }, start.initialState ? [start.disk, start.initialState] : [start.disk]);
+    return this.call({ op: 'start', ...start }, start.initialState ? [start.disk, start.initialState.v86] : [start.disk]);
   }
 
   serial0_send(data: string): void {
@@ -80,13 +80,16 @@ export class MachineClient {
     return this.call({ op: 'restart', diskChanged });
   }
 
-  /** v86's machine state, taken once no disk read is in flight and every write is in the disk Worker. */
-  save_state(): Promise<ArrayBuffer> {
+  /**
+   * The machine's state (v86's, and the disk bus and virtio device beside it), taken once no disk request is in
+   * flight and every write is in the disk Worker.
+   */
+  save_state(): Promise<MachineState> {
     return this.call({ op: 'save-state' });
   }
 
-  /** Restores v86's state; the disk adapter first forgets reads and geometry of the disk as it was. */
-  restore_state(state: ArrayBuffer): Promise<void> {
-    return this.call({ op: 'restore-state', state }, [state]);
+  /** Restores a machine state; the disk adapter first forgets reads and geometry of the disk as it was. */
+  restore_state(state: MachineState): Promise<void> {
+    return this.call({ op: 'restore-state', state }, [state.v86]);
   }
 }

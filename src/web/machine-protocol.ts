@@ -3,6 +3,14 @@
  * in slices of its own choosing (tens to hundreds of milliseconds on a busy machine, longer while the BIOS clears
  * video memory); on the page's main thread those slices froze the tab, so the page keeps only the views.
  */
+import type { DiskBus } from '../v86/disk-bus.js';
+import type { MachineRecord } from '../v86/session.js';
+
+/** A machine's whole state: v86's own blob, and what v86 does not save (the disk bus, our virtio device). */
+export interface MachineState {
+  v86: ArrayBuffer;
+  machine: MachineRecord;
+}
 
 export interface MachineStart {
   op: 'start';
@@ -10,14 +18,18 @@ export interface MachineStart {
   disk: MessagePort;
   virtualSize: number;
   name: string;
+  /** The guest sees a read-only disk (virtio RO; on IDE the writes go to the disk Worker, which discards them). */
   readOnly: boolean;
+  diskBus: DiskBus;
+  /** Bytes of the image's clusters: discards smaller than this free nothing. */
+  discardGranularity?: number | undefined;
   /** Absolute URLs of v86's wasm and the firmware. */
   wasm: string;
   bios: string;
   vgaBios: string;
   memoryBytes: number;
-  /** A session's v86 state to start from instead of booting (it fixes memoryBytes: v86 needs the same size). */
-  initialState?: ArrayBuffer | undefined;
+  /** A session's state to start from instead of booting (it fixes memoryBytes and diskBus: v86 needs the same). */
+  initialState?: MachineState | undefined;
 }
 
 export type MachineRequest =
@@ -33,7 +45,7 @@ export type MachineRequest =
   | { op: 'run' }
   | { op: 'save-state' }
   /** Restores a session's state into the stopped machine, whose disk was reverted underneath; does not run it. */
-  | { op: 'restore-state'; state: ArrayBuffer };
+  | { op: 'restore-state'; state: MachineState };
 
 export type MachineEvent =
   | { event: 'started' }

@@ -3,11 +3,13 @@
  * port to the disk Worker. The page only draws what this Worker reports (serial bytes, the VGA text screen) and
  * forwards keys, so the emulator's long instruction slices never block the page.
  */
-import { V86, type V86Image, type V86Options } from 'v86';
+import { V86, type V86Options } from 'v86';
 import { V86DiskAdapter } from '../v86/disk.js';
 import { ScreenCapture } from '../v86/screen.js';
+import { attachDisk, diskBusOptions, restoreV86State, type AttachedDisk } from '../v86/disk-bus.js';
+import { restoreDevices, type MachineRecord } from '../v86/session.js';
 import { RemoteDisk, DiskProblem } from './remote-disk.js';
-import type { MachineEvent, MachineReply, MachineRequest, MachineStart } from './machine-protocol.js';
+import type { MachineEvent, MachineReply, MachineRequest, MachineStart, MachineState } from './machine-protocol.js';
 
 interface WorkerScope {
   postMessage(message: unknown, transfer?: Transferable[]): void;
@@ -21,6 +23,8 @@ const REPORT_MS = 200;
 
 let emulator: V86 | undefined;
 let adapter: V86DiskAdapter | undefined;
+/** The disk's connection to the guest, once v86's devices exist. */
+let attached: Promise<AttachedDisk> | undefined;
 
 function emit(event: MachineEvent, transfer: Transferable[] = []): void {
   scope.postMessage(event, transfer);
@@ -92,6 +96,7 @@ setInterval(reportDirty, REPORT_MS);
 function start(request: MachineStart): void {
   const disk = new RemoteDisk(request.disk);
   const device = disk.device({ virtualSize: request.virtualSize, name: request.name, readOnly: request.readOnly });
+  const bus = request.initialState?.machine.diskBus ?? request.diskBus;
   adapter = new V86DiskAdapter(device, {
     // The disk Worker makes writes durable shortly after; keeping them here longer only widens the window in
     // which closing the tab loses them.
@@ -107,10 +112,9 @@ function start(request: MachineStart): void {
     vga_memory_size: 8 * 1024 * 1024,
     bios: { url: request.bios },
     vga_bios: { url: request.vgaBios },
-    hda: adapter as unknown as V86Image,
-    // A resumed session: v86 restores it once loaded, before it runs (no boot).
-    ...(request.initialState ? { initial_state: { buffer: request.initialState } } : {}),
-    autostart: true,
+    ...diskBusOptions(bus, adapter),
+    // A resumed session is restored once v86 is loaded, before it runs (no boot); otherwise it boots at once.
+    autostart: !request.initialState,
     // No DOM here: the page turns keys into scancodes (src/v86/keyboard.ts) and forwards them.
     disable_keyboard: true,
     disable_mouse: true,
@@ -119,9 +123,39 @@ function start(request: MachineStart): void {
   const machine = new V86(options);
   emulator = machine;
   watchScreen(machine);
+  // The guest's flushes reach the disk Worker (the page's 'all saved' then means durable); on virtio the device
+  // is ours. A v86 whose internals changed stops here rather than run a guest whose sync promises nothing.
+  attached = attachDisk(machine, bus, adapter, { virtio: { discardGranularity: request.discardGranularity } });
+  attached.catch((error: unknown) => {
+    void machine.stop();
+    emit({ event: 'error', message: (error as Error).message });
+  });
+  if (request.initialState) {
+    const state = request.initialState;
+    machine.add_listener('emulator-loaded', () => void resume(state));
+  }
   machine.add_listener('emulator-started', () => emit({ event: 'started' }));
   machine.add_listener('emulator-stopped', () => emit({ event: 'stopped' }));
   machine.add_listener('serial0-output-byte', serialByte);
+}
+
+/** Starts the new machine from a session's state instead of booting. */
+async function resume(state: MachineState): Promise<void> {
+  try {
+    await restoreState(state);
+    await need().machine.run();
+  } catch (error) {
+    emit({ event: 'error', message: `the session cannot be resumed: ${(error as Error).message}` });
+  }
+}
+
+/** v86's state, then the devices v86 does not save (the virtio disk), into the stopped machine. */
+async function restoreState(state: MachineState): Promise<void> {
+  const { machine } = need();
+  const disk = await attached!;
+  if (state.machine.diskBus !== disk.bus) throw new Error(`the session's disk was on ${state.machine.diskBus}, this machine's is on ${disk.bus}`);
+  await restoreV86State(machine, state.v86);
+  restoreDevices(disk.virtio, state.machine, 'this disk', 'the session');
 }
 
 function need(): { machine: V86; disk: V86DiskAdapter } {
@@ -168,16 +202,19 @@ async function handle(request: MachineRequest): Promise<{ value?: unknown; trans
       // The saved machine must not be waiting for a read that completes only in this session.
       await disk.settle();
       await disk.flush();
-      const state = await machine.save_state();
-      return { value: state, transfer: [state] };
+      const connected = await attached!;
+      const v86 = await machine.save_state();
+      const record: MachineRecord = { diskBus: connected.bus, virtio: connected.virtio?.state() };
+      const state: MachineState = { v86, machine: record };
+      return { value: state, transfer: [v86] };
     }
     case 'restore-state': {
-      const { machine, disk } = need();
+      const { disk } = need();
       // A restored machine has its own idea of the disk (a session reverts the disk with it): answers to reads
       // of the previous machine and the cached MBR must not reach it.
       await disk.flush();
       disk.invalidate();
-      await machine.restore_state(request.state);
+      await restoreState(request.state);
       return {};
     }
   }

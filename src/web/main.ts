@@ -16,6 +16,7 @@ import { OverlayOpener } from './overlay-open-ui.js';
 import { SessionUi } from './session-ui.js';
 import { v86StateMemoryBytes } from '../v86/session.js';
 import { guestAt, loadGuests, showGuestList } from './guest-list.js';
+import { chooseDiskBus, keepDiskBus, showDiskBus } from './disk-bus-setting.js';
 
 const byId = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
 
@@ -126,7 +127,8 @@ async function openDisk(): Promise<OpenResult | undefined> {
     mode = choice;
     const result = await disk.open({ base: baseUrl, overlay: overlayName, mode });
     if (mode === 'fresh') {
-      // Remember the fresh disk's name in the address, so a reload of this tab finds it again.
+      // Remember the fresh disk's name in the address, so a reload of this tab finds it again; it keeps the bus.
+      keepDiskBus(result.overlay, chooseDiskBus(overlayName, params.get('disk-bus')));
       overlayName = result.overlay;
       mode = 'write';
       const url = new URL(location.href);
@@ -161,8 +163,16 @@ async function start(): Promise<void> {
   mapView.show(opened.map);
   // Before the machine exists: a resumed session starts from its state instead of booting.
   const initialState = opened.mode === 'readonly' ? undefined : await sessions.offerOnLoad();
-  // v86 restores a state only into a machine of the memory size it was saved with.
-  const memoryBytes = (initialState && v86StateMemoryBytes(initialState)) ?? guestMemoryBytes;
+  // v86 restores a state only into a machine of the memory size it was saved with, and on the same disk bus.
+  const memoryBytes = (initialState && v86StateMemoryBytes(initialState.v86)) ?? guestMemoryBytes;
+  const diskBus = initialState?.machine.diskBus ?? chooseDiskBus(opened.overlay, params.get('disk-bus'));
+  showDiskBus(byId<HTMLSelectElement>('disk-bus'), diskBus, opened.overlay, async (url) => {
+    // The bus is fixed when the machine is built: save everything, then a new page builds it.
+    if (started) await machine.stop();
+    await disk.flush();
+    leaving = true;
+    location.replace(url);
+  });
   setPhase('Loading the firmware…');
   machine.on((event) => {
     switch (event.event) {
@@ -200,7 +210,11 @@ async function start(): Promise<void> {
     disk: disk.connect(),
     virtualSize: opened.virtualSize,
     name: opened.overlay,
-    readOnly: false,
+    // A read-only tab's guest sees a read-only disk on virtio (its root is mounted read-only); on IDE, which
+    // cannot say so, its writes are kept in memory and thrown away.
+    readOnly: opened.mode === 'readonly',
+    diskBus,
+    discardGranularity: opened.clusterSize,
     wasm: new URL(wasmUrl, location.href).href,
     bios: `${imagesUrl}bios.bin`,
     vgaBios: `${imagesUrl}vgabios-stdvga.bin`,
@@ -216,6 +230,7 @@ async function start(): Promise<void> {
       save_state: () => machine.save_state(),
       isRunning: () => !poweredOff,
       memoryBytes,
+      diskBus,
     },
     opened.mode !== 'readonly',
   );

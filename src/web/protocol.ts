@@ -1,3 +1,5 @@
+import type { MachineRecord } from '../v86/session.js';
+
 /**
  * Messages between the page and the disk Worker. The Worker owns the whole disk (qcow2 engine, OPFS overlay,
  * HTTP base) so that no engine or storage work ever runs on the page's main thread; the page holds only a proxy.
@@ -51,8 +53,8 @@ export type Request =
   // Sessions (disk-sessions.ts): the page takes and restores v86's state; the Worker keeps it in the overlay.
   | { op: 'sessions' }
   /** Stores a stopped machine's save_state() whose disk writes have all been sent; replies with the session. */
-  | { op: 'save-session'; name: string; state: ArrayBuffer; clockNsec: number; replace: boolean }
-  /** Reverts the disk to the session and replies with its state ({ session, state, map }). */
+  | { op: 'save-session'; name: string; state: ArrayBuffer; machine: MachineRecord; clockNsec: number; replace: boolean }
+  /** Reverts the disk to the session and replies with its state ({ session, state, machine, map }). */
   | { op: 'resume-session'; id: string }
   | { op: 'delete-session'; id: string };
 
@@ -81,6 +83,8 @@ export interface OpenResult {
   mode: OpenMode;
   /** True when the overlay was created by this open (first visit, or fresh). */
   created: boolean;
+  /** The overlay's cluster size (qcow2): discards smaller than this free nothing. */
+  clusterSize?: number | undefined;
   map: ClusterMap;
   /** Read-only mode: when the copy of the stored overlay this tab reads was taken (ms since the epoch). */
   copiedAt?: number | undefined;

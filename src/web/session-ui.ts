@@ -11,7 +11,9 @@ import type { RemoteDisk } from './remote-disk.js';
 import type { ClusterMap, SessionSummary } from './protocol.js';
 import { ask, setPhase } from './status-view.js';
 import { formatBytes } from './format.js';
-import { v86StateMemoryBytes } from '../v86/session.js';
+import { v86StateMemoryBytes, type MachineRecord } from '../v86/session.js';
+import type { MachineState } from './machine-protocol.js';
+import type { DiskBus } from '../v86/disk-bus.js';
 
 /**
  * Address parameter naming a session to offer at load: the page reloads itself with it to build a machine of the
@@ -27,11 +29,13 @@ export interface SessionMachine {
   /** Stops the CPU; resolves once every guest write acknowledged so far has reached the disk Worker. */
   stop(): Promise<void>;
   run(): Promise<void>;
-  save_state(): Promise<ArrayBuffer>;
+  save_state(): Promise<MachineState>;
   /** Whether the guest was running before a save (a powered-off machine stays off). */
   isRunning(): boolean;
   /** Guest RAM of the running machine. */
   memoryBytes: number;
+  /** The bus its disk is on. */
+  diskBus: DiskBus;
 }
 
 export interface SessionHooks {
@@ -48,8 +52,11 @@ export interface SessionHooks {
 interface Resumed {
   session: SessionSummary;
   state: ArrayBuffer;
+  machine: MachineRecord;
   map: ClusterMap;
 }
+
+const machineState = (resumed: Resumed): MachineState => ({ v86: resumed.state, machine: resumed.machine });
 
 const byId = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
 
@@ -60,7 +67,7 @@ export function describeSession(s: SessionSummary): string {
 export class SessionUi {
   private machine: SessionMachine | undefined;
   private sessions: SessionSummary[] = [];
-  private pending: ArrayBuffer | undefined;
+  private pending: MachineState | undefined;
   /** Guest run time recorded with a save: where the running session started from, and since when. */
   private clock = { baseNsec: 0, sinceMs: performance.now() };
   private busy = false;
@@ -90,7 +97,7 @@ export class SessionUi {
   }
 
   /** The state to restore instead of booting, once: set by a resume while the machine is stopped. */
-  takePendingState(): ArrayBuffer | undefined {
+  takePendingState(): MachineState | undefined {
     const state = this.pending;
     this.pending = undefined;
     return state;
@@ -100,7 +107,7 @@ export class SessionUi {
    * Before the machine exists: when the stored overlay holds sessions, asks whether to resume the newest (or the
    * one the address names). On yes the disk is already reverted and the state to start from is returned.
    */
-  async offerOnLoad(): Promise<ArrayBuffer | undefined> {
+  async offerOnLoad(): Promise<MachineState | undefined> {
     await this.refresh();
     const requested = this.takeRequested();
     const offered = requested?.session ?? this.newest();
@@ -110,7 +117,7 @@ export class SessionUi {
       const resumed = await this.revert(offered);
       // Said once the machine runs (afterRestart): the page's start-up phases would overwrite it before.
       this.resumedAfterRestart = resumed.session;
-      return resumed.state;
+      return machineState(resumed);
     } catch (error) {
       await ask('The session cannot be resumed', `${(error as Error).message}. The disk was not changed; the machine starts normally.`, [{ label: 'OK', value: 'ok', kind: 'primary' }]);
       return undefined;
@@ -175,17 +182,20 @@ export class SessionUi {
       ],
     );
     if (choice !== 'resume') return;
-    this.restoreLater(newest, (await this.revert(newest)).state);
+    this.restoreLater(newest, machineState(await this.revert(newest)));
   }
 
   /**
    * Keeps `state` for the restart, or, when it was saved from a machine of another memory size (v86 restores
-   * only into the same size: a 128 MiB CLI session in this 64 MiB tab), reloads the page to build a machine of
-   * that size, which resumes the session as it starts (the disk is already reverted; reverting again is a no-op).
+   * only into the same size: a 128 MiB CLI session in this 64 MiB tab) or with its disk on the other bus,
+   * reloads the page to build a machine like it, which resumes the session as it starts (the disk is already
+   * reverted; reverting again is a no-op).
    */
-  private restoreLater(session: SessionSummary, state: ArrayBuffer): void {
-    const memory = v86StateMemoryBytes(state);
-    if (memory !== undefined && this.machine && memory !== this.machine.memoryBytes) {
+  private restoreLater(session: SessionSummary, state: MachineState): void {
+    const memory = v86StateMemoryBytes(state.v86);
+    const otherMemory = memory !== undefined && this.machine !== undefined && memory !== this.machine.memoryBytes;
+    const otherBus = this.machine !== undefined && state.machine.diskBus !== this.machine.diskBus;
+    if (otherMemory || otherBus) {
       const url = new URL(location.href);
       url.searchParams.set(RESUME_PARAM, session.id);
       // The user confirmed this resume here: the reloaded page goes ahead without asking again.
@@ -262,10 +272,10 @@ export class SessionUi {
     await machine.stop();
     let saved: SessionSummary & { rawBytes: number };
     try {
-      const state = await machine.save_state();
+      const { v86, machine: record } = await machine.save_state();
       // The machine stays stopped until the snapshot exists: its disk requests reach the disk Worker over
       // another channel than this one, so nothing would order them after the save.
-      saved = await this.disk.call({ op: 'save-session', name, state, clockNsec, replace: true }, [state]);
+      saved = await this.disk.call({ op: 'save-session', name, state: v86, machine: record, clockNsec, replace: true }, [v86]);
     } finally {
       if (wasRunning) await machine.run();
     }
@@ -302,7 +312,7 @@ export class SessionUi {
       if (wasRunning) await machine.run();
       throw error;
     }
-    await this.hooks.withMachineStopped(`Resuming session '${session.name}'…`, async () => this.restoreLater(session, resumed.state));
+    await this.hooks.withMachineStopped(`Resuming session '${session.name}'…`, async () => this.restoreLater(session, machineState(resumed)));
   }
 
   async remove(session: SessionSummary): Promise<void> {

@@ -88,7 +88,7 @@ describe('the Debian guest', { timeout: 1_200_000 }, () => {
     expect(versions).toMatch(/mke2fs 1\.47\.0/);
     expect(versions).toMatch(/Python 3\.11/);
     expect(await shell(local, 'dpkg-query -W -f \'${Package} ${Status}\\n\' python3 e2fsprogs')).toBe('e2fsprogs install ok installed\npython3 install ok installed\n');
-    const [sectors, size, avail] = (await shell(local, 'cat /sys/block/sda/size; df -B1 --output=size,avail / | tail -1')).trim().split(/\s+/).map(Number);
+    const [sectors, size, avail] = (await shell(local, 'cat /sys/block/vda/size; df -B1 --output=size,avail / | tail -1')).trim().split(/\s+/).map(Number);
     expect(sectors! * 512).toBeGreaterThanOrEqual(2 * 1024 ** 3);
     expect(size).toBeGreaterThan(1.9 * 1024 ** 3);
     expect(avail).toBeGreaterThan(1.5 * 1024 ** 3);

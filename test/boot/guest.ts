@@ -6,17 +6,19 @@ import { ensureImages } from '../../images/build.mjs';
 import { DEFAULT_BASE } from '../../src/node/boot-disk.js';
 import { bootMachine, type BootedMachine } from '../../src/node/machine.js';
 import type { Machine } from '../../src/v86/machine.js';
+import type { DiskBus } from '../../src/v86/disk-bus.js';
 
 export { DEFAULT_BASE };
 
 /** This shared 2-core machine boots the guest in 20-120 s depending on load. */
 export const BOOT_TIMEOUT_MS = 400_000;
 
-export async function bootGuest(options: { overlay?: string; base?: string; log?: boolean } = {}): Promise<BootedMachine> {
+export async function bootGuest(options: { overlay?: string; base?: string; log?: boolean; diskBus?: DiskBus } = {}): Promise<BootedMachine> {
   await ensureImages();
   const machine = await bootMachine({
     ...(options.overlay !== undefined ? { overlay: options.overlay } : {}),
     ...(options.base !== undefined ? { base: options.base } : {}),
+    ...(options.diskBus !== undefined ? { diskBus: options.diskBus } : {}),
     timeout: 120_000,
     ...(options.log || process.env.QCOW86_SERIAL ? { onSerial: (text: string) => process.stderr.write(text) } : {}),
   });

@@ -100,7 +100,7 @@ describe('default guest booted by `qcow86 boot --base http://...`', { timeout: B
       // Later reads come from the disk, not the page cache: the base over HTTP, the new file from the overlay.
       'echo 3 > /proc/sys/vm/drop_caches',
       'sha256sum /root/http.txt /root/http.bin /bin/busybox',
-      'dd if=/dev/sda1 bs=65536 2>/dev/null | sha256sum',
+      'dd if=/dev/vda1 bs=65536 2>/dev/null | sha256sum',
     ].join('; ');
     run = await bootCli(
       ['boot', '--base', url, '--overlay', overlay, '--timeout', String(BOOT_TIMEOUT_MS / 1000),

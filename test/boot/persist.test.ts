@@ -37,9 +37,9 @@ describe('default guest on a qcow2 overlay', { timeout: BOOT_TIMEOUT_MS + 300_00
     await machine?.close().catch(() => {});
   });
 
-  test('first boot: the shell runs commands and sees the ext4 root read-write', async () => {
+  test('first boot: the shell runs commands and sees the ext4 root read-write on the virtio disk (the default bus)', async () => {
     const mounts = await shell(machine!, 'cat /proc/mounts');
-    expect(mounts).toMatch(/^\/dev\/sda2 \/ ext4 rw/m);
+    expect(mounts).toMatch(/^\/dev\/vda2 \/ ext4 rw/m);
     expect(await shell(machine!, 'echo $((6 * 7))')).toBe('42\n');
   });
 

@@ -39,6 +39,15 @@ class GatedDevice implements BlockDevice {
     await this.gate;
     return this.inner.write(offset, data);
   }
+  /** Whole 4 KiB units read as zeros afterwards; parts of a unit keep their bytes (like qcow2 clusters). */
+  discarded = 0;
+  async discard(offset: number, length: number) {
+    this.discarded++;
+    await this.gate;
+    const from = Math.ceil(offset / 4096) * 4096;
+    const to = Math.floor((offset + length) / 4096) * 4096;
+    if (to > from) await this.inner.write(from, new Uint8Array(to - from));
+  }
   flush() {
     return this.inner.flush();
   }
@@ -140,5 +149,65 @@ describe('V86DiskAdapter', () => {
     expect(() => disk.set_state(['qcow86-disk', 1, SIZE * 2])).toThrow(/disk/);
     disk.set_state(disk.get_state());
     await disk.close();
+  });
+
+  test('zero writes read as zeros at once and land in order with the writes around them', async () => {
+    const { raw, disk } = await setup();
+    await write(disk, 0, filled(8192, 1));
+    await disk.guestWriteZeroes(1024, 4096, true);
+    await write(disk, 2048, filled(512, 2));
+    const expected = filled(8192, 1);
+    expected.fill(0, 1024, 5120);
+    expected.fill(2, 2048, 2560);
+    expect(await read(disk, 0, 8192)).toEqual(expected);
+    await disk.flush();
+    expect(await raw.read(0, 8192)).toEqual(expected);
+    expect(disk.unflushedBytes).toBe(0);
+  });
+
+  test('a discard reaches the device before a read over it: the device says what it left', async () => {
+    const { raw, device, disk } = await setup();
+    await raw.write(0, filled(16384, 7));
+    await disk.guestDiscard(1024, 12288);
+    const bytes = await read(disk, 0, 16384);
+    expect(device.discarded).toBe(1);
+    // Whole units 4096..12287 are zeros; the partial units keep their bytes.
+    expect([...new Set(bytes.subarray(4096, 12288))]).toEqual([0]);
+    expect([...new Set(bytes.subarray(1024, 4096))]).toEqual([7]);
+    expect([...new Set(bytes.subarray(12288, 13312))]).toEqual([7]);
+    // A later write over the discarded range wins.
+    await write(disk, 4096, filled(512, 9));
+    expect([...new Set((await read(disk, 4096, 512)))]).toEqual([9]);
+  });
+
+  test('a guest flush resolves once everything acknowledged before it is on the device; settle() waits for it', async () => {
+    const { raw, device, disk } = await setup({ flushDelayMs: 60_000 });
+    await write(disk, 0, filled(4096, 4));
+    device.hold();
+    let flushed = false;
+    const flush = disk.flushForGuest().then(() => (flushed = true));
+    let settled = false;
+    const settling = disk.settle().then(() => (settled = true));
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    expect(flushed).toBe(false);
+    expect(settled).toBe(false);
+    device.release();
+    await flush;
+    await settling;
+    expect([...new Set(await raw.read(0, 4096))]).toEqual([4]);
+    expect(disk.stats.guestFlushes).toBe(1);
+  });
+
+  test('write-through: a write is acknowledged only once it is durable', async () => {
+    const { raw, device, disk } = await setup({ writeThrough: true, flushDelayMs: 60_000 });
+    device.hold();
+    let acked = false;
+    disk.set(0, filled(512, 3), () => (acked = true));
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    expect(acked).toBe(false);
+    device.release();
+    await disk.settle();
+    expect(acked).toBe(true);
+    expect([...new Set(await raw.read(0, 512))]).toEqual([3]);
   });
 });

@@ -12,7 +12,7 @@ import { nodeCodecs } from '../../src/io/node-codecs.js';
 import { openImage } from '../../src/qcow2/open.js';
 import { Qcow2Image } from '../../src/qcow2/image.js';
 import type { ByteStore } from '../../src/qcow2/store.js';
-import { encodeVmState, listSessions, loadSession, storeSession, v86StateMemoryBytes } from '../../src/v86/session.js';
+import { crc32, encodeVmState, listSessions, loadSession, storeSession, v86StateMemoryBytes } from '../../src/v86/session.js';
 import { deleteSessionById, resumeSessionState, saveSessionState, sessionsOf } from '../../src/web/disk-sessions.js';
 import { qemuCheck, qemuImg, qemuIo, sha256Bytes, tempDir } from '../helpers/qemu.js';
 import { createFile, expectClean, openRw } from '../helpers/engine.js';
@@ -156,6 +156,57 @@ describe('sessions stored in an overlay', () => {
     expect(listSessions(image).map((s) => s.name)).toEqual(['s']);
     expect(sha256Bytes(new Uint8Array((await loadSession(image, 's', nodeCodecs())).state))).toBe(sha256Bytes(second));
     await image.close();
+  });
+});
+
+describe('the machine record: the disk bus and the virtio device state beside v86 state', () => {
+  const virtio = { version: 1, transport: { status: 15, deviceFeatureSelect: 1, driverFeatureSelect: 1, driverFeatures: [0x30006246, 1], queueSelect: 0, isr: 0, queues: [{ size: 128, enabled: true, desc: 0x1000, avail: 0x2000, used: 0x3000, nextAvail: 7, usedIdx: 6 }] }, inFlight: [3] };
+
+  it('a session saved with a record loads it; one saved before buses (version 1) resumes on IDE', async () => {
+    const path = await overlay(tempDir());
+    const image = await openRw(path);
+    const state = fakeV86State(64 * MiB, 21, MiB);
+    await storeSession(image, 'virtio', state, nodeCodecs(), { machine: { diskBus: 'virtio', virtio: virtio as never } });
+    await storeSession(image, 'ide', state, nodeCodecs(), { machine: { diskBus: 'ide' } });
+    await image.createSnapshot('old', { vmState: await encodeVmState(state, 'zstd', nodeCodecs()), allowSameName: true });
+    await image.flush();
+    const onVirtio = await loadSession(image, 'virtio', nodeCodecs());
+    expect(onVirtio.machine).toEqual({ diskBus: 'virtio', virtio });
+    expect(sha256Bytes(new Uint8Array(onVirtio.state))).toBe(sha256Bytes(state));
+    expect((await loadSession(image, 'ide', nodeCodecs())).machine).toEqual({ diskBus: 'ide' });
+    const old = await loadSession(image, 'old', nodeCodecs());
+    expect(old.machine.diskBus).toBe('ide');
+    expect(sha256Bytes(new Uint8Array(old.state))).toBe(sha256Bytes(state));
+    await image.close();
+    await expectClean(path);
+  });
+
+  it('a damaged record is refused by name: checksum, JSON, unknown bus, an absurd length', async () => {
+    const state = fakeV86State(64 * MiB, 22, 64 * 1024);
+    const good = await encodeVmState(state, 'raw', nodeCodecs(), { diskBus: 'virtio', virtio: virtio as never });
+    const view = new DataView(good.buffer);
+    expect(view.getUint32(8)).toBe(2);
+    const { decodeMachineRecord, decodeVmState } = await import('../../src/v86/session.js');
+    expect(decodeMachineRecord(good, 'f', 's').diskBus).toBe('virtio');
+    expect(await decodeVmState(good, good.length, nodeCodecs(), 'f', 's')).toEqual(state);
+    const flipped = good.slice();
+    flipped[45]! ^= 0x01;
+    expect(() => decodeMachineRecord(flipped, 'f.qcow2', 's')).toThrow(/f\.qcow2: session 's' machine record is corrupted: CRC-32/);
+    const record = (text: string) => {
+      const bytes = new TextEncoder().encode(text);
+      const out = new Uint8Array(40 + bytes.length);
+      out.set(good.subarray(0, 40));
+      const v = new DataView(out.buffer);
+      v.setUint32(32, bytes.length);
+      v.setUint32(36, crc32(bytes));
+      out.set(bytes, 40);
+      return out;
+    };
+    expect(() => decodeMachineRecord(record('{"diskBus":"scsi"}'), 'f', 's')).toThrow(/names no known disk bus \("scsi"\)/);
+    expect(() => decodeMachineRecord(record('{nope'), 'f', 's')).toThrow(/machine record is not JSON/);
+    const long = good.slice();
+    new DataView(long.buffer).setUint32(32, 0x7fffffff);
+    await expect(decodeVmState(long, long.length, nodeCodecs(), 'f', 's')).rejects.toThrow(/claims a 2147483647-byte machine record/);
   });
 });
 

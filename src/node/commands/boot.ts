@@ -9,10 +9,12 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { KeysError, parseKeys } from '../../v86/keyboard.js';
 import { POWERED_OFF, StepError } from '../../v86/machine.js';
 import { bootMachine, guestMemoryBytes, type BootedMachine } from '../machine.js';
+import { isDiskBus, type DiskBus } from '../../v86/disk-bus.js';
 
 export const USAGE = `usage: qcow86 boot [--base FILE|URL] [--overlay FILE] [--memory 128M] [--cmdline TEXT [--kernel FILE] [--initrd FILE]]
                    [--expect TEXT | --send TEXT | --expect-screen TEXT | --send-keys TEXT]... [--script FILE]
                    [--screenshot FILE] [--timeout S] [--serial-log FILE] [--quiet] [--force-base-change] [--trust-image]
+                   [--disk-bus ide|virtio]
   --base      base image (default public/images/base.qcow2); an http(s) URL is read with Range requests, and a
               new overlay records the base's version (ETag, or Last-Modified + size)
   --force-base-change  open an existing overlay even though its base changed since the overlay was made (its
@@ -22,6 +24,8 @@ export const USAGE = `usage: qcow86 boot [--base FILE|URL] [--overlay FILE] [--m
               URLs that are not link-local, and data files inside the overlay's directory, are opened
   --overlay   qcow2 overlay for the guest's writes: opened on its own backing file when it exists, created on
               the base when it does not; without it the writes go to a throw-away overlay in memory
+  --disk-bus  how the disk is attached: virtio (virtio-blk, the default: faster, knows discard) or ide; a
+              resumed session uses the bus it was saved on (sessions from before buses were recorded: ide)
   --cmdline   boot the kernel directly (default guest's vmlinuz/initrd.gz) with this command line
   --expect    wait for TEXT on the serial console (terminal escape sequences are ignored)
   --send      type TEXT on the serial console exactly as given (the caller supplies the newline, e.g. $'ls\\n')
@@ -59,6 +63,7 @@ interface BootArgs {
   trustImage: boolean;
   resume?: string;
   saveOnExit?: string;
+  diskBus?: DiskBus;
 }
 
 class UsageError extends Error {}
@@ -150,6 +155,10 @@ async function parseArgs(args: string[]): Promise<BootArgs | 'help'> {
       case '--serial-log': out.serialLog = value; break;
       case '--resume': out.resume = value; break;
       case '--save-on-exit': out.saveOnExit = value; break;
+      case '--disk-bus':
+        if (!isDiskBus(value)) throw new UsageError(`bad --disk-bus '${value}' (ide or virtio)`);
+        out.diskBus = value;
+        break;
       default: throw new UsageError(`unknown option '${flag}'`);
     }
   }
@@ -219,6 +228,7 @@ export async function run(args: string[]): Promise<number> {
     memory: options.memoryBytes,
     resume: options.resume,
     timeout: options.timeoutMs,
+    ...(options.diskBus ? { diskBus: options.diskBus } : {}),
     onSerial: batchedWriter(sinks),
     forceBaseChange: options.forceBaseChange,
     trustImage: options.trustImage,
@@ -229,7 +239,7 @@ export async function run(args: string[]): Promise<number> {
     const info = machine.resumed;
     const image = machine.disk.device as { snapshots?: Array<{ name: string; dateSec: number }> };
     const newer = (image.snapshots ?? []).filter((s) => s.dateSec > info.date.getTime() / 1000).map((s) => s.name);
-    console.error(`qcow86 boot: resumed session '${info.name}' of ${info.date.toISOString()} (disk changes made after it were discarded${newer.length ? `; newer sessions kept: ${newer.join(', ')}` : ''})`);
+    console.error(`qcow86 boot: resumed session '${info.name}' (disk on ${machine.diskBus}) of ${info.date.toISOString()} (disk changes made after it were discarded${newer.length ? `; newer sessions kept: ${newer.join(', ')}` : ''})`);
   }
 
   let interrupted = false;
