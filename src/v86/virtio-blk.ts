@@ -71,6 +71,18 @@ export interface VirtioBlkState {
   inFlight: number[];
 }
 
+/** Bytes read ahead for a polling driver (twice its last read, within these bounds). */
+const AHEAD_MIN = 64 * 1024;
+const AHEAD_MAX = 512 * 1024;
+
+/** A stretch read ahead of a polling driver; `bytes` once the read has answered. */
+interface ReadAhead {
+  start: number;
+  length: number;
+  read: Promise<Uint8Array>;
+  bytes?: Uint8Array;
+}
+
 export class VirtioBlk {
   readonly transport: VirtioPciTransport;
   private readonly capacity: number;
@@ -79,6 +91,13 @@ export class VirtioBlk {
   private readonly inFlight = new Set<number>();
   /** Bumped by a reset or restore: answers to requests started before it are dropped. */
   private generation = 0;
+  /**
+   * Read-ahead for drivers that poll for each request (firmware loading a kernel): a request answered from it
+   * completes inside the notify, instead of after a device read and the emulator's next time slice (the
+   * polling CPU never idles, so each asynchronous step of a read costs a slice). Dropped on any write.
+   */
+  private ahead: ReadAhead[] = [];
+  private lastReadEnd = -1;
 
   constructor(cpu: V86Cpu, private readonly disk: V86DiskAdapter, options: VirtioBlkOptions = {}) {
     this.capacity = Math.floor(disk.byteLength / SECTOR);
@@ -159,6 +178,7 @@ export class VirtioBlk {
       this.transport.needsReset(new VirtqueueError(`request ${chain.head} has no device-writable status byte`));
       return;
     }
+    if (this.answerFromReadAhead(chain, status)) return;
     this.execute(chain, status)
       .catch(() => ({ status: S_IOERR, written: 0 }))
       .then((result) => this.complete(chain, status, result, generation));
@@ -175,6 +195,57 @@ export class VirtioBlk {
   private dropRequests(): void {
     this.generation++;
     this.inFlight.clear();
+    this.ahead = [];
+    this.lastReadEnd = -1;
+  }
+
+  /**
+   * Answers a read the read-ahead holds: at once when its bytes are in, else when they come (no second device
+   * read). False when no read-ahead covers it: the request runs as usual.
+   */
+  private answerFromReadAhead(chain: Chain, status: Buffer): boolean {
+    if (this.ahead.length === 0) return false;
+    const memory = this.transport.memory;
+    const header = gather(memory, chain.readable, 0, HEADER);
+    if (!header) return false;
+    const view = new DataView(header.buffer);
+    if (view.getUint32(0, true) !== T_IN) return false;
+    const start = Number(view.getBigUint64(8, true)) * SECTOR;
+    const dataIn = withoutLastByte(chain.writable, status);
+    const length = total(dataIn);
+    const ahead = this.ahead.find((a) => start >= a.start && start + length <= a.start + a.length);
+    if (!ahead || length === 0 || length % SECTOR) return false;
+    this.disk.stats.cacheHits++;
+    const answer = (bytes: Uint8Array) => {
+      scatter(memory, dataIn, bytes.subarray(start - ahead.start, start - ahead.start + length));
+      this.readDone(start, length);
+      return { status: S_OK, written: length };
+    };
+    const generation = this.generation;
+    if (ahead.bytes) this.complete(chain, status, answer(ahead.bytes), generation);
+    else void ahead.read.then((bytes) => this.complete(chain, status, answer(bytes), generation));
+    return true;
+  }
+
+  /**
+   * A read finished: a polling driver reading on from where it stopped keeps two reads' worth ahead of it (the
+   * next stretch is read while it works on this one).
+   */
+  private readDone(start: number, length: number): void {
+    const sequential = start === this.lastReadEnd;
+    const from = start + length;
+    this.lastReadEnd = from;
+    // Stretches wholly behind the driver are done with.
+    this.ahead = this.ahead.filter((a) => a.start + a.length > from);
+    if (!sequential || !this.transport.queues[0]!.driverPolls()) return;
+    const reach = this.ahead.reduce((end, a) => (a.start <= end ? Math.max(end, a.start + a.length) : end), from);
+    if (reach - from >= 2 * length) return;
+    const size = Math.min(Math.max(2 * length, AHEAD_MIN), AHEAD_MAX, this.capacity * SECTOR - reach);
+    if (size <= 0) return;
+    const read = this.disk.guestRead(reach, size);
+    const ahead: ReadAhead = { start: reach, length: size, read };
+    this.ahead.push(ahead);
+    void read.then((bytes) => (ahead.bytes = bytes));
   }
 
   /** Runs one request; resolves with its status and the data bytes written into the guest's buffers. */
@@ -195,10 +266,12 @@ export class VirtioBlk {
         if (!inRange(writableBytes)) return { status: S_IOERR, written: 0 };
         const bytes = await this.disk.guestRead(sector * SECTOR, writableBytes);
         scatter(memory, dataIn, bytes);
+        this.readDone(sector * SECTOR, bytes.length);
         return { status: S_OK, written: bytes.length };
       }
       case T_OUT: {
         if (this.readOnly || !inRange(readableBytes)) return { status: S_IOERR, written: 0 };
+        this.ahead = [];
         await this.disk.guestWrite(sector * SECTOR, gather(memory, chain.readable, HEADER, readableBytes)!);
         await this.durableWithoutFlush();
         return { status: S_OK, written: 0 };
@@ -225,6 +298,7 @@ export class VirtioBlk {
     const count = payload.length / SEGMENT;
     if (!Number.isInteger(count) || count < 1 || count > MAX_RANGE_SEGMENTS) return { status: S_IOERR, written: 0 };
     if (this.readOnly) return { status: S_IOERR, written: 0 };
+    this.ahead = [];
     const view = new DataView(payload.buffer, payload.byteOffset, payload.byteLength);
     const segments = [];
     for (let i = 0; i < count; i++) {

@@ -183,6 +183,14 @@ export class Virtqueue implements QueueState {
     return (u16(this.memory.read(this.avail, 2), 0) & AVAIL_F_NO_INTERRUPT) === 0;
   }
 
+  /**
+   * The driver asked for no interrupts (VIRTQ_AVAIL_F_NO_INTERRUPT without EVENT_IDX): it polls the used ring for
+   * each request, as firmware does (SeaBIOS).
+   */
+  driverPolls(): boolean {
+    return !this.features.eventIdx() && (u16(this.memory.read(this.avail, 2), 0) & AVAIL_F_NO_INTERRUPT) !== 0;
+  }
+
   /** With EVENT_IDX: asks the driver to notify once it makes the next request available (avail_event). */
   wantNotification(): void {
     if (!this.features.eventIdx()) return;

@@ -234,6 +234,29 @@ describe('virtio-blk device', () => {
     expect(driver.availEvent()).toBe(3);
   });
 
+  test('a polling driver (no interrupts, like SeaBIOS) reading on is answered from read-ahead, and a write drops it', async () => {
+    const disk = await gatedDisk();
+    const { m, driver } = await setup(disk, LINUX.filter((f) => f !== F.EVENT_IDX));
+    driver.availFlags(1);
+    const expected = await disk.inner.read(0, 1024 * 1024);
+    for (let sector = 0; sector < 1024; sector += 128) {
+      const done = await driver.run({ type: T.IN, sector, inLength: 65536 });
+      expect(done.status).toBe(0);
+      expect(done.data).toEqual(expected.subarray(sector * 512, sector * 512 + 65536));
+    }
+    // The first two reads went to the disk; the next ones were read while the driver worked on the last.
+    expect(m.adapter.stats.cacheHits).toBeGreaterThanOrEqual(5);
+    // A write into the stretch read ahead: the next read sees the write, not the stale read-ahead.
+    expect((await driver.run({ type: T.OUT, sector: 1024 + 8, out: pattern(4096, 77) })).status).toBe(0);
+    const after = await driver.run({ type: T.IN, sector: 1024, inLength: 65536 });
+    expect(after.data.subarray(4096, 8192)).toEqual(pattern(4096, 77));
+    expect(after.data.subarray(0, 4096)).toEqual(await disk.inner.read(1024 * 512, 4096));
+    // A driver that takes interrupts gets no read-ahead.
+    const { m: other, driver: interrupted } = await setup(await gatedDisk());
+    for (let sector = 0; sector < 512; sector += 128) await interrupted.run({ type: T.IN, sector, inLength: 65536 });
+    expect(other.adapter.stats.cacheHits).toBe(0);
+  });
+
   test('a malformed ring (a descriptor loop, a buffer outside RAM) sets DEVICE_NEEDS_RESET with a config interrupt', async () => {
     for (const chain of [
       [[0x200000, 16, 1, 1], [0x200100, 1, 3, 0]] as Array<[number, number, number, number]>, // 0 -> 1 -> 0 -> ...
