@@ -3,11 +3,12 @@
  * output behind nginx, the kind of static server the app is meant to be deployed on.
  */
 import { execFileSync } from 'node:child_process';
-import { copyFileSync, existsSync, rmSync, statSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { copyFileSync, existsSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { join, relative, resolve } from 'node:path';
 
 export const ROOT = resolve(import.meta.dirname, '..');
-export const PUBLIC_IMAGES = join(ROOT, 'public/images');
+const PUBLIC_DIR = join(ROOT, 'public');
+export const PUBLIC_IMAGES = join(PUBLIC_DIR, 'images');
 const BUILD_DIR = join(ROOT, 'dist/web');
 
 export interface Server {
@@ -48,20 +49,38 @@ async function startNginx(): Promise<Server> {
   return { url: server.url.endsWith('/') ? server.url : `${server.url}/`, imagesDir: join(BUILD_DIR, 'images'), close: () => server.close() };
 }
 
-/** `vite build` into dist/web, unless it is newer than every source it depends on. */
+/**
+ * `vite build` into dist/web, unless it is newer than every source it depends on and holds a copy of every file
+ * in public/ (the guest list and images the image builds made are copied from there: an image rebuilt, a guest
+ * added or removed since must not be served from a stale copy).
+ */
 function buildApp(): void {
   const built = join(BUILD_DIR, 'index.html');
-  if (existsSync(built) && existsSync(join(BUILD_DIR, 'images/base.qcow2'))) {
-    const builtAt = statSync(built).mtimeMs;
-    const newest = Math.max(...sources().map((path) => statSync(path).mtimeMs));
-    if (newest < builtAt) return;
-  }
+  if (existsSync(built) && staleInputs(statSync(built).mtimeMs).length === 0) return;
   execFileSync(process.execPath, [join(ROOT, 'node_modules/vite/bin/vite.js'), 'build', '--logLevel', 'warn'], { cwd: ROOT, stdio: 'inherit' });
 }
 
-function sources(): string[] {
-  const out = execFileSync('git', ['ls-files', '-co', '--exclude-standard', 'src', 'index.html', 'vite.config.ts'], { cwd: ROOT, encoding: 'utf8' });
-  return [...out.split('\n').filter(Boolean).map((path) => join(ROOT, path)).filter((path) => existsSync(path)), join(PUBLIC_IMAGES, 'base.qcow2')];
+/** The build's inputs changed after `builtAt`, and the files of public/ whose copy in the build is missing or differs in size. */
+function staleInputs(builtAt: number): string[] {
+  const out = execFileSync('git', ['ls-files', '-co', '--exclude-standard', 'src', 'index.html', 'vite.config.ts', 'package-lock.json'], { cwd: ROOT, encoding: 'utf8' });
+  const sources = out.split('\n').filter(Boolean).map((path) => join(ROOT, path)).filter((path) => existsSync(path));
+  const stale = sources.filter((path) => statSync(path).mtimeMs >= builtAt);
+  // public/ is copied as it is, files git ignores included (public/images is the image builds' output).
+  for (const file of filesUnder(PUBLIC_DIR)) {
+    const copy = join(BUILD_DIR, relative(PUBLIC_DIR, file));
+    const source = statSync(file);
+    if (source.mtimeMs >= builtAt || !existsSync(copy) || statSync(copy).size !== source.size) stale.push(file);
+  }
+  return stale;
+}
+
+function filesUnder(dir: string): string[] {
+  if (!existsSync(dir)) return [];
+  return readdirSync(dir, { withFileTypes: true }).flatMap((entry) => {
+    const path = join(dir, entry.name);
+    if (entry.isDirectory()) return filesUnder(path);
+    return entry.isFile() ? [path] : [];
+  });
 }
 
 /** Copies the default base under a new name in `server`'s images directory; returns its URL path. */

@@ -19,6 +19,7 @@ import { Qcow2Image } from '../qcow2/image.js';
 import { ConsoleText } from './console.js';
 import { V86DiskAdapter, type DiskAdapterOptions } from './disk.js';
 import { parseKeys, strokeScancodes, type KeyStroke } from './keyboard.js';
+import { KeyPacer, v86KeyboardTarget } from './key-pacing.js';
 import { encodePng } from './png.js';
 import { ScreenCapture, provideImageData } from './screen.js';
 import { SessionError, saveSession, trackGuestClock, type SaveResult } from './session.js';
@@ -116,13 +117,6 @@ export class Steps<T> implements PromiseLike<T> {
 
 /** How often a screen expect looks again while the screen keeps changing (it looks at once when idle). */
 const SCREEN_CHECK_MS = 50;
-/** Pause after each key press: BIOS-level guests keep only 15 keys in their buffer. */
-const KEY_GAP_MS = 8;
-
-interface Ps2 {
-  enable_keyboard_stream: boolean;
-  kbd_buffer: { length: number };
-}
 
 export class Machine {
   readonly console = new ConsoleText();
@@ -140,6 +134,8 @@ export class Machine {
   private readonly attachFailed: Promise<never>;
   private queue: Promise<unknown> = Promise.resolve();
   private stepCount = 0;
+  /** sendKeys' strokes, fed to the guest as fast as it reads them (the tab's Worker types through the same). */
+  private readonly keys: KeyPacer;
   private readonly timeout: number;
   private readonly codecs: Codecs | undefined;
   private stopped: Promise<void> | undefined;
@@ -182,6 +178,7 @@ export class Machine {
     } as V86Options;
     this.emulator = new V86(config);
     this.screen = new ScreenCapture(this.emulator as unknown as ConstructorParameters<typeof ScreenCapture>[0]);
+    this.keys = new KeyPacer(v86KeyboardTarget(this.emulator));
     // v86's own buffer disk (benchmarks) keeps v86's IDE as it is; a write-through adapter has no cache to report.
     const ideWriteCache = !options.referenceDisk && !options.diskOptions?.writeThrough;
     // Discards smaller than a qcow2 cluster free nothing: the guest need not send them.
@@ -273,6 +270,7 @@ export class Machine {
   /** Stops the CPU and flushes every acknowledged disk write to the device. Safe to call twice. */
   stop(): Promise<void> {
     this.stopped ??= (async () => {
+      this.keys.clear(new Error('the machine was stopped'));
       await this.emulator.stop();
       await this.disk.flush();
       await this.emulator.destroy();
@@ -432,67 +430,34 @@ export class Machine {
   }
 
   /**
-   * Presses keys one at a time, each once the keyboard controller has handed the previous one to the guest, and
-   * only while the guest has its keyboard enabled (v86 drops keys sent before that). A guest that reads keys
-   * through the BIOS (boot loaders, menus) keeps at most 15 in the BIOS's buffer and loses the rest while it is
-   * busy (loading modules, say): typing waits while that buffer fills, as long as something is emptying it.
+   * Presses keys at the pace the guest reads them (src/v86/key-pacing.ts): none is lost to a keyboard the guest
+   * has not enabled yet or to a full BIOS buffer while a boot loader is busy; the step ends once the guest has
+   * read the last one.
    */
   private async type(strokes: KeyStroke[], label: string): Promise<void> {
-    const cpu = (this.emulator as unknown as { v86?: { cpu?: { devices?: { ps2?: Ps2 }; mem8?: Uint8Array } } }).v86?.cpu;
-    const ps2 = cpu?.devices?.ps2;
-    const deadline = Date.now() + this.timeout;
-    const until = async (ready: () => boolean, what: string) => {
-      while (!ready()) {
-        if (this.crash) throw this.fail(label, stoppedBecause(this.crash));
-        if (Date.now() > deadline) throw this.fail(label, `timed out after ${(this.timeout / 1000).toFixed(1)} s waiting for ${what}`);
-        await sleep(5);
-      }
-    };
-    let watchBios = true;
-    for (const stroke of strokes) {
-      if (ps2) await until(() => ps2.enable_keyboard_stream && ps2.kbd_buffer.length === 0, 'the guest to enable and read its keyboard');
-      if (watchBios && cpu?.mem8) watchBios = await waitForBiosBuffer(cpu.mem8);
-      await this.emulator.keyboard_send_scancodes(strokeScancodes(stroke));
-      await sleep(KEY_GAP_MS);
+    const typed = this.keys.type(strokes.map(strokeScancodes));
+    let cleanup = () => {};
+    const failed = new Promise<never>((_, reject) => {
+      const timer = setTimeout(() => {
+        cleanup();
+        reject(this.fail(label, `timed out after ${(this.timeout / 1000).toFixed(1)} s waiting for ${this.keys.waitingFor ?? 'the guest to read its keyboard'}`));
+      }, this.timeout);
+      cleanup = this.failOnCrash(label, reject, () => clearTimeout(timer));
+    });
+    try {
+      await Promise.race([typed, failed]);
+    } catch (error) {
+      // Keys left over from a failed step must not reach the guest behind later steps' backs.
+      this.keys.clear(error);
+      throw error;
+    } finally {
+      cleanup();
     }
-    if (ps2) await until(() => ps2.kbd_buffer.length === 0, 'the guest to read the last key');
   }
 }
 
 function stoppedBecause(error: Error): string {
   return error instanceof DiskFailure ? error.message : `the emulator stopped: ${error.message}`;
-}
-
-/** Keys the BIOS holds for the guest (its ring buffer in the BIOS data area), or undefined when it is not set up. */
-function biosKeyBacklog(mem: Uint8Array): number | undefined {
-  const word = (at: number) => mem[at]! | (mem[at + 1]! << 8);
-  const head = word(0x41a);
-  const tail = word(0x41c);
-  const start = word(0x480);
-  const end = word(0x482);
-  if (!(start < end && end - start <= 64 && head >= start && head < end && tail >= start && tail < end)) return undefined;
-  return ((tail - head + (end - start)) % (end - start)) / 2;
-}
-
-/** Waits while the BIOS key buffer is nearly full; false once it stopped draining (nothing reads it: stop looking). */
-async function waitForBiosBuffer(mem: Uint8Array): Promise<boolean> {
-  let backlog = biosKeyBacklog(mem);
-  let since = Date.now();
-  while (backlog !== undefined && backlog >= 8) {
-    await sleep(5);
-    const now = biosKeyBacklog(mem);
-    if (now !== backlog) {
-      backlog = now;
-      since = Date.now();
-    } else if (Date.now() - since > 1000) {
-      return false;
-    }
-  }
-  return true;
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((done) => setTimeout(done, ms));
 }
 
 function matchIn(text: string, pattern: string | RegExp): RegExpExecArray | [string] | undefined {

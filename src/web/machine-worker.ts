@@ -6,6 +6,7 @@
 import { V86, type V86Options } from 'v86';
 import { V86DiskAdapter } from '../v86/disk.js';
 import { ScreenCapture } from '../v86/screen.js';
+import { KeyPacer, v86KeyboardTarget } from '../v86/key-pacing.js';
 import { attachDisk, diskBusOptions, restoreV86State, type AttachedDisk } from '../v86/disk-bus.js';
 import { restoreDevices, type MachineRecord } from '../v86/session.js';
 import { RemoteDisk, DiskProblem } from './remote-disk.js';
@@ -25,6 +26,11 @@ let emulator: V86 | undefined;
 let adapter: V86DiskAdapter | undefined;
 /** The disk's connection to the guest, once v86's devices exist. */
 let attached: Promise<AttachedDisk> | undefined;
+/**
+ * Keys from the page, fed to the guest as fast as it reads them: they arrive here in bursts between the
+ * emulator's slices, and a boot loader reading through the BIOS keeps only 15 (src/v86/key-pacing.ts).
+ */
+let keys: KeyPacer | undefined;
 
 function emit(event: MachineEvent, transfer: Transferable[] = []): void {
   scope.postMessage(event, transfer);
@@ -122,6 +128,7 @@ function start(request: MachineStart): void {
   } as V86Options;
   const machine = new V86(options);
   emulator = machine;
+  keys = new KeyPacer(v86KeyboardTarget(machine));
   watchScreen(machine);
   // The guest's flushes reach the disk Worker (the page's 'all saved' then means durable); on virtio the device
   // is ours. A v86 whose internals changed stops here rather than run a guest whose sync promises nothing.
@@ -172,7 +179,9 @@ async function handle(request: MachineRequest): Promise<{ value?: unknown; trans
       need().machine.serial0_send(request.data);
       return {};
     case 'scancodes':
-      need().machine.keyboard_send_scancodes(request.codes);
+      need();
+      // Queued, not awaited: the page's next key must not wait for the guest to read this one.
+      keys!.type([request.codes]).catch(() => {});
       return {};
     case 'stop': {
       const { machine, disk } = need();
@@ -187,6 +196,8 @@ async function handle(request: MachineRequest): Promise<{ value?: unknown; trans
         await disk.flush();
         disk.invalidate();
       }
+      // Keys typed for the machine before the reset are not for the one that boots now.
+      keys?.clear(new Error('the machine was reset'));
       machine.restart();
       await machine.run();
       return {};
@@ -214,6 +225,7 @@ async function handle(request: MachineRequest): Promise<{ value?: unknown; trans
       // of the previous machine and the cached MBR must not reach it.
       await disk.flush();
       disk.invalidate();
+      keys?.clear(new Error('another session was restored'));
       await restoreState(request.state);
       return {};
     }

@@ -2,7 +2,8 @@
  * The VGA screen as the machine Worker reports it: text modes as text in the page (selectable, like the serial
  * console's), graphics modes as v86's frame buffer on a canvas scaled to fit. Keys typed while it has focus go
  * to the guest's PS/2 keyboard as scancodes, through the same US-layout map `qcow86 boot --send-keys` uses (the
- * Worker has no v86 keyboard adapter, so v86's own text typing cannot work there).
+ * Worker has no v86 keyboard adapter, so v86's own text typing cannot work there); the Worker queues them until
+ * the guest reads them, as `--send-keys` does (src/v86/key-pacing.ts).
  */
 import { scancodesForKeyEvent } from '../v86/keyboard.js';
 import type { MachineClient } from './machine-client.js';
