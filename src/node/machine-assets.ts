@@ -27,10 +27,21 @@ async function readBuffer(path: string): Promise<ArrayBuffer> {
   return bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength) as ArrayBuffer;
 }
 
+/** A file of the machine's firmware: a missing one is named with how to get it, not as a bare ENOENT. */
+async function readFirmware(imagesDir: string, name: string): Promise<ArrayBuffer> {
+  const path = join(imagesDir, name);
+  try {
+    return await readBuffer(path);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
+    throw new Error(`${path} is missing: the BIOS files come with the default guest's build (node scripts/ensure-images.mjs in a checkout, or npm start)`);
+  }
+}
+
 export async function loadMachineAssets(imagesDir = DEFAULT_IMAGES_DIR): Promise<NodeMachineAssets> {
   return {
-    bios: await readBuffer(join(imagesDir, 'bios.bin')),
-    vgaBios: await readBuffer(join(imagesDir, 'vgabios-stdvga.bin')),
+    bios: await readFirmware(imagesDir, 'bios.bin'),
+    vgaBios: await readFirmware(imagesDir, 'vgabios-stdvga.bin'),
     wasmPath: v86WasmPath(),
   };
 }

@@ -18,7 +18,7 @@ import { createHash } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { debianPackage } from '../../images/build.mjs';
+import { debianPackage, ensureImages } from '../../images/build.mjs';
 import { bootMachine, StepError, type BootedMachine } from '../../src/node/machine.js';
 import { qcow86 } from '../cli/cli.js';
 import { grubRescueDisk } from '../helpers/grub.js';
@@ -30,8 +30,11 @@ const dir = tempDir('qcow86-third-party-');
 let disk: string;
 
 beforeAll(async () => {
+  // The BIOS and VGA BIOS come from the default guest's build (public/images/), which a fresh clone lacks until
+  // the first test that needs it builds it: this file may run first.
+  await ensureImages();
   disk = await grubRescueDisk(dir);
-}, 300_000);
+}, 900_000);
 
 function escapeRegExp(text: string): string {
   return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
