@@ -76,16 +76,17 @@ async function once(kind, round) {
   await machine.expect('# ', { timeout: BOOT_TIMEOUT });
   const boot = (performance.now() - began) / 1000;
   const dev = kind === 'virtio' ? 'vda' : 'sda';
-  // Each timed by the guest's own clock (busybox time), so the console round trip is not in the figures.
+  // Each timed by the guest's own clock (busybox time; its report goes to stderr, so nothing is redirected), so
+  // the console round trip is not in the figures.
   // Through the page cache, as programs write and read: 8 MiB written and fsynced into a file; the disk's first
   // 24 MiB (the boot partition and most of the root, base data) read with the page cache dropped first.
   const seconds = async (command) => guestSeconds((await timed(machine, `time ${command}`)).output);
-  const write = await seconds('dd if=/dev/zero of=/root/dd.bin bs=1M count=8 conv=fsync 2>/dev/null');
+  const write = await seconds('dd if=/dev/zero of=/root/dd.bin bs=1M count=8 conv=fsync');
   await timed(machine, 'echo 3 > /proc/sys/vm/drop_caches');
-  const read = await seconds(`dd if=/dev/${dev} of=/dev/null bs=1M count=24 2>/dev/null`);
+  const read = await seconds(`dd if=/dev/${dev} of=/dev/null bs=1M count=24`);
   // The device path alone (O_DIRECT: no page cache), the same sizes.
-  const directWrite = await seconds('dd if=/dev/zero of=/root/direct.bin bs=1M count=8 oflag=direct 2>/dev/null');
-  const directRead = await seconds(`dd if=/dev/${dev} of=/dev/null bs=1M count=24 iflag=direct 2>/dev/null`);
+  const directWrite = await seconds('dd if=/dev/zero of=/root/direct.bin bs=1M count=8 oflag=direct');
+  const directRead = await seconds(`dd if=/dev/${dev} of=/dev/null bs=1M count=24 iflag=direct`);
   await timed(machine, 'rm /root/dd.bin /root/direct.bin; sync');
   // Flush latency: the guest's own clock around a sync right after a 1 MiB write (busybox time).
   const flush = [];
