@@ -5,7 +5,8 @@
  *
  * - `qcow86 boot` reaches its menu with --expect-screen, moves the highlight and opens GRUB's command line with
  *   --send-keys, runs a GRUB command typed with Shift characters, and leaves PNGs from a script's `screenshot`
- *   step and from --screenshot; a failed step prints the screen's last lines and still leaves the picture.
+ *   step and from --screenshot; a failed step prints the screen's last lines and still leaves the picture. These
+ *   run on the default bus (virtio: SeaBIOS's virtio-blk driver); the menu is reached on --disk-bus ide too.
  * - The same disk from the library in Vitest: text-mode pictures are the VGA font drawn cell by cell (the same
  *   character gives the same cell, different characters differ); keys typed ahead while GRUB hashes part of its
  *   disk all arrive (GRUB's sha256 of those sectors against node:crypto's of the ISO's, then the line typed
@@ -84,6 +85,13 @@ describe('GRUB rescue disk from Debian under `qcow86 boot`', { timeout: 900_000 
     // The menu shows exactly one highlighted entry: the third (the first entry is on text row 4 of GRUB's box).
     expect(highlightedRows(menu)).toEqual([6]);
     expect(highlightedRows(end)).toEqual([]);
+  });
+
+  test('the same disk boots on --disk-bus ide too: SeaBIOS loads GRUB, which reads its menu from the IDE disk', async () => {
+    // The menu's entries come from grub.cfg and normal.mod in the image's file system: GRUB read its disk.
+    const result = await qcow86(['boot', '--base', disk, '--disk-bus', 'ide', '--timeout', String(STEP_TIMEOUT_S),
+      '--expect-screen', 'FreeBSD (or GNU/kFreeBSD), direct boot'], { timeoutMs: 600_000 });
+    expect(result.exitCode, result.stderr).toBe(0);
   });
 
   test('a step that fails prints the last screen lines and still writes the screenshot; bad keys are a usage error', async () => {
