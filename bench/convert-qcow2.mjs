@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 // `convert -O qcow2 -c` of a 256 MiB mixed raw image (random, zero and text megabytes), ours vs qemu-img in the
-// same run: wall time (best of 3 each, alternating) and output size. Targets: time ratio <= 1.5, size <= 1.02.
+// same run: wall time (best of 3 each, alternating) and output size. Targets: time ratio <= 0.6 on 2 cores
+// (clusters are compressed on worker threads, as qemu-img uses a thread pool), size <= 1.02.
 // Needs `npm run build` first (dist/).
 import { execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
@@ -45,7 +46,7 @@ try {
   const theirSize = statSync(theirs).size;
   const rows = [
     ['', 'qcow86', 'qemu-img', 'ratio', 'target'],
-    ['time (s, best of 3)', bestOurs.toFixed(2), bestTheirs.toFixed(2), (bestOurs / bestTheirs).toFixed(2), '<= 1.5'],
+    ['time (s, best of 3)', bestOurs.toFixed(2), bestTheirs.toFixed(2), (bestOurs / bestTheirs).toFixed(2), '<= 0.6'],
     ['output size (bytes)', String(ourSize), String(theirSize), (ourSize / theirSize).toFixed(4), '<= 1.02'],
   ];
   console.log(`convert -c -O qcow2, ${SIZE_MIB} MiB mixed raw input`);

@@ -24,6 +24,7 @@ import type { ByteStore } from '../qcow2/store.js';
 import { FileStore } from './file.js';
 import { nodeResolver } from './node-resolver.js';
 import { nodeCodecs } from './node-codecs.js';
+import { nodeCrypto } from './node-crypto.js';
 
 export function lockPathOf(imagePath: string): string {
   return `${imagePath}.qcow86.lock`;
@@ -198,7 +199,7 @@ export async function openForWriting(path: string, options: Omit<OpenOptions, 'r
   const lock = await WriteLock.acquire(path);
   try {
     const opened = store ? await store() : await FileStore.open(path, { readOnly: false });
-    return releasedOnClose(await openImage(opened, { resolver: nodeResolver(), codecs: nodeCodecs(), ...options, readOnly: false }), lock);
+    return releasedOnClose(await openImage(opened, { resolver: nodeResolver(), codecs: nodeCodecs(), crypto: nodeCrypto(), ...options, readOnly: false }), lock);
   } catch (error) {
     await lock.release();
     throw error;

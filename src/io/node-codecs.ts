@@ -6,7 +6,8 @@
  * clusters, and a CLI run pays for every module it loads.
  */
 import type { InflateRaw } from 'node:zlib';
-import { QEMU_DEFLATE_LEVEL, QEMU_MEM_LEVEL, QEMU_WINDOW_BITS, portableCodecModule, portableCodecs, type Codecs } from '../qcow2/compression.js';
+import { QEMU_DEFLATE_LEVEL, QEMU_MEM_LEVEL, QEMU_WINDOW_BITS, QEMU_ZSTD_LEVEL, portableCodecModule, portableCodecs, type Codecs } from '../qcow2/compression.js';
+import { clusterWorkers } from './cluster-workers.js';
 
 type Zlib = typeof import('node:zlib');
 let zlibModule: Promise<Zlib> | undefined;
@@ -23,8 +24,14 @@ function zlib(): Promise<Zlib> {
  */
 const CHUNK_SLACK = 1024;
 
-export function nodeCodecs(): Codecs {
+/**
+ * Node's codecs. Compression (convert -c) runs on the worker threads of cluster-workers.ts unless
+ * `workers: false` (what a worker itself uses): callers that compress several clusters at once get them
+ * compressed in parallel.
+ */
+export function nodeCodecs(options: { workers?: boolean } = {}): Codecs {
   const portable = portableCodecs();
+  const workers = options.workers === false ? undefined : clusterWorkers();
   let inflater: DirectInflater | undefined;
   const inflateRaw = async (src: Uint8Array, maxOutput: number): Promise<Uint8Array> => {
     const { constants, inflateRawSync } = await zlib();
@@ -53,12 +60,13 @@ export function nodeCodecs(): Codecs {
       return out.length;
     },
     async deflateRaw(src) {
+      if (workers) return workers.compress('deflate', src);
       const { deflateRawSync } = await zlib();
       const out = deflateRawSync(src, { level: QEMU_DEFLATE_LEVEL, windowBits: QEMU_WINDOW_BITS, memLevel: QEMU_MEM_LEVEL });
       return new Uint8Array(out.buffer, out.byteOffset, out.length);
     },
     zstdDecompress: portable.zstdDecompress,
-    zstdCompress: portable.zstdCompress,
+    zstdCompress: (src, level) => (workers && (level ?? QEMU_ZSTD_LEVEL) === QEMU_ZSTD_LEVEL ? workers.compress('zstd', src) : portable.zstdCompress(src, level)),
   };
 }
 

@@ -21,7 +21,7 @@
 import { existsSync } from 'node:fs';
 import { realpath } from 'node:fs/promises';
 import { dirname, resolve, sep } from 'node:path';
-import { FileStore, HttpStore, MemoryStore, combinePath, isHttpUrl, nodeCodecs, nodeResolver } from '../io/node.js';
+import { FileStore, HttpStore, MemoryStore, combinePath, isHttpUrl, nodeCodecs, nodeCrypto, nodeResolver } from '../io/node.js';
 import { lockOutput, releasedOnClose } from '../io/lock.js';
 import { BOOT_HTTP_OPTIONS, type HttpStoreOptions } from '../io/http.js';
 import { createQcow2 } from '../qcow2/create.js';
@@ -42,6 +42,11 @@ export interface BootDiskOptions {
   http?: HttpStoreOptions | undefined;
   /** Open every file the images name, wherever it is (`--trust-image`). */
   trustImage?: boolean | undefined;
+  /**
+   * The password of the encrypted images of the chain (boot --key-secret). A new overlay is then created
+   * encrypted with it (LUKS with QEMU's defaults): the guest's writes never reach the disk in the clear.
+   */
+  password?: Uint8Array | undefined;
 }
 
 export interface BootDisk {
@@ -68,12 +73,12 @@ interface OpenedBase {
   size: number;
 }
 
-async function openBase(base: string, http: HttpStoreOptions | undefined, resolver: StoreResolver): Promise<OpenedBase> {
+async function openBase(base: string, http: HttpStoreOptions | undefined, resolver: StoreResolver, password: Uint8Array | undefined): Promise<OpenedBase> {
   const store = isHttpUrl(base) ? await HttpStore.open(base, http) : await FileStore.open(base, { readOnly: true });
   try {
     const format = await probeFormat(store);
     // A view whose close() is a no-op: closing this probe must not close the store the overlay will use.
-    const device = await openImage(keepOpen(store), { readOnly: true, resolver, codecs: nodeCodecs(), format });
+    const device = await openImage(keepOpen(store), { readOnly: true, resolver, codecs: nodeCodecs(), format, crypto: nodeCrypto(), passwords: () => password });
     const size = device.virtualSize;
     await device.close();
     return { store, format, size };
@@ -203,7 +208,8 @@ export async function openBootDisk(options: BootDiskOptions): Promise<BootDisk> 
 async function openUnlocked(options: BootDiskOptions): Promise<BootDisk> {
   const base = options.base ?? DEFAULT_BASE;
   const http: HttpStoreOptions = { ...BOOT_HTTP_OPTIONS, ...options.http };
-  const openOptions = { readOnly: false, codecs: nodeCodecs(), format: 'qcow2' as const, forceBackingChange: options.forceBaseChange === true };
+  const password = options.password;
+  const openOptions = { readOnly: false, codecs: nodeCodecs(), format: 'qcow2' as const, forceBackingChange: options.forceBaseChange === true, crypto: nodeCrypto(), passwords: () => password };
   const policyFor = async (anchor: string) =>
     options.trustImage ? nodeResolver(http) : trustingResolver(await trustPolicy(anchor, options.base !== undefined ? [options.base, DEFAULT_BASE] : [DEFAULT_BASE]), http);
 
@@ -228,9 +234,10 @@ async function openUnlocked(options: BootDiskOptions): Promise<BootDisk> {
     throw new FormatError(base, options.base ? 'base image not found' : 'default guest not built: run `npm run images`');
   }
   const inner = await policyFor(options.overlay ?? (isHttpUrl(base) ? '.' : base));
-  const opened = await openBase(base, http, inner);
+  const opened = await openBase(base, http, inner, password);
   const name = backingName(base);
-  const spec = { size: opened.size, backingFile: name, backingFormat: opened.format, backingValidator: opened.store.validator };
+  const encryption = password ? { password, crypto: nodeCrypto() } : undefined;
+  const spec = { size: opened.size, backingFile: name, backingFormat: opened.format, backingValidator: opened.store.validator, encryption };
   const resolver = reusing(opened, name, inner);
   try {
     let store: ByteStore;

@@ -17,12 +17,14 @@ import { blockStatus } from '../qcow2/block-status.js';
 import { isZero } from '../qcow2/bytes.js';
 import type { BlockDevice } from '../qcow2/device.js';
 import { openPath, parseFormat } from './open-image.js';
-import { parseOptionList, qcow2Options } from './image-options.js';
+import { encryptionRequest, parseOptionList, qcow2Options } from './image-options.js';
+import { SECRET_OPTIONS, SECRET_USAGE, Secrets, imageArgument } from './image-spec.js';
+import { nodeCrypto } from '../io/node-crypto.js';
 import { usageError } from './usage.js';
 import { FormatError } from '../qcow2/errors.js';
 import { progressPrinter } from './commands/convert.js';
 
-export const USAGE = 'usage: qcow86 convert -O qcow2 [-c] [-o OPTIONS] [-B BACKING [-F FMT]] [-f FMT] [-l SNAPSHOT] [-p] [-q] SRC DST';
+export const USAGE = `usage: qcow86 convert -O qcow2 [-c] [-o OPTIONS] [-B BACKING [-F FMT]] [-f FMT] ${SECRET_USAGE} [-l SNAPSHOT] [-p] [-q] SRC DST`;
 
 /** Guest bytes read per step (a multiple of every cluster size). */
 const BATCH = 4 * 1024 * 1024;
@@ -45,6 +47,7 @@ export async function run(args: string[]): Promise<number> {
       quiet: { type: 'boolean', short: 'q', default: false },
       'force-share': { type: 'boolean', short: 'U', default: false },
       help: { type: 'boolean', short: 'h', default: false },
+      ...SECRET_OPTIONS,
     },
   });
   if (values.help) return console.log(USAGE), 0;
@@ -60,8 +63,17 @@ export async function run(args: string[]): Promise<number> {
   }
   if (values.compress && createOptions.dataFile !== undefined) return usageError('convert', 'compression is not possible with an external data file', USAGE);
   if (values.compress && createOptions.preallocation === 'metadata') return usageError('convert', 'Compression and preallocation not supported at the same time', USAGE);
+  const secrets = await Secrets.parse(values.object);
+  const encrypt = encryptionRequest(options);
+  if (values.compress && encrypt) return usageError('convert', 'Compression and encryption not supported at the same time', USAGE);
+  const password = encrypt ? secrets.password(encrypt.keySecret) : undefined;
+  if (encrypt && password) {
+    const { cipher, hash, iterTimeMs, nameIvgenHash } = encrypt;
+    createOptions.encryption = { password, crypto: nodeCrypto(), cipher, hash, iterTimeMs, nameIvgenHash };
+  }
 
-  const image = await openPath(src, { format: parseFormat(values.format) });
+  const input = imageArgument(src, values['image-opts'], secrets, parseFormat(values.format));
+  const image = await openPath(input.path, { format: input.format, passwords: input.passwords, encryptFormats: input.encryptFormats });
   try {
     let source = image;
     if (values.snapshot !== undefined) {
@@ -84,7 +96,15 @@ export async function run(args: string[]): Promise<number> {
         await store.close();
         await dataStore?.close();
       }
-      const target = await openImage(await FileStore.open(dst, { readOnly: false }), { format: 'qcow2', readOnly: false, resolver: nodeResolver(), codecs: nodeCodecs() });
+      // The new image's backing file (-B) opens with the source's backing passwords (backing.encrypt.key-secret).
+      const target = await openImage(await FileStore.open(dst, { readOnly: false }), {
+        format: 'qcow2',
+        readOnly: false,
+        resolver: nodeResolver(),
+        codecs: nodeCodecs(),
+        crypto: nodeCrypto(),
+        passwords: (depth) => (depth === 0 ? password : input.passwords(depth)),
+      });
       try {
         if (!(target instanceof Qcow2Image)) throw new Error(`${dst}: not a qcow2 image after creating it`);
         await copyToQcow2(source, target, { compress: values.compress, ...(progress ? { progress } : {}) });
@@ -137,7 +157,14 @@ async function copyBatch(source: BlockDevice, target: Qcow2Image, backing: Block
   const data = await source.read(from, to - from);
   const base = backing ? await readBacking(backing, from, to - from) : undefined;
   let runStart = -1;
+  // Clusters to compress, gathered while they follow each other: compressed together (in parallel), placed in order.
+  let pending: { first: number; clusters: Uint8Array[] } | undefined;
+  const flushCompressed = async () => {
+    if (pending) await target.writeCompressedClusters(pending.first, pending.clusters);
+    pending = undefined;
+  };
   const flushRun = async (runEnd: number) => {
+    await flushCompressed();
     if (runStart >= 0) await target.write(from + runStart, data.subarray(runStart, runEnd));
     runStart = -1;
   };
@@ -153,7 +180,10 @@ async function copyBatch(source: BlockDevice, target: Qcow2Image, backing: Block
       await flushRun(off);
       await target.writeZeroes(from + off, cluster.length);
     } else if (compress) {
-      await target.writeCompressed((from + off) / cs, cluster);
+      const index = (from + off) / cs;
+      if (pending && pending.first + pending.clusters.length !== index) await flushCompressed();
+      pending ??= { first: index, clusters: [] };
+      pending.clusters.push(cluster);
     } else if (runStart < 0) {
       runStart = off;
     }

@@ -4,6 +4,10 @@
  */
 import type { CreateOptions } from '../qcow2/create.js';
 import { FormatError } from '../qcow2/errors.js';
+import { isHashAlgorithm, type CipherSpec, type HashAlgorithm } from '../qcow2/crypto.js';
+import { essivKeyBytes, LuksHeaderError } from '../qcow2/luks-header.js';
+import { KEY_REQUIRED } from '../qcow2/encryption.js';
+import { unportableCipher } from '../qcow2/luks.js';
 
 const SUFFIX: Record<string, number> = { '': 1, b: 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50, e: 2 ** 60 };
 
@@ -34,9 +38,81 @@ export function parseOptionList(lists: readonly string[]): Map<string, string> {
   return out;
 }
 
+/** The encrypt.* creation options in the order qemu-img lists them. */
+const ENCRYPT_KEYS = [
+  'encrypt.format', 'encrypt.key-secret', 'encrypt.cipher-alg', 'encrypt.cipher-mode', 'encrypt.ivgen-alg',
+  'encrypt.ivgen-hash-alg', 'encrypt.hash-alg', 'encrypt.iter-time',
+];
+
+/** LUKS creation options as given, before the secret is looked up. */
+export interface EncryptionRequest {
+  keySecret: string;
+  cipher: CipherSpec;
+  hash: HashAlgorithm;
+  iterTimeMs: number;
+  nameIvgenHash: boolean;
+}
+
+const QEMU_CIPHERS = ['aes-128', 'aes-192', 'aes-256', 'des', '3des', 'cast5-128', 'serpent-128', 'serpent-192', 'serpent-256', 'twofish-128', 'twofish-192', 'twofish-256', 'sm4'];
+
+/**
+ * The encrypt.* options (and the legacy encryption=on), checked as qemu-img checks them: undefined when the
+ * image is not to be encrypted. qcow86 creates LUKS images with AES in XTS or CBC mode; the legacy AES method is
+ * readable but not created (it cannot be written either).
+ */
+export function encryptionRequest(options: Map<string, string>): EncryptionRequest | undefined {
+  const format = options.get('encrypt.format') ?? (options.has('encryption') && bool('encryption', options.get('encryption')!) ? 'aes' : undefined);
+  const any = [...options.keys()].some((key) => key.startsWith('encrypt.'));
+  if (format === undefined) {
+    if (any) throw new FormatError('', "Parameter 'encrypt.format' is required to create an encrypted image (encrypt.format=luks)");
+    return undefined;
+  }
+  if (format === 'aes') throw new FormatError('', 'qcow86 does not create images with the legacy AES encryption (encrypt.format=aes), which it cannot write: use encrypt.format=luks');
+  if (format !== 'luks') throw new FormatError('', `Parameter 'format' does not accept value '${format}'`);
+  const alg = options.get('encrypt.cipher-alg') ?? 'aes-256';
+  if (!QEMU_CIPHERS.includes(alg)) throw new FormatError('', `Parameter 'cipher-alg' does not accept value '${alg}'`);
+  if (!alg.startsWith('aes-')) throw new FormatError('', `cipher '${alg}' is not supported by qcow86 (it supports aes-128, aes-192 and aes-256)`);
+  const mode = options.get('encrypt.cipher-mode') ?? 'xts';
+  if (!['ecb', 'cbc', 'xts', 'ctr'].includes(mode)) throw new FormatError('', `Parameter 'cipher-mode' does not accept value '${mode}'`);
+  if (mode !== 'xts' && mode !== 'cbc') throw new FormatError('', `cipher mode '${mode}' is not supported by qcow86 (it supports xts and cbc)`);
+  const ivgen = options.get('encrypt.ivgen-alg') ?? 'plain64';
+  if (ivgen !== 'plain' && ivgen !== 'plain64' && ivgen !== 'essiv') throw new FormatError('', `Parameter 'ivgen-alg' does not accept value '${ivgen}'`);
+  const hashOption = (key: string, fallback: HashAlgorithm | undefined): HashAlgorithm | undefined => {
+    const value = options.get(key);
+    if (value === undefined) return fallback;
+    if (!isHashAlgorithm(value)) throw new FormatError('', `Parameter '${key.slice('encrypt.'.length)}' does not accept value '${value}'`);
+    return value;
+  };
+  const hash = hashOption('encrypt.hash-alg', 'sha256')!;
+  const givenIvgenHash = hashOption('encrypt.ivgen-hash-alg', undefined);
+  const ivgenHash = givenIvgenHash ?? (ivgen === 'essiv' ? 'sha256' : undefined);
+  if (ivgen === 'essiv') {
+    try {
+      essivKeyBytes('aes', ivgenHash!, 'ivgen-hash-alg', 0);
+    } catch (error) {
+      if (error instanceof LuksHeaderError) throw new FormatError('', error.message);
+      throw error;
+    }
+  }
+  const cipher: CipherSpec = { aesKeyBytes: (Number(alg.slice(4)) / 8) as 16 | 24 | 32, mode, ivgen, ivgenHash };
+  const unportable = unportableCipher(cipher);
+  if (unportable) throw new FormatError('', unportable);
+  const iterText = options.get('encrypt.iter-time') ?? '2000';
+  if (!/^\d+$/.test(iterText)) throw new FormatError('', "Parameter 'iter-time' expects uint64");
+  const keySecret = options.get('encrypt.key-secret');
+  if (keySecret === undefined) throw new FormatError('', KEY_REQUIRED);
+  return {
+    keySecret,
+    cipher,
+    hash,
+    iterTimeMs: Number(iterText),
+    nameIvgenHash: givenIvgenHash !== undefined,
+  };
+}
+
 const KNOWN = new Set([
   'compat', 'cluster_size', 'refcount_bits', 'extended_l2', 'lazy_refcounts', 'compression_type', 'preallocation',
-  'data_file', 'data_file_raw', 'backing_file', 'backing_fmt', 'size', 'encryption', 'encrypt.format',
+  'data_file', 'data_file_raw', 'backing_file', 'backing_fmt', 'size', 'encryption', ...ENCRYPT_KEYS,
 ]);
 
 function bool(key: string, value: string): boolean {
@@ -91,9 +167,9 @@ export function qcow2Options(options: Map<string, string>): Omit<CreateOptions, 
       case 'backing_fmt':
         out.backingFormat = value;
         break;
-      case 'encryption':
-      case 'encrypt.format':
-        throw new FormatError('', 'encrypted images cannot be created');
+      default:
+        // encryption and encrypt.*: see encryptionRequest.
+        break;
     }
   }
   return out;
@@ -107,6 +183,8 @@ export function describeQcow2(options: Map<string, string>, size: number): strin
   const given = (key: string): string | undefined => options.get(key);
   const parts: string[] = [];
   const push = (key: string, value: string | undefined) => value !== undefined && parts.push(`${key}=${value}`);
+  push('encryption', given('encryption'));
+  for (const key of ENCRYPT_KEYS) push(key, given(key));
   push('cluster_size', String(parseImageSize(given('cluster_size') ?? '65536')));
   push('extended_l2', given('extended_l2') ?? 'off');
   push('preallocation', given('preallocation'));

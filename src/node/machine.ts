@@ -55,6 +55,11 @@ export interface BootMachineOptions {
    * files inside the overlay's directory (README, Security).
    */
   trustImage?: boolean;
+  /**
+   * The password of the chain's encrypted images (boot --key-secret); a new `overlay` is then created encrypted
+   * with it (LUKS with QEMU's defaults).
+   */
+  password?: Uint8Array;
   /** Direct kernel boot with this command line (kernel and initrd default to the default guest's). */
   cmdline?: string;
   kernel?: string;
@@ -101,7 +106,7 @@ export async function bootMachine(options: BootMachineOptions = {}): Promise<Boo
   if (options.resume !== undefined && options.overlay === undefined) {
     throw new SessionError('(no overlay)', options.resume, 'cannot be resumed without an overlay file (the file holding it)');
   }
-  const disk = await openBootDisk({ base: options.base, overlay: options.overlay, forceBaseChange: options.forceBaseChange, trustImage: options.trustImage });
+  const disk = await openBootDisk({ base: options.base, overlay: options.overlay, forceBaseChange: options.forceBaseChange, trustImage: options.trustImage, password: options.password });
   let machine: BootedMachine | undefined;
   try {
     // A session is read and checked before the machine starts: a missing or damaged one fails with nothing changed.

@@ -6,6 +6,7 @@ import { stat } from 'node:fs/promises';
 import { FileStore } from '../io/file.js';
 import { nodeResolver } from '../io/node-resolver.js';
 import { nodeCodecs } from '../io/node-codecs.js';
+import { nodeCrypto } from '../io/node-crypto.js';
 import { openImage, type ImageFormat } from '../qcow2/open.js';
 import type { BlockDevice } from '../qcow2/device.js';
 import type { ByteStore } from '../qcow2/store.js';
@@ -34,6 +35,10 @@ export interface OpenPathOptions {
   metadataOnly?: boolean;
   /** Open as qemu-img check does (a missing refcount table is reported by the check, not refused). */
   forCheck?: boolean;
+  /** Passwords of encrypted layers by depth (see image-spec.ts). */
+  passwords?: ((depth: number) => Uint8Array | undefined) | undefined;
+  /** Expected encryption formats by depth (encrypt.format in --image-opts). */
+  encryptFormats?: ((depth: number) => 'luks' | 'aes' | undefined) | undefined;
 }
 
 export async function openPath(path: string, options: OpenPathOptions = {}): Promise<BlockDevice> {
@@ -44,6 +49,9 @@ export async function openPath(path: string, options: OpenPathOptions = {}): Pro
     readOnly,
     resolver: nodeResolver(),
     codecs: nodeCodecs(),
+    crypto: nodeCrypto(),
+    passwords: options.passwords,
+    encryptFormats: options.encryptFormats,
     openBacking: options.openBacking ?? true,
     openDataFile: options.openDataFile ?? true,
     repair: options.repair === true,

@@ -18,6 +18,7 @@ import { encodeHeader, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_
 import { readSnapshotL1 } from './snapshots.js';
 import { putU64, u32 } from './bytes.js';
 import { rebuildCopiedFlags, replaceSnapshotTable } from './snapshot-ops.js';
+import { legacyWriteRefusal } from './encryption.js';
 
 const TWO_32 = 2 ** 32;
 const COPIED = 1n << 63n;
@@ -182,7 +183,10 @@ async function downgrade(engine: WriteEngine): Promise<void> {
       }
       await engine.guard(target, cs, 'data');
       await engine.refcounts.writeBack();
-      await engine.store.write(target, zeros);
+      // Zeros of an encrypted image are encrypted zeros (keyed by the host offset: only LUKS images get here,
+      // legacy AES ones are refused before any data write).
+      if (image.encryption?.method === 'aes') throw legacyWriteRefusal(image.name);
+      await engine.writeData(target, 0, zeros);
       putU64(table, i, entry);
     }
     if (changed) engine.markDirty(offset, table);

@@ -230,7 +230,8 @@ async function qcow2Status(context: StatusContext, image: Qcow2Image, offset: nu
     data: type === 'normal' || type === 'compressed',
     zero: type === 'zero-plain' || type === 'zero-alloc',
     allocated: type === 'normal' || type === 'compressed' || type === 'zero-plain' || type === 'zero-alloc',
-    ...(host !== undefined ? { hostOffset: host, file: image.dataStore ?? image.store } : {}),
+    // Encrypted data has no offset a reader could use (QEMU reports none either).
+    ...(host !== undefined && image.header.cryptMethod === 0 ? { hostOffset: host, file: image.dataStore ?? image.store } : {}),
   };
   // Metadata-preallocated images: holes in the file under data clusters read as zero (QEMU's BDRV_BLOCK_RECURSE).
   // Only whole clusters count as holes here: QEMU also allocates parts of clusters with zero-range requests
@@ -333,7 +334,8 @@ async function qcowV1Status(image: QcowV1Image, offset: number, length: number):
   const n = Math.min(length, image.clusterSize - inCluster);
   const mapping = await image.mapCluster(offset);
   if (mapping.kind === 'unallocated') return { length: n, data: false, zero: false, allocated: false };
-  if (mapping.kind === 'compressed') return { length: n, data: true, zero: false, allocated: true };
+  // Compressed and encrypted data has no offset a reader could use (QEMU reports none either).
+  if (mapping.kind === 'compressed' || image.header.cryptMethod !== 0) return { length: n, data: true, zero: false, allocated: true };
   return { length: n, data: true, zero: false, allocated: true, hostOffset: mapping.hostOffset + inCluster, file: image.store };
 }
 

@@ -335,6 +335,8 @@ export async function analyse(image: Qcow2Image, onMessage?: (line: string) => v
     await walkL1(l1, false);
   }
   if (header.nbSnapshots) refRange(header.snapshotsOffset, snapshotTableBytes(image.snapshots));
+  // The LUKS header and key material, in the clusters the encryption header extension names.
+  if (header.cryptMethod === 2 && header.fde && header.fde.length > 0) refRange(header.fde.offset, header.fde.length);
 
   // Refcount structures: the table, then each block (which must be referenced exactly once).
   const refcountStructure = new Set<number>();

@@ -2,21 +2,37 @@
  * Compressed clusters for convert -c: one whole guest cluster compressed with the image's codec, packed
  * byte-tightly after the previous compressed cluster as QEMU packs them.
  */
-import { FormatError } from './errors.js';
+import { FormatError, UnsupportedError } from './errors.js';
 import { putU64 } from './bytes.js';
 import { encodeCompressed, readL2Entry } from './mapping.js';
 import { compressCluster } from './compression.js';
 import type { WriteEngine } from './write-path.js';
+
+/** Refuses compressed writes where QEMU does: with an external data file, and to an encrypted image. */
+export function checkCompressible(engine: WriteEngine): void {
+  if (engine.image.dataStore) throw new FormatError(engine.image.name, 'compressed writes are not possible with an external data file', { field: 'data file' });
+  // QEMU stores compressed clusters unencrypted and refuses to write them to an encrypted image.
+  if (engine.image.header.cryptMethod !== 0) throw new UnsupportedError(engine.image.name, 'encryption', 'Compression and encryption not supported at the same time');
+}
 
 /**
  * Writes one whole guest cluster compressed (for convert -c). The cluster must not be allocated yet. Data that
  * does not compress below a cluster is written as a normal cluster, as QEMU does.
  */
 export async function writeCompressed(engine: WriteEngine, clusterIndex: number, data: Uint8Array): Promise<void> {
+  checkCompressible(engine);
+  await placeCompressed(engine, clusterIndex, data, await compressCluster(engine.image.compressionType, data, engine.clusterSize, engine.image.codecs));
+}
+
+/**
+ * Stores guest cluster `clusterIndex` as `compressed` (its compressed form, computed by the caller; undefined
+ * when it did not compress, and then `data` goes in as a normal cluster). Compression is the expensive part and
+ * may run anywhere and in any order; placing is what decides the file's layout, and runs in cluster order.
+ */
+export async function placeCompressed(engine: WriteEngine, clusterIndex: number, data: Uint8Array, compressed: Uint8Array | undefined): Promise<void> {
+  checkCompressible(engine);
   await engine.begin();
   const cs = engine.clusterSize;
-  if (engine.image.dataStore) throw new FormatError(engine.image.name, 'compressed writes are not possible with an external data file', { field: 'data file' });
-  const compressed = await compressCluster(engine.image.compressionType, data, cs, engine.image.codecs);
   if (!compressed) {
     await engine.write(clusterIndex * cs, data.length === cs ? data : padTo(data, cs));
     return;

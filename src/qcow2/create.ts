@@ -1,7 +1,8 @@
 /**
  * Creating qcow2 images with the layout `qemu-img create` produces: header in cluster 0, a one-cluster refcount
  * table in cluster 1, the first refcount block in cluster 2, the L1 table allocated first-fit after them (written
- * only as far as its entries, so file sizes match), then metadata preallocation when asked for.
+ * only as far as its entries, so file sizes match), then metadata preallocation when asked for, then the LUKS
+ * area of an encrypted image (whole clusters, zeros where the LUKS header and key material do not reach).
  */
 import type { ByteStore } from './store.js';
 import { FormatError } from './errors.js';
@@ -22,6 +23,21 @@ import {
 } from './header.js';
 import { Refcounts } from './refcount.js';
 import { SUBCLUSTERS } from './mapping.js';
+import type { CipherSpec, CryptoProvider, HashAlgorithm } from './crypto.js';
+import { DEFAULT_ITER_TIME_MS, newLuksArea } from './luks.js';
+
+/** LUKS encryption for a new image, with QEMU's defaults: aes-256-xts-plain64, sha256, 2000 ms. */
+export interface NewEncryption {
+  password: Uint8Array;
+  crypto: CryptoProvider;
+  cipher?: CipherSpec;
+  hash?: HashAlgorithm;
+  iterTimeMs?: number;
+  /** An ivgen hash was asked for: it goes into the mode string even for plain/plain64 (QEMU does the same). */
+  nameIvgenHash?: boolean;
+}
+
+export const DEFAULT_CIPHER: CipherSpec = { aesKeyBytes: 32, mode: 'xts', ivgen: 'plain64' };
 
 export interface CreateOptions {
   /** Virtual disk size in bytes. */
@@ -46,6 +62,8 @@ export interface CreateOptions {
   dataFile?: string;
   dataStore?: ByteStore;
   dataFileRaw?: boolean;
+  /** Encrypt the image with LUKS. */
+  encryption?: NewEncryption | undefined;
 }
 
 
@@ -161,8 +179,20 @@ export async function createQcow2(store: ByteStore, options: CreateOptions): Pro
       putU64(l1, l1Index * 8, BigInt(l2Offset) | (1n << 63n));
     }
   }
+  let luksArea: { offset: number; bytes: Uint8Array } | undefined;
+  if (options.encryption) {
+    const e = options.encryption;
+    const { area } = await newLuksArea(e.crypto, { spec: e.cipher ?? DEFAULT_CIPHER, hash: e.hash ?? 'sha256', password: e.password, iterTimeMs: e.iterTimeMs ?? DEFAULT_ITER_TIME_MS, nameIvgenHash: e.nameIvgenHash === true });
+    const clusters = Math.ceil(area.length / clusterSize);
+    const bytes = new Uint8Array(clusters * clusterSize);
+    bytes.set(area);
+    luksArea = { offset: await refcounts.allocate(clusters), bytes };
+    header.cryptMethod = 2;
+    header.fde = { offset: luksArea.offset, length: area.length };
+  }
   await refcounts.writeBack();
   if (l1Size > 0) await store.write(header.l1TableOffset, l1);
+  if (luksArea) await store.write(luksArea.offset, luksArea.bytes);
   if (prealloc && options.dataFile === undefined && size > 0) {
     // Preallocated data clusters are holes at the end of the file: extend it to cover them.
     if ((await store.size()) < preallocatedEnd) await store.truncate(preallocatedEnd);

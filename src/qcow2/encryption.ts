@@ -1,57 +1,135 @@
 /**
- * What an encrypted qcow2 image says about its encryption, for `info` (qemu-img shows it without the key):
- * the legacy AES method (crypt_method 1) has nothing more to say; a LUKS image (crypt_method 2) holds a LUKS1
- * header in the clusters the full-disk-encryption header extension points at. The engine does not decrypt:
- * such an image opens for its metadata only, and reading its data is refused.
- *
- * LUKS1 header (big-endian; cryptsetup's on-disk format): magic "LUKS\xba\xbe" and version 1, then cipher name,
- * cipher mode and hash name (32-byte NUL-padded strings) at 8, 40 and 72, the payload offset and key size at 104
- * and 108 (u32; the offset in 512-byte sectors), the master key digest's iterations at 164, the UUID (40
- * bytes) at 168, and 8 key slots of 48 bytes from 208: state (0x00ac71f3 active), iterations, 32 bytes of salt,
- * key material offset (sectors) and anti-forensic stripes.
+ * Encrypted images (qcow2 crypt_method 1 and 2, qcow crypt_method 1): what `info` shows without the key, and the
+ * cipher that reads and writes their data once a password unlocks it. Metadata is never encrypted; data
+ * clusters are, sector by sector (sector-cipher.ts), compressed clusters never are.
+ * - LUKS (qcow2 crypt_method 2): a LUKS1 header and key material in the clusters the full-disk-encryption header
+ *   extension points at (offsets inside it are relative to its start); IVs from the HOST offset / 512, so moving
+ *   a cluster means re-encrypting it.
+ * - Legacy AES (crypt_method 1, qcow2 and qcow): AES-128-CBC, IV plain64 of the GUEST offset / 512, the key the
+ *   password's first 16 bytes (zero-padded); no check that the password is right (QEMU has none either).
  */
 import type { ByteStore } from './store.js';
 import type { Qcow2Header } from './header.js';
-import { FormatError } from './errors.js';
-import { readExact } from './store.js';
-import { u32 } from './bytes.js';
+import type { CipherSpec, CryptoProvider, DataCipher } from './crypto.js';
+import { FormatError, KeyError, UnsupportedError } from './errors.js';
+import { LUKS_HEADER_BYTES, LuksHeaderError, cipherSpecOf, luksCipherOf, parseLuksHeader, type LuksCipher, type LuksHeader } from './luks-header.js';
+import { WRONG_PASSWORD, unlockMasterKey } from './luks.js';
+import { SECTOR_SIZE, SectorCipher } from './sector-cipher.js';
 
 export type EncryptionInfo = { [key: string]: string | number | boolean | EncryptionInfo[] };
 
-const LUKS_MAGIC = [0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe];
-const LUKS_HEADER_BYTES = 592;
-const SLOT_ACTIVE = 0x00ac71f3;
+/** QEMU's message when an encrypted image is opened without a key. */
+export const KEY_REQUIRED = "Parameter 'encrypt.key-secret' is required for cipher";
+
+/** The data cipher of an unlocked image. */
+export interface ImageEncryption {
+  readonly method: 'luks' | 'aes';
+  /** True when IVs come from host (file) offsets (LUKS in qcow2); false for guest offsets (legacy AES). */
+  readonly keyedByHost: boolean;
+  /** Decrypts whole sectors in place; `offset` (a multiple of 512) is the host or guest offset of data[0]. */
+  decrypt(data: Uint8Array, offset: number): Promise<void>;
+  /** Encrypts whole sectors into a new array. */
+  encrypt(data: Uint8Array, offset: number): Promise<Uint8Array>;
+}
+
+/** The message for writes to a legacy AES image, which qcow86 refuses as QEMU's system emulators do. */
+export function legacyWriteRefusal(file: string): UnsupportedError {
+  return new UnsupportedError(
+    file,
+    'encryption',
+    "writing to an image encrypted with the legacy AES method (encrypt.format=aes) is not supported: convert it to LUKS, e.g. 'qcow86 convert --object secret,id=sec0,data=... --image-opts driver=qcow2,file.filename=OLD,encrypt.key-secret=sec0 -O qcow2 -o encrypt.format=luks,encrypt.key-secret=sec0 NEW'",
+  );
+}
 
 /** qemu-img info's format-specific "encrypt" object, its keys in qemu-img 7.2's order. */
 export async function encryptionInfo(store: ByteStore, header: Qcow2Header): Promise<EncryptionInfo | undefined> {
   if (header.cryptMethod === 1) return { format: 'aes' };
   if (header.cryptMethod !== 2 || !header.fde) return undefined;
-  const where = header.fde.offset;
-  const bytes = await readExact(store, where, LUKS_HEADER_BYTES, 'LUKS header');
-  const bad = (what: string) => new FormatError(store.name, `LUKS header at offset ${where}: ${what}`, { field: 'LUKS header', offset: where });
-  if (!LUKS_MAGIC.every((byte, i) => bytes[i] === byte)) throw bad('no LUKS magic');
-  const version = (bytes[6]! << 8) | bytes[7]!;
-  if (version !== 1) throw bad(`version ${version} (only LUKS version 1 exists in qcow2)`);
-  const cipherName = text(bytes, 8, 32);
-  const [mode = '', ivgen = ''] = text(bytes, 40, 32).split('-');
-  const [ivgenAlg = '', ivgenHash] = ivgen.split(':');
-  const keyBytes = u32(bytes, 108);
-  // XTS keys are two keys of the cipher's size.
-  const cipherBits = ((mode === 'xts' ? keyBytes / 2 : keyBytes) * 8) | 0;
-  const slots: EncryptionInfo[] = [];
-  for (let i = 0; i < 8; i++) {
-    const at = 208 + 48 * i;
-    const keyOffset = u32(bytes, at + 40) * 512;
-    slots.push(u32(bytes, at) === SLOT_ACTIVE ? { active: true, iters: u32(bytes, at + 4), 'key-offset': keyOffset, stripes: u32(bytes, at + 44) } : { active: false, 'key-offset': keyOffset });
-  }
-  const info: EncryptionInfo = { 'ivgen-alg': ivgenAlg, 'hash-alg': text(bytes, 72, 32), 'cipher-alg': `${cipherName}-${cipherBits}`, uuid: text(bytes, 168, 40) };
-  if (ivgenHash !== undefined) info['ivgen-hash-alg'] = ivgenHash;
-  return { ...info, format: 'luks', 'cipher-mode': mode, slots, 'payload-offset': u32(bytes, 104) * 512, 'master-key-iters': u32(bytes, 164) };
+  const { luks, cipher } = await readLuks(store, header);
+  const slots = luks.slots.map((slot): EncryptionInfo =>
+    slot.state === 0x00ac71f3
+      ? { active: true, iters: slot.iterations, 'key-offset': slot.keyOffset * SECTOR_SIZE, stripes: slot.stripes }
+      : { active: false, 'key-offset': slot.keyOffset * SECTOR_SIZE },
+  );
+  const info: EncryptionInfo = { 'ivgen-alg': cipher.ivgen, 'hash-alg': cipher.hash, 'cipher-alg': `${cipher.cipherName}-${cipher.cipherKeyBytes * 8}`, uuid: luks.uuid };
+  if (cipher.ivgen === 'essiv' && cipher.ivgenHash !== undefined) info['ivgen-hash-alg'] = cipher.ivgenHash;
+  return { ...info, format: 'luks', 'cipher-mode': cipher.mode, slots, 'payload-offset': luks.payloadOffset * SECTOR_SIZE, 'master-key-iters': luks.masterKeyIterations };
 }
 
-/** A NUL-padded ASCII field. */
-function text(bytes: Uint8Array, at: number, length: number): string {
-  const field = bytes.subarray(at, at + length);
-  const end = field.indexOf(0);
-  return String.fromCharCode(...field.subarray(0, end < 0 ? length : end));
+/**
+ * Unlocks a qcow2 image's encryption with `password`: KeyError when there is none or it opens no key slot; a
+ * FormatError naming the field for a damaged LUKS header; UnsupportedError for a cipher qcow86 does not have.
+ */
+export async function openQcow2Encryption(store: ByteStore, header: Qcow2Header, crypto: CryptoProvider | undefined, password: Uint8Array | undefined): Promise<ImageEncryption> {
+  if (header.cryptMethod === 1) return legacyAes(store.name, crypto, password);
+  const { luks, cipher, read } = await readLuks(store, header);
+  let spec: CipherSpec;
+  try {
+    spec = cipherSpecOf(cipher);
+  } catch (error) {
+    if (error instanceof LuksHeaderError) throw new UnsupportedError(store.name, 'encryption', error.message);
+    throw error;
+  }
+  if (password === undefined) throw new KeyError(store.name, KEY_REQUIRED);
+  if (!crypto) throw new UnsupportedError(store.name, 'encryption', 'no cryptography provider was given to open an encrypted image');
+  const masterKey = await unlockMasterKey(crypto, luks, spec, cipher.hash, password, read);
+  if (!masterKey) throw new KeyError(store.name, WRONG_PASSWORD, true);
+  return sectorEncryption('luks', true, dataCipherFor(crypto, spec, masterKey));
+}
+
+/** Legacy AES for qcow2 and qcow (version 1) images. */
+export function legacyAes(file: string, crypto: CryptoProvider | undefined, password: Uint8Array | undefined): ImageEncryption {
+  if (password === undefined) throw new KeyError(file, KEY_REQUIRED);
+  if (!crypto) throw new UnsupportedError(file, 'encryption', 'no cryptography provider was given to open an encrypted image');
+  const key = new Uint8Array(16);
+  key.set(password.subarray(0, 16));
+  return sectorEncryption('aes', false, dataCipherFor(crypto, { aesKeyBytes: 16, mode: 'cbc', ivgen: 'plain64' }, key));
+}
+
+function dataCipherFor(crypto: CryptoProvider, spec: CipherSpec, key: Uint8Array): DataCipher {
+  if (crypto.dataCipher) return crypto.dataCipher(spec, key);
+  const cipher = new SectorCipher(crypto, spec, key);
+  return {
+    decrypt: async (data, sector) => cipher.decrypt(data, sector),
+    encrypt: async (data, sector) => cipher.encrypt(data, sector),
+  };
+}
+
+function sectorEncryption(method: 'luks' | 'aes', keyedByHost: boolean, cipher: DataCipher): ImageEncryption {
+  return {
+    method,
+    keyedByHost,
+    decrypt: (data, offset) => cipher.decrypt(data, offset / SECTOR_SIZE),
+    encrypt: (data, offset) => cipher.encrypt(data, offset / SECTOR_SIZE),
+  };
+}
+
+/** The LUKS header of a qcow2 image, checked as QEMU checks it, and a reader for its key material. */
+async function readLuks(store: ByteStore, header: Qcow2Header): Promise<{ luks: LuksHeader; cipher: LuksCipher; read: (offset: number, length: number) => Promise<Uint8Array> }> {
+  const fde = header.fde;
+  if (!fde) throw new FormatError(store.name, 'crypt_method is 2 (LUKS) but there is no full disk encryption header extension', { field: 'crypt_method', offset: 32 });
+  const clusterSize = 2 ** header.clusterBits;
+  if (fde.offset % clusterSize !== 0) {
+    throw new FormatError(store.name, `Encryption header offset '${fde.offset}' is not a multiple of cluster size '${clusterSize}'`, { field: 'encryption header offset', value: fde.offset });
+  }
+  // The area is read as QEMU reads it: only inside the extent the extension declares, and past the end of the
+  // file as zeros.
+  const read = async (offset: number, length: number): Promise<Uint8Array> => {
+    if (offset + length > fde.length) {
+      throw new FormatError(store.name, `Request for data outside of extension header (LUKS area of ${fde.length} bytes at ${fde.offset}; wanted ${length} bytes at ${offset})`, { field: 'encryption header length', value: fde.length });
+    }
+    const bytes = await store.read(fde.offset + offset, length);
+    if (bytes.length === length) return bytes;
+    const padded = new Uint8Array(length);
+    padded.set(bytes);
+    return padded;
+  };
+  const bytes = await read(0, LUKS_HEADER_BYTES);
+  try {
+    const luks = parseLuksHeader(bytes);
+    return { luks, cipher: luksCipherOf(luks), read };
+  } catch (error) {
+    if (!(error instanceof LuksHeaderError)) throw error;
+    throw new FormatError(store.name, `${error.message} (LUKS header field ${error.field} at offset ${fde.offset + error.offset})`, { field: error.field, offset: fde.offset + error.offset });
+  }
 }

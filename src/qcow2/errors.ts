@@ -34,6 +34,16 @@ export class UnsupportedError extends Qcow86Error {
   }
 }
 
+/**
+ * An encrypted image cannot be unlocked: no key was given for it, or the key is wrong (`wrongKey`). Nothing is
+ * read or written then.
+ */
+export class KeyError extends Qcow86Error {
+  constructor(file: string, message: string, readonly wrongKey = false) {
+    super(file, message);
+  }
+}
+
 /** The image's metadata is inconsistent (detected while reading or before a write that would damage it). */
 export class CorruptImageError extends Qcow86Error {
   readonly offset: number | undefined;

@@ -8,6 +8,9 @@ import { readExact, readIntoPadded } from './store.js';
 import { failStop, type FailStopStore } from './fail-stop.js';
 import { parseBitmapDirectory, type BitmapEntry } from './bitmaps.js';
 import { CorruptImageError, FormatError, ReadOnlyError, UnsupportedError } from './errors.js';
+import type { CryptoProvider } from './crypto.js';
+import { legacyWriteRefusal, openQcow2Encryption, type ImageEncryption } from './encryption.js';
+import { SECTOR_SIZE } from './sector-cipher.js';
 import {
   AUTOCLEAR_DATA_FILE_RAW,
   COMPAT_LAZY_REFCOUNTS,
@@ -23,7 +26,7 @@ import {
 import { L2Cache } from './l2-cache.js';
 import { SUBCLUSTERS, classify, decodeL1Entry, makeGeometry, pushExtent, readL2Entry, type Extent, type Geometry } from './mapping.js';
 import { readSnapshotTable, readSnapshotL1, findSnapshot, type Snapshot } from './snapshots.js';
-import { decompressCluster, type Codecs, type CompressionType } from './compression.js';
+import { compressCluster, decompressCluster, type Codecs, type CompressionType } from './compression.js';
 import { checkRange } from './raw.js';
 import type { WriteEngine, ZeroOptions } from './write-path.js';
 import type { SnapshotOptions } from './snapshot-ops.js';
@@ -60,6 +63,10 @@ export interface Qcow2OpenOptions {
   metadataOnly?: boolean;
   /** Open as qemu-img check does: a refcount table of 0 clusters is a finding, not a refusal. */
   forCheck?: boolean;
+  /** Cryptography for encrypted images (src/io/ has Node's and the browser's). */
+  crypto?: CryptoProvider | undefined;
+  /** The password of an encrypted image (QEMU's encrypt.key-secret). */
+  password?: Uint8Array | undefined;
 }
 
 export class Qcow2Image implements BlockDevice {
@@ -76,6 +83,8 @@ export class Qcow2Image implements BlockDevice {
   private engine: WriteEngine | undefined;
   /** Set when the image was opened for its metadata only (encrypted, or its data file unnamed): data is refused. */
   private readonly refuseData: (() => Error) | undefined;
+  /** The data cipher of an encrypted image opened with its key. */
+  readonly encryption: ImageEncryption | undefined;
   private enginePromise: Promise<WriteEngine> | undefined;
 
   protected constructor(
@@ -89,12 +98,14 @@ export class Qcow2Image implements BlockDevice {
     readonly backing: BlockDevice | undefined,
     readonly dataStore: ByteStore | undefined,
     l2CacheSize: number,
+    encryption?: ImageEncryption,
   ) {
+    this.encryption = encryption;
     this.clusterSize = clusterSizeOf(header);
     // From the header, not from whether the data file was opened: inspection reads the tables without it.
     this.geometry = makeGeometry(header.clusterBits, hasExtendedL2(header), (header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n, header.version);
     // Decided once: reads check it on every call.
-    this.refuseData = dataRefusal(store.name, header, dataStore);
+    this.refuseData = dataRefusal(store.name, header, dataStore, encryption);
     this.l2Cache = new L2Cache(Math.max(2, Math.floor(l2CacheSize / this.clusterSize)));
   }
 
@@ -154,7 +165,13 @@ export class Qcow2Image implements BlockDevice {
    */
   static async open(store: ByteStore, options: Qcow2OpenOptions): Promise<Qcow2Image> {
     const { header, l1Table, snapshots, bitmaps } = await Qcow2Image.readMetadata(store, options.forCheck === true);
-    const refusal = dataRefusal(store.name, header, options.dataStore);
+    // An encrypted image is unlocked before anything else: a wrong password must not leave a trace (a dirty
+    // image's refcount rebuild below writes). Opened for its metadata without a password, it stays locked.
+    const encryption =
+      header.cryptMethod !== 0 && !(options.metadataOnly && options.password === undefined)
+        ? await openQcow2Encryption(store, header, options.crypto, options.password)
+        : undefined;
+    const refusal = dataRefusal(store.name, header, options.dataStore, encryption);
     if (refusal && !options.metadataOnly) throw refusal();
     let readOnly = options.readOnly || store.readOnly;
     if (!readOnly && header.incompatibleFeatures & INCOMPAT_CORRUPT && !options.repair) {
@@ -162,8 +179,8 @@ export class Qcow2Image implements BlockDevice {
     }
     // Written through stores that stop at their first failed write or flush (fail-stop.ts).
     const image = readOnly
-      ? new this(store, header, l1Table, snapshots, readOnly, options.codecs, options.backing, options.dataStore, options.l2CacheSize ?? DEFAULT_L2_CACHE_BYTES)
-      : new this(failStop(store), header, l1Table, snapshots, readOnly, options.codecs, options.backing, options.dataStore && failStop(options.dataStore), options.l2CacheSize ?? DEFAULT_L2_CACHE_BYTES);
+      ? new this(store, header, l1Table, snapshots, readOnly, options.codecs, options.backing, options.dataStore, options.l2CacheSize ?? DEFAULT_L2_CACHE_BYTES, encryption)
+      : new this(failStop(store), header, l1Table, snapshots, readOnly, options.codecs, options.backing, options.dataStore && failStop(options.dataStore), options.l2CacheSize ?? DEFAULT_L2_CACHE_BYTES, encryption);
     image.bitmaps = bitmaps;
     // A writer with lazy refcounts died with the image dirty: its refcounts are rebuilt before any write.
     if (!readOnly && header.incompatibleFeatures & INCOMPAT_DIRTY && !options.repair) await (await writeSide()).repairDirtyImage(image);
@@ -400,11 +417,33 @@ export class Qcow2Image implements BlockDevice {
         return this.fillFromBacking(backing!, out.subarray(at, at + available), extent.guestOffset);
       }
       case 'data':
+        if (this.encryption) return this.fillEncrypted(out.subarray(at, at + extent.length), extent.hostOffset, extent.guestOffset);
         // Data past the end of the file reads as zeros, as it does in QEMU.
         return readIntoPadded(this.dataStore ?? this.store, extent.hostOffset, out.subarray(at, at + extent.length));
       case 'compressed':
         return this.fillCompressed(out, at, extent);
     }
+  }
+
+  /**
+   * Decrypts data bytes into `into`. Encryption works on whole 512-byte sectors: a read that starts or ends inside
+   * one reads and decrypts the whole sector. A data cluster keeps the guest's place in the cluster, so the host
+   * and the guest offset are equally far into their sector.
+   */
+  private async fillEncrypted(into: Uint8Array, hostOffset: number, guestOffset: number): Promise<void> {
+    const encryption = this.encryption!;
+    const store = this.dataStore ?? this.store;
+    const head = hostOffset % SECTOR_SIZE;
+    const keyOffset = (encryption.keyedByHost ? hostOffset : guestOffset) - head;
+    if (head === 0 && into.length % SECTOR_SIZE === 0) {
+      await readIntoPadded(store, hostOffset, into);
+      await encryption.decrypt(into, keyOffset);
+      return;
+    }
+    const span = new Uint8Array(Math.ceil((head + into.length) / SECTOR_SIZE) * SECTOR_SIZE);
+    await readIntoPadded(store, hostOffset - head, span);
+    await encryption.decrypt(span, keyOffset);
+    into.set(span.subarray(head, head + into.length));
   }
 
   private async fillFromBacking(backing: BlockDevice, into: Uint8Array, guestOffset: number): Promise<void> {
@@ -474,8 +513,14 @@ export class Qcow2Image implements BlockDevice {
     return this.enginePromise;
   }
 
+  /** Guest writes to a legacy AES image are refused (see legacyWriteRefusal); its metadata can still change. */
+  private refuseLegacyAes(): void {
+    if (this.encryption?.method === 'aes' || this.header.cryptMethod === 1) throw legacyWriteRefusal(this.name);
+  }
+
   async write(offset: number, data: Uint8Array): Promise<void> {
     checkRange(this, offset, data.length);
+    this.refuseLegacyAes();
     const engine = await this.writer();
     return engine.exclusive(() => engine.write(offset, data));
   }
@@ -483,6 +528,7 @@ export class Qcow2Image implements BlockDevice {
   /** Makes [offset, offset+length) read as zeros (zero flags where possible; `unmap` frees host clusters). */
   async writeZeroes(offset: number, length: number, options: ZeroOptions = {}): Promise<void> {
     checkRange(this, offset, length);
+    this.refuseLegacyAes();
     const engine = await this.writer();
     const { writeZeroes } = writeSideLoaded!;
     return engine.exclusive(() => writeZeroes(engine, offset, length, options));
@@ -491,6 +537,7 @@ export class Qcow2Image implements BlockDevice {
   /** Gives whole clusters in the range back (partial clusters are left alone, as in QEMU). */
   async discard(offset: number, length: number): Promise<void> {
     checkRange(this, offset, length);
+    this.refuseLegacyAes();
     const engine = await this.writer();
     const { discard } = writeSideLoaded!;
     return engine.exclusive(() => discard(engine, offset, length));
@@ -498,9 +545,26 @@ export class Qcow2Image implements BlockDevice {
 
   /** Writes guest cluster `clusterIndex` compressed with the image's compression type (convert -c). */
   async writeCompressed(clusterIndex: number, data: Uint8Array): Promise<void> {
+    this.refuseLegacyAes();
     const engine = await this.writer();
     const { writeCompressed } = writeSideLoaded!;
     return engine.exclusive(() => writeCompressed(engine, clusterIndex, data));
+  }
+
+  /**
+   * Writes consecutive guest clusters from `firstCluster` on, compressed (convert -c). They are compressed all at
+   * once - on worker threads, where the codecs use them - then placed one after the other in cluster order, so the
+   * file is byte for byte what writing them one at a time gives.
+   */
+  async writeCompressedClusters(firstCluster: number, clusters: Uint8Array[]): Promise<void> {
+    this.refuseLegacyAes();
+    const engine = await this.writer();
+    const { checkCompressible, placeCompressed } = writeSideLoaded!;
+    checkCompressible(engine);
+    const compressed = await Promise.all(clusters.map((data) => compressCluster(this.compressionType, data, this.clusterSize, this.codecs)));
+    return engine.exclusive(async () => {
+      for (let i = 0; i < clusters.length; i++) await placeCompressed(engine, firstCluster + i, clusters[i]!, compressed[i]);
+    });
   }
 
   // ---- snapshots and size (snapshot-ops.ts, l1-table.ts) --------------------------------------------------
@@ -636,12 +700,12 @@ class SnapshotView implements BlockDevice {
 }
 
 /**
- * Why an image's data can be neither read nor written, if it cannot: the engine does not decrypt, and an image
- * whose external data file was not found has no data to read. Such images open for their metadata only.
+ * Why an image's data can be neither read nor written, if it cannot: an encrypted image opened without its key,
+ * and an image whose external data file was not found, have no data to read. Such images open for their metadata only.
  */
-function dataRefusal(file: string, header: Qcow2Header, dataStore: ByteStore | undefined): (() => Error) | undefined {
-  if (header.cryptMethod !== 0) {
-    return () => new UnsupportedError(file, 'encryption', `encrypted images are not supported (crypt_method ${header.cryptMethod} at offset 32)`);
+function dataRefusal(file: string, header: Qcow2Header, dataStore: ByteStore | undefined, encryption: ImageEncryption | undefined): (() => Error) | undefined {
+  if (header.cryptMethod !== 0 && !encryption) {
+    return () => new UnsupportedError(file, 'encryption', `the image is encrypted (crypt_method ${header.cryptMethod} at offset 32) and was opened without its key`);
   }
   if (header.incompatibleFeatures & INCOMPAT_DATA_FILE && !dataStore) {
     return header.dataFile === undefined

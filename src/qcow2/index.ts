@@ -10,8 +10,9 @@ export type { Qcow2Header } from './header.js';
 export type { Snapshot } from './snapshots.js';
 export type { Extent } from './mapping.js';
 export { portableCodecs, type Codecs, type CompressionType } from './compression.js';
+export type { CryptoProvider, AesKey, CipherSpec, DataCipher, HashAlgorithm } from './crypto.js';
 // Write side: creation, checking/repair, snapshots (methods on Qcow2Image), compressed clusters.
-export { createQcow2, type CreateOptions } from './create.js';
+export { createQcow2, type CreateOptions, type NewEncryption } from './create.js';
 export { checkImage, checkResultJson, type CheckResult, type RepairMode } from './check.js';
 export { vmStateOffset, type SnapshotOptions } from './snapshot-ops.js';
 export type { ZeroOptions } from './write-path.js';

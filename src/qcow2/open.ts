@@ -12,6 +12,7 @@ import { Qcow2Image } from './image.js';
 import { QcowV1Image } from './qcow1.js';
 import { RawImage } from './raw.js';
 import { portableCodecs, type Codecs } from './compression.js';
+import type { CryptoProvider } from './crypto.js';
 
 export type { ImageFormat };
 
@@ -45,6 +46,18 @@ export interface OpenOptions {
   metadataOnly?: boolean;
   /** Open the top image as qemu-img check does (see Qcow2OpenOptions.forCheck). */
   forCheck?: boolean;
+  /** Cryptography for encrypted images. */
+  crypto?: CryptoProvider | undefined;
+  /**
+   * The password of the encrypted image at `depth` of the chain (0 the top, 1 its backing file...), named `name`;
+   * undefined when there is none. An encrypted layer without one fails to open (unless metadataOnly).
+   */
+  passwords?: ((depth: number, name: string) => Uint8Array | undefined) | undefined;
+  /**
+   * The encryption format the caller expects of the layer at `depth` (QEMU's encrypt.format option): a layer
+   * encrypted otherwise is refused before it is unlocked.
+   */
+  encryptFormats?: ((depth: number) => 'luks' | 'aes' | undefined) | undefined;
 }
 
 /**
@@ -113,12 +126,15 @@ async function openLayer(
     if (chosen === 'raw') return await RawImage.open(store, { readOnly, probed: format === undefined });
     if (chosen === 'qcow') {
       // The header names the backing file; a first open without it learns the name cheaply.
-      const backingName = (await QcowV1Image.open(store, { codecs: options.codecs })).backingName;
+      const probe = await QcowV1Image.open(store, { codecs: options.codecs, metadataOnly: true });
+      checkEncryptFormat(store.name, probe.header.cryptMethod, options.encryptFormats?.(chain.length));
+      const backingName = probe.backingName;
       const backing = backingName !== undefined && options.openBacking !== false ? await openBacking(store, backingName, undefined, path, options) : undefined;
-      return await QcowV1Image.open(store, { backing, codecs: options.codecs });
+      return await QcowV1Image.open(store, { backing, codecs: options.codecs, crypto: options.crypto, password: options.passwords?.(chain.length, store.name), metadataOnly: options.metadataOnly === true });
     }
     const forCheck = chain.length === 0 && options.forCheck === true;
     const { header } = await Qcow2Image.readMetadata(store, forCheck);
+    checkEncryptFormat(store.name, header.cryptMethod, options.encryptFormats?.(chain.length));
     let dataStore: ByteStore | undefined;
     const skipData = options.openDataFile === false && (header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
     if (header.incompatibleFeatures & INCOMPAT_DATA_FILE && header.dataFile !== undefined && !skipData) {
@@ -130,11 +146,30 @@ async function openLayer(
         ? await openBacking(store, header.backingFile, header.backingFormat, path, options)
         : undefined;
     if (backing) await checkBackingValidator(store, header, backing, options);
-    return await Qcow2Image.open(store, { readOnly, codecs: options.codecs, backing, dataStore, l2CacheSize: options.l2CacheSize, repair: chain.length === 0 && options.repair === true, metadataOnly: options.metadataOnly === true || skipData, forCheck });
+    return await Qcow2Image.open(store, {
+      readOnly,
+      codecs: options.codecs,
+      backing,
+      dataStore,
+      l2CacheSize: options.l2CacheSize,
+      repair: chain.length === 0 && options.repair === true,
+      metadataOnly: options.metadataOnly === true || skipData,
+      forCheck,
+      crypto: options.crypto,
+      password: header.cryptMethod !== 0 ? options.passwords?.(chain.length, store.name) : undefined,
+    });
   } catch (error) {
     await store.close().catch(() => {});
     throw error;
   }
+}
+
+/** QEMU's check of encrypt.format against the header (its message). */
+function checkEncryptFormat(file: string, cryptMethod: number, expected: 'luks' | 'aes' | undefined): void {
+  if (expected === undefined) return;
+  const actual = cryptMethod === 2 ? 'luks' : cryptMethod === 1 ? 'aes' : undefined;
+  if (actual === undefined) throw new UnsupportedError(file, 'encryption', `encrypt.format=${expected} given, but the image is not encrypted`);
+  if (actual !== expected) throw new UnsupportedError(file, 'encryption', `Header reported '${actual}' encryption format but options specify '${expected}'`);
 }
 
 async function openBacking(

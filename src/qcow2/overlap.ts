@@ -12,7 +12,7 @@
  */
 import { u32 } from './bytes.js';
 
-export type MetadataKind = 'header' | 'active L1 table' | 'inactive L1 table' | 'active L2 table' | 'refcount table' | 'refcount block' | 'snapshot table' | 'bitmap directory';
+export type MetadataKind = 'header' | 'active L1 table' | 'inactive L1 table' | 'active L2 table' | 'refcount table' | 'refcount block' | 'snapshot table' | 'bitmap directory' | 'encryption header';
 
 interface Span {
   /** First and last cluster (inclusive). */

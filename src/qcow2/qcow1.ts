@@ -9,6 +9,7 @@
  *   cluster_bits bits the EXACT compressed byte length (unlike qcow2, which stores sectors). Raw deflate.
  * - A normal cluster's offset must be sector-aligned; QEMU fails the read otherwise.
  * - The guest size is the header size rounded down to whole sectors (QEMU keeps it in sectors).
+ * - crypt_method 1: normal clusters are AES-128-CBC encrypted (see encryption.ts), compressed ones are not.
  */
 import type { BlockDevice } from './device.js';
 import type { ByteStore } from './store.js';
@@ -18,6 +19,8 @@ import { decodeText, hex, u32, u64, u64big } from './bytes.js';
 import { L2Cache } from './l2-cache.js';
 import { checkRange } from './raw.js';
 import { decompressCluster, type Codecs } from './compression.js';
+import type { CryptoProvider } from './crypto.js';
+import { legacyAes, type ImageEncryption } from './encryption.js';
 
 export const QCOW_MAGIC = 0x514649fb;
 export const QCOW_V1_HEADER_LENGTH = 48;
@@ -69,7 +72,6 @@ export function parseQcowV1Header(file: string, bytes: Uint8Array, fileSize: num
 
   const cryptMethod = u32(bytes, 36);
   if (cryptMethod > 1) fail(`invalid encryption method ${cryptMethod}`, 'crypt_method', 36, cryptMethod);
-  if (cryptMethod === 1) throw new UnsupportedError(file, 'encryption', 'qcow AES encryption (crypt_method 1) is not supported');
 
   const l1Span = 2 ** (clusterBits + l2Bits);
   const l1Size = Math.ceil(size / l1Span);
@@ -135,6 +137,8 @@ export class QcowV1Image implements BlockDevice {
     readonly backingName: string | undefined,
     readonly backing: BlockDevice | undefined,
     readonly codecs: Codecs,
+    /** Set when the image is encrypted and was opened with its password. */
+    readonly encryption: ImageEncryption | undefined,
   ) {
     this.clusterSize = 2 ** header.clusterBits;
     this.virtualSize = Math.floor(header.size / 512) * 512;
@@ -144,7 +148,11 @@ export class QcowV1Image implements BlockDevice {
     return this.store.name;
   }
 
-  static async open(store: ByteStore, options: { backing?: BlockDevice | undefined; codecs: Codecs }): Promise<QcowV1Image> {
+  /**
+   * Opens the image. An encrypted one needs `password` (and `crypto`) unless `metadataOnly` (info): then its data
+   * stays unreadable.
+   */
+  static async open(store: ByteStore, options: { backing?: BlockDevice | undefined; codecs: Codecs; crypto?: CryptoProvider | undefined; password?: Uint8Array | undefined; metadataOnly?: boolean }): Promise<QcowV1Image> {
     const fileSize = await store.size();
     const header = parseQcowV1Header(store.name, await store.read(0, QCOW_V1_HEADER_LENGTH), fileSize);
     const l1Table = await readExact(store, header.l1TableOffset, header.l1Size * 8, 'L1 table');
@@ -152,7 +160,8 @@ export class QcowV1Image implements BlockDevice {
     if (header.backingFileOffset !== 0) {
       backingName = decodeText(await readExact(store, header.backingFileOffset, header.backingFileSize, 'backing file name'));
     }
-    return new QcowV1Image(store, header, l1Table, fileSize, backingName, options.backing, options.codecs);
+    const encryption = header.cryptMethod === 1 && !(options.metadataOnly && options.password === undefined) ? legacyAes(store.name, options.crypto, options.password) : undefined;
+    return new QcowV1Image(store, header, l1Table, fileSize, backingName, options.backing, options.codecs, encryption);
   }
 
   /** Where the guest cluster containing `guestOffset` lives. */
@@ -188,6 +197,8 @@ export class QcowV1Image implements BlockDevice {
       } else if (mapping.kind === 'compressed') {
         const cluster = await this.readCompressed(mapping.hostOffset, mapping.compressedLength);
         out.set(cluster.subarray(inCluster, inCluster + n), done);
+      } else if (this.header.cryptMethod !== 0) {
+        await this.readEncrypted(mapping.hostOffset, guest, out.subarray(done, done + n));
       } else {
         // Like QEMU's file driver, bytes past the end of the file read as zeros (`out` starts zeroed).
         const at = mapping.hostOffset + inCluster;
@@ -196,6 +207,18 @@ export class QcowV1Image implements BlockDevice {
       done += n;
     }
     return out;
+  }
+
+  /** Whole sectors of the cluster at `clusterHost` decrypted (IVs from the guest offset), the wanted part copied. */
+  private async readEncrypted(clusterHost: number, guest: number, into: Uint8Array): Promise<void> {
+    if (!this.encryption) throw new UnsupportedError(this.name, 'encryption', 'the image is encrypted (crypt_method 1) and was opened without its key');
+    const inCluster = guest % this.clusterSize;
+    const head = inCluster % 512;
+    const span = new Uint8Array(Math.ceil((head + into.length) / 512) * 512);
+    const at = clusterHost + inCluster - head;
+    if (at < this.fileSize) span.set(await this.store.read(at, Math.min(span.length, this.fileSize - at)));
+    await this.encryption.decrypt(span, guest - head);
+    into.set(span.subarray(head, head + into.length));
   }
 
   private async readBacking(guest: number, into: Uint8Array): Promise<void> {

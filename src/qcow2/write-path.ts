@@ -21,6 +21,7 @@ import { referenceBitmaps, type CheckResult } from './check.js';
 import { MetadataMap, type MetadataKind } from './overlap.js';
 import { snapshotTableBytes } from './snapshots.js';
 import type { Qcow2Image } from './image.js';
+import { SECTOR_SIZE } from './sector-cipher.js';
 
 const TWO_32 = 2 ** 32;
 const COPIED = 0x80000000;
@@ -28,6 +29,8 @@ const ALL_SUBCLUSTERS = 0xffffffff;
 /** Dirty tables kept in memory before an internal write-back (bounds memory, keeps flush latency sane). */
 const MAX_DIRTY_TABLES = 256;
 const MAX_PENDING_FREES = 8192;
+/** More than any LUKS1 area (8 slots of 4000 stripes of a 64-byte key, plus the header). */
+const MAX_LUKS_AREA = 4 * 1024 * 1024;
 
 export interface ZeroOptions {
   /** Give the host clusters back (QEMU's write -z -u); otherwise keep them allocated where possible. */
@@ -108,6 +111,8 @@ export class WriteEngine {
     // A damaged entry (oversized, or past 2^53) guards nothing real; QEMU refuses to use such a snapshot anyway.
     m.addRanges(this.image.snapshots.filter((s) => s.l1Size <= MAX_L1_BYTES / 8 && s.l1TableOffsetExact === undefined).map((s) => ({ offset: s.l1TableOffset, length: s.l1Size * 8, kind: 'inactive L1 table' as const })));
     if (h.bitmaps) m.addRange(h.bitmaps.directoryOffset, h.bitmaps.directorySize, 'bitmap directory');
+    // The LUKS area (about 2 MiB; a damaged length is not followed further than the header could need).
+    if (h.cryptMethod === 2 && h.fde && h.fde.length > 0) m.addRange(h.fde.offset, Math.min(h.fde.length, MAX_LUKS_AREA), 'encryption header');
     m.addL2Tables(this.image.l1Table);
   }
 
@@ -377,8 +382,29 @@ export class WriteEngine {
     return out;
   }
 
+  /**
+   * Writes guest data bytes at `hostOffset` of the data store (the image file, or its external data file),
+   * encrypted when the image is: IVs from the host offset for LUKS, the guest offset for legacy AES.
+   */
+  async writeData(hostOffset: number, guestOffset: number, data: Uint8Array): Promise<void> {
+    const store = this.image.dataStore ?? this.store;
+    const encryption = this.image.encryption;
+    if (!encryption) return store.write(hostOffset, data);
+    await store.write(hostOffset, await encryption.encrypt(data, encryption.keyedByHost ? hostOffset : guestOffset));
+  }
+
   async write(offset: number, data: Uint8Array): Promise<void> {
     await this.begin();
+    // Encryption works on whole 512-byte sectors: a write that starts or ends inside one takes the rest of the
+    // sector from what the guest reads there now.
+    if (this.image.encryption && (offset % SECTOR_SIZE !== 0 || data.length % SECTOR_SIZE !== 0)) {
+      const start = offset - (offset % SECTOR_SIZE);
+      const end = Math.ceil((offset + data.length) / SECTOR_SIZE) * SECTOR_SIZE;
+      const whole = await this.oldContents(start, end - start);
+      whole.set(data, offset - start);
+      offset = start;
+      data = whole;
+    }
     const cs = this.clusterSize;
     const { l2Entries, extendedL2 } = this.image.geometry;
     const external = this.image.dataStore !== undefined;
@@ -422,10 +448,9 @@ export class WriteEngine {
   /** Writes into a host cluster the active image owns; extended L2 subclusters gain their allocated bits. */
   private async writeInPlace(cluster: number, from: number, to: number, bytes: Uint8Array, host: number, entry: L2Entry, table: Uint8Array, l2Offset: number, l2Index: number): Promise<void> {
     const cs = this.clusterSize;
-    const store = this.image.dataStore ?? this.store;
     if (!this.image.geometry.extendedL2) {
       await this.guard(host + from, to - from, 'data');
-      await store.write(host + from, bytes);
+      await this.writeData(host + from, cluster * cs + from, bytes);
       return;
     }
     const sub = cs / SUBCLUSTERS;
@@ -442,7 +467,7 @@ export class WriteEngine {
       buffer.set(bytes, from - start);
     }
     await this.guard(host + start, end - start, 'data');
-    await store.write(host + start, buffer);
+    await this.writeData(host + start, cluster * cs + start, buffer);
     let mask = 0;
     for (let s = firstSub; s <= lastSub; s++) mask |= 1 << s;
     if ((entry.allocMask & mask) !== mask >>> 0 || entry.zeroMask & mask) {
@@ -478,7 +503,7 @@ export class WriteEngine {
       }
     }
     await this.guard(host, count * cs, 'data');
-    await (this.image.dataStore ?? this.store).write(host, buffer);
+    await this.writeData(host, first.cluster * cs, buffer);
     const sub = cs / SUBCLUSTERS;
     for (let i = 0; i < count; i++) {
       const piece = run[i]!;

@@ -4,7 +4,7 @@
  * snapshot and repair code, which is most of the engine by size.
  */
 export { WriteEngine } from './write-path.js';
-export { writeCompressed } from './compressed-write.js';
+export { writeCompressed, placeCompressed, checkCompressible } from './compressed-write.js';
 export { discard, writeZeroes } from './zero-discard.js';
 export { applySnapshot, createSnapshot, deleteSnapshot } from './snapshot-ops.js';
 export { growDisk } from './l1-table.js';

@@ -8,6 +8,8 @@ import { openImage, probeFormat, Qcow2Image, BackingChainError } from '../qcow2/
 import { sameVersion } from '../qcow2/store.js';
 import { isPassingFailure, isVersionChange } from '../io/http-range.js';
 import { createQcow2 } from '../qcow2/create.js';
+import { encryptionInfo } from '../qcow2/encryption.js';
+import { webCrypto } from '../io/web-crypto.js';
 import { backingValidatorOf, INCOMPAT_DATA_FILE } from '../qcow2/header.js';
 import { BlobStore } from '../io/opfs.js';
 import { openBaseStore, baseStats, type BaseStats } from './base-store.js';
@@ -93,15 +95,42 @@ function resolver(base: BaseHandle, snapshot?: BlobStore): StoreResolver {
   };
 }
 
-/** Writes an empty overlay of `size` bytes backed by `backingName` into `store`, recording the base's validator. */
-export async function makeOverlay(store: ByteStore, backingName: string, base: BaseHandle | undefined, size: number): Promise<void> {
-  await createQcow2(store, { size, backingFile: backingName, backingFormat: base ? base.format : 'qcow2', backingValidator: base?.store.validator });
+/** The browser's cryptography for encrypted overlays (AES from @noble/ciphers, WebCrypto's PBKDF2). */
+const crypto = webCrypto();
+
+/**
+ * Writes an empty overlay of `size` bytes backed by `backingName` into `store`, recording the base's validator;
+ * encrypted with LUKS (QEMU's defaults: aes-256-xts-plain64, sha256, PBKDF2 calibrated to 2 s) when a password
+ * is given.
+ */
+export async function makeOverlay(store: ByteStore, backingName: string, base: BaseHandle | undefined, size: number, password?: Uint8Array): Promise<void> {
+  await createQcow2(store, {
+    size,
+    backingFile: backingName,
+    backingFormat: base ? base.format : 'qcow2',
+    backingValidator: base?.store.validator,
+    ...(password ? { encryption: { password, crypto } } : {}),
+  });
   await store.flush();
 }
 
-/** Opens `overlay` over the base (or over a read-only snapshot of the stored overlay) for writing. */
-export async function openTop(overlay: ByteStore, base: BaseHandle, snapshot?: BlobStore): Promise<BlockDevice> {
-  return openImage(sharedOverlay(overlay), { format: 'qcow2', readOnly: false, resolver: resolver(base, snapshot) });
+/**
+ * Opens `overlay` over the base (or over a read-only snapshot of the stored overlay) for writing; `password`
+ * unlocks whichever of them is encrypted (a KeyError when it is missing or wrong).
+ */
+export async function openTop(overlay: ByteStore, base: BaseHandle, snapshot?: BlobStore, password?: Uint8Array): Promise<BlockDevice> {
+  return openImage(sharedOverlay(overlay), { format: 'qcow2', readOnly: false, resolver: resolver(base, snapshot), crypto, passwords: () => password });
+}
+
+/** "LUKS aes-256-xts-plain64" for an encrypted overlay (or the encrypted layer under a read-only tab's), else undefined. */
+export async function encryptionOf(device: BlockDevice): Promise<string | undefined> {
+  for (let layer: BlockDevice | undefined = device; layer instanceof Qcow2Image; layer = layer.backing) {
+    if (layer.header.cryptMethod === 0) continue;
+    const info = await encryptionInfo(layer.store, layer.header);
+    if (!info || info.format !== 'luks') return 'legacy AES';
+    return `LUKS ${info['cipher-alg']}-${info['cipher-mode']}-${info['ivgen-alg']}`;
+  }
+  return undefined;
 }
 
 /**
@@ -141,6 +170,9 @@ export async function validateImport(file: Blob, fileName: string, baseUrl: stri
   if (header.dataFile !== undefined || (header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n) {
     // Its data would live in another file, which this page would have to reach: it reaches only its base.
     return `${fileName} keeps its data in an external data file${header.dataFile !== undefined ? ` (${header.dataFile})` : ''}; this page keeps a disk whole in the browser and reaches no file but its base image.`;
+  }
+  if (header.cryptMethod === 1) {
+    return `${fileName} is encrypted with the legacy AES method, which cannot be written: convert it to LUKS (qemu-img or qcow86 convert -O qcow2 -o encrypt.format=luks,...) first.`;
   }
   if (header.size !== base.device.virtualSize) {
     return `${fileName} describes a ${header.size}-byte disk, but the base is ${base.device.virtualSize} bytes: it was not made for this base.`;

@@ -6,16 +6,16 @@
  * One writer per overlay: before opening an overlay for writing the Worker takes the Web Lock named after it and
  * holds it until it closes; a second tab finds the lock taken and is told so.
  */
-import { LockError, BackingChainError } from '../qcow2/errors.js';
+import { LockError, BackingChainError, KeyError } from '../qcow2/errors.js';
 import { MemoryStore } from '../io/memory.js';
 import { OpfsStore, BlobStore, opfsDirectory, opfsExists, quotaErrorIn } from '../io/opfs.js';
 import { DiskMap } from './disk-map.js';
-import { describeBaseProblem, makeOverlay, openBase, openTop, type BaseHandle } from './disk-open.js';
+import { describeBaseProblem, encryptionOf, makeOverlay, openBase, openTop, type BaseHandle } from './disk-open.js';
 import type { OpenRequest, OpenResult, ProblemKind, Reply, Request, StagedImport, Stats, WorkerEvent } from './protocol.js';
 import { deleteSessionById, resumeSessionState, saveSessionState, sessionsOf } from './disk-sessions.js';
 import { tryLock, writerLock } from './web-locks.js';
 import { checkOverlayName, copyToFile, makeRoomFor, recoverReplacement } from './overlay-files.js';
-import { stage, swapStaged, unstage, type Staged, type StoredDisk } from './overlay-import.js';
+import { stage, stageEncrypted, swapStaged, unstage, type Staged, type StoredDisk } from './overlay-import.js';
 import { ProblemError } from './problem.js';
 import { serveCopies, sweepCopies, takeCopy } from './readonly-copy.js';
 
@@ -95,6 +95,7 @@ async function open(request: OpenRequest): Promise<OpenResult> {
   }
   let base: BaseHandle | undefined;
   let overlayStore: OpfsStore | MemoryStore | undefined;
+  const password = passwordOf(request.passphrase);
   try {
     base = await openBase(request.base);
     const makeRoom = makeRoomFor(base);
@@ -126,14 +127,16 @@ async function open(request: OpenRequest): Promise<OpenResult> {
         created = true;
       }
     }
-    const device = await openTop(overlayStore, base, snapshot);
+    const device = await openTop(overlayStore, base, snapshot, password);
     const map = await DiskMap.build(device);
     if (request.mode !== 'readonly') releases.push(serveCopies(overlayName, (into) => serial(() => copyFor(into), 'copying the disk for a read-only tab')));
-    session = { device, base, overlayStore, overlayName, mode: request.mode, map, release: releaseAll, request, makeRoom };
+    // The passphrase goes no further than this session: the request it keeps has none.
+    session = { device, base, overlayStore, overlayName, mode: request.mode, map, release: releaseAll, request: { ...request, passphrase: undefined }, makeRoom, password };
     unsaved = 0;
     writeFailure = undefined;
     const clusterSize = (device as { clusterSize?: unknown }).clusterSize;
-    return { virtualSize: device.virtualSize, overlay: overlayName, mode: request.mode, created, map: map.snapshot(), copiedAt, clusterSize: typeof clusterSize === 'number' ? clusterSize : undefined };
+    const encryption = await encryptionOf(device);
+    return { virtualSize: device.virtualSize, overlay: overlayName, mode: request.mode, created, encryption, map: map.snapshot(), copiedAt, clusterSize: typeof clusterSize === 'number' ? clusterSize : undefined };
   } catch (error) {
     // The base's block file and the overlay are held through exclusive OPFS sync handles: a failed open (a
     // changed base refused, a damaged overlay) must let the next open, or another tab, have them.
@@ -301,11 +304,27 @@ async function discardStored(name: string): Promise<void> {
 }
 
 /** Open overlay, first step (overlay-import.ts): the file staged and opened; the user is asked next. */
-async function stageImport(file: Blob, fileName: string): Promise<StagedImport> {
+async function stageImport(file: Blob, fileName: string, passphrase: string | undefined): Promise<StagedImport> {
   const s = writable('open an overlay');
   await discardStaged();
-  staged = await stage(s, file, fileName);
-  return { sessions: sessionsOf(staged.device).length, size: file.size };
+  staged = await stage(s, file, fileName, passwordOf(passphrase));
+  return { sessions: sessionsOf(staged.device).length, size: file.size, encryption: await encryptionOf(staged.device) };
+}
+
+/** "Encrypt disk" (overlay-import.ts): the encrypted copy is staged, then replaces the stored disk as a file would. */
+async function encryptDisk(passphrase: string): Promise<void> {
+  const s = writable('encrypt the disk');
+  if (passphrase === '') throw new ProblemError('other', 'An empty passphrase would protect nothing: choose one.');
+  if (writeFailure) throw new ProblemError('quota', QUOTA_MESSAGE);
+  await discardStaged();
+  await flush();
+  staged = await stageEncrypted(s, passwordOf(passphrase)!);
+  await commitImport();
+}
+
+/** A passphrase as the engine takes it (UTF-8 bytes). */
+function passwordOf(passphrase: string | undefined): Uint8Array | undefined {
+  return passphrase === undefined ? undefined : new TextEncoder().encode(passphrase);
 }
 
 async function discardStaged(): Promise<void> {
@@ -332,14 +351,15 @@ async function reset(): Promise<void> {
   const s = need();
   await s.device.flush().catch(() => {});
   await s.overlayStore.truncate(0);
-  await makeOverlay(s.overlayStore, s.request.base, s.base, s.base.device.virtualSize);
+  // An encrypted disk stays encrypted, with the passphrase it was opened with.
+  await makeOverlay(s.overlayStore, s.request.base, s.base, s.base.device.virtualSize, s.password);
   await reopenTop(s);
   writeFailure = undefined;
 }
 
 /** Re-reads the overlay's metadata after its bytes were replaced, keeping the same stores and lock. */
 async function reopenTop(s: Session): Promise<void> {
-  s.device = await openTop(s.overlayStore, s.base);
+  s.device = await openTop(s.overlayStore, s.base, undefined, s.password);
   s.map = await DiskMap.build(s.device);
   unsaved = 0;
 }
@@ -375,6 +395,11 @@ function classify(error: unknown): { kind: ProblemKind; message: string } {
   if (error instanceof ProblemError) return { kind: error.kind, message: error.message };
   if (quotaErrorIn(error)) return { kind: 'quota', message: QUOTA_MESSAGE };
   if (error instanceof LockError) return { kind: 'locked', message: 'This disk is open in another tab.' };
+  if (error instanceof KeyError) {
+    return error.wrongKey
+      ? { kind: 'wrong-passphrase', message: "Wrong passphrase: it opens none of the disk's key slots (Invalid password, cannot unlock any keyslot)." }
+      : { kind: 'passphrase-needed', message: 'This disk is encrypted: its passphrase is needed to open it.' };
+  }
   if (error instanceof BackingChainError) return describeBaseProblem(error);
   return describeBaseProblem(error);
 }
@@ -431,7 +456,10 @@ function handle({ id, request }: { id: number; request: Request }, endpoint: End
       serial(exportOverlay, 'reading the overlay for a download').then((result) => reply(result, [result.bytes.buffer as ArrayBuffer]), fail);
       return;
     case 'stage-import':
-      serial(() => stageImport(request.file, request.name), `checking ${request.name}`).then((result) => reply(result), fail);
+      serial(() => stageImport(request.file, request.name, request.passphrase), `checking ${request.name}`).then((result) => reply(result), fail);
+      return;
+    case 'encrypt':
+      serial(() => encryptDisk(request.passphrase), 'encrypting the disk').then(async () => reply({ map: session?.map.snapshot(), encryption: session && (await encryptionOf(session.device)) }), fail);
       return;
     case 'commit-import':
       serial(commitImport, 'replacing the disk').then(() => reply(session?.map.snapshot()), fail);

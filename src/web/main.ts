@@ -9,7 +9,8 @@ import { MachineClient } from './machine-client.js';
 import { createScreen } from './screen-view.js';
 import { createConsole } from './console-view.js';
 import { MapView } from './map-view.js';
-import { ask, clearProblem, setPhase, showDisk, showPersistence, showProblem, showStats, type PhaseState } from './status-view.js';
+import { ask, askPassphrase, clearProblem, setPhase, showDisk, showEncryption, showPersistence, showProblem, showStats, type PhaseState } from './status-view.js';
+import { withPassphrase } from './passphrase-ui.js';
 import { BootPhases } from './boot-phase.js';
 import type { OpenMode, OpenResult, Stats } from './protocol.js';
 import { OverlayOpener } from './overlay-open-ui.js';
@@ -107,8 +108,14 @@ disk.on((event) => {
 
 async function openDisk(): Promise<OpenResult | undefined> {
   setPhase('Opening the disk…');
+  // An encrypted disk asks for its passphrase on every open (passphrase-ui.ts).
+  const openAs = async (wanted: OpenMode) => {
+    const opened = await withPassphrase('This disk', (passphrase) => disk.open({ base: baseUrl, overlay: overlayName, mode: wanted, passphrase }));
+    if (!opened) setPhase('Not started: the disk is encrypted and stays locked', 'off');
+    return opened;
+  };
   try {
-    return await disk.open({ base: baseUrl, overlay: overlayName, mode });
+    return await openAs(mode);
   } catch (error) {
     if (!(error instanceof DiskProblem) || error.kind !== 'locked') throw error;
     const choice = await ask(
@@ -125,7 +132,8 @@ async function openDisk(): Promise<OpenResult | undefined> {
       return undefined;
     }
     mode = choice;
-    const result = await disk.open({ base: baseUrl, overlay: overlayName, mode });
+    const result = await openAs(mode);
+    if (!result) return undefined;
     if (mode === 'fresh') {
       // Remember the fresh disk's name in the address, so a reload of this tab finds it again; it keeps the bus.
       keepDiskBus(result.overlay, chooseDiskBus(overlayName, params.get('disk-bus')));
@@ -159,7 +167,7 @@ async function start(): Promise<void> {
     return;
   }
   if (!opened) return;
-  showDisk({ base: baseUrl, overlay: opened.overlay, mode: opened.mode, copiedAt: opened.copiedAt });
+  showDisk({ base: baseUrl, overlay: opened.overlay, mode: opened.mode, copiedAt: opened.copiedAt, encryption: opened.encryption });
   mapView.show(opened.map);
   // Before the machine exists: a resumed session starts from its state instead of booting.
   const initialState = opened.mode === 'readonly' ? undefined : await sessions.offerOnLoad();
@@ -297,8 +305,8 @@ let changing = false;
 let readOnlyTab = false;
 
 function updateActions(): void {
-  for (const id of ['download', 'open', 'reset', 'restart', 'power']) {
-    byId<HTMLButtonElement>(id).disabled = !started || changing || (readOnlyTab && (id === 'download' || id === 'open' || id === 'reset'));
+  for (const id of ['download', 'open', 'encrypt', 'reset', 'restart', 'power']) {
+    byId<HTMLButtonElement>(id).disabled = !started || changing || (readOnlyTab && (id === 'download' || id === 'open' || id === 'encrypt' || id === 'reset'));
   }
 }
 
@@ -348,6 +356,33 @@ function saveOverlay(bytes: Uint8Array): void {
   setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
 }
 
+/**
+ * "Encrypt this disk": the overlay becomes a LUKS qcow2 (QEMU's defaults) holding the same data; from then on
+ * the passphrase is asked on every open and a download is the encrypted file, which qemu-img opens with it.
+ */
+async function encryptDisk(): Promise<void> {
+  const passphrase = await askPassphrase(
+    'Encrypt this disk',
+    'Your changes will be kept encrypted in this browser (LUKS, as QEMU makes it: AES-256-XTS). The passphrase is asked every time the disk is opened and is not stored anywhere: without it the disk cannot be opened. Saved sessions are not carried over.',
+    { confirm: true, submit: 'Encrypt' },
+  );
+  if (passphrase === undefined) return;
+  let failure: string | undefined;
+  await withMachineStopped('Encrypting the disk…', async () => {
+    try {
+      const result = await disk.encrypt(passphrase);
+      mapView.show(result.map);
+      showEncryption(result.encryption);
+    } catch (error) {
+      failure = (error as Error).message;
+    }
+    await sessions.refresh();
+    // The guest's disk reads the same: it carries on where it stopped.
+    return 'resume';
+  });
+  if (failure) await ask('The disk could not be encrypted', failure, [{ label: 'OK', value: 'ok', kind: 'primary' }]);
+}
+
 async function resetDisk(): Promise<void> {
   const choice = await ask(
     'Reset the disk?',
@@ -393,6 +428,7 @@ byId<HTMLInputElement>('open-file').addEventListener('change', (event) => {
   if (file) guard(() => opener.open(file))();
 });
 byId('reset').addEventListener('click', guard(resetDisk));
+byId('encrypt').addEventListener('click', guard(encryptDisk));
 byId('restart').addEventListener('click', guard(() => withMachineStopped('Restarting…', async () => {
   await disk.flush();
   return 'reboot';

@@ -71,6 +71,13 @@ export async function stageFile(dir: FileSystemDirectoryHandle, name: string, fi
   }
 }
 
+/** Opens the (emptied) staging file of overlay `name`, for a disk built there (Encrypt disk). */
+export async function openStaging(dir: FileSystemDirectoryHandle, name: string, makeRoom: MakeRoom): Promise<OpfsStore> {
+  const store = await OpfsStore.open(dir, name + INCOMING, { create: true, makeRoom });
+  await store.truncate(0);
+  return store;
+}
+
 /** Deletes a staged file that will not be used. */
 export async function dropStaged(dir: FileSystemDirectoryHandle, name: string): Promise<void> {
   await opfsRemove(dir, name + INCOMING);

@@ -3,13 +3,16 @@
  * file beside the stored overlay and opened read-write there, as it will be used; the stored disk is not touched
  * until the user confirms. Then the staged file takes the overlay's place by renames (overlay-files.ts) and is
  * opened in place; any failure puts the old disk back and reopens it, so the guest goes on with it.
+ * "Encrypt disk" goes the same way: the encrypted copy of the disk is built in the staging file, then swapped in.
  */
 import type { BlockDevice } from '../qcow2/device.js';
+import { KeyError } from '../qcow2/errors.js';
+import { Qcow2Image } from '../qcow2/image.js';
 import type { MemoryStore } from '../io/memory.js';
 import { OpfsStore, opfsDirectory, quotaErrorIn, type MakeRoom } from '../io/opfs.js';
 import { DiskMap } from './disk-map.js';
-import { openTop, validateImport, type BaseHandle } from './disk-open.js';
-import { dropPrevious, dropStaged, stageFile, swapBack, swapIn } from './overlay-files.js';
+import { makeOverlay, openTop, validateImport, type BaseHandle } from './disk-open.js';
+import { dropPrevious, dropStaged, openStaging, stageFile, swapBack, swapIn } from './overlay-files.js';
 import { formatBytes } from './format.js';
 import { ProblemError } from './problem.js';
 
@@ -21,6 +24,8 @@ export interface StoredDisk {
   overlayStore: OpfsStore | MemoryStore;
   device: BlockDevice;
   map: DiskMap;
+  /** The passphrase of an encrypted overlay, in memory while it is open (never stored): reopening needs it. */
+  password: Uint8Array | undefined;
 }
 
 /** A file staged and open read-write, waiting for the user to confirm the swap. */
@@ -28,10 +33,15 @@ export interface Staged {
   store: OpfsStore;
   device: BlockDevice;
   map: DiskMap;
+  /** The passphrase it opened with, when it is encrypted. */
+  password: Uint8Array | undefined;
 }
 
-/** Checks `file`, stages it beside `disk`'s overlay and opens it read-write there. */
-export async function stage(disk: StoredDisk, file: Blob, fileName: string): Promise<Staged> {
+/**
+ * Checks `file`, stages it beside `disk`'s overlay and opens it read-write there; `password` opens an encrypted
+ * one (a KeyError goes to the caller, which asks for the passphrase and tries again).
+ */
+export async function stage(disk: StoredDisk, file: Blob, fileName: string, password?: Uint8Array): Promise<Staged> {
   const problem = await validateImport(file, fileName, disk.base.url, disk.base);
   if (problem) throw new ProblemError('foreign-overlay', problem);
   const dir = await opfsDirectory();
@@ -45,9 +55,9 @@ export async function stage(disk: StoredDisk, file: Blob, fileName: string): Pro
     throw error;
   }
   try {
-    const device = await openTop(store, disk.base);
+    const device = await openTop(store, disk.base, undefined, password);
     try {
-      return { store, device, map: await DiskMap.build(device) };
+      return { store, device, map: await DiskMap.build(device), password };
     } catch (error) {
       await device.close().catch(() => {});
       throw error;
@@ -55,7 +65,49 @@ export async function stage(disk: StoredDisk, file: Blob, fileName: string): Pro
   } catch (error) {
     await store.close().catch(() => {});
     await dropStaged(dir, disk.overlayName).catch(() => {});
+    if (error instanceof KeyError) throw error;
     throw new ProblemError('foreign-overlay', `${fileName} cannot be used: ${(error as Error).message}`);
+  }
+}
+
+/**
+ * "Encrypt disk": a LUKS-encrypted overlay (QEMU's defaults) holding what `disk`'s overlay holds itself (its data
+ * and zero clusters; what it reads from the base stays there), built in the staging file; the caller swaps it in
+ * (swapStaged). Sessions are not carried over.
+ */
+export async function stageEncrypted(disk: StoredDisk, password: Uint8Array): Promise<Staged> {
+  const dir = await opfsDirectory();
+  let store: OpfsStore | undefined;
+  try {
+    store = await openStaging(dir, disk.overlayName, disk.makeRoom);
+    await makeOverlay(store, disk.base.url, disk.base, disk.base.device.virtualSize, password);
+    const device = await openTop(store, disk.base, undefined, password);
+    try {
+      await copyOwnData(disk.device, device);
+      await device.flush();
+      return { store, device, map: await DiskMap.build(device), password };
+    } catch (error) {
+      await device.close().catch(() => {});
+      throw error;
+    }
+  } catch (error) {
+    await store?.close().catch(() => {});
+    await dropStaged(dir, disk.overlayName).catch(() => {});
+    if (quotaErrorIn(error)) throw new ProblemError('quota', `There is not enough browser storage for the encrypted copy of this disk (${(error as Error).message}). Your disk was not changed.`);
+    throw error;
+  }
+}
+
+/** Copies what `source` holds itself (its data and zero clusters, not what it reads from its base) into `target`. */
+async function copyOwnData(source: BlockDevice, target: BlockDevice): Promise<void> {
+  if (!(source instanceof Qcow2Image) || !(target instanceof Qcow2Image)) throw new ProblemError('other', 'the disk is not a qcow2 overlay');
+  const slice = 64 * 1024 * 1024;
+  for (let offset = 0; offset < source.virtualSize; offset += slice) {
+    for (const extent of await source.mapRange(offset, Math.min(slice, source.virtualSize - offset))) {
+      if (extent.kind === 'unallocated') continue;
+      if (extent.kind === 'zero') await target.writeZeroes(extent.guestOffset, extent.length);
+      else await target.write(extent.guestOffset, await source.read(extent.guestOffset, extent.length));
+    }
   }
 }
 
@@ -77,6 +129,7 @@ export async function swapStaged(disk: StoredDisk, staged: Staged, flushOld: () 
   await flushOld();
   await disk.device.close();
   await disk.overlayStore.close();
+  const oldPassword = disk.password;
   try {
     await swapIn(dir, disk.overlayName);
   } catch (error) {
@@ -85,10 +138,12 @@ export async function swapStaged(disk: StoredDisk, staged: Staged, flushOld: () 
     throw new ProblemError('other', `The overlay could not be put in place of the stored disk (${(error as Error).message}); the disk was not changed.`);
   }
   try {
+    disk.password = staged.password;
     await reopenStored(disk);
   } catch (error) {
     await disk.overlayStore.close().catch(() => {});
     await swapBack(dir, disk.overlayName);
+    disk.password = oldPassword;
     await reopenStored(disk);
     throw new ProblemError('foreign-overlay', `The overlay could not be opened in place (${(error as Error).message}); the disk was not changed.`);
   }
@@ -98,6 +153,6 @@ export async function swapStaged(disk: StoredDisk, staged: Staged, flushOld: () 
 /** Opens the stored overlay file again into `disk` (same lock, same base). */
 async function reopenStored(disk: StoredDisk): Promise<void> {
   disk.overlayStore = await OpfsStore.open(await opfsDirectory(), disk.overlayName, { makeRoom: disk.makeRoom });
-  disk.device = await openTop(disk.overlayStore, disk.base);
+  disk.device = await openTop(disk.overlayStore, disk.base, undefined, disk.password);
   disk.map = await DiskMap.build(disk.device);
 }

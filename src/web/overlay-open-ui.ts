@@ -7,7 +7,8 @@
 import type { RemoteDisk } from './remote-disk.js';
 import type { SessionUi } from './session-ui.js';
 import type { ClusterMap, StagedImport } from './protocol.js';
-import { ask, clearProblem } from './status-view.js';
+import { ask, clearProblem, showEncryption } from './status-view.js';
+import { withPassphrase } from './passphrase-ui.js';
 import { formatBytes } from './format.js';
 
 export interface OpenHooks {
@@ -34,18 +35,22 @@ export class OverlayOpener {
     if (this.opening) return;
     this.opening = true;
     try {
-      let staged: StagedImport;
+      let staged: StagedImport | undefined;
       try {
-        staged = await this.disk.stageImport(file, file.name);
+        // An encrypted overlay file opens with its passphrase, asked here (again when wrong).
+        staged = await withPassphrase(file.name, (passphrase) => this.disk.stageImport(file, file.name, passphrase));
       } catch (error) {
         await refuse((error as Error).message);
         return;
       }
+      if (!staged) return;
+      const encryption = staged.encryption;
       if (!(await this.confirmReplace(file.name, staged))) return;
       let failure: string | undefined;
       await this.hooks.withMachineStopped(`Opening ${file.name}…`, async () => {
         try {
           this.hooks.showMap(await this.disk.commitImport());
+          showEncryption(encryption);
         } catch (error) {
           failure = (error as Error).message;
           return 'resume';

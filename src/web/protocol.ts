@@ -21,6 +21,11 @@ export interface OpenRequest {
   /** OPFS file name of the overlay. */
   overlay: string;
   mode: OpenMode;
+  /**
+   * The passphrase of an encrypted overlay, asked on every open: the Worker keeps it in memory while the disk is
+   * open and never stores it.
+   */
+  passphrase?: string | undefined;
 }
 
 export type Request =
@@ -37,7 +42,13 @@ export type Request =
    * Open overlay: checks a file against the current base, stages it in a file beside the overlay and opens it
    * read-write there; replies with a StagedImport. The stored disk is not touched.
    */
-  | { op: 'stage-import'; file: Blob; name: string }
+  | { op: 'stage-import'; file: Blob; name: string; passphrase?: string | undefined }
+  /**
+   * "Encrypt this disk": the open overlay is rewritten as a LUKS-encrypted one with this passphrase (built in the
+   * staging file, then swapped in as Open overlay does; its sessions are not carried over). Replies with
+   * { map, encryption }.
+   */
+  | { op: 'encrypt'; passphrase: string }
   /** Puts the staged file in the stored overlay's place (or, on failure, leaves the old disk open). */
   | { op: 'commit-import' }
   /** Deletes the staged file (the user did not confirm). */
@@ -63,6 +74,8 @@ export interface StagedImport {
   /** Sessions it holds. */
   sessions: number;
   size: number;
+  /** Its encryption, when it is encrypted (e.g. "LUKS aes-256-xts-plain64"). */
+  encryption?: string | undefined;
 }
 
 /** A session stored in the overlay: an internal snapshot carrying v86's machine state. */
@@ -85,6 +98,8 @@ export interface OpenResult {
   created: boolean;
   /** The overlay's cluster size (qcow2): discards smaller than this free nothing. */
   clusterSize?: number | undefined;
+  /** The overlay's encryption, when it is encrypted (e.g. "LUKS aes-256-xts-plain64"). */
+  encryption?: string | undefined;
   map: ClusterMap;
   /** Read-only mode: when the copy of the stored overlay this tab reads was taken (ms since the epoch). */
   copiedAt?: number | undefined;
@@ -121,7 +136,11 @@ export interface Stats {
   busy?: { what: string; ms: number } | undefined;
 }
 
-export type ProblemKind = 'base-changed' | 'network' | 'quota' | 'locked' | 'foreign-overlay' | 'other';
+/**
+ * 'passphrase-needed': the overlay is encrypted and no passphrase was given; 'wrong-passphrase': the one given
+ * opens none of its key slots.
+ */
+export type ProblemKind = 'base-changed' | 'network' | 'quota' | 'locked' | 'foreign-overlay' | 'passphrase-needed' | 'wrong-passphrase' | 'other';
 
 /** Events the Worker sends without being asked. */
 export type WorkerEvent =

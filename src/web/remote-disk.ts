@@ -81,8 +81,13 @@ export class RemoteDisk {
   }
 
   /** Checks `file` and opens it read-write in a staging file; the stored disk is untouched until commitImport. */
-  stageImport(file: Blob, name: string): Promise<StagedImport> {
-    return this.call({ op: 'stage-import', file, name });
+  stageImport(file: Blob, name: string, passphrase?: string): Promise<StagedImport> {
+    return this.call({ op: 'stage-import', file, name, passphrase });
+  }
+
+  /** Rewrites the open overlay encrypted with `passphrase`. */
+  encrypt(passphrase: string): Promise<{ map: ClusterMap; encryption: string | undefined }> {
+    return this.call({ op: 'encrypt', passphrase });
   }
 
   /** Puts the staged file in place of the stored disk; replies with its map. On failure the old disk stays open. */

@@ -14,12 +14,20 @@ export function setPhase(text: string, state: PhaseState = 'busy'): void {
   pill.querySelector('.text')!.textContent = text;
 }
 
-export function showDisk(info: { base: string; overlay: string; mode: string; copiedAt?: number | undefined }): void {
+export function showDisk(info: { base: string; overlay: string; mode: string; copiedAt?: number | undefined; encryption?: string | undefined }): void {
   byId('base-url').textContent = info.base;
   const copy = info.copiedAt !== undefined ? `a copy taken at ${new Date(info.copiedAt).toLocaleTimeString()}, ` : '';
   const mode = info.mode === 'readonly' ? ` (read-only in this tab: ${copy}changes are not kept)` : '';
   byId('overlay-name').textContent = `browser storage: ${info.overlay}${mode}`;
   byId('overlay-name').dataset.mode = info.mode;
+  showEncryption(info.encryption);
+}
+
+/** The overlay's encryption, as the status panel shows it. */
+export function showEncryption(encryption: string | undefined): void {
+  const line = byId('overlay-encryption');
+  line.textContent = encryption ? `🔒 encrypted (${encryption}); the passphrase is asked on every open and never stored` : 'not encrypted';
+  line.dataset.encrypted = String(encryption !== undefined);
 }
 
 /** Whether the browser promised to keep the site's storage (navigator.storage.persist()). */
@@ -90,6 +98,62 @@ function renderProblems(): void {
   if (!counting && ticker) {
     clearInterval(ticker);
     ticker = undefined;
+  }
+}
+
+/**
+ * Asks for a passphrase in a modal dialog (twice with `confirm`, and then both must match and not be empty).
+ * Resolves with it, or undefined when the person cancels. It lives only as long as the caller holds it.
+ */
+export async function askPassphrase(title: string, body: string, options: { confirm?: boolean; submit: string }): Promise<string | undefined> {
+  const dialog = byId<HTMLDialogElement>('dialog');
+  let note = '';
+  for (;;) {
+    dialog.querySelector('.title')!.textContent = title;
+    const text = dialog.querySelector('.body')!;
+    text.replaceChildren(document.createTextNode(note ? `${note} ${body}` : body));
+    const fields = (options.confirm ? ['Passphrase', 'Passphrase again'] : ['Passphrase']).map((label) => {
+      const input = document.createElement('input');
+      input.type = 'password';
+      input.autocomplete = 'off';
+      input.setAttribute('aria-label', label);
+      input.placeholder = label;
+      input.className = 'passphrase';
+      // Enter submits: the form's first button would otherwise be the one implicit submission picks.
+      input.addEventListener('keydown', (event) => {
+        if (event.key === 'Enter') {
+          event.preventDefault();
+          dialog.close('ok');
+        }
+      });
+      return input;
+    });
+    text.append(...fields);
+    const cancel = document.createElement('button');
+    cancel.value = 'cancel';
+    cancel.textContent = 'Cancel';
+    const submit = document.createElement('button');
+    submit.value = 'ok';
+    submit.textContent = options.submit;
+    submit.className = 'primary';
+    dialog.querySelector('.buttons')!.replaceChildren(cancel, submit);
+    dialog.returnValue = '';
+    dialog.showModal();
+    fields[0]!.focus();
+    const choice = await new Promise<string>((resolve) => dialog.addEventListener('close', () => resolve(dialog.returnValue), { once: true }));
+    const values = fields.map((field) => field.value);
+    for (const field of fields) field.value = '';
+    text.replaceChildren();
+    if (choice !== 'ok') return undefined;
+    if (values[0] === '') {
+      note = 'The passphrase cannot be empty.';
+      continue;
+    }
+    if (options.confirm && values[0] !== values[1]) {
+      note = 'The two passphrases differ.';
+      continue;
+    }
+    return values[0]!;
   }
 }
 

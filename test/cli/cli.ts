@@ -11,7 +11,7 @@ import type { RunResult } from '../helpers/qemu.js';
 import { vi } from 'vitest';
 import { main } from '../../src/node/cli.js';
 
-export function qcow86(args: string[], options: { cwd?: string; timeoutMs?: number } = {}): Promise<RunResult> {
+export function qcow86(args: string[], options: { cwd?: string; timeoutMs?: number; env?: Record<string, string> } = {}): Promise<RunResult> {
   // The bundled CLI, as bin/qcow86.js runs it.
   const cli = pathToFileURL(join(buildEngine(), 'cli/cli.js')).href;
   // As bin/qcow86.js runs it.
@@ -20,7 +20,7 @@ export function qcow86(args: string[], options: { cwd?: string; timeoutMs?: numb
     execFile(
       process.execPath,
       ['--input-type=module', '-e', script, ...args],
-      { cwd: options.cwd, maxBuffer: 256 * 1024 * 1024, encoding: 'utf8', timeout: options.timeoutMs ?? 120_000 },
+      { cwd: options.cwd, maxBuffer: 256 * 1024 * 1024, encoding: 'utf8', timeout: options.timeoutMs ?? 120_000, ...(options.env ? { env: { ...process.env, ...options.env } } : {}) },
       (error, stdout, stderr) => {
         if (error && typeof error.code !== 'number') return reject(error);
         resolve({ stdout, stderr, exitCode: error ? (error.code as number) : 0 });

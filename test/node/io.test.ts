@@ -57,8 +57,9 @@ describe('qemu-io argument syntax', () => {
   ])('%s -> %s', (text, error) => expect(parseIoCommand(text)).toEqual({ error }));
 
   it('parses the command line', () => {
-    expect(parseIoArgs(['-f', 'raw', '-c', 'read 0 1', '--cmd=flush', 'disk.img'])).toEqual({ format: 'raw', readOnly: false, commands: ['read 0 1', 'flush'], file: 'disk.img' });
-    expect(parseIoArgs(['--format=qcow2', '-r', '-cflush', 'x'])).toEqual({ format: 'qcow2', readOnly: true, commands: ['flush'], file: 'x' });
+    expect(parseIoArgs(['-f', 'raw', '-c', 'read 0 1', '--cmd=flush', 'disk.img'])).toEqual({ format: 'raw', readOnly: false, commands: ['read 0 1', 'flush'], file: 'disk.img', objects: [], imageOpts: false });
+    expect(parseIoArgs(['--format=qcow2', '-r', '-cflush', 'x'])).toEqual({ format: 'qcow2', readOnly: true, commands: ['flush'], file: 'x', objects: [], imageOpts: false });
+    expect(parseIoArgs(['--object', 'secret,id=s,data=x', '--image-opts', '-c', 'flush', 'driver=qcow2,file.filename=x'])).toEqual({ format: undefined, readOnly: false, commands: ['flush'], file: 'driver=qcow2,file.filename=x', objects: ['secret,id=s,data=x'], imageOpts: true });
     expect(parseIoArgs(['-f', 'vmdk', '-c', 'flush', 'x'])).toEqual({ error: "unknown format 'vmdk' (raw, qcow2, qcow)" });
     expect(parseIoArgs(['-c', 'flush'])).toEqual({ error: 'no FILE given' });
     expect(parseIoArgs(['x'])).toEqual({ error: 'no commands given (use -c; there is no interactive mode)' });

@@ -13,8 +13,9 @@ import { resizeQcow2 } from '../../qcow2/resize.js';
 import { parseFormat } from '../open-image.js';
 import { parseImageSize, parseOptionList, SIZE_ERROR } from '../image-options.js';
 import { usageError } from '../usage.js';
+import { SECRET_OPTIONS, SECRET_USAGE, Secrets, imageArgument } from '../image-spec.js';
 
-export const USAGE = 'usage: qcow86 amend [-f qcow2] [-p] [-q] -o OPTIONS FILE';
+export const USAGE = `usage: qcow86 amend [-f qcow2] ${SECRET_USAGE} [-p] [-q] -o OPTIONS FILE`;
 
 const CREATION_ONLY = new Set(['cluster_size', 'extended_l2', 'preallocation', 'compression_type', 'encryption', 'nocow', 'extent_size_hint']);
 
@@ -28,14 +29,16 @@ export async function run(args: string[]): Promise<number> {
       progress: { type: 'boolean', short: 'p', default: false },
       quiet: { type: 'boolean', short: 'q', default: false },
       help: { type: 'boolean', short: 'h', default: false },
+      ...SECRET_OPTIONS,
     },
   });
   if (values.help) return console.log(USAGE), 0;
   const fail = (message: string): number => (console.error(`qcow86 amend: ${message}`), 1);
   if (values.options.length === 0) return fail("Must specify options (-o)\nTry 'qcow86 amend --help' for more information");
   if (positionals.length !== 1) return usageError('amend', 'Expecting one image file name', USAGE);
-  const file = positionals[0]!;
-  const format = parseFormat(values.format);
+  const image = imageArgument(positionals[0]!, values['image-opts'], await Secrets.parse(values.object), parseFormat(values.format));
+  const file = image.path;
+  const format = image.format;
   if (format !== undefined && format !== 'qcow2') return fail(`Format driver '${format}' does not support option amendment`);
 
   const options = parseOptionList(values.options);
@@ -83,22 +86,22 @@ export async function run(args: string[]): Promise<number> {
     }
   }
 
-  const image = await openForWriting(file, { format: 'qcow2' });
+  const device = await openForWriting(file, { format: 'qcow2', passwords: image.passwords, encryptFormats: image.encryptFormats });
   try {
-    if (!(image instanceof Qcow2Image)) return fail(`Format driver '${image.format}' does not support option amendment`);
+    if (!(device instanceof Qcow2Image)) return fail(`Format driver '${device.format}' does not support option amendment`);
     // QEMU resizes before changing the version, so a downgrade sees the final size.
-    if (size !== undefined && size !== image.virtualSize) await resizeQcow2(image, size);
+    if (size !== undefined && size !== device.virtualSize) await resizeQcow2(device, size);
     try {
-      await amendQcow2(image, amend);
+      await amendQcow2(device, amend);
     } catch (error) {
       // qemu-img words these without the file name.
       if (error instanceof UnsupportedError) return fail(error.message.slice(error.file ? error.file.length + 2 : 0));
       throw error;
     }
-    await image.flush();
+    await device.flush();
     if (values.progress && !values.quiet) process.stdout.write('    (100.00/100%)\n');
   } finally {
-    await image.close();
+    await device.close();
   }
   return 0;
 }

@@ -10,11 +10,12 @@ import { KeysError, parseKeys } from '../../v86/keyboard.js';
 import { POWERED_OFF, StepError } from '../../v86/machine.js';
 import { bootMachine, guestMemoryBytes, type BootedMachine } from '../machine.js';
 import { isDiskBus, type DiskBus } from '../../v86/disk-bus.js';
+import { Secrets } from '../image-spec.js';
 
 export const USAGE = `usage: qcow86 boot [--base FILE|URL] [--overlay FILE] [--memory 128M] [--cmdline TEXT [--kernel FILE] [--initrd FILE]]
                    [--expect TEXT | --send TEXT | --expect-screen TEXT | --send-keys TEXT]... [--script FILE]
                    [--screenshot FILE] [--timeout S] [--serial-log FILE] [--quiet] [--force-base-change] [--trust-image]
-                   [--disk-bus ide|virtio]
+                   [--disk-bus ide|virtio] [--object secret,id=ID,... --key-secret ID]
   --base      base image (default public/images/base.qcow2); an http(s) URL is read with Range requests, and a
               new overlay records the base's version (ETag, or Last-Modified + size)
   --force-base-change  open an existing overlay even though its base changed since the overlay was made (its
@@ -42,6 +43,9 @@ export const USAGE = `usage: qcow86 boot [--base FILE|URL] [--overlay FILE] [--m
                        back to that session: later disk changes are discarded)
   --save-on-exit NAME  after the last step, save the running guest into the overlay as session NAME (replaces one
                        of that name) and exit
+  --object secret,id=ID,data=TEXT|file=PATH[,format=base64]  a secret, as qemu-img takes it
+  --key-secret ID      unlock the encrypted images of the chain with secret ID; a new --overlay is created
+                       encrypted with it (LUKS, QEMU's defaults)
 Steps run in the order given. Without steps the guest runs until it powers off or Ctrl+C.`;
 
 type StepKind = 'expect' | 'send' | 'expect-screen' | 'send-keys' | 'screenshot';
@@ -64,6 +68,8 @@ interface BootArgs {
   resume?: string;
   saveOnExit?: string;
   diskBus?: DiskBus;
+  objects: string[];
+  keySecret?: string;
 }
 
 class UsageError extends Error {}
@@ -111,7 +117,7 @@ async function parseScript(path: string): Promise<Step[]> {
 }
 
 async function parseArgs(args: string[]): Promise<BootArgs | 'help'> {
-  const out: BootArgs = { memoryBytes: 128 * 1024 * 1024, steps: [], timeoutMs: 300_000, quiet: false, forceBaseChange: false, trustImage: false };
+  const out: BootArgs = { memoryBytes: 128 * 1024 * 1024, steps: [], timeoutMs: 300_000, quiet: false, forceBaseChange: false, trustImage: false, objects: [] };
   for (let i = 0; i < args.length; i++) {
     const flag = args[i]!;
     if (flag === '--help' || flag === '-h') return 'help';
@@ -159,6 +165,8 @@ async function parseArgs(args: string[]): Promise<BootArgs | 'help'> {
         if (!isDiskBus(value)) throw new UsageError(`bad --disk-bus '${value}' (ide or virtio)`);
         out.diskBus = value;
         break;
+      case '--object': out.objects.push(value); break;
+      case '--key-secret': out.keySecret = value; break;
       default: throw new UsageError(`unknown option '${flag}'`);
     }
   }
@@ -232,6 +240,7 @@ export async function run(args: string[]): Promise<number> {
     onSerial: batchedWriter(sinks),
     forceBaseChange: options.forceBaseChange,
     trustImage: options.trustImage,
+    ...(options.keySecret !== undefined ? { password: (await Secrets.parse(options.objects)).password(options.keySecret) } : {}),
     ...(options.cmdline !== undefined ? { cmdline: options.cmdline, kernel: options.kernel, initrd: options.initrd } : {}),
   });
   console.error(`qcow86 boot: ${machine.description}`);

@@ -13,9 +13,10 @@ import type { BlockDevice } from '../../qcow2/device.js';
 import { openPath, parseFormat } from '../open-image.js';
 import { qemuJson, type JsonValue } from '../qemu-json.js';
 import { usageError } from '../usage.js';
+import { SECRET_OPTIONS, SECRET_USAGE, Secrets, imageArgument } from '../image-spec.js';
 import { WriteLock } from '../../io/lock.js';
 
-export const USAGE = 'usage: qcow86 check [-f raw|qcow2|qcow] [--output=human|json] [-r leaks|all] [-U] FILE';
+export const USAGE = `usage: qcow86 check [-f raw|qcow2|qcow] ${SECRET_USAGE} [--output=human|json] [-r leaks|all] [-U] FILE`;
 
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseArgs({
@@ -28,6 +29,7 @@ export async function run(args: string[]): Promise<number> {
       'force-share': { type: 'boolean', short: 'U', default: false },
       quiet: { type: 'boolean', short: 'q', default: false },
       help: { type: 'boolean', short: 'h', default: false },
+      ...SECRET_OPTIONS,
     },
   });
   if (values.help) return console.log(USAGE), 0;
@@ -38,7 +40,15 @@ export async function run(args: string[]): Promise<number> {
   if (repair !== undefined && repair !== 'leaks' && repair !== 'all') {
     return usageError('check', "Unknown option for -r (expecting 'leaks' or 'all'): " + repair, USAGE);
   }
-  const path = positionals[0]!;
+  let image;
+  try {
+    image = imageArgument(positionals[0]!, values['image-opts'], await Secrets.parse(values.object), parseFormat(values.format));
+  } catch (error) {
+    if (!(error instanceof Qcow86Error)) throw error;
+    console.error(`qcow86 check: ${error.message}`);
+    return 1;
+  }
+  const path = image.path;
   const pending: string[] = [];
   const flushFindings = () => {
     if (pending.length) console.error(pending.join('\n'));
@@ -49,7 +59,7 @@ export async function run(args: string[]): Promise<number> {
   try {
     if (repair) lock = await WriteLock.acquire(path);
     // The check looks at this file's metadata only: the backing chain is not needed (and may be missing).
-    device = await openPath(path, { format: parseFormat(values.format), openBacking: false, openDataFile: false, forCheck: true, ...(repair ? { readOnly: false, repair: true } : {}) });
+    device = await openPath(path, { format: image.format, passwords: image.passwords, encryptFormats: image.encryptFormats, openBacking: false, openDataFile: false, forCheck: true, ...(repair ? { readOnly: false, repair: true } : {}) });
     if (!(device instanceof Qcow2Image)) {
       console.error('qcow86 check: This image format does not support checks');
       return 63;
@@ -69,12 +79,12 @@ export async function run(args: string[]): Promise<number> {
     }
     if (result.checkErrors) {
       // qemu-img reports internal errors and still prints what it found.
-      if (json) process.stdout.write(`${qemuJson(checkResultJson(result, path) as JsonValue)}\n`);
+      if (json) process.stdout.write(`${qemuJson(checkResultJson(result, image.text) as JsonValue)}\n`);
       else if (!values.quiet) process.stdout.write(humanCheck(result));
       console.error('qcow86 check: Check failed');
       return 1;
     }
-    if (json) process.stdout.write(`${qemuJson(checkResultJson(result, path) as JsonValue)}\n`);
+    if (json) process.stdout.write(`${qemuJson(checkResultJson(result, image.text) as JsonValue)}\n`);
     else if (!values.quiet) process.stdout.write(humanCheck(result));
     return result.corruptions ? 2 : result.leaks ? 3 : 0;
   } catch (error) {

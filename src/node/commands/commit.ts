@@ -16,9 +16,10 @@ import { fullNameOf } from '../../qcow2/open.js';
 import { chainLayers, checkCommittable, copyAbove, growBase, makeEmpty } from '../../qcow2/commit.js';
 import { openPath, parseFormat } from '../open-image.js';
 import { usageError } from '../usage.js';
+import { SECRET_OPTIONS, SECRET_USAGE, Secrets, imageArgument } from '../image-spec.js';
 import { progressPrinter } from './convert.js';
 
-export const USAGE = 'usage: qcow86 commit [-f FMT] [-b BASE] [-d] [-p] [-q] FILE';
+export const USAGE = `usage: qcow86 commit [-f FMT] ${SECRET_USAGE} [-b BASE] [-d] [-p] [-q] FILE`;
 
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseArgs({
@@ -31,16 +32,17 @@ export async function run(args: string[]): Promise<number> {
       progress: { type: 'boolean', short: 'p', default: false },
       quiet: { type: 'boolean', short: 'q', default: false },
       help: { type: 'boolean', short: 'h', default: false },
+      ...SECRET_OPTIONS,
     },
   });
   if (values.help) return console.log(USAGE), 0;
   if (positionals.length !== 1) return usageError('commit', 'expecting one image file name', USAGE);
-  const file = positionals[0]!;
-  const format = parseFormat(values.format);
+  const image = imageArgument(positionals[0]!, values['image-opts'], await Secrets.parse(values.object), parseFormat(values.format));
+  const { path: file, format, passwords, encryptFormats } = image;
   // -b implies -d: emptying the top would make it read the (now stale) intermediate images.
   const emptying = !values.drop && values.base === undefined;
 
-  const top = emptying ? await openForWriting(file, { format }) : await openPath(file, { format });
+  const top = emptying ? await openForWriting(file, { format, passwords, encryptFormats }) : await openPath(file, { format, passwords, encryptFormats });
   try {
     checkCommittable(top, emptying);
     const layers = chainLayers(top);
@@ -56,7 +58,8 @@ export async function run(args: string[]): Promise<number> {
       return 1;
     }
     const progress = values.progress && !values.quiet && process.stderr.isTTY ? progressPrinter() : undefined;
-    let base: BlockDevice = await openForWriting(basePath, { format: baseLayer.format });
+    // The base is the layer `depth` down the chain: its password is that layer's (backing.encrypt.key-secret...).
+    let base: BlockDevice = await openForWriting(basePath, { format: baseLayer.format, passwords: (d) => passwords(depth + d) });
     try {
       base = await growBase(base, top.virtualSize);
       await copyAbove(top, depth, base, { progress: progress ? (f) => progress(f) : undefined });

@@ -10,8 +10,9 @@ import { blockStatus } from '../../qcow2/block-status.js';
 import { openPath, parseFormat } from '../open-image.js';
 import { noHoles } from './convert.js';
 import { usageError } from '../usage.js';
+import { SECRET_OPTIONS, SECRET_USAGE, Secrets, imageArgument } from '../image-spec.js';
 
-export const USAGE = 'usage: qcow86 compare [-f FMT] [-F FMT] [-U] A B';
+export const USAGE = `usage: qcow86 compare [-f FMT] [-F FMT] ${SECRET_USAGE} [-U] A B`;
 const CHUNK = 4 * 1024 * 1024;
 const SECTOR = 512;
 
@@ -27,6 +28,7 @@ export async function run(args: string[]): Promise<number> {
         'force-share': { type: 'boolean', short: 'U', default: false },
         progress: { type: 'boolean', short: 'p', default: false },
         help: { type: 'boolean', short: 'h', default: false },
+        ...SECRET_OPTIONS,
       },
     });
   } catch (error) {
@@ -41,8 +43,11 @@ export async function run(args: string[]): Promise<number> {
     // -F defaults to -f, as in qemu-img.
     const formatA = parseFormat(values['a-format']);
     const formatB = parseFormat(values['b-format'] ?? values['a-format'], '-F');
-    devices.push(await openPath(positionals[0]!, { format: formatA }));
-    devices.push(await openPath(positionals[1]!, { format: formatB }));
+    const secrets = await Secrets.parse(values.object);
+    const a = imageArgument(positionals[0]!, values['image-opts'], secrets, formatA);
+    const b = imageArgument(positionals[1]!, values['image-opts'], secrets, values['image-opts'] ? undefined : formatB);
+    devices.push(await openPath(a.path, { format: a.format, passwords: a.passwords, encryptFormats: a.encryptFormats }));
+    devices.push(await openPath(b.path, { format: b.format, passwords: b.passwords, encryptFormats: b.encryptFormats }));
     const mismatch = await firstDifference(devices[0]!, devices[1]!, () => console.log('Warning: Image size mismatch!'));
     if (mismatch === undefined) {
       console.log('Images are identical.');

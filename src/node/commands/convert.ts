@@ -20,8 +20,9 @@ import { FormatError } from '../../qcow2/errors.js';
 import { isZero } from '../../qcow2/bytes.js';
 import { openPath, parseFormat } from '../open-image.js';
 import { usageError } from '../usage.js';
+import { SECRET_OPTIONS, SECRET_USAGE, Secrets, imageArgument } from '../image-spec.js';
 
-export const USAGE = 'usage: qcow86 convert [-f raw|qcow2|qcow] [-O raw] [-l SNAPSHOT] [-p] [-q] [-U] SRC DST';
+export const USAGE = `usage: qcow86 convert [-f raw|qcow2|qcow] ${SECRET_USAGE} [-O raw] [-l SNAPSHOT] [-p] [-q] [-U] SRC DST`;
 
 /**
  * Bytes per read request (a multiple of every cluster size), and how many chunks are read or written at once.
@@ -76,6 +77,7 @@ export async function run(args: string[]): Promise<number> {
       quiet: { type: 'boolean', short: 'q', default: false },
       'force-share': { type: 'boolean', short: 'U', default: false },
       help: { type: 'boolean', short: 'h', default: false },
+      ...SECRET_OPTIONS,
     },
   });
   if (values.help) return console.log(USAGE), 0;
@@ -83,15 +85,16 @@ export async function run(args: string[]): Promise<number> {
   const outputFormat = parseFormat(values['output-format'], '-O');
   if (outputFormat !== 'raw') return usageError('convert', `output format '${outputFormat}' is not supported yet (raw only)`, USAGE);
   const [src, dst] = positionals as [string, string];
-  const image = await openPath(src, { format: parseFormat(values.format) });
+  const source = imageArgument(src, values['image-opts'], await Secrets.parse(values.object), parseFormat(values.format));
+  const image = await openPath(source.path, { format: source.format, passwords: source.passwords, encryptFormats: source.encryptFormats });
   try {
-    const source = values.snapshot === undefined ? image : await snapshotOf(image, values.snapshot);
+    const device = values.snapshot === undefined ? image : await snapshotOf(image, values.snapshot);
     // The destination's lock is taken before it is truncated and held until the copy is done.
     await withOutputLocks([dst], async () => {
-      const target = await RawTarget.create(dst, source.virtualSize);
+      const target = await RawTarget.create(dst, device.virtualSize);
       const progress = values.progress && !values.quiet ? progressPrinter() : undefined;
       try {
-        await copyDevice(source, target, progress);
+        await copyDevice(device, target, progress);
       } catch (error) {
         await target.abort();
         throw error;

@@ -9,10 +9,12 @@ import { withOutputLocks } from '../../io/lock.js';
 import { createQcow2 } from '../../qcow2/create.js';
 import { probeFormat } from '../../qcow2/open.js';
 import { openPath, parseFormat } from '../open-image.js';
-import { describeQcow2, parseImageSize, parseOptionList, qcow2Options, SIZE_ERROR } from '../image-options.js';
+import { describeQcow2, encryptionRequest, parseImageSize, parseOptionList, qcow2Options, SIZE_ERROR } from '../image-options.js';
+import { SECRET_USAGE, Secrets } from '../image-spec.js';
+import { nodeCrypto } from '../../io/node-crypto.js';
 import { usageError } from '../usage.js';
 
-export const USAGE = 'usage: qcow86 create [-f qcow2|raw] [-o OPTIONS] [-b BACKING [-F FMT]] [-u] [-q] FILE [SIZE]';
+export const USAGE = `usage: qcow86 create [-f qcow2|raw] ${SECRET_USAGE.replace(' [--image-opts]', '')} [-o OPTIONS] [-b BACKING [-F FMT]] [-u] [-q] FILE [SIZE]`;
 
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseArgs({
@@ -26,6 +28,7 @@ export async function run(args: string[]): Promise<number> {
       unsafe: { type: 'boolean', short: 'u', default: false },
       quiet: { type: 'boolean', short: 'q', default: false },
       help: { type: 'boolean', short: 'h', default: false },
+      object: { type: 'string', multiple: true, default: [] },
     },
   });
   if (values.help) return console.log(USAGE), 0;
@@ -67,11 +70,14 @@ export async function run(args: string[]): Promise<number> {
     console.error(`qcow86 create: ${file}: Backing file specified without backing format${detected ? `\nDetected format of ${detected}.` : ''}`);
     return 1;
   }
+  const secrets = await Secrets.parse(values.object);
+  const encrypt = encryptionRequest(options);
   if (backingFile !== undefined && (!values.unsafe || size === undefined)) {
     // Like qemu-img: the backing file must open (this also gives the size when none was given).
     let backing;
     try {
-      backing = await openPath(combinePath(file, backingFile), { format: parseFormat(createOptions.backingFormat, '-F') });
+      // For its size only: an encrypted backing file needs no key here (qemu-img opens it without I/O).
+      backing = await openPath(combinePath(file, backingFile), { format: parseFormat(createOptions.backingFormat, '-F'), metadataOnly: true });
     } catch (error) {
       console.error(`qcow86 create: ${file}: Could not open '${backingFile}': ${(error as Error).message}\nCould not open backing image.`);
       return 1;
@@ -81,6 +87,10 @@ export async function run(args: string[]): Promise<number> {
   }
   if (size === undefined) return usageError('create', 'Image creation needs a size parameter', USAGE);
   if (!values.quiet) console.log(`Formatting '${file}', fmt=qcow2 ${describeQcow2(options, size)}`);
+  if (encrypt) {
+    const { keySecret, cipher, hash, iterTimeMs, nameIvgenHash } = encrypt;
+    createOptions.encryption = { password: secrets.password(keySecret), crypto: nodeCrypto(), cipher, hash, iterTimeMs, nameIvgenHash };
+  }
   const dataPath = createOptions.dataFile !== undefined ? combinePath(file, createOptions.dataFile) : undefined;
   await withOutputLocks(dataPath !== undefined ? [file, dataPath] : [file], async () => {
     const store = await FileStore.open(file, { readOnly: false, create: true });

@@ -9,8 +9,9 @@ import { imageInfo, type Info } from '../image-info.js';
 import { humanSize, openPath, parseFormat } from '../open-image.js';
 import { dumpDict, qemuJson, type JsonValue } from '../qemu-json.js';
 import { usageError } from '../usage.js';
+import { SECRET_OPTIONS, SECRET_USAGE, Secrets, imageArgument } from '../image-spec.js';
 
-export const USAGE = 'usage: qcow86 info [-f raw|qcow2|qcow] [--output=human|json] [--backing-chain] [-U] FILE';
+export const USAGE = `usage: qcow86 info [-f raw|qcow2|qcow] ${SECRET_USAGE} [--output=human|json] [--backing-chain] [-U] FILE`;
 
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseArgs({
@@ -22,14 +23,17 @@ export async function run(args: string[]): Promise<number> {
       'backing-chain': { type: 'boolean', default: false },
       'force-share': { type: 'boolean', short: 'U', default: false },
       help: { type: 'boolean', short: 'h', default: false },
+      ...SECRET_OPTIONS,
     },
   });
   if (values.help) return console.log(USAGE), 0;
   if (positionals.length !== 1) return usageError('info', 'expecting one image file name', USAGE);
   if (values.output !== 'json' && values.output !== 'human') return usageError('info', `--output must be used with human or json as argument`, USAGE);
-  const path = positionals[0]!;
+  const image = imageArgument(positionals[0]!, values['image-opts'], await Secrets.parse(values.object), parseFormat(values.format));
+  const path = image.path;
   const chain = values['backing-chain'];
-  const device = await openPath(path, { format: parseFormat(values.format), openBacking: chain, openDataFile: false, metadataOnly: true });
+  // Encrypted images show their metadata without the key, as in qemu-img.
+  const device = await openPath(path, { format: image.format, openBacking: chain, openDataFile: false, metadataOnly: true });
   try {
     const infos: Info[] = [];
     let layer: BlockDevice | undefined = device;

@@ -7,9 +7,11 @@ import { FileStore, nodeResolver } from '../../io/node.js';
 import { nodeCodecs } from '../../io/node-codecs.js';
 import { openImage, type ImageFormat } from '../../qcow2/open.js';
 import { openForWriting } from '../../io/lock.js';
+import { nodeCrypto } from '../../io/node-crypto.js';
+import { SECRET_USAGE, Secrets, imageArgument } from '../image-spec.js';
 import { executeIoCommand, parseIoCommand, writesImage, type IoCommand, type IoDevice, type IoOutput } from '../io-commands.js';
 
-export const USAGE = `usage: qcow86 io [-f raw|qcow2|qcow] [-r] -c COMMAND [-c COMMAND...] FILE
+export const USAGE = `usage: qcow86 io [-f raw|qcow2|qcow] [-r] ${SECRET_USAGE} -c COMMAND [-c COMMAND...] FILE
 commands: read [-P pattern] [-v] [-q] OFFSET LENGTH
           write [-P pattern | -z [-u]] [-q] OFFSET LENGTH
           discard [-q] OFFSET LENGTH
@@ -21,6 +23,9 @@ export interface IoArgs {
   readOnly: boolean;
   commands: string[];
   file: string;
+  /** --object arguments. */
+  objects: string[];
+  imageOpts: boolean;
 }
 
 /** Parses the command line (qemu-io's spelling: -f/--format, -c/--cmd, -r/--read-only). */
@@ -29,6 +34,8 @@ export function parseIoArgs(args: string[]): IoArgs | { error: string } | { help
   let readOnly = false;
   const commands: string[] = [];
   const files: string[] = [];
+  const objects: string[] = [];
+  let imageOpts = false;
   for (let i = 0; i < args.length; i++) {
     const arg = args[i]!;
     // "-fraw", "--format=raw" and "-f raw" all work, as with getopt.
@@ -40,6 +47,12 @@ export function parseIoArgs(args: string[]): IoArgs | { error: string } | { help
     };
     if (arg === '-h' || arg === '--help') return { help: true };
     else if (arg === '-r' || arg === '--read-only') readOnly = true;
+    else if (arg === '--image-opts') imageOpts = true;
+    else if (arg === '--object' || arg.startsWith('--object=')) {
+      const object = takeValue();
+      if (object === undefined) return { error: 'option --object needs a value' };
+      objects.push(object);
+    }
     else if (arg.startsWith('-f') || arg.startsWith('--format')) format = takeValue();
     else if (arg.startsWith('-c') || arg.startsWith('--cmd')) {
       const command = takeValue();
@@ -51,7 +64,7 @@ export function parseIoArgs(args: string[]): IoArgs | { error: string } | { help
   if (format !== undefined && format !== 'raw' && format !== 'qcow2' && format !== 'qcow') return { error: `unknown format '${format}' (raw, qcow2, qcow)` };
   if (files.length !== 1) return { error: files.length ? `expected one FILE, got ${files.length}` : 'no FILE given' };
   if (commands.length === 0) return { error: 'no commands given (use -c; there is no interactive mode)' };
-  return { format, readOnly, commands, file: files[0]! };
+  return { format, readOnly, commands, file: files[0]!, objects, imageOpts };
 }
 
 /** Runs `qcow86 io` with the given output sink; returns the exit code. */
@@ -76,9 +89,11 @@ export async function runIo(args: string[], output: IoOutput): Promise<number> {
     commands.push(command);
   }
   const readOnly = parsed.readOnly || !commands.some(writesImage);
+  const image = imageArgument(parsed.file, parsed.imageOpts, await Secrets.parse(parsed.objects), parsed.format);
+  const open = { format: image.format, passwords: image.passwords, encryptFormats: image.encryptFormats };
   const device: IoDevice = readOnly
-    ? await openImage(await FileStore.open(parsed.file, { readOnly }), { format: parsed.format, readOnly, resolver: nodeResolver(), codecs: nodeCodecs() })
-    : await openForWriting(parsed.file, { format: parsed.format });
+    ? await openImage(await FileStore.open(image.path, { readOnly }), { ...open, readOnly, resolver: nodeResolver(), codecs: nodeCodecs(), crypto: nodeCrypto() })
+    : await openForWriting(image.path, open);
   let ok = true;
   try {
     for (const command of commands) ok = (await executeIoCommand(device, command, output)) && ok;

@@ -6,8 +6,9 @@ import { parseArgs } from 'node:util';
 import { mapDevice, type MapEntry } from '../../qcow2/block-status.js';
 import { allocatedSize, openPath, parseFormat } from '../open-image.js';
 import { usageError } from '../usage.js';
+import { SECRET_OPTIONS, SECRET_USAGE, Secrets, imageArgument } from '../image-spec.js';
 
-export const USAGE = 'usage: qcow86 map [-f raw|qcow2|qcow] [--output=human|json] [-U] FILE';
+export const USAGE = `usage: qcow86 map [-f raw|qcow2|qcow] ${SECRET_USAGE} [--output=human|json] [-U] FILE`;
 
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseArgs({
@@ -18,13 +19,15 @@ export async function run(args: string[]): Promise<number> {
       output: { type: 'string', default: 'human' },
       'force-share': { type: 'boolean', short: 'U', default: false },
       help: { type: 'boolean', short: 'h', default: false },
+      ...SECRET_OPTIONS,
     },
   });
   if (values.help) return console.log(USAGE), 0;
   if (positionals.length !== 1) return usageError('map', 'expecting one image file name', USAGE);
   const json = values.output === 'json';
   if (!json && values.output !== 'human') return usageError('map', '--output must be used with human or json as argument', USAGE);
-  const device = await openPath(positionals[0]!, { format: parseFormat(values.format) });
+  const image = imageArgument(positionals[0]!, values['image-opts'], await Secrets.parse(values.object), parseFormat(values.format));
+  const device = await openPath(image.path, { format: image.format, passwords: image.passwords, encryptFormats: image.encryptFormats });
   const out: string[] = [];
   // Output is buffered and written in large pieces: a fragmented image has millions of entries.
   const emit = (text: string) => {

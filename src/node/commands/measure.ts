@@ -9,15 +9,19 @@ import { Qcow2Image } from '../../qcow2/image.js';
 import { FormatError } from '../../qcow2/errors.js';
 import { measureQcow2, type Measurement } from '../../qcow2/measure.js';
 import { allocatedSize, openPath, parseFormat } from '../open-image.js';
-import { parseImageSize, parseOptionList, SIZE_ERROR } from '../image-options.js';
+import { encryptionRequest, parseImageSize, parseOptionList, SIZE_ERROR } from '../image-options.js';
+import { SECRET_OPTIONS, SECRET_USAGE, Secrets, imageArgument } from '../image-spec.js';
+import { newLuksAreaBytes } from '../../qcow2/luks.js';
 import { usageError } from '../usage.js';
 
 export const USAGE =
-  'usage: qcow86 measure [--output=human|json] [-O qcow2|raw] [-o OPTIONS] [--size N | [-f FMT] [-l SNAPSHOT] [-U] FILE]';
+  `usage: qcow86 measure [--output=human|json] [-O qcow2|raw] [-o OPTIONS] ${SECRET_USAGE} [--size N | [-f FMT] [-l SNAPSHOT] [-U] FILE]`;
 
 /** Creation options each target format accepts (its own and the file protocol's), as qemu-img parses them. */
 const QCOW2_KEYS = new Set([
   'size', 'compat', 'backing_file', 'backing_fmt', 'data_file', 'data_file_raw', 'encryption', 'encrypt.format',
+  'encrypt.key-secret', 'encrypt.cipher-alg', 'encrypt.cipher-mode', 'encrypt.ivgen-alg', 'encrypt.ivgen-hash-alg',
+  'encrypt.hash-alg', 'encrypt.iter-time',
   'cluster_size', 'extended_l2', 'preallocation', 'lazy_refcounts', 'refcount_bits', 'compression_type',
   'nocow', 'extent_size_hint',
 ]);
@@ -40,6 +44,7 @@ export async function run(args: string[]): Promise<number> {
       output: { type: 'string', default: 'human' },
       'force-share': { type: 'boolean', short: 'U', default: false },
       help: { type: 'boolean', short: 'h', default: false },
+      ...SECRET_OPTIONS,
     },
   });
   if (values.help) return console.log(USAGE), 0;
@@ -60,7 +65,8 @@ export async function run(args: string[]): Promise<number> {
   try {
     let source: BlockDevice | undefined;
     if (file !== undefined) {
-      image = await openPath(file, { format: parseFormat(values.format), openDataFile: false });
+      const input = imageArgument(file, values['image-opts'], await Secrets.parse(values.object), parseFormat(values.format));
+      image = await openPath(input.path, { format: input.format, passwords: input.passwords, encryptFormats: input.encryptFormats, openDataFile: false });
       source = image;
       if (values.snapshot !== undefined) {
         if (!(image instanceof Qcow2Image)) return fail(`Failed to load snapshot: ${file}: only qcow2 images have internal snapshots`);
@@ -144,7 +150,16 @@ async function measureQcow2Target(options: Map<string, string>, optionSize: numb
   if (preallocation !== 'off' && preallocation !== 'metadata' && preallocation !== 'falloc' && preallocation !== 'full') {
     throw new MeasureError(`invalid parameter value: ${preallocation}`);
   }
-  if (options.get('encrypt.format') === 'luks') throw new MeasureError("Parameter 'encrypt.key-secret' is required for cipher");
+  // A LUKS target also holds its LUKS header and key material, in whole clusters.
+  let luksBytes = 0;
+  if (options.get('encrypt.format') === 'luks') {
+    try {
+      luksBytes = newLuksAreaBytes(encryptionRequest(options)!.cipher);
+    } catch (error) {
+      if (error instanceof FormatError) throw new MeasureError(error.message);
+      throw error;
+    }
+  }
   const clusterBits = Math.log2(clusterSize);
   if (!Number.isInteger(clusterBits) || clusterBits < 9 || clusterBits > 21) throw new MeasureError('Cluster size must be a power of two between 512 and 2048k');
   if (extendedL2 && clusterBits < 14) throw new MeasureError('Extended L2 entries are only supported with cluster sizes of at least 16384 bytes');
@@ -152,11 +167,13 @@ async function measureQcow2Target(options: Map<string, string>, optionSize: numb
   const aligned = Math.ceil(optionSize / clusterSize) * clusterSize;
   const l2Tables = Math.ceil(aligned / clusterSize / (clusterSize / (extendedL2 ? 16 : 8)));
   if (l2Tables * 8 > 32 * 1024 * 1024) throw new MeasureError('The image size is too large (try using a larger cluster size)');
-  return measureQcow2(
+  const result = await measureQcow2(
     { size: optionSize, clusterSize, refcountOrder, extendedL2, preallocation, hasBackingFile: options.has('backing_file') },
     source,
     version,
     { allocatedSize },
   );
+  const luksClusters = Math.ceil(luksBytes / clusterSize) * clusterSize;
+  return { ...result, required: result.required + luksClusters, fullyAllocated: result.fullyAllocated + luksClusters };
 }
 

@@ -9,6 +9,7 @@ import { parseArgs } from 'node:util';
 import { openForWriting } from '../../io/lock.js';
 import { nodeResolver } from '../../io/node.js';
 import { nodeCodecs } from '../../io/node-codecs.js';
+import { nodeCrypto } from '../../io/node-crypto.js';
 import type { BlockDevice } from '../../qcow2/device.js';
 import type { ByteStore } from '../../qcow2/store.js';
 import { Qcow2Image } from '../../qcow2/image.js';
@@ -16,9 +17,10 @@ import { openImage } from '../../qcow2/open.js';
 import { checkBackingFits, copyDifferences, setBacking } from '../../qcow2/rebase.js';
 import { parseFormat } from '../open-image.js';
 import { usageError } from '../usage.js';
+import { SECRET_OPTIONS, SECRET_USAGE, Secrets, imageArgument } from '../image-spec.js';
 import { progressPrinter } from './convert.js';
 
-export const USAGE = 'usage: qcow86 rebase [-f FMT] [-F BACKING_FMT] [-u] [-p] [-q] -b BACKING FILE';
+export const USAGE = `usage: qcow86 rebase [-f FMT] [-F BACKING_FMT] ${SECRET_USAGE} [-u] [-p] [-q] -b BACKING FILE`;
 
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseArgs({
@@ -32,20 +34,21 @@ export async function run(args: string[]): Promise<number> {
       progress: { type: 'boolean', short: 'p', default: false },
       quiet: { type: 'boolean', short: 'q', default: false },
       help: { type: 'boolean', short: 'h', default: false },
+      ...SECRET_OPTIONS,
     },
   });
   if (values.help) return console.log(USAGE), 0;
   if (positionals.length !== 1) return usageError('rebase', 'expecting one image file name', USAGE);
   if (values.backing === undefined && !values.unsafe) return usageError('rebase', 'Must specify backing file (-b) or use unsafe mode (-u)', USAGE);
-  const file = positionals[0]!;
-  const format = parseFormat(values.format);
+  const image = imageArgument(positionals[0]!, values['image-opts'], await Secrets.parse(values.object), parseFormat(values.format));
+  const { path: file, format, passwords, encryptFormats } = image;
   const name = values.backing ?? '';
   const backingFormat = parseFormat(values['backing-format'], '-F');
   const fail = (message: string): number => (console.error(`qcow86 rebase: ${message}`), 1);
   // qemu-img 7.2 refuses to record a backing file without its format (it would have to be probed on every open).
   if (name !== '' && backingFormat === undefined) return fail(`Could not change the backing file to '${name}': backing format must be specified`);
 
-  const overlay = await openForWriting(file, { format, openBacking: !values.unsafe });
+  const overlay = await openForWriting(file, { format, passwords, encryptFormats, openBacking: !values.unsafe });
   let newBacking: BlockDevice | undefined;
   try {
     if (!(overlay instanceof Qcow2Image)) return fail(`Could not change the backing file to '${name}': Operation not supported (${overlay.format} images have no backing file to change)`);
@@ -55,7 +58,8 @@ export async function run(args: string[]): Promise<number> {
       if (name !== '') target.validator = await validatorOf(name, overlay.store);
     } else if (name !== '') {
       try {
-        newBacking = await openBackingChain(name, backingFormat, overlay.store);
+        // An encrypted new backing file takes the passwords given for the backing chain (backing.encrypt...).
+        newBacking = await openBackingChain(name, backingFormat, overlay.store, (d) => passwords(d + 1));
       } catch (error) {
         return fail(`Could not open new backing file '${name}': ${(error as Error).message}`);
       }
@@ -76,10 +80,10 @@ export async function run(args: string[]): Promise<number> {
 }
 
 /** Opens the new backing file and its own chain read-only, `name` relative to the overlay as QEMU resolves it. */
-async function openBackingChain(name: string, format: ReturnType<typeof parseFormat>, overlay: ByteStore): Promise<BlockDevice> {
+async function openBackingChain(name: string, format: ReturnType<typeof parseFormat>, overlay: ByteStore, passwords: (depth: number) => Uint8Array | undefined): Promise<BlockDevice> {
   const resolver = nodeResolver();
   const opened = await resolver.open(name, overlay, { readOnly: true });
-  return openImage(opened.store, { format, readOnly: true, resolver, codecs: nodeCodecs(), identity: opened.identity });
+  return openImage(opened.store, { format, readOnly: true, resolver, codecs: nodeCodecs(), crypto: nodeCrypto(), passwords, identity: opened.identity });
 }
 
 async function validatorOf(name: string, overlay: ByteStore): Promise<string | undefined> {

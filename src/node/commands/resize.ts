@@ -10,8 +10,9 @@ import { resizeQcow2 } from '../../qcow2/resize.js';
 import { openPath, parseFormat } from '../open-image.js';
 import { parseImageSize, SIZE_ERROR } from '../image-options.js';
 import { usageError } from '../usage.js';
+import { SECRET_OPTIONS, SECRET_USAGE, Secrets, imageArgument } from '../image-spec.js';
 
-export const USAGE = 'usage: qcow86 resize [--shrink] [-f FMT] [-q] FILE [+|-]SIZE';
+export const USAGE = `usage: qcow86 resize [--shrink] [-f FMT] ${SECRET_USAGE} [-q] FILE [+|-]SIZE`;
 
 export async function run(args: string[]): Promise<number> {
   // "-1G" is a size here, not an option: qemu-img reads the last argument as the size whatever it looks like.
@@ -24,17 +25,20 @@ export async function run(args: string[]): Promise<number> {
       shrink: { type: 'boolean', default: false },
       quiet: { type: 'boolean', short: 'q', default: false },
       help: { type: 'boolean', short: 'h', default: false },
+      ...SECRET_OPTIONS,
     },
   });
   if (values.help || sizeText === '--help' || sizeText === '-h') return console.log(USAGE), 0;
   if (positionals.length !== 1 || sizeText === undefined) return usageError('resize', 'expecting a file name and a size', USAGE);
-  const file = positionals[0]!;
+  const image = imageArgument(positionals[0]!, values['image-opts'], await Secrets.parse(values.object), parseFormat(values.format));
+  const file = image.path;
+  const passwords = image.passwords;
   const relative = sizeText.startsWith('+') ? 1 : sizeText.startsWith('-') ? -1 : 0;
   const amount = parseImageSize(relative ? sizeText.slice(1) : sizeText);
   if (amount === undefined) return console.error(`qcow86 resize: ${SIZE_ERROR}`), 1;
 
-  const format = parseFormat(values.format);
-  const probe = await openPath(file, { format, openBacking: false });
+  const format = image.format;
+  const probe = await openPath(file, { format, passwords, encryptFormats: image.encryptFormats, openBacking: false });
   const current = probe.virtualSize;
   const isQcow2 = probe instanceof Qcow2Image;
   const isRaw = probe.format === 'raw';
@@ -50,7 +54,7 @@ export async function run(args: string[]): Promise<number> {
     await handle.truncate(size);
     await handle.close();
   } else if (isQcow2) {
-    const device = await openForWriting(file, { format: 'qcow2', openBacking: false });
+    const device = await openForWriting(file, { format: 'qcow2', passwords, encryptFormats: image.encryptFormats, openBacking: false });
     try {
       await resizeQcow2(device as Qcow2Image, size);
       await device.flush();

@@ -9,8 +9,9 @@ import { openPath, parseFormat } from '../open-image.js';
 import { imageInfo, type Info } from '../image-info.js';
 import { snapshotLine } from './info.js';
 import { usageError } from '../usage.js';
+import { SECRET_OPTIONS, SECRET_USAGE, Secrets, imageArgument } from '../image-spec.js';
 
-export const USAGE = 'usage: qcow86 snapshot [-f qcow2] [-U] [-q] (-l | -c NAME | -a NAME | -d NAME) FILE';
+export const USAGE = `usage: qcow86 snapshot [-f qcow2] ${SECRET_USAGE} [-U] [-q] (-l | -c NAME | -a NAME | -d NAME) FILE`;
 
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseArgs({
@@ -25,17 +26,18 @@ export async function run(args: string[]): Promise<number> {
       quiet: { type: 'boolean', short: 'q', default: false },
       'force-share': { type: 'boolean', short: 'U', default: false },
       help: { type: 'boolean', short: 'h', default: false },
+      ...SECRET_OPTIONS,
     },
   });
   if (values.help) return console.log(USAGE), 0;
   if (positionals.length !== 1) return usageError('snapshot', 'expecting one image file name', USAGE);
   const actions = [values.list, values.create, values.apply, values.delete].filter((a) => a !== undefined && a !== false);
   if (actions.length > 1) return usageError('snapshot', "Cannot mix '-l', '-a', '-c', '-d'", USAGE);
-  const file = positionals[0]!;
-  const format = parseFormat(values.format);
+  const image = imageArgument(positionals[0]!, values['image-opts'], await Secrets.parse(values.object), parseFormat(values.format));
+  const { path: file, format, passwords, encryptFormats } = image;
 
   if (actions.length === 0 || values.list) {
-    const device = await openPath(file, { format, openBacking: false, openDataFile: false });
+    const device = await openPath(file, { format, passwords, encryptFormats, openBacking: false, openDataFile: false });
     try {
       const info = await imageInfo(device, file);
       const snapshots = (info.snapshots as Info[] | undefined) ?? [];
@@ -48,7 +50,7 @@ export async function run(args: string[]): Promise<number> {
     }
   }
 
-  const device = await openForWriting(file, { format, openBacking: false });
+  const device = await openForWriting(file, { format, passwords, encryptFormats, openBacking: false });
   try {
     if (!(device instanceof Qcow2Image)) {
       console.error(`qcow86 snapshot: ${file}: only qcow2 images have internal snapshots`);

@@ -1,0 +1,185 @@
+/**
+ * Sector encryption as QEMU does it for LUKS and the legacy AES method (crypto/block.c, crypto/ivgen*.c,
+ * crypto/xts.c): data is cut into 512-byte sectors, each encrypted on its own with a 16-byte IV made from its
+ * sector number by the IV generator:
+ * - plain: the low 32 bits of the sector number, little-endian, then zeros;
+ * - plain64: the sector number as a little-endian u64, then zeros;
+ * - essiv: the plain64 block encrypted (one AES block, ECB) with a key that is the hash of the data key.
+ * Modes, over one AES key per direction:
+ * - XTS (IEEE 1619): the key is two AES keys K1|K2; the IV encrypted with K2 is the first block's tweak, each
+ *   next block's tweak is the previous one multiplied by x in GF(2^128) (a 1-bit left shift of the 16 bytes read
+ *   as a little-endian number, 0x87 folded back in when a bit falls off); every block is
+ *   E_K1(P xor T) xor T.
+ * - CBC: one chain per sector, starting from the IV.
+ * Everything here runs over the provider's AES block (ECB and a plain CBC chain): XTS tweaks and the CBC
+ * decryption chaining are done in bulk over whole runs of sectors, one block-cipher call for all of them.
+ */
+import type { AesKey, CipherSpec, CryptoProvider } from './crypto.js';
+
+export const SECTOR_SIZE = 512;
+const BLOCK = 16;
+const BLOCKS_PER_SECTOR = SECTOR_SIZE / BLOCK;
+const TWO_32 = 2 ** 32;
+
+// XTS tweaks are shifted as four 32-bit words of a little-endian 128-bit number: word order equals memory order
+// only on little-endian hosts, which is every platform JavaScript runs on in practice; a big-endian one is refused.
+const LITTLE_ENDIAN = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
+
+/** Key bytes one spec needs: an XTS key is two AES keys. */
+export function keyBytesOf(spec: CipherSpec): number {
+  return spec.mode === 'xts' ? spec.aesKeyBytes * 2 : spec.aesKeyBytes;
+}
+
+export class SectorCipher {
+  private readonly k1: AesKey;
+  private readonly k2: AesKey | undefined;
+  private readonly essiv: AesKey | undefined;
+  private scratch = new Uint32Array(0);
+
+  constructor(
+    provider: Pick<CryptoProvider, 'aes' | 'hash'>,
+    readonly spec: CipherSpec,
+    key: Uint8Array,
+  ) {
+    if (!LITTLE_ENDIAN) throw new Error('sector encryption needs a little-endian host');
+    if (key.length !== keyBytesOf(spec)) throw new Error(`a ${spec.mode} key for AES-${spec.aesKeyBytes * 8} is ${keyBytesOf(spec)} bytes, not ${key.length}`);
+    const n = spec.aesKeyBytes;
+    this.k1 = provider.aes(key.subarray(0, n));
+    this.k2 = spec.mode === 'xts' ? provider.aes(key.subarray(n, 2 * n)) : undefined;
+    if (spec.ivgen === 'essiv') {
+      if (!spec.ivgenHash) throw new Error('ESSIV needs a hash');
+      // The ESSIV key is the whole digest (only digests of an AES key size are accepted, see luks-header.ts).
+      this.essiv = provider.aes(provider.hash(spec.ivgenHash, key));
+    }
+  }
+
+  /** Decrypts `data` (whole 16-byte blocks) in place; `sector` numbers its first 512 bytes. */
+  decrypt(data: Uint8Array, sector: number): void {
+    checkLength(data);
+    if (data.length === 0) return;
+    const aligned = (data.byteOffset & 3) === 0 ? data : data.slice();
+    if (this.spec.mode === 'xts') this.xtsDecrypt(aligned, sector);
+    else this.cbcDecrypt(aligned, sector);
+    if (aligned !== data) data.set(aligned);
+  }
+
+  /** The encrypted form of `data` (whole 16-byte blocks) as a new array. */
+  encrypt(data: Uint8Array, sector: number): Uint8Array {
+    checkLength(data);
+    if (data.length === 0) return new Uint8Array(0);
+    return this.spec.mode === 'xts' ? this.xtsEncrypt(data, sector) : this.cbcEncrypt(data, sector);
+  }
+
+  /** One IV per sector from `sector` on, 16 bytes each. */
+  private ivs(sector: number, count: number): Uint8Array {
+    const ivs = new Uint8Array(count * BLOCK);
+    const view = new DataView(ivs.buffer);
+    const wide = this.spec.ivgen !== 'plain';
+    for (let i = 0; i < count; i++) {
+      const s = sector + i;
+      view.setUint32(i * BLOCK, s % TWO_32, true);
+      if (wide) view.setUint32(i * BLOCK + 4, Math.floor(s / TWO_32), true);
+    }
+    return this.essiv ? this.essiv.encryptBlocks(ivs) : ivs;
+  }
+
+  /**
+   * The XTS pre-whitening in one pass: every block's tweak (kept in the cipher's scratch array, returned) and
+   * `into[i] = from[i] ^ tweak[i]`, for `length` bytes from `sector`. `into` may be `from`.
+   */
+  private whiten(sector: number, from: Uint32Array, into: Uint32Array): Uint32Array {
+    const length = from.length << 2;
+    const sectors = Math.ceil(length / SECTOR_SIZE);
+    const first = words(this.k2!.encryptBlocks(this.ivs(sector, sectors)));
+    // One scratch array per cipher, grown as needed: a cipher is used by one caller at a time (its methods are
+    // synchronous), and a fresh megabyte per call costs more than the XOR it holds.
+    if (this.scratch.length < from.length) this.scratch = new Uint32Array(from.length);
+    const tweak = this.scratch;
+    const total = length >>> 4;
+    for (let s = 0; s < sectors; s++) {
+      let a = first[s * 4]!;
+      let b = first[s * 4 + 1]!;
+      let c = first[s * 4 + 2]!;
+      let d = first[s * 4 + 3]!;
+      let at = s * BLOCKS_PER_SECTOR * 4;
+      const end = Math.min(total, (s + 1) * BLOCKS_PER_SECTOR) * 4;
+      while (at < end) {
+        tweak[at] = a;
+        tweak[at + 1] = b;
+        tweak[at + 2] = c;
+        tweak[at + 3] = d;
+        into[at] = from[at]! ^ a;
+        into[at + 1] = from[at + 1]! ^ b;
+        into[at + 2] = from[at + 2]! ^ c;
+        into[at + 3] = from[at + 3]! ^ d;
+        at += 4;
+        // Multiply by x: shift the little-endian 128-bit value left, folding the top bit back as 0x87.
+        const fold = (d >> 31) & 0x87;
+        d = (d << 1) | (c >>> 31);
+        c = (c << 1) | (b >>> 31);
+        b = (b << 1) | (a >>> 31);
+        a = (a << 1) ^ fold;
+      }
+    }
+    return tweak;
+  }
+
+  private xtsDecrypt(data: Uint8Array, sector: number): void {
+    const x = words(data);
+    const tweak = this.whiten(sector, x, x);
+    const plain = words(this.k1.decryptBlocks(data));
+    for (let i = 0; i < x.length; i++) x[i] = plain[i]! ^ tweak[i]!;
+  }
+
+  private xtsEncrypt(data: Uint8Array, sector: number): Uint8Array {
+    const mixed = new Uint32Array(data.length >>> 2);
+    const tweak = this.whiten(sector, words(data), mixed);
+    const out = words(this.k1.encryptBlocks(new Uint8Array(mixed.buffer)));
+    for (let i = 0; i < out.length; i++) out[i]! ^= tweak[i]!;
+    return new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
+  }
+
+  private cbcDecrypt(data: Uint8Array, sector: number): void {
+    const sectors = Math.ceil(data.length / SECTOR_SIZE);
+    const iv = words(this.ivs(sector, sectors));
+    const decrypted = words(this.k1.decryptBlocks(data));
+    const x = words(data);
+    const blocks = data.length >>> 4;
+    for (let s = 0; s < sectors; s++) {
+      const first = s * BLOCKS_PER_SECTOR;
+      // Backwards, so each block's predecessor is still ciphertext when it is needed.
+      for (let j = Math.min(blocks, first + BLOCKS_PER_SECTOR) - 1; j >= first; j--) {
+        const at = j * 4;
+        const prev = j === first ? iv : x;
+        const p = j === first ? s * 4 : at - 4;
+        x[at] = decrypted[at]! ^ prev[p]!;
+        x[at + 1] = decrypted[at + 1]! ^ prev[p + 1]!;
+        x[at + 2] = decrypted[at + 2]! ^ prev[p + 2]!;
+        x[at + 3] = decrypted[at + 3]! ^ prev[p + 3]!;
+      }
+    }
+  }
+
+  private cbcEncrypt(data: Uint8Array, sector: number): Uint8Array {
+    const sectors = Math.ceil(data.length / SECTOR_SIZE);
+    const ivs = this.ivs(sector, sectors);
+    const out = new Uint8Array(data.length);
+    for (let s = 0; s < sectors; s++) {
+      const from = s * SECTOR_SIZE;
+      const to = Math.min(data.length, from + SECTOR_SIZE);
+      out.set(this.k1.encryptCbc(ivs.subarray(s * BLOCK, (s + 1) * BLOCK), data.subarray(from, to)), from);
+    }
+    return out;
+  }
+}
+
+function checkLength(data: Uint8Array): void {
+  if (data.length % BLOCK !== 0) throw new Error(`encrypted data must be whole 16-byte blocks (got ${data.length} bytes)`);
+}
+
+/** A 32-bit word view of `bytes`, over a copy when they are not 4-byte aligned (writes then go to the copy). */
+function words(bytes: Uint8Array): Uint32Array {
+  if ((bytes.byteOffset & 3) !== 0) bytes = bytes.slice();
+  return new Uint32Array(bytes.buffer, bytes.byteOffset, bytes.length >>> 2);
+}
+
