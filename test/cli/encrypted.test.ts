@@ -215,7 +215,7 @@ describe('a damaged LUKS header ends in the error qemu-img gives', () => {
       ['key material', area + 4096 + 100, Buffer.from([1, 2, 3])],
       ['extension offset unaligned', headerLength + 8, Buffer.from([0, 0, 0, 0, 0, 4, 2, 0])],
       ['extension length', headerLength + 16, Buffer.from([0, 0, 0, 0, 0, 0, 16, 0])],
-      ['extension size', headerLength + 4, u32(8), 'encryption header extension at offset'],
+      ['extension size', headerLength + 4, u32(8)],
     ];
     for (const [what, offset, bytes, ours] of damages) {
       const damaged = join(dir, `damaged ${what.replace(/,/g, '')}.qcow2`);
