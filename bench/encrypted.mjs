@@ -34,7 +34,7 @@ function qemuImg(args) {
     try {
       return execFileSync('qemu-img', args, { stdio: ['ignore', 'pipe', 'pipe'] });
     } catch (error) {
-      if (attempt < 8 && String(error.stderr).includes('Unable to get accurate CPU usage')) continue;
+      if (attempt < 32 && String(error.stderr).includes('Unable to get accurate CPU usage')) continue;
       throw error;
     }
   }

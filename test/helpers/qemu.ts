@@ -57,7 +57,9 @@ async function runOrThrow(program: string, args: string[], options: { cwd?: stri
  * about the image, so the oracle tries again.
  */
 const LUKS_CALIBRATION_FAILURE = 'Unable to get accurate CPU usage';
-const LUKS_CALIBRATION_TRIES = 8;
+// A failed calibration costs milliseconds (it stops at its first batch). With a fast hash (sha1) the first batch
+// can take under a clock tick: 8 of 20 creations failed on a busy machine, and 8 tries in a row once did too.
+const LUKS_CALIBRATION_TRIES = 32;
 
 /** Runs qemu-img, retrying only where QEMU's LUKS key-slot calibration failed (see above). */
 export async function runQemuImg(args: string[], options: { cwd?: string } = {}): Promise<RunResult> {
