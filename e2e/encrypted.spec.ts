@@ -1,9 +1,10 @@
 /**
  * A disk encrypted at rest in the tab: "Encrypt disk…" turns the new disk's overlay into a LUKS qcow2 while the
- * guest runs on; the file the guest then writes is encrypted in OPFS; a reload asks for the passphrase (a wrong one
- * is refused and can be tried again); the download is the encrypted file as it is, which qemu-img opens with the
- * same passphrase (check: with its base, through QEMU's curl driver; convert: the overlay's own data) and which
- * holds none of the guest's bytes in the clear.
+ * guest runs on; the file the guest then writes is encrypted in OPFS; the cluster map and stats go on; a reload
+ * asks for the passphrase (a wrong one is refused and can be tried again); the download is the encrypted file as
+ * it is, which qemu-img opens with the same passphrase (check: with its base, through QEMU's curl driver; convert:
+ * the overlay's own data) and which holds none of the guest's bytes in the clear. Reset disk then creates a new
+ * disk encrypted with another passphrase, which qemu-img opens with that one only.
  */
 import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
@@ -35,6 +36,9 @@ test('Encrypt disk: LUKS in OPFS, passphrase on every open (a wrong one refused)
   await answer(page, PASSPHRASE, 'Encrypt');
   await expect(page.getByTestId('overlay-encryption')).toContainText('encrypted (LUKS aes-256-xts-plain64)', { timeout: 120_000 });
   await expect(page.getByTestId('phase')).toContainText('shell ready');
+  // The cluster map and stats read the metadata, which qcow2 does not encrypt: they go on as before.
+  const overlayCells = page.locator('#map-legend li[data-kind="3"] .amount');
+  await expect(overlayCells).not.toHaveText('0 B');
   await run(page, 'for i in $(seq 50); do echo secret-$((6 * 7))-text; done > /after.txt; sync; cat /before.txt');
   await waitForConsole(page, /^before-42/m);
   await waitSaved(page);
@@ -51,6 +55,9 @@ test('Encrypt disk: LUKS in OPFS, passphrase on every open (a wrong one refused)
   await run(page, 'head -n 1 /after.txt; cat /before.txt | sed s/before/kept/');
   await waitForConsole(page, /^kept-42/m);
   await waitForConsole(page, /^secret-42-text/m);
+  await expect(overlayCells).not.toHaveText('0 B');
+  await expect(page.getByTestId('overlay-size')).not.toHaveText('–');
+  await expect(page.getByTestId('base-fetched')).not.toHaveText('–');
 
   // Download: the encrypted file as it is.
   const [download] = await Promise.all([page.waitForEvent('download'), page.getByRole('button', { name: /Download overlay/ }).click()]);
@@ -75,6 +82,23 @@ test('Encrypt disk: LUKS in OPFS, passphrase on every open (a wrong one refused)
     expect(disk.includes('before-42')).toBe(true);
     // Without the passphrase qemu-img cannot read it either.
     expect(() => execFileSync('qemu-img', ['convert', '--object', 'secret,id=tab,data=nope', '-O', 'raw', alone, raw], { stdio: 'pipe' })).toThrow(/Invalid password, cannot unlock any keyslot/);
+
+    // A disk created encrypted: Reset disk offers a new encrypted disk, with a passphrase of its own.
+    await page.getByRole('button', { name: 'Reset disk…' }).click();
+    await page.locator('dialog').getByRole('button', { name: 'New encrypted disk…' }).click();
+    await answer(page, 'a new passphrase', 'Reset and encrypt');
+    await expect(page.getByTestId('phase')).not.toContainText('shell ready');
+    await waitForShell(page);
+    await expect(page.getByTestId('overlay-encryption')).toContainText('encrypted (LUKS aes-256-xts-plain64)');
+    await run(page, 'ls /after.txt 2>&1 | sed s/after/gone/');
+    await waitForConsole(page, /gone\.txt: No such file or directory/);
+    await waitSaved(page);
+    const [fresh] = await Promise.all([page.waitForEvent('download'), page.getByRole('button', { name: /Download overlay/ }).click()]);
+    const freshFile = join(dir, `fresh-${fresh.suggestedFilename()}`);
+    await fresh.saveAs(freshFile);
+    const freshAlone = `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'file', filename: freshFile }, 'encrypt.key-secret': 'tab', backing: null })}`;
+    execFileSync('qemu-img', ['check', '--object', 'secret,id=tab,data=a new passphrase', freshAlone], { encoding: 'utf8' });
+    expect(() => execFileSync('qemu-img', ['check', ...secret, freshAlone], { stdio: 'pipe' })).toThrow(/Invalid password, cannot unlock any keyslot/);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

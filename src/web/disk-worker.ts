@@ -347,11 +347,14 @@ async function commitImport(): Promise<void> {
   writeFailure = undefined;
 }
 
-async function reset(): Promise<void> {
+async function reset(passphrase: string | undefined): Promise<void> {
   const s = need();
+  if (passphrase === '') throw new ProblemError('other', 'An empty passphrase would protect nothing: choose one.');
   await s.device.flush().catch(() => {});
   await s.overlayStore.truncate(0);
-  // An encrypted disk stays encrypted, with the passphrase it was opened with.
+  // A new passphrase makes the new disk an encrypted one; otherwise an encrypted disk stays encrypted, with the
+  // passphrase it was opened with.
+  if (passphrase !== undefined) s.password = passwordOf(passphrase);
   await makeOverlay(s.overlayStore, s.request.base, s.base, s.base.device.virtualSize, s.password);
   await reopenTop(s);
   writeFailure = undefined;
@@ -468,7 +471,7 @@ function handle({ id, request }: { id: number; request: Request }, endpoint: End
       serial(discardStaged).then(() => reply(undefined), fail);
       return;
     case 'reset':
-      serial(reset).then(() => reply(session?.map.snapshot()), fail);
+      serial(() => reset(request.passphrase)).then(async () => reply({ map: session?.map.snapshot(), encryption: session && (await encryptionOf(session.device)) }), fail);
       return;
     case 'export-stored':
       serial(() => exportStored(request.overlay)).then((bytes) => reply(bytes, [bytes.buffer as ArrayBuffer]), fail);

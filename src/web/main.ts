@@ -356,16 +356,15 @@ function saveOverlay(bytes: Uint8Array): void {
   setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
 }
 
+const ENCRYPT_EXPLANATION =
+  'Your changes will be kept encrypted in this browser (LUKS, as QEMU makes it: AES-256-XTS). The passphrase is asked every time the disk is opened and is not stored anywhere: without it the disk cannot be opened.';
+
 /**
  * "Encrypt this disk": the overlay becomes a LUKS qcow2 (QEMU's defaults) holding the same data; from then on
  * the passphrase is asked on every open and a download is the encrypted file, which qemu-img opens with it.
  */
 async function encryptDisk(): Promise<void> {
-  const passphrase = await askPassphrase(
-    'Encrypt this disk',
-    'Your changes will be kept encrypted in this browser (LUKS, as QEMU makes it: AES-256-XTS). The passphrase is asked every time the disk is opened and is not stored anywhere: without it the disk cannot be opened. Saved sessions are not carried over.',
-    { confirm: true, submit: 'Encrypt' },
-  );
+  const passphrase = await askPassphrase('Encrypt this disk', `${ENCRYPT_EXPLANATION} Saved sessions are not carried over.`, { confirm: true, submit: 'Encrypt' });
   if (passphrase === undefined) return;
   let failure: string | undefined;
   await withMachineStopped('Encrypting the disk…', async () => {
@@ -383,18 +382,30 @@ async function encryptDisk(): Promise<void> {
   if (failure) await ask('The disk could not be encrypted', failure, [{ label: 'OK', value: 'ok', kind: 'primary' }]);
 }
 
+/**
+ * "Reset disk": a new, empty disk in place of this one. It may be created encrypted ("Encrypt this disk" when a
+ * disk is created); an encrypted disk reset without a new passphrase stays encrypted with the one it was opened with.
+ */
 async function resetDisk(): Promise<void> {
   const choice = await ask(
     'Reset the disk?',
-    'Every change made to this disk is thrown away and the machine restarts from the base image. Download the overlay first if you want to keep it.',
+    'Every change made to this disk is thrown away and the machine restarts from the base image. Download the overlay first if you want to keep it. The new disk can be encrypted in this browser (LUKS, as QEMU makes it) with a passphrase of your choice.',
     [
       { label: 'Cancel', value: 'cancel' },
+      { label: 'New encrypted disk…', value: 'encrypted' },
       { label: 'Reset disk', value: 'reset', kind: 'danger' },
     ],
   );
-  if (choice !== 'reset') return;
+  if (choice !== 'reset' && choice !== 'encrypted') return;
+  let passphrase: string | undefined;
+  if (choice === 'encrypted') {
+    passphrase = await askPassphrase('Encrypt this disk', ENCRYPT_EXPLANATION.replace('Your changes', 'The new disk'), { confirm: true, submit: 'Reset and encrypt' });
+    if (passphrase === undefined) return;
+  }
   await withMachineStopped('Resetting the disk…', async () => {
-    mapView.show(await disk.reset());
+    const result = await disk.reset(passphrase);
+    mapView.show(result.map);
+    showEncryption(result.encryption);
     return 'disk-changed';
   });
 }

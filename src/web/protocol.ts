@@ -53,8 +53,12 @@ export type Request =
   | { op: 'commit-import' }
   /** Deletes the staged file (the user did not confirm). */
   | { op: 'discard-import' }
-  /** Replaces the overlay with an empty one (the disk goes back to the base). */
-  | { op: 'reset' }
+  /**
+   * Replaces the overlay with an empty one (the disk goes back to the base). With a passphrase the new disk is
+   * encrypted with it ("Encrypt this disk" when a disk is created); without one an encrypted disk stays encrypted
+   * with the passphrase it was opened with. Replies with { map, encryption }.
+   */
+  | { op: 'reset'; passphrase?: string | undefined }
   // A stored overlay that could not be opened (its base changed): kept or thrown away without opening it.
   /** The stored overlay file's bytes as they are, for a download. */
   | { op: 'export-stored'; overlay: string }

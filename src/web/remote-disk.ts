@@ -99,8 +99,9 @@ export class RemoteDisk {
     return this.call({ op: 'discard-import' });
   }
 
-  reset(): Promise<ClusterMap> {
-    return this.call({ op: 'reset' });
+  /** Replaces the disk with an empty one; encrypted with `passphrase` when one is given. */
+  reset(passphrase?: string): Promise<{ map: ClusterMap; encryption: string | undefined }> {
+    return this.call({ op: 'reset', passphrase });
   }
 
   /** The bytes of a stored overlay that is not open (one whose base changed), for a download. */
