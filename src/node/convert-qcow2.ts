@@ -6,10 +6,9 @@
  * gets that backing file and only clusters whose contents differ from it are written.
  */
 import { parseArgs } from 'node:util';
-import { FileStore, combinePath, nodeCodecs, nodeResolver } from '../io/node.js';
-import { withOutputLocks } from '../io/lock.js';
+import { FileStore, nodeCodecs, nodeResolver } from '../io/node.js';
 import { openImage } from '../qcow2/open.js';
-import { createQcow2 } from '../qcow2/create.js';
+import { withNewQcow2 } from './create-image.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { QcowV1Image } from '../qcow2/qcow1.js';
 import { RawImage } from '../qcow2/raw.js';
@@ -82,20 +81,8 @@ export async function run(args: string[]): Promise<number> {
       source = await image.loadSnapshotTemporarily(values.snapshot);
     }
     const progress = values.progress && !values.quiet ? progressPrinter() : undefined;
-    const dataPath = createOptions.dataFile !== undefined ? combinePath(dst, createOptions.dataFile) : undefined;
     // The destination's lock is taken before it is truncated and held until the copy is flushed.
-    await withOutputLocks(dataPath !== undefined ? [dst, dataPath] : [dst], async () => {
-      const store = await FileStore.open(dst, { readOnly: false, create: true });
-      const dataStore = dataPath !== undefined ? await FileStore.open(dataPath, { readOnly: false, create: true }).catch(async (error: unknown) => {
-        await store.close();
-        throw error;
-      }) : undefined;
-      try {
-        await createQcow2(store, { ...createOptions, size: source.virtualSize, ...(dataStore ? { dataStore } : {}) });
-      } finally {
-        await store.close();
-        await dataStore?.close();
-      }
+    await withNewQcow2(dst, { ...createOptions, size: source.virtualSize }, async () => {
       // The new image's backing file (-B) opens with the source's backing passwords (backing.encrypt.key-secret).
       const target = await openImage(await FileStore.open(dst, { readOnly: false }), {
         format: 'qcow2',

@@ -6,7 +6,7 @@ import { parseArgs } from 'node:util';
 import { open } from 'node:fs/promises';
 import { FileStore, combinePath } from '../../io/node.js';
 import { withOutputLocks } from '../../io/lock.js';
-import { createQcow2 } from '../../qcow2/create.js';
+import { withNewQcow2 } from '../create-image.js';
 import { probeFormat } from '../../qcow2/open.js';
 import { openPath, parseFormat } from '../open-image.js';
 import { describeQcow2, encryptionRequest, parseImageSize, parseOptionList, qcow2Options, SIZE_ERROR } from '../image-options.js';
@@ -91,20 +91,7 @@ export async function run(args: string[]): Promise<number> {
     const { keySecret, cipher, hash, iterTimeMs, nameIvgenHash } = encrypt;
     createOptions.encryption = { password: secrets.password(keySecret), crypto: nodeCrypto(), cipher, hash, iterTimeMs, nameIvgenHash };
   }
-  const dataPath = createOptions.dataFile !== undefined ? combinePath(file, createOptions.dataFile) : undefined;
-  await withOutputLocks(dataPath !== undefined ? [file, dataPath] : [file], async () => {
-    const store = await FileStore.open(file, { readOnly: false, create: true });
-    const dataStore = dataPath !== undefined ? await FileStore.open(dataPath, { readOnly: false, create: true }).catch(async (error: unknown) => {
-      await store.close();
-      throw error;
-    }) : undefined;
-    try {
-      await createQcow2(store, { ...createOptions, size: size!, ...(dataStore ? { dataStore } : {}) });
-    } finally {
-      await store.close();
-      await dataStore?.close();
-    }
-  });
+  await withNewQcow2(file, { ...createOptions, size }, async () => {});
   return 0;
 }
 
