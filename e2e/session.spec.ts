@@ -51,14 +51,20 @@ async function acceptResume(page: Page, title: RegExp): Promise<number> {
   return (await counts(page))[0]!;
 }
 
-/** After a resume: the counter counts on in steps of one, the file agrees with it, the later file is gone. */
-async function checkContinues(page: Page, first: number): Promise<void> {
+/**
+ * After a resume: the counter counts on in steps of one, the file agrees with it, the later file is gone, and the
+ * guest's disk is on the bus the session was saved on.
+ */
+async function checkContinues(page: Page, first: number, bus: 'virtio' | 'ide' = 'virtio'): Promise<void> {
   await waitForConsole(page, new RegExp(`C=${first + 2}\\b`), 30_000);
   // The shell prints F=<file>; the typed line shows F=$(cat /c) (and the counter's lines may cut through it).
-  await run(page, 'echo F=$(cat /c); ls /after-save; echo DONE$((1+1))', { noise: COUNTER_LINES });
+  // DISK= names the disk the resumed guest has: vda on virtio, sda on IDE.
+  await run(page, 'echo F=$(cat /c); ls /after-save; echo DISK=$(cd /sys/block && echo [sv]da); echo DONE$((1+1))', { noise: COUNTER_LINES });
   await waitForConsole(page, /DONE2/, 30_000);
   const text = await consoleText(page);
   expect(text).not.toMatch(BOOT_OUTPUT);
+  expect(text).toMatch(bus === 'virtio' ? /DISK=vda\b/ : /DISK=sda\b/);
+  await expect(page.getByTestId('disk-bus')).toHaveValue(bus);
   // Counting on in steps of one (the console shows its last rows: the first value may have scrolled away).
   const values = [...text.matchAll(/C=(\d+)/g)].map((m) => Number(m[1]));
   expect(values[0]).toBeGreaterThanOrEqual(first);
@@ -161,21 +167,22 @@ test('save a session, resume it after a reload, download it, resume it in qcow86
   }
 });
 
-test('a session saved by qcow86 boot with another memory size resumes in the tab, in a machine of that size', async ({ page, server }) => {
+test('a session saved by qcow86 boot with another memory size and on IDE resumes in the tab, in a machine of that size and bus', async ({ page, server }) => {
   test.setTimeout(1_200_000);
   const dir = mkdtempSync(join(tmpdir(), 'qcow86-e2e-cli-session-'));
   try {
-    // The CLI boots on the tab's base over HTTP, starts the counter and saves a 192 MiB machine (the tab's own
-    // machines have 64 MiB); v86 restores a state only into a machine of the size it was saved with.
+    // The CLI boots on the tab's base over HTTP, starts the counter and saves a 192 MiB machine with its disk on
+    // IDE (the tab's own machines have 64 MiB, on virtio by default); v86 restores a state only into a machine of
+    // the size it was saved with, and the session's guest has its disk on the bus it was saved on.
     const file = join(dir, 'cli-session.qcow2');
     const base = new URL('/images/base.qcow2', server.url).href;
-    qcow86(['boot', '--base', base, '--overlay', file, '--memory', '192M', '--timeout', '600', '--expect', '# ', '--send', `${COUNTER}\n`, '--expect', 'C=3', '--save-on-exit', 'counter'], dir);
+    qcow86(['boot', '--base', base, '--overlay', file, '--memory', '192M', '--disk-bus', 'ide', '--timeout', '600', '--expect', '# ', '--send', `${COUNTER}\n`, '--expect', 'C=3', '--save-on-exit', 'counter'], dir);
     await page.goto(server.url);
     await expect(page.getByRole('button', { name: /Open overlay/ })).toBeEnabled({ timeout: 120_000 });
     await openOverlayFile(page, file);
     const first = await acceptResume(page, /Resume the session saved in/);
     expect(first).toBeGreaterThanOrEqual(3);
-    await checkContinues(page, first);
+    await checkContinues(page, first, 'ide');
     await run(page, 'grep MemTotal /proc/meminfo; echo MEM$((1+1))', { noise: COUNTER_LINES });
     await waitForConsole(page, /MEM2/, 30_000);
     const total = Number(/MemTotal:\s+(\d+) kB/.exec(await consoleText(page))?.[1]);

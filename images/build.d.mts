@@ -9,6 +9,8 @@ export interface ImagesManifest {
   files: Record<string, { sha256: string; size: number }>;
 }
 export const KERNEL_CMDLINE: string;
+/** The default guest's root file system UUID (fixed, so builds are reproducible). */
+export const EXT4_UUID: string;
 export const OUTPUT_FILES: string[];
 export function buildImages(options?: { outDir?: string; update?: boolean }): Promise<ImagesManifest>;
 export function ensureImages(options?: { outDir?: string }): Promise<ImagesManifest>;

@@ -29,7 +29,7 @@ export { debianPackage, root, CACHE, EPOCH, MiB } from './common.mjs';
 const WORK = join(CACHE, 'images');
 export const DEFAULT_OUT = join(root, 'public/images');
 
-const EXT4_UUID = '5ec0c086-0000-4000-8000-00000000c086';
+export const EXT4_UUID = '5ec0c086-0000-4000-8000-00000000c086';
 const FAT_VOLUME_ID = 'c0860086';
 const MBR_LABEL_ID = '0xc0860086';
 

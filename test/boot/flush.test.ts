@@ -2,11 +2,12 @@
  * The guest's flush is a barrier, on both buses: `qcow86 boot` runs `echo ... > /f; sync; echo SYNCED` and is
  * killed with SIGKILL the moment SYNCED shows on its console; qemu-img finds no corruption and the next boot has
  * /f. Each bus's second boot is shared with that bus's own checks:
- * - virtio (the default bus): /dev/vda with a write-back cache and discard; a session saved while the guest writes
- *   and fsyncs in a loop resumes on virtio in a new `qcow86 boot` and the loop goes on
- *   without an I/O error; after an 8 MiB file is deleted, `fstrim -v /` frees at least 6 MiB of the overlay's data
- *   clusters (qemu-img map is the truth). The counter sessions of test/boot/session.test.ts run on virtio too.
- * - IDE: /dev/sda now reports a write-back cache (the FLUSH CACHE hook); a session saved as sessions were before
+ * - virtio (the default bus): /dev/vda with a write-back cache and discard; after an 8 MiB file is deleted,
+ *   `fstrim -v /` frees at least 6 MiB of the overlay's data clusters (qemu-img map is the truth); a session saved
+ *   while the guest writes and fsyncs in a loop resumes on virtio in a new `qcow86 boot` and the loop goes on
+ *   without an I/O error. The counter sessions of test/boot/session.test.ts run on virtio too.
+ * - IDE: the killed boot starts the kernel directly (--cmdline) with its root named by UUID rather than by label;
+ *   /dev/sda now reports a write-back cache (the FLUSH CACHE hook); a session saved as sessions were before
  *   buses were recorded resumes on IDE in a new `qcow86 boot`, and asking for it on --disk-bus virtio is refused;
  *   `qcow86 boot` ending on --timeout or on SIGINT while the guest writes keeps every write the guest saw
  *   acknowledged (its final flush, which does not depend on the bus).
@@ -15,7 +16,7 @@ import { spawn, execFileSync } from 'node:child_process';
 import { existsSync, symlinkSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { ensureImages } from '../../images/build.mjs';
+import { ensureImages, EXT4_UUID, KERNEL_CMDLINE } from '../../images/build.mjs';
 import { buildEngine } from '../helpers/build.js';
 import { qemuCheck, run, tempDir } from '../helpers/qemu.js';
 import { nodeCodecs } from '../../src/io/node.js';
@@ -40,12 +41,15 @@ function cliArgs(args: string[]): string[] {
 
 /**
  * Boots on a new overlay, writes /f, syncs, and SIGKILLs `qcow86 boot` as soon as the guest says the sync
- * returned. Resolves with the console once the process is gone.
+ * returned. Resolves with the console once the process is gone. On IDE the kernel is booted directly
+ * (--cmdline) with its root named by UUID instead of the default label: the initramfs finds it either way.
  */
 function killAfterSync(overlay: string, bus: DiskBus): Promise<string> {
+  const byUuid = bus === 'ide' ? ['--cmdline', KERNEL_CMDLINE.replace(/root=LABEL=\S+/, `root=UUID=${EXT4_UUID}`)] : [];
   const child = spawn(process.execPath, cliArgs([
-    'boot', '--overlay', overlay, '--disk-bus', bus, '--timeout', String(BOOT_TIMEOUT_MS / 1000),
-    '--expect', '# ', '--send', `echo flushed-on-${bus}-$((40 + 2)) > /f; sync; echo SYNCED$((1 + 1))\n`, '--expect', 'the process is killed before this',
+    'boot', '--overlay', overlay, '--disk-bus', bus, '--timeout', String(BOOT_TIMEOUT_MS / 1000), ...byUuid,
+    '--expect', '# ', '--send', `grep -o 'root=[^ ]*' /proc/cmdline; grep ' / ' /proc/mounts; echo flushed-on-${bus}-$((40 + 2)) > /f; sync; echo SYNCED$((1 + 1))\n`,
+    '--expect', 'the process is killed before this',
   ]), { stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
@@ -84,10 +88,11 @@ describe.each(['virtio', 'ide'] as const)('kill -9 right after the guest\'s sync
   const dir = tempDir(`qcow86-flush-${bus}-`);
   const overlay = join(dir, 'guest.qcow2');
   let machine: Machine | undefined;
+  let killedConsole = '';
 
   beforeAll(async () => {
     await ensureImages();
-    await killAfterSync(overlay, bus);
+    killedConsole = await killAfterSync(overlay, bus);
   }, BOOT_TIMEOUT_MS + 60_000);
 
   afterAll(async () => {
@@ -95,6 +100,9 @@ describe.each(['virtio', 'ide'] as const)('kill -9 right after the guest\'s sync
   });
 
   test('qemu-img check finds no corruption; the next boot has the file', async () => {
+    // The killed boot's root, by label through SYSLINUX (virtio) or by UUID on a direct kernel boot (IDE).
+    expect(killedConsole).toMatch(bus === 'ide' ? new RegExp(`^root=UUID=${EXT4_UUID}$`, 'm') : /^root=LABEL=qcow86-root$/m);
+    expect(killedConsole).toMatch(new RegExp(`^/dev/${bus === 'ide' ? 'sda' : 'vda'}2 / ext4 rw`, 'm'));
     await expectNoCorruption(overlay);
     machine = await bootGuest({ overlay, diskBus: bus });
     expect(await shell(machine, 'cat /f')).toBe(`flushed-on-${bus}-42\n`);
@@ -105,16 +113,6 @@ describe.each(['virtio', 'ide'] as const)('kill -9 right after the guest\'s sync
       expect(await shell(machine!, 'grep " / " /proc/mounts')).toMatch(/^\/dev\/vda2 \/ ext4 rw/);
       expect(await shell(machine!, 'cat /sys/block/vda/queue/write_cache')).toBe('write back\n');
       expect(Number(await shell(machine!, 'cat /sys/block/vda/queue/discard_max_bytes'))).toBeGreaterThan(0);
-    });
-
-    test('a session saved while the guest writes and fsyncs on virtio without pause', async () => {
-      // 2 MiB written and fsynced per round, without pause: the save stops the machine in the middle of that I/O.
-      await machine!.send('n=0; while true; do dd if=/dev/urandom of=/root/io.bin bs=64k count=32 conv=fsync 2>/dev/null || echo IOFAIL; n=$((n+1)); echo IO=$n; done &\n').expect('IO=2\n');
-      const saved = await saveSession(machine!, machine!.disk.device as Qcow2Image, 'mid-io', nodeCodecs());
-      expect(saved.name).toBe('mid-io');
-      await machine!.expect(/IO=\d+\n/);
-      expect(await shell(machine!, 'kill $!; wait; echo stopped')).toMatch(/stopped\n$/);
-      await shell(machine!, 'rm -f /root/io.bin; sync');
     });
 
     test('after an 8 MiB file is deleted, fstrim -v / frees at least 6 MiB of the overlay\'s data clusters', async () => {
@@ -129,6 +127,16 @@ describe.each(['virtio', 'ide'] as const)('kill -9 right after the guest\'s sync
       console.log(`fstrim: overlay data ${(written / MiB).toFixed(2)} MiB -> ${(after / MiB).toFixed(2)} MiB (${trimmed.trim()})`);
       expect(written - after).toBeGreaterThanOrEqual(6 * MiB);
       expect(machine!.disk.stats.discards).toBeGreaterThan(0);
+    });
+
+    test('a session saved while the guest writes and fsyncs on virtio without pause', async () => {
+      // 2 MiB written and fsynced per round, without pause: the save stops the machine in the middle of that I/O.
+      await machine!.send('n=0; while true; do dd if=/dev/urandom of=/root/io.bin bs=64k count=32 conv=fsync 2>/dev/null || echo IOFAIL; n=$((n+1)); echo IO=$n; done &\n').expect('IO=2\n');
+      const saved = await saveSession(machine!, machine!.disk.device as Qcow2Image, 'mid-io', nodeCodecs());
+      expect(saved.name).toBe('mid-io');
+      await machine!.expect(/IO=\d+\n/);
+      expect(await shell(machine!, 'kill $!; wait; echo stopped')).toMatch(/stopped\n$/);
+      await shell(machine!, 'rm -f /root/io.bin; sync');
       await machine!.powerOff({ timeout: 120_000 });
       await machine!.close();
       machine = undefined;
