@@ -17,10 +17,9 @@
 import { execFileSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
+import { buildTab, root, startTab } from './_tab.mjs';
 
-const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const ROUNDS = Number(process.env.QCOW86_BENCH_ROUNDS ?? 1);
 const BOOT_TIMEOUT = 600_000;
 const COMPRESS = process.env.QCOW86_BENCH_GZIP !== '0';
@@ -32,14 +31,12 @@ const GUEST = {
   debian: { base: 'debian.qcow2', raw: join(root, '.cache/images-debian/disk.raw'), memoryMiB: 128, python: true },
 };
 
-execFileSync(process.execPath, [join(root, 'scripts/system-deps.mjs'), 'chromium', 'nginx-light'], { stdio: 'inherit' });
-execFileSync(process.execPath, [join(root, 'scripts/ensure-images.mjs')], { stdio: 'inherit' });
-if (GUESTS.includes('debian')) {
+await buildTab(async () => {
+  if (!GUESTS.includes('debian')) return;
   const { ensureDebian } = await import(join(root, 'images/debian.mjs'));
   await ensureDebian();
   if (!existsSync(GUEST.debian.raw)) execFileSync('qemu-img', ['convert', '-O', 'raw', '-S', '4k', join(root, 'public/images/debian.qcow2'), GUEST.debian.raw]);
-}
-execFileSync(process.execPath, [join(root, 'node_modules/vite/bin/vite.js'), 'build', '--logLevel', 'error'], { cwd: root, stdio: 'inherit' });
+});
 if (!existsSync(GUEST.default.raw)) execFileSync('qemu-img', ['convert', '-O', 'raw', join(root, 'public/images/base.qcow2'), GUEST.default.raw]);
 
 // One web root for both: the built app, plus v86's own build, the raw disk and the reference page beside it.
@@ -55,17 +52,9 @@ for (const guest of GUESTS) {
   writeFileSync(join(web, `v86ref/${guest}.html`), referencePage(guest, statSync(raw).size, memoryMiB));
 }
 
-// The nginx test helper is TypeScript: load it through Vite's module runner rather than keeping a copy here.
-const { createServer } = await import('vite');
-const vite = await createServer({ configFile: false, root, logLevel: 'error', server: { middlewareMode: true, hmr: false, watch: null } });
-const { startNginx } = await vite.ssrLoadModule('/test/helpers/nginx.ts');
-const nginx = await startNginx(web, { compressAssets: COMPRESS });
+const tab = await startTab(web, { compressAssets: COMPRESS });
+const { nginx, browser } = tab;
 const loadBefore = loadavg();
-const { chromium } = await import('@playwright/test');
-const browser = await chromium.launch({
-  executablePath: '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-});
 
 const results = [];
 try {
@@ -92,9 +81,7 @@ try {
     }
   }
 } finally {
-  await browser.close();
-  await nginx.close();
-  await vite.close();
+  await tab.close();
   rmSync(web, { recursive: true, force: true });
 }
 

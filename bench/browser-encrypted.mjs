@@ -4,33 +4,17 @@
 // Worker): 4 MiB copied into a new file with fsync, the page cache dropped, the file read back. The figures are
 // the guest's clock around each dd (busybox `time`). Rounds: QCOW86_BENCH_ROUNDS (default 2, each a fresh profile, one boot).
 // Target: encrypted at most 1.3x slower. Never fails on speed.
-import { execFileSync } from 'node:child_process';
-import { mkdtempSync, readdirSync, rmSync, symlinkSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
+import { buildTab, root, startTab } from './_tab.mjs';
 
-const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const ROUNDS = Number(process.env.QCOW86_BENCH_ROUNDS ?? 2);
 const TIMEOUT = 600_000;
 /** MiB per dd: the default guest's file system has room for two such files, not two of 8 MiB. */
 const MIB = 4;
 
-execFileSync(process.execPath, [join(root, 'scripts/system-deps.mjs'), 'chromium', 'nginx-light'], { stdio: 'inherit' });
-execFileSync(process.execPath, [join(root, 'scripts/ensure-images.mjs')], { stdio: 'inherit' });
-execFileSync(process.execPath, [join(root, 'node_modules/vite/bin/vite.js'), 'build', '--logLevel', 'error'], { cwd: root, stdio: 'inherit' });
-const web = mkdtempSync(join(tmpdir(), 'qcow86-bench-encrypted-web-'));
-for (const name of readdirSync(join(root, 'dist/web'))) symlinkSync(join(root, 'dist/web', name), join(web, name));
-
-const { createServer } = await import('vite');
-const vite = await createServer({ configFile: false, root, logLevel: 'error', server: { middlewareMode: true, hmr: false, watch: null } });
-const { startNginx } = await vite.ssrLoadModule('/test/helpers/nginx.ts');
-const nginx = await startNginx(web, {});
-const { chromium } = await import('@playwright/test');
-const browser = await chromium.launch({
-  executablePath: '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-});
+await buildTab();
+const tab = await startTab(join(root, 'dist/web'));
+const { nginx, browser } = tab;
 
 const consoleText = async (page) => (await page.locator('#terminal .xterm-rows').innerText()).replace(/\u00a0/g, ' ');
 
@@ -97,10 +81,7 @@ try {
     }
   }
 } finally {
-  await browser.close();
-  await nginx.close();
-  await vite.close();
-  rmSync(web, { recursive: true, force: true });
+  await tab.close();
 }
 
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];

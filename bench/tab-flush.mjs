@@ -3,28 +3,15 @@
 // disk on virtio and on IDE (?disk-bus=), and the guest's own clock around a `sync` right after writing 1 MiB
 // (busybox time), three times per boot. A guest sync in the tab goes machine Worker -> disk Worker -> the OPFS
 // handle's flush before it returns. Rounds: QCOW86_BENCH_ROUNDS (default 1). Never fails on speed.
-import { execFileSync } from 'node:child_process';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
+import { buildTab, root, startTab } from './_tab.mjs';
 
-const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const ROUNDS = Number(process.env.QCOW86_BENCH_ROUNDS ?? 1);
 const BOOT_TIMEOUT = 600_000;
 
-execFileSync(process.execPath, [join(root, 'scripts/system-deps.mjs'), 'chromium', 'nginx-light'], { stdio: 'inherit' });
-execFileSync(process.execPath, [join(root, 'scripts/ensure-images.mjs')], { stdio: 'inherit' });
-execFileSync(process.execPath, [join(root, 'node_modules/vite/bin/vite.js'), 'build', '--logLevel', 'error'], { cwd: root, stdio: 'inherit' });
-
-// The nginx test helper is TypeScript: load it through Vite's module runner rather than keeping a copy here.
-const { createServer } = await import('vite');
-const vite = await createServer({ configFile: false, root, logLevel: 'error', server: { middlewareMode: true, hmr: false, watch: null } });
-const { startNginx } = await vite.ssrLoadModule('/test/helpers/nginx.ts');
-const nginx = await startNginx(join(root, 'dist/web'));
-const { chromium } = await import('@playwright/test');
-const browser = await chromium.launch({
-  executablePath: '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-});
+await buildTab();
+const tab = await startTab(join(root, 'dist/web'));
+const { nginx, browser } = tab;
 
 const consoleText = (page) => page.evaluate(() => document.querySelector('#terminal .xterm-rows')?.textContent ?? '');
 
@@ -62,9 +49,7 @@ try {
     }
   }
 } finally {
-  await browser.close();
-  await nginx.close();
-  await vite.close();
+  await tab.close();
 }
 
 const median = (values) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)];

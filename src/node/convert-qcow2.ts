@@ -72,7 +72,7 @@ export async function run(args: string[]): Promise<number> {
   }
 
   const input = imageArgument(src, values['image-opts'], secrets, parseFormat(values.format));
-  const image = await openPath(input.path, { format: input.format, passwords: input.passwords, encryptFormats: input.encryptFormats });
+  const image = await openPath(input.path, input.open);
   try {
     let source = image;
     if (values.snapshot !== undefined) {

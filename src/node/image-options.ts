@@ -39,7 +39,7 @@ export function parseOptionList(lists: readonly string[]): Map<string, string> {
 }
 
 /** The encrypt.* creation options in the order qemu-img lists them. */
-const ENCRYPT_KEYS = [
+export const ENCRYPT_KEYS = [
   'encrypt.format', 'encrypt.key-secret', 'encrypt.cipher-alg', 'encrypt.cipher-mode', 'encrypt.ivgen-alg',
   'encrypt.ivgen-hash-alg', 'encrypt.hash-alg', 'encrypt.iter-time',
 ];

@@ -11,6 +11,7 @@ import { readFile } from 'node:fs/promises';
 import { FormatError } from '../qcow2/errors.js';
 import type { ImageFormat } from '../qcow2/open.js';
 import { parseOptionList } from './image-options.js';
+import { parseFormat } from './open-image.js';
 
 /** parseArgs options every image-reading command accepts. */
 export const SECRET_OPTIONS = {
@@ -93,6 +94,14 @@ export interface ImageArgument {
   encryptFormats: (depth: number) => 'luks' | 'aes' | undefined;
   /** What the user typed, for messages. */
   text: string;
+  /** format, passwords and encryptFormats together, as openPath and openForWriting take them. */
+  open: { format: ImageFormat | undefined; passwords: (depth: number) => Uint8Array | undefined; encryptFormats: (depth: number) => 'luks' | 'aes' | undefined };
+}
+
+/** The image argument `text` of a command whose options are SECRET_OPTIONS and -f (`values` as parseArgs gives them). */
+export async function imageArgumentOf(text: string, values: { object?: string[] | undefined; 'image-opts'?: boolean | undefined; format?: string | undefined }): Promise<ImageArgument> {
+  const secrets = await Secrets.parse(values.object);
+  return imageArgument(text, values['image-opts'] === true, secrets, parseFormat(values.format));
 }
 
 const FORMATS: readonly string[] = ['qcow2', 'qcow', 'raw'];
@@ -102,7 +111,7 @@ const FORMATS: readonly string[] = ['qcow2', 'qcow', 'raw'];
  * --image-opts the format is the list's `driver` (qemu-img refuses -f there).
  */
 export function imageArgument(text: string, imageOpts: boolean, secrets: Secrets, format?: ImageFormat): ImageArgument {
-  if (!imageOpts) return { path: text, format, passwords: () => undefined, encryptFormats: () => undefined, text };
+  if (!imageOpts) return argument(text, text, format, () => undefined, () => undefined);
   if (format !== undefined) throw new FormatError('', '--image-opts and --format/-f are mutually exclusive');
   const options = parseOptionList([text]);
   let driver: string | undefined;
@@ -128,5 +137,9 @@ export function imageArgument(text: string, imageOpts: boolean, secrets: Secrets
   // Looked up now: a secret that is missing or not text is an error whether or not the image turns out encrypted.
   const passwords = new Map<number, Uint8Array>();
   for (const [depth, id] of secretIds) passwords.set(depth, secrets.password(id));
-  return { path, format: driver as ImageFormat | undefined, passwords: (depth) => passwords.get(depth), encryptFormats: (depth) => formats.get(depth), text };
+  return argument(text, path, driver as ImageFormat | undefined, (depth) => passwords.get(depth), (depth) => formats.get(depth));
+}
+
+function argument(text: string, path: string, format: ImageFormat | undefined, passwords: ImageArgument['passwords'], encryptFormats: ImageArgument['encryptFormats']): ImageArgument {
+  return { path, format, passwords, encryptFormats, text, open: { format, passwords, encryptFormats } };
 }

@@ -12,6 +12,7 @@ import type { ByteStore } from './store.js';
 import type { Qcow2Header } from './header.js';
 import type { CipherSpec, CryptoProvider, DataCipher } from './crypto.js';
 import { FormatError, KeyError, UnsupportedError } from './errors.js';
+import { readIntoPadded } from './store.js';
 import { LUKS_HEADER_BYTES, LuksHeaderError, cipherSpecOf, luksCipherOf, parseLuksHeader, type LuksCipher, type LuksHeader } from './luks-header.js';
 import { WRONG_PASSWORD, unlockMasterKey } from './luks.js';
 import { SECTOR_SIZE, SectorCipher } from './sector-cipher.js';
@@ -86,6 +87,25 @@ export function legacyAes(file: string, crypto: CryptoProvider | undefined, pass
   return sectorEncryption('aes', false, dataCipherFor(crypto, { aesKeyBytes: 16, mode: 'cbc', ivgen: 'plain64' }, key));
 }
 
+/**
+ * Reads encrypted data bytes into `into` and decrypts them. Encryption works on whole 512-byte sectors: a read that
+ * starts or ends inside one reads and decrypts the whole sector. `ivOffset` is the offset the IVs count from for
+ * into[0] (the host offset for LUKS, the guest offset for legacy AES): a data cluster keeps the guest's place in
+ * the cluster, so both are equally far into their sector. Bytes past the end of the file read as zeros (QEMU).
+ */
+export async function readDecrypted(store: ByteStore, encryption: ImageEncryption, hostOffset: number, ivOffset: number, into: Uint8Array): Promise<void> {
+  const head = hostOffset % SECTOR_SIZE;
+  if (head === 0 && into.length % SECTOR_SIZE === 0) {
+    await readIntoPadded(store, hostOffset, into);
+    await encryption.decrypt(into, ivOffset);
+    return;
+  }
+  const span = new Uint8Array(Math.ceil((head + into.length) / SECTOR_SIZE) * SECTOR_SIZE);
+  await readIntoPadded(store, hostOffset - head, span);
+  await encryption.decrypt(span, ivOffset - head);
+  into.set(span.subarray(head, head + into.length));
+}
+
 function dataCipherFor(crypto: CryptoProvider, spec: CipherSpec, key: Uint8Array): DataCipher {
   if (crypto.dataCipher) return crypto.dataCipher(spec, key);
   const cipher = new SectorCipher(crypto, spec, key);
@@ -106,12 +126,9 @@ function sectorEncryption(method: 'luks' | 'aes', keyedByHost: boolean, cipher: 
 
 /** The LUKS header of a qcow2 image, checked as QEMU checks it, and a reader for its key material. */
 async function readLuks(store: ByteStore, header: Qcow2Header): Promise<{ luks: LuksHeader; cipher: LuksCipher; read: (offset: number, length: number) => Promise<Uint8Array> }> {
+  // parseHeader has checked the extension (present with LUKS, cluster-aligned): only its extent is trusted here.
   const fde = header.fde;
   if (!fde) throw new FormatError(store.name, 'crypt_method is 2 (LUKS) but there is no full disk encryption header extension', { field: 'crypt_method', offset: 32 });
-  const clusterSize = 2 ** header.clusterBits;
-  if (fde.offset % clusterSize !== 0) {
-    throw new FormatError(store.name, `Encryption header offset '${fde.offset}' is not a multiple of cluster size '${clusterSize}'`, { field: 'encryption header offset', value: fde.offset });
-  }
   // The area is read as QEMU reads it: only inside the extent the extension declares, and past the end of the
   // file as zeros.
   const read = async (offset: number, length: number): Promise<Uint8Array> => {

@@ -9,8 +9,7 @@ import { failStop, type FailStopStore } from './fail-stop.js';
 import { parseBitmapDirectory, type BitmapEntry } from './bitmaps.js';
 import { CorruptImageError, FormatError, ReadOnlyError, UnsupportedError } from './errors.js';
 import type { CryptoProvider } from './crypto.js';
-import { legacyWriteRefusal, openQcow2Encryption, type ImageEncryption } from './encryption.js';
-import { SECTOR_SIZE } from './sector-cipher.js';
+import { legacyWriteRefusal, openQcow2Encryption, readDecrypted, type ImageEncryption } from './encryption.js';
 import {
   AUTOCLEAR_DATA_FILE_RAW,
   COMPAT_LAZY_REFCOUNTS,
@@ -417,33 +416,15 @@ export class Qcow2Image implements BlockDevice {
         return this.fillFromBacking(backing!, out.subarray(at, at + available), extent.guestOffset);
       }
       case 'data':
-        if (this.encryption) return this.fillEncrypted(out.subarray(at, at + extent.length), extent.hostOffset, extent.guestOffset);
+        if (this.encryption) {
+          const ivOffset = this.encryption.keyedByHost ? extent.hostOffset : extent.guestOffset;
+          return readDecrypted(this.dataStore ?? this.store, this.encryption, extent.hostOffset, ivOffset, out.subarray(at, at + extent.length));
+        }
         // Data past the end of the file reads as zeros, as it does in QEMU.
         return readIntoPadded(this.dataStore ?? this.store, extent.hostOffset, out.subarray(at, at + extent.length));
       case 'compressed':
         return this.fillCompressed(out, at, extent);
     }
-  }
-
-  /**
-   * Decrypts data bytes into `into`. Encryption works on whole 512-byte sectors: a read that starts or ends inside
-   * one reads and decrypts the whole sector. A data cluster keeps the guest's place in the cluster, so the host
-   * and the guest offset are equally far into their sector.
-   */
-  private async fillEncrypted(into: Uint8Array, hostOffset: number, guestOffset: number): Promise<void> {
-    const encryption = this.encryption!;
-    const store = this.dataStore ?? this.store;
-    const head = hostOffset % SECTOR_SIZE;
-    const keyOffset = (encryption.keyedByHost ? hostOffset : guestOffset) - head;
-    if (head === 0 && into.length % SECTOR_SIZE === 0) {
-      await readIntoPadded(store, hostOffset, into);
-      await encryption.decrypt(into, keyOffset);
-      return;
-    }
-    const span = new Uint8Array(Math.ceil((head + into.length) / SECTOR_SIZE) * SECTOR_SIZE);
-    await readIntoPadded(store, hostOffset - head, span);
-    await encryption.decrypt(span, keyOffset);
-    into.set(span.subarray(head, head + into.length));
   }
 
   private async fillFromBacking(backing: BlockDevice, into: Uint8Array, guestOffset: number): Promise<void> {
@@ -515,7 +496,7 @@ export class Qcow2Image implements BlockDevice {
 
   /** Guest writes to a legacy AES image are refused (see legacyWriteRefusal); its metadata can still change. */
   private refuseLegacyAes(): void {
-    if (this.encryption?.method === 'aes' || this.header.cryptMethod === 1) throw legacyWriteRefusal(this.name);
+    if (this.header.cryptMethod === 1) throw legacyWriteRefusal(this.name);
   }
 
   async write(offset: number, data: Uint8Array): Promise<void> {

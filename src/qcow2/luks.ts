@@ -134,28 +134,30 @@ export function newLuksAreaBytes(spec: CipherSpec): number {
 
 /** The anti-forensic merge: `stripes` blocks of `blockBytes` back into one block. */
 export function afMerge(provider: Pick<CryptoProvider, 'hash'>, hash: HashAlgorithm, split: Uint8Array, blockBytes: number, stripes: number): Uint8Array {
+  const block = diffusedPrefix(provider, hash, split, blockBytes, stripes);
+  xorInto(block, split.subarray((stripes - 1) * blockBytes, stripes * blockBytes));
+  return block;
+}
+
+/** The anti-forensic split: `key` spread over `stripes` blocks, all but the last random, the last what merges to `key`. */
+export function afSplit(provider: Pick<CryptoProvider, 'hash' | 'randomBytes'>, hash: HashAlgorithm, key: Uint8Array, stripes: number): Uint8Array {
+  const n = key.length;
+  const split = new Uint8Array(n * stripes);
+  split.set(provider.randomBytes(n * (stripes - 1)), 0);
+  const block = diffusedPrefix(provider, hash, split, n, stripes);
+  xorInto(block, key);
+  split.set(block, (stripes - 1) * n);
+  return split;
+}
+
+/** What both directions share: the first `stripes - 1` blocks of `split` folded by xor and diffusion. */
+function diffusedPrefix(provider: Pick<CryptoProvider, 'hash'>, hash: HashAlgorithm, split: Uint8Array, blockBytes: number, stripes: number): Uint8Array {
   let block: Uint8Array = new Uint8Array(blockBytes);
   for (let i = 0; i < stripes - 1; i++) {
     xorInto(block, split.subarray(i * blockBytes, (i + 1) * blockBytes));
     block = diffuse(provider, hash, block);
   }
-  xorInto(block, split.subarray((stripes - 1) * blockBytes, stripes * blockBytes));
   return block;
-}
-
-/** The anti-forensic split: `key` spread over `stripes` blocks, all but the last random. */
-export function afSplit(provider: Pick<CryptoProvider, 'hash' | 'randomBytes'>, hash: HashAlgorithm, key: Uint8Array, stripes: number): Uint8Array {
-  const n = key.length;
-  const split = new Uint8Array(n * stripes);
-  split.set(provider.randomBytes(n * (stripes - 1)), 0);
-  let block: Uint8Array = new Uint8Array(n);
-  for (let i = 0; i < stripes - 1; i++) {
-    xorInto(block, split.subarray(i * n, (i + 1) * n));
-    block = diffuse(provider, hash, block);
-  }
-  xorInto(block, key);
-  split.set(block, (stripes - 1) * n);
-  return split;
 }
 
 function diffuse(provider: Pick<CryptoProvider, 'hash'>, hash: HashAlgorithm, block: Uint8Array): Uint8Array {

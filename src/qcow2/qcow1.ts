@@ -20,7 +20,7 @@ import { L2Cache } from './l2-cache.js';
 import { checkRange } from './raw.js';
 import { decompressCluster, type Codecs } from './compression.js';
 import type { CryptoProvider } from './crypto.js';
-import { legacyAes, type ImageEncryption } from './encryption.js';
+import { legacyAes, readDecrypted, type ImageEncryption } from './encryption.js';
 
 export const QCOW_MAGIC = 0x514649fb;
 export const QCOW_V1_HEADER_LENGTH = 48;
@@ -198,7 +198,9 @@ export class QcowV1Image implements BlockDevice {
         const cluster = await this.readCompressed(mapping.hostOffset, mapping.compressedLength);
         out.set(cluster.subarray(inCluster, inCluster + n), done);
       } else if (this.header.cryptMethod !== 0) {
-        await this.readEncrypted(mapping.hostOffset, guest, out.subarray(done, done + n));
+        if (!this.encryption) throw new UnsupportedError(this.name, 'encryption', 'the image is encrypted (crypt_method 1) and was opened without its key');
+        // Legacy AES counts IVs from the guest offset.
+        await readDecrypted(this.store, this.encryption, mapping.hostOffset + inCluster, guest, out.subarray(done, done + n));
       } else {
         // Like QEMU's file driver, bytes past the end of the file read as zeros (`out` starts zeroed).
         const at = mapping.hostOffset + inCluster;
@@ -207,18 +209,6 @@ export class QcowV1Image implements BlockDevice {
       done += n;
     }
     return out;
-  }
-
-  /** Whole sectors of the cluster at `clusterHost` decrypted (IVs from the guest offset), the wanted part copied. */
-  private async readEncrypted(clusterHost: number, guest: number, into: Uint8Array): Promise<void> {
-    if (!this.encryption) throw new UnsupportedError(this.name, 'encryption', 'the image is encrypted (crypt_method 1) and was opened without its key');
-    const inCluster = guest % this.clusterSize;
-    const head = inCluster % 512;
-    const span = new Uint8Array(Math.ceil((head + into.length) / 512) * 512);
-    const at = clusterHost + inCluster - head;
-    if (at < this.fileSize) span.set(await this.store.read(at, Math.min(span.length, this.fileSize - at)));
-    await this.encryption.decrypt(span, guest - head);
-    into.set(span.subarray(head, head + into.length));
   }
 
   private async readBacking(guest: number, into: Uint8Array): Promise<void> {

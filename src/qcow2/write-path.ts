@@ -13,7 +13,7 @@
  */
 import type { ByteStore } from './store.js';
 import { CorruptImageError, FormatError, ReadOnlyError } from './errors.js';
-import { hex, putU32, putU64, u32 } from './bytes.js';
+import { hex, putU32, u32 } from './bytes.js';
 import { SUBCLUSTERS, decodeCompressed, isCompressed, isCopied, readL2Entry, standardHostOffset, type L2Entry } from './mapping.js';
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, AUTOCLEAR_BITMAPS, KNOWN_AUTOCLEAR, encodeHeader, MAX_L1_BYTES } from './header.js';
 import { Refcounts } from './refcount.js';

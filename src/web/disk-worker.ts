@@ -314,12 +314,21 @@ async function stageImport(file: Blob, fileName: string, passphrase: string | un
 /** "Encrypt disk" (overlay-import.ts): the encrypted copy is staged, then replaces the stored disk as a file would. */
 async function encryptDisk(passphrase: string): Promise<void> {
   const s = writable('encrypt the disk');
-  if (passphrase === '') throw new ProblemError('other', 'An empty passphrase would protect nothing: choose one.');
+  refuseEmpty(passphrase);
   if (writeFailure) throw new ProblemError('quota', QUOTA_MESSAGE);
   await discardStaged();
   await flush();
   staged = await stageEncrypted(s, passwordOf(passphrase)!);
   await commitImport();
+}
+
+function refuseEmpty(passphrase: string): void {
+  if (passphrase === '') throw new ProblemError('other', 'An empty passphrase would protect nothing: choose one.');
+}
+
+/** What the page shows of the disk after it changed (Encrypt disk, Reset disk): its map and its encryption. */
+async function diskView(): Promise<{ map: ReturnType<DiskMap['snapshot']> | undefined; encryption: string | undefined }> {
+  return { map: session?.map.snapshot(), encryption: session && (await encryptionOf(session.device)) };
 }
 
 /** A passphrase as the engine takes it (UTF-8 bytes). */
@@ -349,7 +358,7 @@ async function commitImport(): Promise<void> {
 
 async function reset(passphrase: string | undefined): Promise<void> {
   const s = need();
-  if (passphrase === '') throw new ProblemError('other', 'An empty passphrase would protect nothing: choose one.');
+  if (passphrase !== undefined) refuseEmpty(passphrase);
   await s.device.flush().catch(() => {});
   await s.overlayStore.truncate(0);
   // A new passphrase makes the new disk an encrypted one; otherwise an encrypted disk stays encrypted, with the
@@ -462,7 +471,7 @@ function handle({ id, request }: { id: number; request: Request }, endpoint: End
       serial(() => stageImport(request.file, request.name, request.passphrase), `checking ${request.name}`).then((result) => reply(result), fail);
       return;
     case 'encrypt':
-      serial(() => encryptDisk(request.passphrase), 'encrypting the disk').then(async () => reply({ map: session?.map.snapshot(), encryption: session && (await encryptionOf(session.device)) }), fail);
+      serial(() => encryptDisk(request.passphrase), 'encrypting the disk').then(diskView).then((view) => reply(view), fail);
       return;
     case 'commit-import':
       serial(commitImport, 'replacing the disk').then(() => reply(session?.map.snapshot()), fail);
@@ -471,7 +480,7 @@ function handle({ id, request }: { id: number; request: Request }, endpoint: End
       serial(discardStaged).then(() => reply(undefined), fail);
       return;
     case 'reset':
-      serial(() => reset(request.passphrase)).then(async () => reply({ map: session?.map.snapshot(), encryption: session && (await encryptionOf(session.device)) }), fail);
+      serial(() => reset(request.passphrase)).then(diskView).then((view) => reply(view), fail);
       return;
     case 'export-stored':
       serial(() => exportStored(request.overlay)).then((bytes) => reply(bytes, [bytes.buffer as ArrayBuffer]), fail);

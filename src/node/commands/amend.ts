@@ -10,10 +10,9 @@ import { Qcow2Image } from '../../qcow2/image.js';
 import { UnsupportedError } from '../../qcow2/errors.js';
 import { amendQcow2, type AmendOptions } from '../../qcow2/amend.js';
 import { resizeQcow2 } from '../../qcow2/resize.js';
-import { parseFormat } from '../open-image.js';
 import { parseImageSize, parseOptionList, SIZE_ERROR } from '../image-options.js';
 import { usageError } from '../usage.js';
-import { SECRET_OPTIONS, SECRET_USAGE, Secrets, imageArgument } from '../image-spec.js';
+import { SECRET_OPTIONS, SECRET_USAGE, imageArgumentOf } from '../image-spec.js';
 
 export const USAGE = `usage: qcow86 amend [-f qcow2] ${SECRET_USAGE} [-p] [-q] -o OPTIONS FILE`;
 
@@ -36,7 +35,7 @@ export async function run(args: string[]): Promise<number> {
   const fail = (message: string): number => (console.error(`qcow86 amend: ${message}`), 1);
   if (values.options.length === 0) return fail("Must specify options (-o)\nTry 'qcow86 amend --help' for more information");
   if (positionals.length !== 1) return usageError('amend', 'Expecting one image file name', USAGE);
-  const image = imageArgument(positionals[0]!, values['image-opts'], await Secrets.parse(values.object), parseFormat(values.format));
+  const image = await imageArgumentOf(positionals[0]!, values);
   const file = image.path;
   const format = image.format;
   if (format !== undefined && format !== 'qcow2') return fail(`Format driver '${format}' does not support option amendment`);
@@ -86,7 +85,7 @@ export async function run(args: string[]): Promise<number> {
     }
   }
 
-  const device = await openForWriting(file, { format: 'qcow2', passwords: image.passwords, encryptFormats: image.encryptFormats });
+  const device = await openForWriting(file, { ...image.open, format: 'qcow2' });
   try {
     if (!(device instanceof Qcow2Image)) return fail(`Format driver '${device.format}' does not support option amendment`);
     // QEMU resizes before changing the version, so a downgrade sees the final size.

@@ -10,10 +10,10 @@ import { Qcow2Image } from '../../qcow2/image.js';
 import { Qcow86Error } from '../../qcow2/errors.js';
 import { checkImage, checkResultJson, type CheckResult } from '../../qcow2/check.js';
 import type { BlockDevice } from '../../qcow2/device.js';
-import { openPath, parseFormat } from '../open-image.js';
+import { openPath } from '../open-image.js';
 import { qemuJson, type JsonValue } from '../qemu-json.js';
 import { usageError } from '../usage.js';
-import { SECRET_OPTIONS, SECRET_USAGE, Secrets, imageArgument } from '../image-spec.js';
+import { SECRET_OPTIONS, SECRET_USAGE, imageArgumentOf } from '../image-spec.js';
 import { WriteLock } from '../../io/lock.js';
 
 export const USAGE = `usage: qcow86 check [-f raw|qcow2|qcow] ${SECRET_USAGE} [--output=human|json] [-r leaks|all] [-U] FILE`;
@@ -42,7 +42,7 @@ export async function run(args: string[]): Promise<number> {
   }
   let image;
   try {
-    image = imageArgument(positionals[0]!, values['image-opts'], await Secrets.parse(values.object), parseFormat(values.format));
+    image = await imageArgumentOf(positionals[0]!, values);
   } catch (error) {
     if (!(error instanceof Qcow86Error)) throw error;
     console.error(`qcow86 check: ${error.message}`);
@@ -59,7 +59,7 @@ export async function run(args: string[]): Promise<number> {
   try {
     if (repair) lock = await WriteLock.acquire(path);
     // The check looks at this file's metadata only: the backing chain is not needed (and may be missing).
-    device = await openPath(path, { format: image.format, passwords: image.passwords, encryptFormats: image.encryptFormats, openBacking: false, openDataFile: false, forCheck: true, ...(repair ? { readOnly: false, repair: true } : {}) });
+    device = await openPath(path, { ...image.open, openBacking: false, openDataFile: false, forCheck: true, ...(repair ? { readOnly: false, repair: true } : {}) });
     if (!(device instanceof Qcow2Image)) {
       console.error('qcow86 check: This image format does not support checks');
       return 63;

@@ -14,9 +14,9 @@ import { Qcow2Image } from '../../qcow2/image.js';
 import { QcowV1Image } from '../../qcow2/qcow1.js';
 import { fullNameOf } from '../../qcow2/open.js';
 import { chainLayers, checkCommittable, copyAbove, growBase, makeEmpty } from '../../qcow2/commit.js';
-import { openPath, parseFormat } from '../open-image.js';
+import { openPath } from '../open-image.js';
 import { usageError } from '../usage.js';
-import { SECRET_OPTIONS, SECRET_USAGE, Secrets, imageArgument } from '../image-spec.js';
+import { SECRET_OPTIONS, SECRET_USAGE, imageArgumentOf } from '../image-spec.js';
 import { progressPrinter } from './convert.js';
 
 export const USAGE = `usage: qcow86 commit [-f FMT] ${SECRET_USAGE} [-b BASE] [-d] [-p] [-q] FILE`;
@@ -37,12 +37,12 @@ export async function run(args: string[]): Promise<number> {
   });
   if (values.help) return console.log(USAGE), 0;
   if (positionals.length !== 1) return usageError('commit', 'expecting one image file name', USAGE);
-  const image = imageArgument(positionals[0]!, values['image-opts'], await Secrets.parse(values.object), parseFormat(values.format));
-  const { path: file, format, passwords, encryptFormats } = image;
+  const image = await imageArgumentOf(positionals[0]!, values);
+  const { path: file, passwords } = image;
   // -b implies -d: emptying the top would make it read the (now stale) intermediate images.
   const emptying = !values.drop && values.base === undefined;
 
-  const top = emptying ? await openForWriting(file, { format, passwords, encryptFormats }) : await openPath(file, { format, passwords, encryptFormats });
+  const top = emptying ? await openForWriting(file, image.open) : await openPath(file, image.open);
   try {
     checkCommittable(top, emptying);
     const layers = chainLayers(top);

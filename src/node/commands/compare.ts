@@ -46,8 +46,8 @@ export async function run(args: string[]): Promise<number> {
     const secrets = await Secrets.parse(values.object);
     const a = imageArgument(positionals[0]!, values['image-opts'], secrets, formatA);
     const b = imageArgument(positionals[1]!, values['image-opts'], secrets, values['image-opts'] ? undefined : formatB);
-    devices.push(await openPath(a.path, { format: a.format, passwords: a.passwords, encryptFormats: a.encryptFormats }));
-    devices.push(await openPath(b.path, { format: b.format, passwords: b.passwords, encryptFormats: b.encryptFormats }));
+    devices.push(await openPath(a.path, a.open));
+    devices.push(await openPath(b.path, b.open));
     const mismatch = await firstDifference(devices[0]!, devices[1]!, () => console.log('Warning: Image size mismatch!'));
     if (mismatch === undefined) {
       console.log('Images are identical.');

@@ -20,7 +20,7 @@ import { FormatError } from '../../qcow2/errors.js';
 import { isZero } from '../../qcow2/bytes.js';
 import { openPath, parseFormat } from '../open-image.js';
 import { usageError } from '../usage.js';
-import { SECRET_OPTIONS, SECRET_USAGE, Secrets, imageArgument } from '../image-spec.js';
+import { SECRET_OPTIONS, SECRET_USAGE, imageArgumentOf } from '../image-spec.js';
 
 export const USAGE = `usage: qcow86 convert [-f raw|qcow2|qcow] ${SECRET_USAGE} [-O raw] [-l SNAPSHOT] [-p] [-q] [-U] SRC DST`;
 
@@ -85,8 +85,8 @@ export async function run(args: string[]): Promise<number> {
   const outputFormat = parseFormat(values['output-format'], '-O');
   if (outputFormat !== 'raw') return usageError('convert', `output format '${outputFormat}' is not supported yet (raw only)`, USAGE);
   const [src, dst] = positionals as [string, string];
-  const source = imageArgument(src, values['image-opts'], await Secrets.parse(values.object), parseFormat(values.format));
-  const image = await openPath(source.path, { format: source.format, passwords: source.passwords, encryptFormats: source.encryptFormats });
+  const source = await imageArgumentOf(src, values);
+  const image = await openPath(source.path, source.open);
   try {
     const device = values.snapshot === undefined ? image : await snapshotOf(image, values.snapshot);
     // The destination's lock is taken before it is truncated and held until the copy is done.

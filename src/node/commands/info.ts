@@ -6,10 +6,10 @@ import { parseArgs } from 'node:util';
 import type { BlockDevice } from '../../qcow2/device.js';
 import { backingOf, fullNameOf } from '../../qcow2/open.js';
 import { imageInfo, type Info } from '../image-info.js';
-import { humanSize, openPath, parseFormat } from '../open-image.js';
+import { humanSize, openPath } from '../open-image.js';
 import { dumpDict, qemuJson, type JsonValue } from '../qemu-json.js';
 import { usageError } from '../usage.js';
-import { SECRET_OPTIONS, SECRET_USAGE, Secrets, imageArgument } from '../image-spec.js';
+import { SECRET_OPTIONS, SECRET_USAGE, imageArgumentOf } from '../image-spec.js';
 
 export const USAGE = `usage: qcow86 info [-f raw|qcow2|qcow] ${SECRET_USAGE} [--output=human|json] [--backing-chain] [-U] FILE`;
 
@@ -29,7 +29,7 @@ export async function run(args: string[]): Promise<number> {
   if (values.help) return console.log(USAGE), 0;
   if (positionals.length !== 1) return usageError('info', 'expecting one image file name', USAGE);
   if (values.output !== 'json' && values.output !== 'human') return usageError('info', `--output must be used with human or json as argument`, USAGE);
-  const image = imageArgument(positionals[0]!, values['image-opts'], await Secrets.parse(values.object), parseFormat(values.format));
+  const image = await imageArgumentOf(positionals[0]!, values);
   const path = image.path;
   const chain = values['backing-chain'];
   // Encrypted images show their metadata without the key, as in qemu-img.

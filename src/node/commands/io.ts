@@ -90,7 +90,7 @@ export async function runIo(args: string[], output: IoOutput): Promise<number> {
   }
   const readOnly = parsed.readOnly || !commands.some(writesImage);
   const image = imageArgument(parsed.file, parsed.imageOpts, await Secrets.parse(parsed.objects), parsed.format);
-  const open = { format: image.format, passwords: image.passwords, encryptFormats: image.encryptFormats };
+  const open = image.open;
   const device: IoDevice = readOnly
     ? await openImage(await FileStore.open(image.path, { readOnly }), { ...open, readOnly, resolver: nodeResolver(), codecs: nodeCodecs(), crypto: nodeCrypto() })
     : await openForWriting(image.path, open);

@@ -4,9 +4,9 @@
  */
 import { parseArgs } from 'node:util';
 import { mapDevice, type MapEntry } from '../../qcow2/block-status.js';
-import { allocatedSize, openPath, parseFormat } from '../open-image.js';
+import { allocatedSize, openPath } from '../open-image.js';
 import { usageError } from '../usage.js';
-import { SECRET_OPTIONS, SECRET_USAGE, Secrets, imageArgument } from '../image-spec.js';
+import { SECRET_OPTIONS, SECRET_USAGE, imageArgumentOf } from '../image-spec.js';
 
 export const USAGE = `usage: qcow86 map [-f raw|qcow2|qcow] ${SECRET_USAGE} [--output=human|json] [-U] FILE`;
 
@@ -26,8 +26,8 @@ export async function run(args: string[]): Promise<number> {
   if (positionals.length !== 1) return usageError('map', 'expecting one image file name', USAGE);
   const json = values.output === 'json';
   if (!json && values.output !== 'human') return usageError('map', '--output must be used with human or json as argument', USAGE);
-  const image = imageArgument(positionals[0]!, values['image-opts'], await Secrets.parse(values.object), parseFormat(values.format));
-  const device = await openPath(image.path, { format: image.format, passwords: image.passwords, encryptFormats: image.encryptFormats });
+  const image = await imageArgumentOf(positionals[0]!, values);
+  const device = await openPath(image.path, image.open);
   const out: string[] = [];
   // Output is buffered and written in large pieces: a fragmented image has millions of entries.
   const emit = (text: string) => {

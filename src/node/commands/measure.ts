@@ -8,9 +8,9 @@ import type { BlockDevice } from '../../qcow2/device.js';
 import { Qcow2Image } from '../../qcow2/image.js';
 import { FormatError } from '../../qcow2/errors.js';
 import { measureQcow2, type Measurement } from '../../qcow2/measure.js';
-import { allocatedSize, openPath, parseFormat } from '../open-image.js';
-import { encryptionRequest, parseImageSize, parseOptionList, SIZE_ERROR } from '../image-options.js';
-import { SECRET_OPTIONS, SECRET_USAGE, Secrets, imageArgument } from '../image-spec.js';
+import { allocatedSize, openPath } from '../open-image.js';
+import { ENCRYPT_KEYS, encryptionRequest, parseImageSize, parseOptionList, SIZE_ERROR } from '../image-options.js';
+import { SECRET_OPTIONS, SECRET_USAGE, imageArgumentOf } from '../image-spec.js';
 import { newLuksAreaBytes } from '../../qcow2/luks.js';
 import { usageError } from '../usage.js';
 
@@ -19,9 +19,7 @@ export const USAGE =
 
 /** Creation options each target format accepts (its own and the file protocol's), as qemu-img parses them. */
 const QCOW2_KEYS = new Set([
-  'size', 'compat', 'backing_file', 'backing_fmt', 'data_file', 'data_file_raw', 'encryption', 'encrypt.format',
-  'encrypt.key-secret', 'encrypt.cipher-alg', 'encrypt.cipher-mode', 'encrypt.ivgen-alg', 'encrypt.ivgen-hash-alg',
-  'encrypt.hash-alg', 'encrypt.iter-time',
+  'size', 'compat', 'backing_file', 'backing_fmt', 'data_file', 'data_file_raw', 'encryption', ...ENCRYPT_KEYS,
   'cluster_size', 'extended_l2', 'preallocation', 'lazy_refcounts', 'refcount_bits', 'compression_type',
   'nocow', 'extent_size_hint',
 ]);
@@ -65,8 +63,8 @@ export async function run(args: string[]): Promise<number> {
   try {
     let source: BlockDevice | undefined;
     if (file !== undefined) {
-      const input = imageArgument(file, values['image-opts'], await Secrets.parse(values.object), parseFormat(values.format));
-      image = await openPath(input.path, { format: input.format, passwords: input.passwords, encryptFormats: input.encryptFormats, openDataFile: false });
+      const input = await imageArgumentOf(file, values);
+      image = await openPath(input.path, { ...input.open, openDataFile: false });
       source = image;
       if (values.snapshot !== undefined) {
         if (!(image instanceof Qcow2Image)) return fail(`Failed to load snapshot: ${file}: only qcow2 images have internal snapshots`);

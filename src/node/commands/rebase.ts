@@ -17,7 +17,7 @@ import { openImage } from '../../qcow2/open.js';
 import { checkBackingFits, copyDifferences, setBacking } from '../../qcow2/rebase.js';
 import { parseFormat } from '../open-image.js';
 import { usageError } from '../usage.js';
-import { SECRET_OPTIONS, SECRET_USAGE, Secrets, imageArgument } from '../image-spec.js';
+import { SECRET_OPTIONS, SECRET_USAGE, imageArgumentOf } from '../image-spec.js';
 import { progressPrinter } from './convert.js';
 
 export const USAGE = `usage: qcow86 rebase [-f FMT] [-F BACKING_FMT] ${SECRET_USAGE} [-u] [-p] [-q] -b BACKING FILE`;
@@ -40,15 +40,15 @@ export async function run(args: string[]): Promise<number> {
   if (values.help) return console.log(USAGE), 0;
   if (positionals.length !== 1) return usageError('rebase', 'expecting one image file name', USAGE);
   if (values.backing === undefined && !values.unsafe) return usageError('rebase', 'Must specify backing file (-b) or use unsafe mode (-u)', USAGE);
-  const image = imageArgument(positionals[0]!, values['image-opts'], await Secrets.parse(values.object), parseFormat(values.format));
-  const { path: file, format, passwords, encryptFormats } = image;
+  const image = await imageArgumentOf(positionals[0]!, values);
+  const { path: file, passwords } = image;
   const name = values.backing ?? '';
   const backingFormat = parseFormat(values['backing-format'], '-F');
   const fail = (message: string): number => (console.error(`qcow86 rebase: ${message}`), 1);
   // qemu-img 7.2 refuses to record a backing file without its format (it would have to be probed on every open).
   if (name !== '' && backingFormat === undefined) return fail(`Could not change the backing file to '${name}': backing format must be specified`);
 
-  const overlay = await openForWriting(file, { format, passwords, encryptFormats, openBacking: !values.unsafe });
+  const overlay = await openForWriting(file, { ...image.open, openBacking: !values.unsafe });
   let newBacking: BlockDevice | undefined;
   try {
     if (!(overlay instanceof Qcow2Image)) return fail(`Could not change the backing file to '${name}': Operation not supported (${overlay.format} images have no backing file to change)`);

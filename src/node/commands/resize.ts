@@ -7,10 +7,10 @@ import { open } from 'node:fs/promises';
 import { openForWriting } from '../../io/lock.js';
 import { Qcow2Image } from '../../qcow2/image.js';
 import { resizeQcow2 } from '../../qcow2/resize.js';
-import { openPath, parseFormat } from '../open-image.js';
+import { openPath } from '../open-image.js';
 import { parseImageSize, SIZE_ERROR } from '../image-options.js';
 import { usageError } from '../usage.js';
-import { SECRET_OPTIONS, SECRET_USAGE, Secrets, imageArgument } from '../image-spec.js';
+import { SECRET_OPTIONS, SECRET_USAGE, imageArgumentOf } from '../image-spec.js';
 
 export const USAGE = `usage: qcow86 resize [--shrink] [-f FMT] ${SECRET_USAGE} [-q] FILE [+|-]SIZE`;
 
@@ -30,15 +30,13 @@ export async function run(args: string[]): Promise<number> {
   });
   if (values.help || sizeText === '--help' || sizeText === '-h') return console.log(USAGE), 0;
   if (positionals.length !== 1 || sizeText === undefined) return usageError('resize', 'expecting a file name and a size', USAGE);
-  const image = imageArgument(positionals[0]!, values['image-opts'], await Secrets.parse(values.object), parseFormat(values.format));
+  const image = await imageArgumentOf(positionals[0]!, values);
   const file = image.path;
-  const passwords = image.passwords;
   const relative = sizeText.startsWith('+') ? 1 : sizeText.startsWith('-') ? -1 : 0;
   const amount = parseImageSize(relative ? sizeText.slice(1) : sizeText);
   if (amount === undefined) return console.error(`qcow86 resize: ${SIZE_ERROR}`), 1;
 
-  const format = image.format;
-  const probe = await openPath(file, { format, passwords, encryptFormats: image.encryptFormats, openBacking: false });
+  const probe = await openPath(file, { ...image.open, openBacking: false });
   const current = probe.virtualSize;
   const isQcow2 = probe instanceof Qcow2Image;
   const isRaw = probe.format === 'raw';
@@ -54,7 +52,7 @@ export async function run(args: string[]): Promise<number> {
     await handle.truncate(size);
     await handle.close();
   } else if (isQcow2) {
-    const device = await openForWriting(file, { format: 'qcow2', passwords, encryptFormats: image.encryptFormats, openBacking: false });
+    const device = await openForWriting(file, { ...image.open, format: 'qcow2', openBacking: false });
     try {
       await resizeQcow2(device as Qcow2Image, size);
       await device.flush();

@@ -5,11 +5,11 @@
 import { parseArgs } from 'node:util';
 import { openForWriting } from '../../io/lock.js';
 import { Qcow2Image } from '../../qcow2/image.js';
-import { openPath, parseFormat } from '../open-image.js';
+import { openPath } from '../open-image.js';
 import { imageInfo, type Info } from '../image-info.js';
 import { snapshotLine } from './info.js';
 import { usageError } from '../usage.js';
-import { SECRET_OPTIONS, SECRET_USAGE, Secrets, imageArgument } from '../image-spec.js';
+import { SECRET_OPTIONS, SECRET_USAGE, imageArgumentOf } from '../image-spec.js';
 
 export const USAGE = `usage: qcow86 snapshot [-f qcow2] ${SECRET_USAGE} [-U] [-q] (-l | -c NAME | -a NAME | -d NAME) FILE`;
 
@@ -33,11 +33,11 @@ export async function run(args: string[]): Promise<number> {
   if (positionals.length !== 1) return usageError('snapshot', 'expecting one image file name', USAGE);
   const actions = [values.list, values.create, values.apply, values.delete].filter((a) => a !== undefined && a !== false);
   if (actions.length > 1) return usageError('snapshot', "Cannot mix '-l', '-a', '-c', '-d'", USAGE);
-  const image = imageArgument(positionals[0]!, values['image-opts'], await Secrets.parse(values.object), parseFormat(values.format));
-  const { path: file, format, passwords, encryptFormats } = image;
+  const image = await imageArgumentOf(positionals[0]!, values);
+  const file = image.path;
 
   if (actions.length === 0 || values.list) {
-    const device = await openPath(file, { format, passwords, encryptFormats, openBacking: false, openDataFile: false });
+    const device = await openPath(file, { ...image.open, openBacking: false, openDataFile: false });
     try {
       const info = await imageInfo(device, file);
       const snapshots = (info.snapshots as Info[] | undefined) ?? [];
@@ -50,7 +50,7 @@ export async function run(args: string[]): Promise<number> {
     }
   }
 
-  const device = await openForWriting(file, { format, passwords, encryptFormats, openBacking: false });
+  const device = await openForWriting(file, { ...image.open, openBacking: false });
   try {
     if (!(device instanceof Qcow2Image)) {
       console.error(`qcow86 snapshot: ${file}: only qcow2 images have internal snapshots`);
