@@ -42,6 +42,8 @@ export default defineConfig({
   test: {
     // Tests import the machine library by its package name, as users do (README's example is a test), from source.
     alias: { 'qcow86/machine': resolve(import.meta.dirname, 'src/node/machine.ts') },
+    // Every test file's temporary directories are removed when it ends.
+    setupFiles: ['test/helpers/cleanup.ts'],
     testTimeout: 60_000,
     hookTimeout: 300_000,
     pool: 'forks',

@@ -4,28 +4,17 @@
  */
 import { execFile, execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { createReadStream, mkdtempSync, rmSync } from 'node:fs';
+import { createReadStream, rmSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 
 // qemu-utils is the oracle for every image test: install it (as root, on CI) before anything runs.
 const root = resolve(import.meta.dirname, '../..');
 execFileSync(process.execPath, [join(root, 'scripts/system-deps.mjs'), 'qemu-utils'], { stdio: 'inherit' });
 
-const tempDirs: string[] = [];
-process.on('exit', cleanupTempDirs);
+import { tempDir } from './temp.js';
 
-/** A fresh temporary directory, removed when the test process exits (or by cleanupTempDirs()). */
-export function tempDir(prefix = 'qcow86-test-'): string {
-  const dir = mkdtempSync(join(tmpdir(), prefix));
-  tempDirs.push(dir);
-  return dir;
-}
-
-export function cleanupTempDirs(): void {
-  for (const dir of tempDirs.splice(0)) rmSync(dir, { recursive: true, force: true });
-}
+export { cleanupTempDirs, tempDir } from './temp.js';
 
 export interface RunResult {
   stdout: string;
