@@ -28,6 +28,11 @@ export interface AesKey {
   /** ECB: each block on its own. Returns a new array; `data` is not changed. */
   encryptBlocks(data: Uint8Array): Uint8Array;
   decryptBlocks(data: Uint8Array): Uint8Array;
+  /**
+   * Optional: the same as decryptBlocks, done elsewhere (the browser's native WebCrypto, on its own threads).
+   * The data path uses it for whole runs of sectors; key material and IVs use the synchronous calls.
+   */
+  decryptBlocksAsync?(data: Uint8Array): Promise<Uint8Array>;
   /** One CBC chain from `iv`. Returns a new array. */
   encryptCbc(iv: Uint8Array, data: Uint8Array): Uint8Array;
 }

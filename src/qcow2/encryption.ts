@@ -110,7 +110,7 @@ function dataCipherFor(crypto: CryptoProvider, spec: CipherSpec, key: Uint8Array
   if (crypto.dataCipher) return crypto.dataCipher(spec, key);
   const cipher = new SectorCipher(crypto, spec, key);
   return {
-    decrypt: async (data, sector) => cipher.decrypt(data, sector),
+    decrypt: (data, sector) => cipher.decryptAsync(data, sector),
     encrypt: async (data, sector) => cipher.encrypt(data, sector),
   };
 }

@@ -63,6 +63,28 @@ export class SectorCipher {
     if (aligned !== data) data.set(aligned);
   }
 
+  /**
+   * As decrypt, with the bulk block decryption through the key's asynchronous call when it has one (the browser's
+   * native AES); otherwise the same synchronous work.
+   */
+  async decryptAsync(data: Uint8Array, sector: number): Promise<void> {
+    const k1 = this.k1;
+    if (!k1.decryptBlocksAsync) return this.decrypt(data, sector);
+    checkLength(data);
+    if (data.length === 0) return;
+    const aligned = (data.byteOffset & 3) === 0 ? data : data.slice();
+    const x = words(aligned);
+    if (this.spec.mode === 'xts') {
+      // Own tweak array: the shared scratch could be reused by another call while this one waits.
+      const tweak = this.whiten(sector, x, x, new Uint32Array(x.length));
+      const plain = words(await k1.decryptBlocksAsync(aligned));
+      for (let i = 0; i < x.length; i++) x[i] = plain[i]! ^ tweak[i]!;
+    } else {
+      this.cbcUnchain(aligned, sector, words(await k1.decryptBlocksAsync(aligned)));
+    }
+    if (aligned !== data) data.set(aligned);
+  }
+
   /** The encrypted form of `data` (whole 16-byte blocks) as a new array. */
   encrypt(data: Uint8Array, sector: number): Uint8Array {
     checkLength(data);
@@ -87,14 +109,14 @@ export class SectorCipher {
    * The XTS pre-whitening in one pass: every block's tweak (kept in the cipher's scratch array, returned) and
    * `into[i] = from[i] ^ tweak[i]`, for `length` bytes from `sector`. `into` may be `from`.
    */
-  private whiten(sector: number, from: Uint32Array, into: Uint32Array): Uint32Array {
+  private whiten(sector: number, from: Uint32Array, into: Uint32Array, tweakInto?: Uint32Array): Uint32Array {
     const length = from.length << 2;
     const sectors = Math.ceil(length / SECTOR_SIZE);
     const first = words(this.k2!.encryptBlocks(this.ivs(sector, sectors)));
     // One scratch array per cipher, grown as needed: a cipher is used by one caller at a time (its methods are
     // synchronous), and a fresh megabyte per call costs more than the XOR it holds.
-    if (this.scratch.length < from.length) this.scratch = new Uint32Array(from.length);
-    const tweak = this.scratch;
+    if (!tweakInto && this.scratch.length < from.length) this.scratch = new Uint32Array(from.length);
+    const tweak = tweakInto ?? this.scratch;
     const total = length >>> 4;
     for (let s = 0; s < sectors; s++) {
       let a = first[s * 4]!;
@@ -140,9 +162,13 @@ export class SectorCipher {
   }
 
   private cbcDecrypt(data: Uint8Array, sector: number): void {
+    this.cbcUnchain(data, sector, words(this.k1.decryptBlocks(data)));
+  }
+
+  /** CBC's chaining over `decrypted`, the block-wise decryption of `data`: the plaintext, written into `data`. */
+  private cbcUnchain(data: Uint8Array, sector: number, decrypted: Uint32Array): void {
     const sectors = Math.ceil(data.length / SECTOR_SIZE);
     const iv = words(this.ivs(sector, sectors));
-    const decrypted = words(this.k1.decryptBlocks(data));
     const x = words(data);
     const blocks = data.length >>> 4;
     for (let s = 0; s < sectors; s++) {
