@@ -8,7 +8,7 @@ import { openImage, probeFormat, Qcow2Image, BackingChainError } from '../qcow2/
 import { sameVersion } from '../qcow2/store.js';
 import { isPassingFailure, isVersionChange } from '../io/http-range.js';
 import { createQcow2 } from '../qcow2/create.js';
-import { encryptionInfo } from '../qcow2/encryption.js';
+import { encryptionInfo, openQcow2Encryption } from '../qcow2/encryption.js';
 import { webCrypto } from '../io/web-crypto.js';
 import { backingValidatorOf, INCOMPAT_DATA_FILE } from '../qcow2/header.js';
 import { BlobStore } from '../io/opfs.js';
@@ -131,6 +131,15 @@ export async function encryptionOf(device: BlockDevice): Promise<string | undefi
     return `LUKS ${info['cipher-alg']}-${info['cipher-mode']}-${info['ivgen-alg']}`;
   }
   return undefined;
+}
+
+/**
+ * Checks that `password` unlocks one of the key slots of `device`'s own encryption (its top layer, the stored
+ * overlay), without touching the open image: a KeyError (wrongKey) when it does not.
+ */
+export async function checkPassword(device: BlockDevice, password: Uint8Array): Promise<void> {
+  if (!(device instanceof Qcow2Image) || device.header.cryptMethod === 0) throw new Error('the disk is not encrypted');
+  await openQcow2Encryption(device.store, device.header, crypto, password);
 }
 
 /**

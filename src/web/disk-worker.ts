@@ -10,12 +10,12 @@ import { LockError, BackingChainError, KeyError } from '../qcow2/errors.js';
 import { MemoryStore } from '../io/memory.js';
 import { OpfsStore, BlobStore, opfsDirectory, opfsExists, quotaErrorIn } from '../io/opfs.js';
 import { DiskMap } from './disk-map.js';
-import { describeBaseProblem, encryptionOf, makeOverlay, openBase, openTop, type BaseHandle } from './disk-open.js';
+import { checkPassword, describeBaseProblem, encryptionOf, makeOverlay, openBase, openTop, type BaseHandle } from './disk-open.js';
 import type { OpenRequest, OpenResult, ProblemKind, Reply, Request, StagedImport, Stats, WorkerEvent } from './protocol.js';
 import { deleteSessionById, resumeSessionState, saveSessionState, sessionsOf } from './disk-sessions.js';
 import { tryLock, writerLock } from './web-locks.js';
 import { checkOverlayName, copyToFile, makeRoomFor, recoverReplacement } from './overlay-files.js';
-import { stage, stageEncrypted, swapStaged, unstage, type Staged, type StoredDisk } from './overlay-import.js';
+import { stage, stageCopy, swapStaged, unstage, type Staged, type StoredDisk } from './overlay-import.js';
 import { ProblemError } from './problem.js';
 import { serveCopies, sweepCopies, takeCopy } from './readonly-copy.js';
 
@@ -95,7 +95,8 @@ async function open(request: OpenRequest): Promise<OpenResult> {
   }
   let base: BaseHandle | undefined;
   let overlayStore: OpfsStore | MemoryStore | undefined;
-  const password = passwordOf(request.passphrase);
+  let password = passwordOf(request.passphrase);
+  if (request.encryptNew?.passphrase !== undefined) refuseEmpty(request.encryptNew.passphrase);
   try {
     base = await openBase(request.base);
     const makeRoom = makeRoomFor(base);
@@ -105,7 +106,7 @@ async function open(request: OpenRequest): Promise<OpenResult> {
     let copiedAt: number | undefined;
     if (request.mode === 'readonly') {
       // Never the live file another tab writes: a copy taken at one moment (readonly-copy.ts).
-      if ((await opfsExists(dir, overlayName)) && (await (await dir.getFileHandle(overlayName)).getFile()).size > 0) {
+      if (await storedNonEmpty(dir, overlayName)) {
         let copy;
         try {
           copy = await takeCopy(dir, overlayName, makeRoom);
@@ -121,9 +122,17 @@ async function open(request: OpenRequest): Promise<OpenResult> {
       await makeOverlay(overlayStore, snapshot ? snapshot.name : request.base, snapshot ? undefined : base, base.device.virtualSize);
     } else {
       await recoverReplacement(dir, overlayName);
+      // A new disk wanted encrypted whose passphrase the page has not asked yet: it asks only now that a disk is
+      // really to be created, and nothing is created before it has one.
+      if (request.encryptNew && request.encryptNew.passphrase === undefined && !(await storedNonEmpty(dir, overlayName))) {
+        throw new ProblemError('new-passphrase-needed', 'A new encrypted disk is to be created: choose its passphrase.');
+      }
       overlayStore = await OpfsStore.open(dir, overlayName, { create: true, makeRoom });
       if ((await overlayStore.size()) === 0) {
-        await makeOverlay(overlayStore, request.base, base, base.device.virtualSize);
+        // Encrypted with its own passphrase when the page asked for an encrypted new disk (see OpenRequest).
+        const newPassword = passwordOf(request.encryptNew?.passphrase);
+        await makeOverlay(overlayStore, request.base, base, base.device.virtualSize, newPassword);
+        if (newPassword) password = newPassword;
         created = true;
       }
     }
@@ -131,7 +140,7 @@ async function open(request: OpenRequest): Promise<OpenResult> {
     const map = await DiskMap.build(device);
     if (request.mode !== 'readonly') releases.push(serveCopies(overlayName, (into) => serial(() => copyFor(into), 'copying the disk for a read-only tab')));
     // The passphrase goes no further than this session: the request it keeps has none.
-    session = { device, base, overlayStore, overlayName, mode: request.mode, map, release: releaseAll, request: { ...request, passphrase: undefined }, makeRoom, password };
+    session = { device, base, overlayStore, overlayName, mode: request.mode, map, release: releaseAll, request: { ...request, passphrase: undefined, encryptNew: undefined }, makeRoom, password };
     unsaved = 0;
     writeFailure = undefined;
     const clusterSize = (device as { clusterSize?: unknown }).clusterSize;
@@ -161,6 +170,12 @@ async function close(): Promise<void> {
   } finally {
     await current.release();
   }
+}
+
+/** True when `name` is a stored overlay with bytes in it (an empty file is a disk not yet made). */
+async function storedNonEmpty(dir: FileSystemDirectoryHandle, name: string): Promise<boolean> {
+  if (!(await opfsExists(dir, name))) return false;
+  return (await (await dir.getFileHandle(name)).getFile()).size > 0;
 }
 
 /** A read-only tab asked for a copy: the overlay as of now, flushed, into the file `into`. */
@@ -318,7 +333,22 @@ async function encryptDisk(passphrase: string): Promise<void> {
   if (writeFailure) throw new ProblemError('quota', QUOTA_MESSAGE);
   await discardStaged();
   await flush();
-  staged = await stageEncrypted(s, passwordOf(passphrase)!);
+  staged = await stageCopy(s, passwordOf(passphrase)!);
+  await commitImport();
+}
+
+/**
+ * "Decrypt disk" (overlay-import.ts): a plain copy is staged, then replaces the stored disk. Only with a passphrase
+ * that unlocks the disk: an unlocked tab left alone does not give its disk away in the clear to whoever sits at it.
+ */
+async function decryptDisk(passphrase: string): Promise<void> {
+  const s = writable('decrypt the disk');
+  if (!(await encryptionOf(s.device)) || !s.password) throw new ProblemError('other', 'This disk is not encrypted.');
+  await checkPassword(s.device, passwordOf(passphrase)!);
+  if (writeFailure) throw new ProblemError('quota', QUOTA_MESSAGE);
+  await discardStaged();
+  await flush();
+  staged = await stageCopy(s, undefined);
   await commitImport();
 }
 
@@ -472,6 +502,9 @@ function handle({ id, request }: { id: number; request: Request }, endpoint: End
       return;
     case 'encrypt':
       serial(() => encryptDisk(request.passphrase), 'encrypting the disk').then(diskView).then((view) => reply(view), fail);
+      return;
+    case 'decrypt':
+      serial(() => decryptDisk(request.passphrase), 'decrypting the disk').then(diskView).then((view) => reply(view), fail);
       return;
     case 'commit-import':
       serial(commitImport, 'replacing the disk').then(() => reply(session?.map.snapshot()), fail);

@@ -25,6 +25,12 @@ const params = new URLSearchParams(location.search);
 const baseUrl = new URL(params.get('base') ?? '/images/base.qcow2', location.href).href;
 const imagesUrl = new URL('/images/', location.href).href;
 let overlayName = params.get('disk') ?? overlayNameFor(baseUrl);
+/**
+ * `?encrypt=1`: the disk this visit creates (the first visit's) is encrypted from the start, its passphrase asked
+ * before it is made; a disk that exists already opens as it is (a plain one is offered Encrypt disk). Used once:
+ * the page takes it out of its address when the disk is open.
+ */
+const encryptRequested = params.has('encrypt') && !['0', 'false', 'no'].includes(params.get('encrypt')!.toLowerCase());
 
 /** One stored overlay per base URL; the name says which base it belongs to. */
 function overlayNameFor(url: string): string {
@@ -106,45 +112,100 @@ disk.on((event) => {
   }
 });
 
+const ENCRYPT_EXPLANATION =
+  'Your changes will be kept encrypted in this browser (LUKS, as QEMU makes it: AES-256-XTS). The passphrase is asked every time the disk is opened and is not stored anywhere: without it the disk cannot be opened.';
+const NEW_DISK_ENCRYPTION = ENCRYPT_EXPLANATION.replace('Your changes', 'The new disk');
+
+/**
+ * Opens the disk in `wanted` mode. An encrypted disk asks for its passphrase on every open (passphrase-ui.ts).
+ * `encryptNew`: a disk this open creates is encrypted, with the passphrase given, or else one asked for here once
+ * the Worker says a disk is really to be created (the first visit with ?encrypt=1).
+ */
+async function openAs(wanted: OpenMode, encryptNew?: { passphrase?: string }): Promise<OpenResult | undefined> {
+  let newPassphrase = encryptNew?.passphrase;
+  let noNewPassphrase = false;
+  const opened = await withPassphrase('This disk', async (passphrase) => {
+    for (;;) {
+      try {
+        return await disk.open({ base: baseUrl, overlay: overlayName, mode: wanted, passphrase, encryptNew: encryptNew && { passphrase: newPassphrase } });
+      } catch (error) {
+        if (!(error instanceof DiskProblem) || error.kind !== 'new-passphrase-needed') throw error;
+        newPassphrase = await askPassphrase('Encrypt the new disk', `This address asks for an encrypted disk (?encrypt=1). ${NEW_DISK_ENCRYPTION}`, { confirm: true, submit: 'Create encrypted disk' });
+        if (newPassphrase === undefined) {
+          noNewPassphrase = true;
+          return undefined;
+        }
+      }
+    }
+  });
+  if (!opened) {
+    setPhase(
+      noNewPassphrase ? 'Not started: no passphrase was chosen for the new encrypted disk (reload to choose one, or leave ?encrypt=1 out of the address for a plain disk)' : 'Not started: the disk is encrypted and stays locked',
+      'off',
+    );
+  }
+  return opened;
+}
+
 async function openDisk(): Promise<OpenResult | undefined> {
   setPhase('Opening the disk…');
-  // An encrypted disk asks for its passphrase on every open (passphrase-ui.ts).
-  const openAs = async (wanted: OpenMode) => {
-    const opened = await withPassphrase('This disk', (passphrase) => disk.open({ base: baseUrl, overlay: overlayName, mode: wanted, passphrase }));
-    if (!opened) setPhase('Not started: the disk is encrypted and stays locked', 'off');
-    return opened;
-  };
+  let result: OpenResult | undefined;
   try {
-    return await openAs(mode);
+    result = await openAs(mode, encryptRequested ? {} : undefined);
   } catch (error) {
     if (!(error instanceof DiskProblem) || error.kind !== 'locked') throw error;
+    result = await openBesideOtherTab();
+  }
+  if (result && encryptRequested) {
+    // ?encrypt=1 is for the disk being made now: a reload must not ask again.
+    const url = new URL(location.href);
+    url.searchParams.delete('encrypt');
+    history.replaceState(null, '', url);
+  }
+  return result;
+}
+
+/** Another tab writes the disk: this one may read it, or make a fresh disk of its own, plain or encrypted. */
+async function openBesideOtherTab(): Promise<OpenResult | undefined> {
+  let encryptNew: { passphrase: string } | undefined;
+  for (;;) {
     const choice = await ask(
       'This disk is open in another tab',
       'Only one tab at a time may write to a disk, so your changes cannot be saved here while the other tab runs it. ' +
-        'You can look at the disk read-only (changes made here are thrown away when you close the tab), or start a fresh, separate disk.',
+        'You can look at the disk read-only (changes made here are thrown away when you close the tab), or start a fresh, separate disk, encrypted in this browser if you like.',
       [
         { label: 'Open read-only', value: 'readonly' },
+        { label: 'Use a fresh encrypted disk…', value: 'fresh-encrypted' },
         { label: 'Use a fresh disk', value: 'fresh', kind: 'primary' },
       ],
     );
+    if (choice === 'fresh-encrypted') {
+      const passphrase = await askPassphrase('Encrypt the fresh disk', NEW_DISK_ENCRYPTION, { confirm: true, submit: 'Create encrypted disk' });
+      // Cancelled: back to the question.
+      if (passphrase === undefined) continue;
+      encryptNew = { passphrase };
+      mode = 'fresh';
+      break;
+    }
     if (choice !== 'readonly' && choice !== 'fresh') {
       setPhase('Not started: the disk is open in another tab', 'off');
       return undefined;
     }
     mode = choice;
-    const result = await openAs(mode);
-    if (!result) return undefined;
-    if (mode === 'fresh') {
-      // Remember the fresh disk's name in the address, so a reload of this tab finds it again; it keeps the bus.
-      keepDiskBus(result.overlay, chooseDiskBus(overlayName, params.get('disk-bus')));
-      overlayName = result.overlay;
-      mode = 'write';
-      const url = new URL(location.href);
-      url.searchParams.set('disk', overlayName);
-      history.replaceState(null, '', url);
-    }
-    return result;
+    break;
   }
+  const result = await openAs(mode, encryptNew);
+  if (!result) return undefined;
+  if (mode === 'fresh') {
+    // Remember the fresh disk's name in the address, so a reload of this tab finds it again; it keeps the bus.
+    keepDiskBus(result.overlay, chooseDiskBus(overlayName, params.get('disk-bus')));
+    overlayName = result.overlay;
+    mode = 'write';
+    const url = new URL(location.href);
+    url.searchParams.set('disk', overlayName);
+    history.replaceState(null, '', url);
+  }
+  return result;
 }
 
 async function start(): Promise<void> {
@@ -246,6 +307,10 @@ async function start(): Promise<void> {
   for (const button of document.querySelectorAll<HTMLButtonElement>('.actions button')) button.disabled = false;
   readOnlyTab = opened.mode === 'readonly';
   updateActions();
+  // ?encrypt=1 on a disk made earlier without encryption: it is offered now (the guest runs on meanwhile).
+  if (encryptRequested && opened.mode === 'write' && !opened.created && !opened.encryption) {
+    await encryptDisk('This disk was made earlier and is not encrypted, while the address asks for an encrypted disk (?encrypt=1). Encrypt it now?');
+  }
 }
 
 /**
@@ -305,9 +370,15 @@ let changing = false;
 let readOnlyTab = false;
 
 function updateActions(): void {
-  for (const id of ['download', 'open', 'encrypt', 'reset', 'restart', 'power']) {
-    byId<HTMLButtonElement>(id).disabled = !started || changing || (readOnlyTab && (id === 'download' || id === 'open' || id === 'encrypt' || id === 'reset'));
+  const ownDisk = new Set(['download', 'open', 'encrypt', 'decrypt', 'reset']);
+  for (const id of ['download', 'open', 'encrypt', 'decrypt', 'reset', 'restart', 'power']) {
+    byId<HTMLButtonElement>(id).disabled = !started || changing || (readOnlyTab && ownDisk.has(id));
   }
+  // One of Encrypt and Decrypt, after the encryption the status panel shows (every change of the disk sets it
+  // before the change ends and this runs).
+  const encrypted = byId('overlay-encryption').dataset.encrypted === 'true';
+  byId('encrypt').hidden = encrypted;
+  byId('decrypt').hidden = !encrypted;
 }
 
 async function changeStopped(label: string, change: () => Promise<'reboot' | 'disk-changed' | 'resume'>): Promise<void> {
@@ -356,15 +427,13 @@ function saveOverlay(bytes: Uint8Array): void {
   setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
 }
 
-const ENCRYPT_EXPLANATION =
-  'Your changes will be kept encrypted in this browser (LUKS, as QEMU makes it: AES-256-XTS). The passphrase is asked every time the disk is opened and is not stored anywhere: without it the disk cannot be opened.';
-
 /**
  * "Encrypt this disk": the overlay becomes a LUKS qcow2 (QEMU's defaults) holding the same data; from then on
  * the passphrase is asked on every open and a download is the encrypted file, which qemu-img opens with it.
+ * `intro` says why it is asked when the page offers it by itself.
  */
-async function encryptDisk(): Promise<void> {
-  const passphrase = await askPassphrase('Encrypt this disk', `${ENCRYPT_EXPLANATION} Saved sessions are not carried over.`, { confirm: true, submit: 'Encrypt' });
+async function encryptDisk(intro?: string): Promise<void> {
+  const passphrase = await askPassphrase('Encrypt this disk', `${intro ? `${intro} ` : ''}${ENCRYPT_EXPLANATION} Saved sessions are not carried over.`, { confirm: true, submit: 'Encrypt' });
   if (passphrase === undefined) return;
   let failure: string | undefined;
   await withMachineStopped('Encrypting the disk…', async () => {
@@ -380,6 +449,40 @@ async function encryptDisk(): Promise<void> {
     return 'resume';
   });
   if (failure) await ask('The disk could not be encrypted', failure, [{ label: 'OK', value: 'ok', kind: 'primary' }]);
+}
+
+/**
+ * "Decrypt this disk", the way back: the overlay becomes a plain qcow2 holding the same data, opened without a
+ * passphrase from then on and downloaded in the clear. The passphrase is asked first (a wrong one says so and
+ * asks again): whoever finds the tab unlocked cannot strip the encryption.
+ */
+async function decryptDisk(): Promise<void> {
+  const explanation =
+    'The disk will be kept in this browser unencrypted (a plain qcow2 overlay holding the same data): it opens without a passphrase, and Download gives a file anyone can read. Saved sessions are not carried over. Enter the passphrase to confirm.';
+  let note = '';
+  for (;;) {
+    const passphrase = await askPassphrase('Decrypt this disk', `${note}${explanation}`, { submit: 'Decrypt' });
+    if (passphrase === undefined) return;
+    let failure: Error | undefined;
+    await withMachineStopped('Decrypting the disk…', async () => {
+      try {
+        const result = await disk.decrypt(passphrase);
+        mapView.show(result.map);
+        showEncryption(result.encryption);
+      } catch (error) {
+        failure = error as Error;
+      }
+      await sessions.refresh();
+      // The guest's disk reads the same: it carries on where it stopped.
+      return 'resume';
+    });
+    if (failure instanceof DiskProblem && failure.kind === 'wrong-passphrase') {
+      note = "Wrong passphrase: it opens none of the disk's key slots. Try again. ";
+      continue;
+    }
+    if (failure) await ask('The disk could not be decrypted', failure.message, [{ label: 'OK', value: 'ok', kind: 'primary' }]);
+    return;
+  }
 }
 
 /**
@@ -399,7 +502,7 @@ async function resetDisk(): Promise<void> {
   if (choice !== 'reset' && choice !== 'encrypted') return;
   let passphrase: string | undefined;
   if (choice === 'encrypted') {
-    passphrase = await askPassphrase('Encrypt this disk', ENCRYPT_EXPLANATION.replace('Your changes', 'The new disk'), { confirm: true, submit: 'Reset and encrypt' });
+    passphrase = await askPassphrase('Encrypt this disk', NEW_DISK_ENCRYPTION, { confirm: true, submit: 'Reset and encrypt' });
     if (passphrase === undefined) return;
   }
   await withMachineStopped('Resetting the disk…', async () => {
@@ -439,7 +542,8 @@ byId<HTMLInputElement>('open-file').addEventListener('change', (event) => {
   if (file) guard(() => opener.open(file))();
 });
 byId('reset').addEventListener('click', guard(resetDisk));
-byId('encrypt').addEventListener('click', guard(encryptDisk));
+byId('encrypt').addEventListener('click', guard(() => encryptDisk()));
+byId('decrypt').addEventListener('click', guard(decryptDisk));
 byId('restart').addEventListener('click', guard(() => withMachineStopped('Restarting…', async () => {
   await disk.flush();
   return 'reboot';

@@ -3,7 +3,8 @@
  * file beside the stored overlay and opened read-write there, as it will be used; the stored disk is not touched
  * until the user confirms. Then the staged file takes the overlay's place by renames (overlay-files.ts) and is
  * opened in place; any failure puts the old disk back and reopens it, so the guest goes on with it.
- * "Encrypt disk" goes the same way: the encrypted copy of the disk is built in the staging file, then swapped in.
+ * "Encrypt disk" and "Decrypt disk" go the same way: the encrypted (or plain) copy of the disk is built in the
+ * staging file, then swapped in.
  */
 import type { BlockDevice } from '../qcow2/device.js';
 import { KeyError } from '../qcow2/errors.js';
@@ -71,11 +72,11 @@ export async function stage(disk: StoredDisk, file: Blob, fileName: string, pass
 }
 
 /**
- * "Encrypt disk": a LUKS-encrypted overlay (QEMU's defaults) holding what `disk`'s overlay holds itself (its data
- * and zero clusters; what it reads from the base stays there), built in the staging file; the caller swaps it in
- * (swapStaged). Sessions are not carried over.
+ * "Encrypt disk" and "Decrypt disk": a new overlay holding what `disk`'s overlay holds itself (its data and zero
+ * clusters; what it reads from the base stays there), LUKS-encrypted (QEMU's defaults) with `password`, or plain
+ * without one, built in the staging file; the caller swaps it in (swapStaged). Sessions are not carried over.
  */
-export async function stageEncrypted(disk: StoredDisk, password: Uint8Array): Promise<Staged> {
+export async function stageCopy(disk: StoredDisk, password: Uint8Array | undefined): Promise<Staged> {
   const dir = await opfsDirectory();
   let store: OpfsStore | undefined;
   try {
@@ -93,7 +94,8 @@ export async function stageEncrypted(disk: StoredDisk, password: Uint8Array): Pr
   } catch (error) {
     await store?.close().catch(() => {});
     await dropStaged(dir, disk.overlayName).catch(() => {});
-    if (quotaErrorIn(error)) throw new ProblemError('quota', `There is not enough browser storage for the encrypted copy of this disk (${(error as Error).message}). Your disk was not changed.`);
+    const copy = password ? 'encrypted' : 'decrypted';
+    if (quotaErrorIn(error)) throw new ProblemError('quota', `There is not enough browser storage for the ${copy} copy of this disk (${(error as Error).message}). Your disk was not changed.`);
     throw error;
   }
 }

@@ -26,6 +26,13 @@ export interface OpenRequest {
    * open and never stores it.
    */
   passphrase?: string | undefined;
+  /**
+   * Set when the overlay this open creates (a fresh disk, or the first visit's disk when the address asks for an
+   * encrypted one) is to be encrypted: with `passphrase` when given; without one the Worker creates nothing and
+   * answers 'new-passphrase-needed', so that the page asks for one only when a disk is really created. An overlay
+   * that already exists opens as it is.
+   */
+  encryptNew?: { passphrase?: string | undefined } | undefined;
 }
 
 export type Request =
@@ -49,6 +56,12 @@ export type Request =
    * { map, encryption }.
    */
   | { op: 'encrypt'; passphrase: string }
+  /**
+   * "Decrypt disk": the open, encrypted overlay is rewritten as a plain qcow2 holding the same data (built in the
+   * staging file, then swapped in; its sessions are not carried over). `passphrase` must unlock one of its key
+   * slots: whoever decrypts it knows it. Replies with { map, encryption }.
+   */
+  | { op: 'decrypt'; passphrase: string }
   /** Puts the staged file in the stored overlay's place (or, on failure, leaves the old disk open). */
   | { op: 'commit-import' }
   /** Deletes the staged file (the user did not confirm). */
@@ -142,9 +155,10 @@ export interface Stats {
 
 /**
  * 'passphrase-needed': the overlay is encrypted and no passphrase was given; 'wrong-passphrase': the one given
- * opens none of its key slots.
+ * opens none of its key slots; 'new-passphrase-needed': the open would create an encrypted overlay and has no
+ * passphrase for it (OpenRequest.encryptNew).
  */
-export type ProblemKind = 'base-changed' | 'network' | 'quota' | 'locked' | 'foreign-overlay' | 'passphrase-needed' | 'wrong-passphrase' | 'other';
+export type ProblemKind = 'base-changed' | 'network' | 'quota' | 'locked' | 'foreign-overlay' | 'passphrase-needed' | 'wrong-passphrase' | 'new-passphrase-needed' | 'other';
 
 /** Events the Worker sends without being asked. */
 export type WorkerEvent =

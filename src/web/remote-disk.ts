@@ -90,6 +90,11 @@ export class RemoteDisk {
     return this.call({ op: 'encrypt', passphrase });
   }
 
+  /** Rewrites the open, encrypted overlay as a plain one; `passphrase` must unlock it. */
+  decrypt(passphrase: string): Promise<{ map: ClusterMap; encryption: string | undefined }> {
+    return this.call({ op: 'decrypt', passphrase });
+  }
+
   /** Puts the staged file in place of the stored disk; replies with its map. On failure the old disk stays open. */
   commitImport(): Promise<ClusterMap> {
     return this.call({ op: 'commit-import' });
