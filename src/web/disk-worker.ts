@@ -77,6 +77,7 @@ function emit(event: WorkerEvent, transfer: Transferable[] = []): void {
 }
 
 async function open(request: OpenRequest): Promise<OpenResult> {
+  if (request.encryptNew?.passphrase !== undefined) refuseEmpty(request.encryptNew.passphrase);
   if (session) await close();
   const dir = await opfsDirectory();
   let overlayName = request.overlay;
@@ -96,7 +97,6 @@ async function open(request: OpenRequest): Promise<OpenResult> {
   let base: BaseHandle | undefined;
   let overlayStore: OpfsStore | MemoryStore | undefined;
   let password = passwordOf(request.passphrase);
-  if (request.encryptNew?.passphrase !== undefined) refuseEmpty(request.encryptNew.passphrase);
   try {
     base = await openBase(request.base);
     const makeRoom = makeRoomFor(base);
