@@ -3,6 +3,7 @@
  * sector modes are built on, hashes, PBKDF2, random bytes and a CPU-time clock for calibrating PBKDF2 (QEMU also
  * measures CPU time). Large runs of sectors are encrypted and decrypted on worker threads (cluster-workers.ts).
  */
+import * as cryptoModule from 'node:crypto';
 import { createCipheriv, createDecipheriv, createHash, pbkdf2, randomFillSync, type Cipher, type Decipher } from 'node:crypto';
 import type { AesKey, CipherSpec, CryptoProvider, DataCipher, HashAlgorithm } from '../qcow2/crypto.js';
 import { SectorCipher } from '../qcow2/sector-cipher.js';
@@ -10,6 +11,8 @@ import { clusterWorkers } from './cluster-workers.js';
 
 /** Bytes below which a run is encrypted on the calling thread: a worker round trip costs more than the work. */
 const INLINE_BYTES = 128 * 1024;
+
+const oneShotHash = (cryptoModule as { hash?: (algorithm: string, data: Uint8Array, encoding: 'buffer') => Uint8Array }).hash;
 
 /** One AES key over Node's ECB contexts, kept open: with padding off, update() returns every whole block. */
 class NodeAesKey implements AesKey {
@@ -53,7 +56,9 @@ class NodeAesKey implements AesKey {
 export function nodeCryptoPrimitives(): CryptoProvider {
   return {
     aes: (key) => new NodeAesKey(key),
-    hash: (algorithm, data) => createHash(algorithm).update(data).digest(),
+    // The one-shot crypto.hash (Node 20.12+) is twice as fast as a Hash object for the short inputs the LUKS
+    // anti-forensic merge hashes thousands of times on every unlock.
+    hash: oneShotHash ? (algorithm, data) => oneShotHash(algorithm, data, 'buffer') : (algorithm, data) => createHash(algorithm).update(data).digest(),
     pbkdf2: (algorithm: HashAlgorithm, password, salt, iterations, length) =>
       new Promise((resolve, reject) => pbkdf2(password, salt, iterations, length, algorithm, (error, key) => (error ? reject(error) : resolve(key)))),
     randomBytes: (length) => randomFillSync(new Uint8Array(length)),

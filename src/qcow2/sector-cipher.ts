@@ -34,7 +34,6 @@ export class SectorCipher {
   private readonly k1: AesKey;
   private readonly k2: AesKey | undefined;
   private readonly essiv: AesKey | undefined;
-  private scratch = new Uint32Array(0);
 
   constructor(
     provider: Pick<CryptoProvider, 'aes' | 'hash'>,
@@ -75,10 +74,9 @@ export class SectorCipher {
     const aligned = (data.byteOffset & 3) === 0 ? data : data.slice();
     const x = words(aligned);
     if (this.spec.mode === 'xts') {
-      // Own tweak array: the shared scratch could be reused by another call while this one waits.
-      const tweak = this.whiten(sector, x, x, new Uint32Array(x.length));
-      const plain = words(await k1.decryptBlocksAsync(aligned));
-      for (let i = 0; i < x.length; i++) x[i] = plain[i]! ^ tweak[i]!;
+      const first = this.firstTweaks(sector, aligned.length);
+      this.xorTweaks(first, x, x);
+      this.xorTweaks(first, words(await k1.decryptBlocksAsync(aligned)), x);
     } else {
       this.cbcUnchain(aligned, sector, words(await k1.decryptBlocksAsync(aligned)));
     }
@@ -105,31 +103,28 @@ export class SectorCipher {
     return this.essiv ? this.essiv.encryptBlocks(ivs) : ivs;
   }
 
+  /** Each sector's first XTS tweak: its IV encrypted with the second key. */
+  private firstTweaks(sector: number, length: number): Uint32Array {
+    return words(this.k2!.encryptBlocks(this.ivs(sector, Math.ceil(length / SECTOR_SIZE))));
+  }
+
   /**
-   * The XTS pre-whitening in one pass: every block's tweak (kept in the cipher's scratch array, returned) and
-   * `into[i] = from[i] ^ tweak[i]`, for `length` bytes from `sector`. `into` may be `from`.
+   * `into[i] = from[i] ^ tweak[i]` over whole blocks, each sector's tweaks generated from its first one. `into`
+   * may be `from`. XTS needs the same tweaks before and after the block cipher: they are generated twice, in
+   * registers, rather than stored once and read back (a tweak array as large as the data costs more in memory
+   * traffic than the shifts do).
    */
-  private whiten(sector: number, from: Uint32Array, into: Uint32Array, tweakInto?: Uint32Array): Uint32Array {
-    const length = from.length << 2;
-    const sectors = Math.ceil(length / SECTOR_SIZE);
-    const first = words(this.k2!.encryptBlocks(this.ivs(sector, sectors)));
-    // One scratch array per cipher, grown as needed: a cipher is used by one caller at a time (its methods are
-    // synchronous), and a fresh megabyte per call costs more than the XOR it holds.
-    if (!tweakInto && this.scratch.length < from.length) this.scratch = new Uint32Array(from.length);
-    const tweak = tweakInto ?? this.scratch;
-    const total = length >>> 4;
+  private xorTweaks(first: Uint32Array, from: Uint32Array, into: Uint32Array): void {
+    const total = from.length;
+    const sectors = Math.ceil(total / (BLOCKS_PER_SECTOR * 4));
     for (let s = 0; s < sectors; s++) {
       let a = first[s * 4]!;
       let b = first[s * 4 + 1]!;
       let c = first[s * 4 + 2]!;
       let d = first[s * 4 + 3]!;
       let at = s * BLOCKS_PER_SECTOR * 4;
-      const end = Math.min(total, (s + 1) * BLOCKS_PER_SECTOR) * 4;
+      const end = Math.min(total, at + BLOCKS_PER_SECTOR * 4);
       while (at < end) {
-        tweak[at] = a;
-        tweak[at + 1] = b;
-        tweak[at + 2] = c;
-        tweak[at + 3] = d;
         into[at] = from[at]! ^ a;
         into[at + 1] = from[at + 1]! ^ b;
         into[at + 2] = from[at + 2]! ^ c;
@@ -143,21 +138,21 @@ export class SectorCipher {
         a = (a << 1) ^ fold;
       }
     }
-    return tweak;
   }
 
   private xtsDecrypt(data: Uint8Array, sector: number): void {
     const x = words(data);
-    const tweak = this.whiten(sector, x, x);
-    const plain = words(this.k1.decryptBlocks(data));
-    for (let i = 0; i < x.length; i++) x[i] = plain[i]! ^ tweak[i]!;
+    const first = this.firstTweaks(sector, data.length);
+    this.xorTweaks(first, x, x);
+    this.xorTweaks(first, words(this.k1.decryptBlocks(data)), x);
   }
 
   private xtsEncrypt(data: Uint8Array, sector: number): Uint8Array {
+    const first = this.firstTweaks(sector, data.length);
     const mixed = new Uint32Array(data.length >>> 2);
-    const tweak = this.whiten(sector, words(data), mixed);
+    this.xorTweaks(first, words(data), mixed);
     const out = words(this.k1.encryptBlocks(new Uint8Array(mixed.buffer)));
-    for (let i = 0; i < out.length; i++) out[i]! ^= tweak[i]!;
+    this.xorTweaks(first, out, out);
     return new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
   }
 
