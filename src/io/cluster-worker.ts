@@ -49,6 +49,8 @@ async function handle(request: WorkerRequest): Promise<Uint8Array> {
 parentPort!.on('message', (request: WorkerRequest) => {
   handle(request).then(
     (result) => {
+      // Decrypted in place in shared memory: the caller already has the bytes; the reply only says done.
+      if (result.buffer instanceof SharedArrayBuffer) return parentPort!.postMessage({ id: request.id, data: new Uint8Array(0) } satisfies WorkerReply);
       const data = own(result);
       parentPort!.postMessage({ id: request.id, data } satisfies WorkerReply, [data.buffer as ArrayBuffer]);
     },

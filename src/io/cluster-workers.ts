@@ -44,15 +44,21 @@ export class ClusterWorkers {
 
   /**
    * Encrypts or decrypts a run of sectors, each piece's result copied into `into` (which may be `data`: decryption
-   * in place) as it arrives.
+   * in place) as it arrives. Decryption in place of shared memory (a SharedArrayBuffer, as convert's buffers are)
+   * copies nothing: the workers decrypt the caller's bytes where they lie.
    */
   async cipher(op: 'encrypt' | 'decrypt', spec: CipherSpec, key: Uint8Array, data: Uint8Array, sector: number, into: Uint8Array): Promise<void> {
+    const inPlace = op === 'decrypt' && into === data && data.buffer instanceof SharedArrayBuffer;
     const pieceCount = Math.max(1, Math.min(this.size, Math.floor(data.length / MIN_PIECE)));
     const pieceBytes = Math.ceil(data.length / pieceCount / SECTOR) * SECTOR;
     const jobs: Promise<void>[] = [];
     for (let at = 0; at < data.length; at += pieceBytes) {
-      const piece = copyOf(data.subarray(at, Math.min(data.length, at + pieceBytes)));
-      jobs.push(this.run({ op, spec, key, data: piece, sector: sector + at / SECTOR }).then((result) => into.set(result, at)));
+      const piece = data.subarray(at, Math.min(data.length, at + pieceBytes));
+      if (inPlace) {
+        jobs.push(this.run({ op, spec, key, data: piece, sector: sector + at / SECTOR }).then(() => {}));
+        continue;
+      }
+      jobs.push(this.run({ op, spec, key, data: copyOf(piece), sector: sector + at / SECTOR }).then((result) => into.set(result, at)));
     }
     await Promise.all(jobs);
   }
@@ -69,7 +75,9 @@ export class ClusterWorkers {
     return new Promise<Uint8Array>((resolve, reject) => {
       if (slot.pending.size === 0) slot.worker.ref();
       slot.pending.set(id, { resolve, reject });
-      slot.worker.postMessage({ ...request, id }, [request.data.buffer as ArrayBuffer]);
+      // Shared memory is shared, not transferred; anything else is a copy of the caller's made for the trip.
+      const buffer = request.data.buffer;
+      slot.worker.postMessage({ ...request, id }, buffer instanceof SharedArrayBuffer ? [] : [buffer]);
     });
   }
 

@@ -145,7 +145,8 @@ async function snapshotOf(image: BlockDevice, idOrName: string): Promise<BlockDe
  * (compressed clusters, snapshot views, stores that cannot block) goes through the engine as a pipeline: up to
  * BUFFERS chunks are being read (and decompressed) ahead while the oldest are written, at most WRITES at a time,
  * in disk order as qemu-img's writes are (each chunk's write waits for the one WRITES chunks back; chunks never
- * overlap). Buffers are allocated once and reused, so memory stays bounded and is page-faulted in only once.
+ * overlap). Buffers are allocated once and reused, so memory stays bounded and is page-faulted in only once;
+ * they are shared memory, so worker threads decrypt them in place (no copy to a worker and back).
  */
 export async function copyDevice(source: BlockDevice, target: ConvertTarget, progress?: (fraction: number) => void): Promise<void> {
   const size = source.virtualSize;
@@ -174,7 +175,7 @@ export async function copyDevice(source: BlockDevice, target: ConvertTarget, pro
         continue;
       }
       if (busy.length === BUFFERS) await busy.shift();
-      const buffer = spare.pop() ?? new Uint8Array(CHUNK);
+      const buffer = spare.pop() ?? new Uint8Array(new SharedArrayBuffer(CHUNK));
       const data = buffer.subarray(0, length);
       const read = source.readInto ? source.readInto(offset, data).then(() => data) : source.read(offset, length);
       // At most WRITES writes under way: this one waits for the one WRITES chunks back.
