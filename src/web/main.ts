@@ -396,6 +396,8 @@ async function changeStopped(label: string, change: () => Promise<'reboot' | 'di
       terminal.clear();
       phases.reset();
       poweredOff = false;
+      // The guest's silence counts from this start (showScreenIfSerialSilent), not from an earlier one.
+      lastStartAt = Date.now();
       byId('power').textContent = 'Power off';
       // A session resumed while stopped starts from its state; otherwise the machine boots again.
       const state = sessions.takePendingState();
@@ -568,17 +570,26 @@ for (const button of document.querySelectorAll<HTMLButtonElement>('[data-view]')
 /**
  * Guests that never write to the serial port (boot loaders, installers, most operating systems) show their life
  * on the screen only: when the console is still silent this long after the machine started and the screen shows
- * something, the screen is shown, unless the user picked a view.
+ * something, the screen is shown, unless the user picked a view. The time counts from the latest start (a
+ * restart, Power on, a disk swapped in) and not while the machine is powered off: a machine switched off before
+ * its guest said anything has not shown itself silent.
  */
 const SILENT_SERIAL_MS = 12_000;
 let serialSeen = false;
 let viewChosen = false;
+let lastStartAt = 0;
+let silenceWatch: ReturnType<typeof setInterval> | undefined;
 function showScreenIfSerialSilent(): void {
-  setTimeout(() => {
-    if (serialSeen || viewChosen) return;
-    if (screenView.hasContent) showView('screen');
-    else showScreenIfSerialSilent();
-  }, SILENT_SERIAL_MS);
+  lastStartAt = Date.now();
+  silenceWatch ??= setInterval(() => {
+    if (serialSeen || viewChosen) {
+      clearInterval(silenceWatch);
+      return;
+    }
+    if (poweredOff || Date.now() - lastStartAt < SILENT_SERIAL_MS || !screenView.hasContent) return;
+    clearInterval(silenceWatch);
+    showView('screen');
+  }, 500);
 }
 
 // Drag and drop anywhere on the page opens an overlay.
