@@ -4,7 +4,8 @@
  * asks for the passphrase (a wrong one is refused and can be tried again); the download is the encrypted file as
  * it is, which qemu-img opens with the same passphrase (check: with its base, through QEMU's curl driver; convert:
  * the overlay's own data) and which holds none of the guest's bytes in the clear. Reset disk then creates a new
- * disk encrypted with another passphrase, which qemu-img opens with that one only.
+ * disk encrypted with another passphrase, which qemu-img opens with that one only; Change passphrase moves it to a
+ * third one.
  *
  * The second test takes the other ways to an encrypted disk and back, on three guest boots: the first visit's disk
  * created encrypted (?encrypt=1), Open overlay of a LUKS overlay made and written by qemu-img/qemu-io, a read-only
@@ -106,6 +107,36 @@ test('Encrypt disk: LUKS in OPFS, passphrase on every open (a wrong one refused)
     const freshAlone = `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'file', filename: freshFile }, 'encrypt.key-secret': 'tab', backing: null })}`;
     execFileSync('qemu-img', ['check', '--object', 'secret,id=tab,data=a new passphrase', freshAlone], { encoding: 'utf8' });
     expect(() => execFileSync('qemu-img', ['check', ...secret, freshAlone], { stdio: 'pipe' })).toThrow(/Invalid password, cannot unlock any keyslot/);
+
+    // Change passphrase (in place of Encrypt disk on an encrypted disk): the current passphrase first (a wrong one
+    // is refused and asked again, the new one kept), then the disk is rewritten under the new one while the guest
+    // carries on; the download opens with the new passphrase only and holds the guest's file.
+    await expect(page.locator('#encrypt')).toBeHidden();
+    await run(page, 'echo rekeyed-$((6 * 7)) > /rekeyed.txt; sync; echo synced-$((2 + 1))');
+    await waitForConsole(page, /^synced-3/m);
+    await waitSaved(page);
+    await page.locator('#rekey').click();
+    await expect(dialog).toContainText("Enter the disk's current passphrase");
+    await answer(page, PASSPHRASE, 'Next');
+    await expect(dialog).toContainText('Choose the new passphrase');
+    await answer(page, 'changed passphrase', 'Change passphrase');
+    await expect(dialog).toContainText('Wrong passphrase');
+    await answer(page, 'a new passphrase', 'Next');
+    await expect(dialog).toBeHidden();
+    await expect(page.getByTestId('overlay-encryption')).toContainText('encrypted (LUKS aes-256-xts-plain64)');
+    await expect(page.getByTestId('phase')).toContainText('shell ready');
+    await run(page, 'cat /rekeyed.txt | sed s/rekeyed/still/');
+    await waitForConsole(page, /^still-42/m);
+    await waitSaved(page);
+    const [rekeyed] = await Promise.all([page.waitForEvent('download'), page.getByRole('button', { name: /Download overlay/ }).click()]);
+    const rekeyedFile = join(dir, `rekeyed-${rekeyed.suggestedFilename()}`);
+    await rekeyed.saveAs(rekeyedFile);
+    const rekeyedAlone = `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'file', filename: rekeyedFile }, 'encrypt.key-secret': 'tab', backing: null })}`;
+    expect(execFileSync('qemu-img', ['check', '--object', 'secret,id=tab,data=changed passphrase', rekeyedAlone], { encoding: 'utf8' })).toContain('No errors were found');
+    expect(() => execFileSync('qemu-img', ['check', '--object', 'secret,id=tab,data=a new passphrase', rekeyedAlone], { stdio: 'pipe' })).toThrow(/Invalid password, cannot unlock any keyslot/);
+    expect(readFileSync(rekeyedFile).includes('rekeyed-42')).toBe(false);
+    execFileSync('qemu-img', ['convert', '--object', 'secret,id=tab,data=changed passphrase', '-O', 'raw', rekeyedAlone, raw]);
+    expect(readFileSync(raw).includes('rekeyed-42')).toBe(true);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -326,10 +326,17 @@ async function stageImport(file: Blob, fileName: string, passphrase: string | un
   return { sessions: sessionsOf(staged.device).length, size: file.size, encryption: await encryptionOf(staged.device) };
 }
 
-/** "Encrypt disk" (overlay-import.ts): the encrypted copy is staged, then replaces the stored disk as a file would. */
-async function encryptDisk(passphrase: string): Promise<void> {
+/**
+ * "Encrypt disk" (overlay-import.ts): the encrypted copy is staged, then replaces the stored disk as a file would.
+ * On an encrypted disk this changes its passphrase, given the `current` one (as Decrypt disk asks for it).
+ */
+async function encryptDisk(passphrase: string, current: string | undefined): Promise<void> {
   const s = writable('encrypt the disk');
   refuseEmpty(passphrase);
+  if (s.password) {
+    if (current === undefined) throw new ProblemError('passphrase-needed', 'This disk is encrypted: its current passphrase is needed to change it.');
+    await checkPassword(s.device, passwordOf(current)!);
+  }
   if (writeFailure) throw new ProblemError('quota', QUOTA_MESSAGE);
   await discardStaged();
   await flush();
@@ -501,7 +508,7 @@ function handle({ id, request }: { id: number; request: Request }, endpoint: End
       serial(() => stageImport(request.file, request.name, request.passphrase), `checking ${request.name}`).then((result) => reply(result), fail);
       return;
     case 'encrypt':
-      serial(() => encryptDisk(request.passphrase), 'encrypting the disk').then(diskView).then((view) => reply(view), fail);
+      serial(() => encryptDisk(request.passphrase, request.current), 'encrypting the disk').then(diskView).then((view) => reply(view), fail);
       return;
     case 'decrypt':
       serial(() => decryptDisk(request.passphrase), 'decrypting the disk').then(diskView).then((view) => reply(view), fail);

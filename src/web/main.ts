@@ -370,14 +370,15 @@ let changing = false;
 let readOnlyTab = false;
 
 function updateActions(): void {
-  const ownDisk = new Set(['download', 'open', 'encrypt', 'decrypt', 'reset']);
-  for (const id of ['download', 'open', 'encrypt', 'decrypt', 'reset', 'restart', 'power']) {
+  const ownDisk = new Set(['download', 'open', 'encrypt', 'rekey', 'decrypt', 'reset']);
+  for (const id of ['download', 'open', 'encrypt', 'rekey', 'decrypt', 'reset', 'restart', 'power']) {
     byId<HTMLButtonElement>(id).disabled = !started || changing || (readOnlyTab && ownDisk.has(id));
   }
-  // One of Encrypt and Decrypt, after the encryption the status panel shows (every change of the disk sets it
-  // before the change ends and this runs).
+  // Encrypt, or Change passphrase and Decrypt, after the encryption the status panel shows (every change of the
+  // disk sets it before the change ends and this runs).
   const encrypted = byId('overlay-encryption').dataset.encrypted === 'true';
   byId('encrypt').hidden = encrypted;
+  byId('rekey').hidden = !encrypted;
   byId('decrypt').hidden = !encrypted;
 }
 
@@ -451,6 +452,45 @@ async function encryptDisk(intro?: string): Promise<void> {
     return 'resume';
   });
   if (failure) await ask('The disk could not be encrypted', failure, [{ label: 'OK', value: 'ok', kind: 'primary' }]);
+}
+
+/**
+ * "Change passphrase" on an encrypted disk: the current passphrase first (a wrong one says so and asks again,
+ * keeping the new one), then the new one twice; the overlay is rewritten encrypted under it, with a new key, as
+ * Encrypt disk does, so the old passphrase opens neither the disk nor anything written from now on.
+ */
+async function changePassphrase(): Promise<void> {
+  let note = '';
+  let next: string | undefined;
+  for (;;) {
+    const current = await askPassphrase('Change the passphrase', `${note}Enter the disk's current passphrase.`, { submit: 'Next' });
+    if (current === undefined) return;
+    next ??= await askPassphrase(
+      'Change the passphrase',
+      'Choose the new passphrase. The disk is rewritten encrypted under it, with a new key: the old passphrase no longer opens it (overlays downloaded before keep theirs). Saved sessions are not carried over.',
+      { confirm: true, submit: 'Change passphrase' },
+    );
+    if (next === undefined) return;
+    let failure: Error | undefined;
+    const chosen = next;
+    await withMachineStopped('Changing the passphrase…', async () => {
+      try {
+        const result = await disk.encrypt(chosen, current);
+        mapView.show(result.map);
+        showEncryption(result.encryption);
+      } catch (error) {
+        failure = error as Error;
+      }
+      await sessions.refresh();
+      return 'resume';
+    });
+    if (failure instanceof DiskProblem && failure.kind === 'wrong-passphrase') {
+      note = "Wrong passphrase: it opens none of the disk's key slots. Try again. ";
+      continue;
+    }
+    if (failure) await ask('The passphrase could not be changed', failure.message, [{ label: 'OK', value: 'ok', kind: 'primary' }]);
+    return;
+  }
 }
 
 /**
@@ -545,6 +585,7 @@ byId<HTMLInputElement>('open-file').addEventListener('change', (event) => {
 });
 byId('reset').addEventListener('click', guard(resetDisk));
 byId('encrypt').addEventListener('click', guard(() => encryptDisk()));
+byId('rekey').addEventListener('click', guard(changePassphrase));
 byId('decrypt').addEventListener('click', guard(decryptDisk));
 byId('restart').addEventListener('click', guard(() => withMachineStopped('Restarting…', async () => {
   await disk.flush();

@@ -53,9 +53,10 @@ export type Request =
   /**
    * "Encrypt this disk": the open overlay is rewritten as a LUKS-encrypted one with this passphrase (built in the
    * staging file, then swapped in as Open overlay does; its sessions are not carried over). Replies with
-   * { map, encryption }.
+   * { map, encryption }. "Change passphrase" is the same on an encrypted disk, whose `current` passphrase must
+   * then unlock it (the new overlay has a new master key too).
    */
-  | { op: 'encrypt'; passphrase: string }
+  | { op: 'encrypt'; passphrase: string; current?: string | undefined }
   /**
    * "Decrypt disk": the open, encrypted overlay is rewritten as a plain qcow2 holding the same data (built in the
    * staging file, then swapped in; its sessions are not carried over). `passphrase` must unlock one of its key

@@ -85,9 +85,9 @@ export class RemoteDisk {
     return this.call({ op: 'stage-import', file, name, passphrase });
   }
 
-  /** Rewrites the open overlay encrypted with `passphrase`. */
-  encrypt(passphrase: string): Promise<{ map: ClusterMap; encryption: string | undefined }> {
-    return this.call({ op: 'encrypt', passphrase });
+  /** Rewrites the open overlay encrypted with `passphrase`; an encrypted one only with its `current` passphrase. */
+  encrypt(passphrase: string, current?: string): Promise<{ map: ClusterMap; encryption: string | undefined }> {
+    return this.call({ op: 'encrypt', passphrase, current });
   }
 
   /** Rewrites the open, encrypted overlay as a plain one; `passphrase` must unlock it. */
