@@ -430,6 +430,31 @@ function saveOverlay(bytes: Uint8Array): void {
   setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
 }
 
+const WRONG_PASSPHRASE = "Wrong passphrase: it opens none of the disk's key slots. Try again. ";
+
+/**
+ * Rewrites the disk's overlay while the machine is stopped (`rewrite` makes the new one and returns its map and
+ * encryption); the guest's disk reads the same, so it carries on where it stopped. A passphrase that opens no key
+ * slot is the caller's to ask again; any other failure is shown under `failedTitle`.
+ */
+async function rewriteOverlay(label: string, failedTitle: string, rewrite: () => ReturnType<typeof disk.decrypt>): Promise<'done' | 'wrong-passphrase'> {
+  let failure: Error | undefined;
+  await withMachineStopped(label, async () => {
+    try {
+      const result = await rewrite();
+      mapView.show(result.map);
+      showEncryption(result.encryption);
+    } catch (error) {
+      failure = error as Error;
+    }
+    await sessions.refresh();
+    return 'resume';
+  });
+  if (failure instanceof DiskProblem && failure.kind === 'wrong-passphrase') return 'wrong-passphrase';
+  if (failure) await ask(failedTitle, failure.message, [{ label: 'OK', value: 'ok', kind: 'primary' }]);
+  return 'done';
+}
+
 /**
  * "Encrypt this disk": the overlay becomes a LUKS qcow2 (QEMU's defaults) holding the same data; from then on
  * the passphrase is asked on every open and a download is the encrypted file, which qemu-img opens with it.
@@ -438,20 +463,7 @@ function saveOverlay(bytes: Uint8Array): void {
 async function encryptDisk(intro?: string): Promise<void> {
   const passphrase = await askPassphrase('Encrypt this disk', `${intro ? `${intro} ` : ''}${ENCRYPT_EXPLANATION} Saved sessions are not carried over.`, { confirm: true, submit: 'Encrypt' });
   if (passphrase === undefined) return;
-  let failure: string | undefined;
-  await withMachineStopped('Encrypting the disk…', async () => {
-    try {
-      const result = await disk.encrypt(passphrase);
-      mapView.show(result.map);
-      showEncryption(result.encryption);
-    } catch (error) {
-      failure = (error as Error).message;
-    }
-    await sessions.refresh();
-    // The guest's disk reads the same: it carries on where it stopped.
-    return 'resume';
-  });
-  if (failure) await ask('The disk could not be encrypted', failure, [{ label: 'OK', value: 'ok', kind: 'primary' }]);
+  await rewriteOverlay('Encrypting the disk…', 'The disk could not be encrypted', () => disk.encrypt(passphrase));
 }
 
 /**
@@ -471,25 +483,9 @@ async function changePassphrase(): Promise<void> {
       { confirm: true, submit: 'Change passphrase' },
     );
     if (next === undefined) return;
-    let failure: Error | undefined;
     const chosen = next;
-    await withMachineStopped('Changing the passphrase…', async () => {
-      try {
-        const result = await disk.encrypt(chosen, current);
-        mapView.show(result.map);
-        showEncryption(result.encryption);
-      } catch (error) {
-        failure = error as Error;
-      }
-      await sessions.refresh();
-      return 'resume';
-    });
-    if (failure instanceof DiskProblem && failure.kind === 'wrong-passphrase') {
-      note = "Wrong passphrase: it opens none of the disk's key slots. Try again. ";
-      continue;
-    }
-    if (failure) await ask('The passphrase could not be changed', failure.message, [{ label: 'OK', value: 'ok', kind: 'primary' }]);
-    return;
+    if ((await rewriteOverlay('Changing the passphrase…', 'The passphrase could not be changed', () => disk.encrypt(chosen, current))) === 'done') return;
+    note = WRONG_PASSPHRASE;
   }
 }
 
@@ -505,25 +501,8 @@ async function decryptDisk(): Promise<void> {
   for (;;) {
     const passphrase = await askPassphrase('Decrypt this disk', `${note}${explanation}`, { submit: 'Decrypt' });
     if (passphrase === undefined) return;
-    let failure: Error | undefined;
-    await withMachineStopped('Decrypting the disk…', async () => {
-      try {
-        const result = await disk.decrypt(passphrase);
-        mapView.show(result.map);
-        showEncryption(result.encryption);
-      } catch (error) {
-        failure = error as Error;
-      }
-      await sessions.refresh();
-      // The guest's disk reads the same: it carries on where it stopped.
-      return 'resume';
-    });
-    if (failure instanceof DiskProblem && failure.kind === 'wrong-passphrase') {
-      note = "Wrong passphrase: it opens none of the disk's key slots. Try again. ";
-      continue;
-    }
-    if (failure) await ask('The disk could not be decrypted', failure.message, [{ label: 'OK', value: 'ok', kind: 'primary' }]);
-    return;
+    if ((await rewriteOverlay('Decrypting the disk…', 'The disk could not be decrypted', () => disk.decrypt(passphrase))) === 'done') return;
+    note = WRONG_PASSPHRASE;
   }
 }
 
