@@ -150,30 +150,32 @@ export function afSplit(provider: Pick<CryptoProvider, 'hash' | 'randomBytes'>, 
   return split;
 }
 
-/** What both directions share: the first `stripes - 1` blocks of `split` folded by xor and diffusion. */
+/**
+ * What both directions share: the first `stripes - 1` blocks of `split` folded by xor and diffusion. Runs on every
+ * unlock (4000 stripes, thousands of hashes), before any code is warm: one block and one hash input are reused.
+ */
 function diffusedPrefix(provider: Pick<CryptoProvider, 'hash'>, hash: HashAlgorithm, split: Uint8Array, blockBytes: number, stripes: number): Uint8Array {
-  let block: Uint8Array = new Uint8Array(blockBytes);
+  const block = new Uint8Array(blockBytes);
+  const size = HASH_LENGTHS[hash];
+  const input = new Uint8Array(4 + size);
   for (let i = 0; i < stripes - 1; i++) {
     xorInto(block, split.subarray(i * blockBytes, (i + 1) * blockBytes));
-    block = diffuse(provider, hash, block);
+    diffuse(provider, hash, block, size, input);
   }
   return block;
 }
 
-function diffuse(provider: Pick<CryptoProvider, 'hash'>, hash: HashAlgorithm, block: Uint8Array): Uint8Array {
-  const size = HASH_LENGTHS[hash];
-  const out = new Uint8Array(block.length);
-  const input = new Uint8Array(4 + size);
-  for (let i = 0; i * size < block.length; i++) {
-    const piece = block.subarray(i * size, Math.min(block.length, (i + 1) * size));
+/** LUKS's diffusion of `block` in place: each hash-sized piece replaced by the hash of its index and itself. */
+function diffuse(provider: Pick<CryptoProvider, 'hash'>, hash: HashAlgorithm, block: Uint8Array, size: number, input: Uint8Array): void {
+  for (let i = 0, at = 0; at < block.length; i++, at += size) {
+    const length = Math.min(size, block.length - at);
     input[0] = i >>> 24;
     input[1] = (i >>> 16) & 0xff;
     input[2] = (i >>> 8) & 0xff;
     input[3] = i & 0xff;
-    input.set(piece, 4);
-    out.set(provider.hash(hash, input.subarray(0, 4 + piece.length)).subarray(0, piece.length), i * size);
+    input.set(block.subarray(at, at + length), 4);
+    block.set(provider.hash(hash, length === size ? input : input.subarray(0, 4 + length)).subarray(0, length), at);
   }
-  return out;
 }
 
 /**
