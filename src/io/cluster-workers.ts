@@ -9,7 +9,7 @@
  */
 import { Worker } from 'node:worker_threads';
 import { existsSync } from 'node:fs';
-import { availableParallelism, loadavg } from 'node:os';
+import { availableParallelism } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import type { CipherSpec } from '../qcow2/crypto.js';
 
@@ -123,18 +123,17 @@ let shared: ClusterWorkers | null | undefined;
 
 /**
  * The process's worker pool, or undefined where there is none: no compiled worker script next to this module (the
- * TypeScript sources run directly under a test runner), QCOW86_WORKERS=0, or - unless QCOW86_WORKERS=N asks for N
- * workers - no core to spare: workers only help when a core is idle, and on a machine whose every core is busy
- * (one-minute load average at or above the core count) they only add round trips. Measured on 2 cores, 256 MiB
- * of LUKS data decrypted in place in shared memory: at load 8, 0.77-1.24 s in one thread and 0.82-1.14 s with
- * two workers (the same); before buffers were shared, the copies to and from workers made it 0.67 s against
- * 0.97 s with one of two cores taken.
+ * TypeScript sources run directly under a test runner), QCOW86_WORKERS=0, or a single core. QCOW86_WORKERS=N asks
+ * for N workers; otherwise one per core (at most 4), whatever else the machine is doing, as qemu-img's thread pool
+ * does: deciding by the load average made a run's speed depend on what ran in the minute before it (the 256 MiB
+ * convert -c bench: 0.62 of qemu-img's time with workers, 0.82 when a load of 2.1 left over from the previous
+ * bench switched them off), and on a busy machine workers cost nothing measurable now that convert decrypts in
+ * place (256 MiB of LUKS data at load 8: 0.77-1.24 s in one thread, 0.82-1.14 s with two workers).
  */
 export function clusterWorkers(): ClusterWorkers | undefined {
   if (shared !== undefined) return shared ?? undefined;
   const cores = availableParallelism();
-  const spare = cores >= 2 && loadavg()[0] < cores;
-  const wanted = process.env.QCOW86_WORKERS !== undefined ? Number(process.env.QCOW86_WORKERS) : spare ? Math.min(4, cores) : 0;
+  const wanted = process.env.QCOW86_WORKERS !== undefined ? Number(process.env.QCOW86_WORKERS) : cores >= 2 ? Math.min(4, cores) : 0;
   const script = new URL('./cluster-worker.js', import.meta.url);
   shared = wanted >= 1 && script.protocol === 'file:' && existsSync(fileURLToPath(script)) ? new ClusterWorkers(script, Math.floor(wanted)) : null;
   return shared ?? undefined;

@@ -109,73 +109,110 @@ export async function run(args: string[]): Promise<number> {
 
 /**
  * Copies every cluster of `source` that does not read as zero (or, when the target has a backing file, that
- * differs from what the target would read from it) into `target`.
+ * differs from what the target would read from it) into `target`. Batches are pipelined: the next one is read and
+ * its clusters' compression started while the one before is being placed, so the workers compressing are not left
+ * idle while the file is read and written (the 256 MiB bench: workers idle half the time before).
  */
 export async function copyToQcow2(source: BlockDevice, target: Qcow2Image, options: { compress: boolean; progress?: (fraction: number) => void }): Promise<void> {
   const cs = target.clusterSize;
   const size = source.virtualSize;
   const backing = target.backing;
   const hasStatus = source instanceof Qcow2Image || source instanceof QcowV1Image || source instanceof RawImage;
-  let at = 0;
-  while (at < size) {
-    const status = hasStatus ? await blockStatus(source, at, Math.min(STATUS_LIMIT, size - at)) : { length: size - at, zero: false };
-    let end = at + status.length;
-    // A zero range only lets whole target clusters be skipped, and only without a backing file to hide.
-    if (status.zero && !backing) {
+  /** The batch being placed; its failure surfaces at the next await of it. */
+  let placing: Promise<void> | undefined;
+  const place = async (steps: Step[], done: number) => {
+    if (placing) await placing;
+    placing = placeBatch(target, steps).then(() => options.progress?.(done / size));
+    placing.catch(() => {});
+  };
+  try {
+    let at = 0;
+    while (at < size) {
+      const status = hasStatus ? await blockStatus(source, at, Math.min(STATUS_LIMIT, size - at)) : { length: size - at, zero: false };
+      let end = at + status.length;
+      // A zero range only lets whole target clusters be skipped, and only without a backing file to hide.
+      if (status.zero && !backing) {
+        at = end;
+        continue;
+      }
+      // Work in whole target clusters: the range is widened to cluster bounds (the part outside is read anyway).
+      let from = Math.floor(at / cs) * cs;
+      end = Math.min(size, Math.ceil(end / cs) * cs);
+      while (from < end) {
+        const to = Math.min(end, Math.floor(from / BATCH) * BATCH + BATCH);
+        await place(await prepareBatch(source, target, backing, from, to, options.compress), to);
+        from = to;
+      }
       at = end;
-      continue;
     }
-    // Work in whole target clusters: the range is widened to cluster bounds (the part outside is read anyway).
-    let from = Math.floor(at / cs) * cs;
-    end = Math.min(size, Math.ceil(end / cs) * cs);
-    while (from < end) {
-      const to = Math.min(end, Math.floor(from / BATCH) * BATCH + BATCH);
-      await copyBatch(source, target, backing, from, to, options.compress);
-      from = to;
-      options.progress?.(from / size);
-    }
-    at = end;
-    options.progress?.(at / size);
+    if (placing) await placing;
+  } catch (error) {
+    // Nothing may still be writing when the caller closes the target.
+    await placing?.catch(() => {});
+    throw error;
   }
+  options.progress?.(1);
 }
 
-async function copyBatch(source: BlockDevice, target: Qcow2Image, backing: BlockDevice | undefined, from: number, to: number, compress: boolean): Promise<void> {
+/** One write of a batch, in the order they must reach the target. */
+type Step =
+  | { kind: 'data'; offset: number; data: Uint8Array }
+  | { kind: 'zeroes'; offset: number; length: number }
+  | { kind: 'compressed'; first: number; clusters: Uint8Array[]; compressed: Promise<(Uint8Array | undefined)[]> };
+
+/** Reads a batch and decides its writes; compression starts now (on the workers) and is awaited when placed. */
+async function prepareBatch(source: BlockDevice, target: Qcow2Image, backing: BlockDevice | undefined, from: number, to: number, compress: boolean): Promise<Step[]> {
   const cs = target.clusterSize;
   const data = await source.read(from, to - from);
   const base = backing ? await readBacking(backing, from, to - from) : undefined;
+  const steps: Step[] = [];
   let runStart = -1;
   // Clusters to compress, gathered while they follow each other: compressed together (in parallel), placed in order.
   let pending: { first: number; clusters: Uint8Array[] } | undefined;
-  const flushCompressed = async () => {
-    if (pending) await target.writeCompressedClusters(pending.first, pending.clusters);
+  const flushCompressed = () => {
+    if (pending) {
+      const compressed = target.compressClusters(pending.clusters);
+      // Awaited when placed; a failure before then must not count as unhandled.
+      compressed.catch(() => {});
+      steps.push({ kind: 'compressed', ...pending, compressed });
+    }
     pending = undefined;
   };
-  const flushRun = async (runEnd: number) => {
-    await flushCompressed();
-    if (runStart >= 0) await target.write(from + runStart, data.subarray(runStart, runEnd));
+  const flushRun = (runEnd: number) => {
+    flushCompressed();
+    if (runStart >= 0) steps.push({ kind: 'data', offset: from + runStart, data: data.subarray(runStart, runEnd) });
     runStart = -1;
   };
   for (let off = 0; off < data.length; off += cs) {
     const cluster = data.subarray(off, Math.min(data.length, off + cs));
     const same = base ? equal(cluster, base.subarray(off, off + cluster.length)) : isZero(cluster);
     if (same) {
-      await flushRun(off);
+      flushRun(off);
       continue;
     }
     if (base && isZero(cluster)) {
       // Zeros over backing data: a zero cluster, as qemu-img writes it, not a cluster of zero bytes.
-      await flushRun(off);
-      await target.writeZeroes(from + off, cluster.length);
+      flushRun(off);
+      steps.push({ kind: 'zeroes', offset: from + off, length: cluster.length });
     } else if (compress) {
       const index = (from + off) / cs;
-      if (pending && pending.first + pending.clusters.length !== index) await flushCompressed();
+      if (pending && pending.first + pending.clusters.length !== index) flushCompressed();
       pending ??= { first: index, clusters: [] };
       pending.clusters.push(cluster);
     } else if (runStart < 0) {
       runStart = off;
     }
   }
-  await flushRun(data.length);
+  flushRun(data.length);
+  return steps;
+}
+
+async function placeBatch(target: Qcow2Image, steps: Step[]): Promise<void> {
+  for (const step of steps) {
+    if (step.kind === 'data') await target.write(step.offset, step.data);
+    else if (step.kind === 'zeroes') await target.writeZeroes(step.offset, step.length);
+    else await target.writeCompressedClusters(step.first, step.clusters, step.compressed);
+  }
 }
 
 /** What the target reads from its backing file: zeros past the backing file's end. */

@@ -533,18 +533,27 @@ export class Qcow2Image implements BlockDevice {
   }
 
   /**
-   * Writes consecutive guest clusters from `firstCluster` on, compressed (convert -c). They are compressed all at
-   * once - on worker threads, where the codecs use them - then placed one after the other in cluster order, so the
-   * file is byte for byte what writing them one at a time gives.
+   * Each cluster's compressed form with the image's compression type (undefined where it does not compress below a
+   * cluster), all at once - on worker threads, where the codecs use them. Pure computation: a caller may start it
+   * early and hand the result to writeCompressedClusters.
    */
-  async writeCompressedClusters(firstCluster: number, clusters: Uint8Array[]): Promise<void> {
+  compressClusters(clusters: Uint8Array[]): Promise<(Uint8Array | undefined)[]> {
+    return Promise.all(clusters.map((data) => compressCluster(this.compressionType, data, this.clusterSize, this.codecs)));
+  }
+
+  /**
+   * Writes consecutive guest clusters from `firstCluster` on, compressed (convert -c): `compressed` (compressClusters'
+   * result, computed here when not given) placed one after the other in cluster order, so the file is byte for
+   * byte what writing them one at a time gives.
+   */
+  async writeCompressedClusters(firstCluster: number, clusters: Uint8Array[], compressed?: Promise<(Uint8Array | undefined)[]>): Promise<void> {
     this.refuseLegacyAes();
     const engine = await this.writer();
     const { checkCompressible, placeCompressed } = writeSideLoaded!;
     checkCompressible(engine);
-    const compressed = await Promise.all(clusters.map((data) => compressCluster(this.compressionType, data, this.clusterSize, this.codecs)));
+    const forms = await (compressed ?? this.compressClusters(clusters));
     return engine.exclusive(async () => {
-      for (let i = 0; i < clusters.length; i++) await placeCompressed(engine, firstCluster + i, clusters[i]!, compressed[i]);
+      for (let i = 0; i < clusters.length; i++) await placeCompressed(engine, firstCluster + i, clusters[i]!, forms[i]);
     });
   }
 
