@@ -29,7 +29,7 @@ function cipherFor(spec: CipherSpec, key: Uint8Array): SectorCipher {
 
 /** `bytes` in an ArrayBuffer of its own, so it can be transferred (Node's small Buffers share a pool). */
 function own(bytes: Uint8Array): Uint8Array {
-  return bytes.byteOffset === 0 && bytes.byteLength === bytes.buffer.byteLength && !(bytes.buffer instanceof SharedArrayBuffer) ? bytes : bytes.slice();
+  return bytes.byteOffset === 0 && bytes.byteLength === bytes.buffer.byteLength ? bytes : bytes.slice();
 }
 
 async function handle(request: WorkerRequest): Promise<Uint8Array> {

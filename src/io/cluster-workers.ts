@@ -54,11 +54,13 @@ export class ClusterWorkers {
     const jobs: Promise<void>[] = [];
     for (let at = 0; at < data.length; at += pieceBytes) {
       const piece = data.subarray(at, Math.min(data.length, at + pieceBytes));
-      if (inPlace) {
-        jobs.push(this.run({ op, spec, key, data: piece, sector: sector + at / SECTOR }).then(() => {}));
-        continue;
-      }
-      jobs.push(this.run({ op, spec, key, data: copyOf(piece), sector: sector + at / SECTOR }).then((result) => into.set(result, at)));
+      const sent = inPlace ? piece : copyOf(piece);
+      jobs.push(
+        this.run({ op, spec, key, data: sent, sector: sector + at / SECTOR }).then((result) => {
+          // Shared memory in place: the bytes are already where the caller wants them.
+          if (!inPlace) into.set(result, at);
+        }),
+      );
     }
     await Promise.all(jobs);
   }

@@ -542,16 +542,16 @@ export class Qcow2Image implements BlockDevice {
   }
 
   /**
-   * Writes consecutive guest clusters from `firstCluster` on, compressed (convert -c): `compressed` (compressClusters'
-   * result, computed here when not given) placed one after the other in cluster order, so the file is byte for
-   * byte what writing them one at a time gives.
+   * Writes consecutive guest clusters from `firstCluster` on, compressed (convert -c): `compressed`, their forms from
+   * compressClusters, placed one after the other in cluster order, so the file is byte for byte what writing them
+   * one at a time gives.
    */
-  async writeCompressedClusters(firstCluster: number, clusters: Uint8Array[], compressed?: Promise<(Uint8Array | undefined)[]>): Promise<void> {
+  async writeCompressedClusters(firstCluster: number, clusters: Uint8Array[], compressed: Promise<(Uint8Array | undefined)[]>): Promise<void> {
     this.refuseLegacyAes();
     const engine = await this.writer();
     const { checkCompressible, placeCompressed } = writeSideLoaded!;
     checkCompressible(engine);
-    const forms = await (compressed ?? this.compressClusters(clusters));
+    const forms = await compressed;
     return engine.exclusive(async () => {
       for (let i = 0; i < clusters.length; i++) await placeCompressed(engine, firstCluster + i, clusters[i]!, forms[i]);
     });

@@ -30,6 +30,14 @@ export function keyBytesOf(spec: CipherSpec): number {
   return spec.mode === 'xts' ? spec.aesKeyBytes * 2 : spec.aesKeyBytes;
 }
 
+/** A decryption between beginDecrypt and endDecrypt; `first` holds each sector's first XTS tweak. */
+interface DecryptRun {
+  data: Uint8Array;
+  aligned: Uint8Array;
+  sector: number;
+  first?: Uint32Array | undefined;
+}
+
 export class SectorCipher {
   private readonly k1: AesKey;
   private readonly k2: AesKey | undefined;
@@ -54,12 +62,8 @@ export class SectorCipher {
 
   /** Decrypts `data` (whole 16-byte blocks) in place; `sector` numbers its first 512 bytes. */
   decrypt(data: Uint8Array, sector: number): void {
-    checkLength(data);
-    if (data.length === 0) return;
-    const aligned = (data.byteOffset & 3) === 0 ? data : data.slice();
-    if (this.spec.mode === 'xts') this.xtsDecrypt(aligned, sector);
-    else this.cbcDecrypt(aligned, sector);
-    if (aligned !== data) data.set(aligned);
+    const run = this.beginDecrypt(data, sector);
+    if (run) this.endDecrypt(run, this.k1.decryptBlocks(run.aligned));
   }
 
   /**
@@ -67,20 +71,31 @@ export class SectorCipher {
    * native AES); otherwise the same synchronous work.
    */
   async decryptAsync(data: Uint8Array, sector: number): Promise<void> {
-    const k1 = this.k1;
-    if (!k1.decryptBlocksAsync) return this.decrypt(data, sector);
+    if (!this.k1.decryptBlocksAsync) return this.decrypt(data, sector);
+    const run = this.beginDecrypt(data, sector);
+    if (run) this.endDecrypt(run, await this.k1.decryptBlocksAsync(run.aligned));
+  }
+
+  /**
+   * Decryption before the block cipher: the data checked and made 4-byte aligned (a copy when it is not), and for
+   * XTS whitened with its tweaks. `aligned` then goes through the block decryption, then endDecrypt.
+   */
+  private beginDecrypt(data: Uint8Array, sector: number): DecryptRun | undefined {
     checkLength(data);
-    if (data.length === 0) return;
+    if (data.length === 0) return undefined;
     const aligned = (data.byteOffset & 3) === 0 ? data : data.slice();
+    if (this.spec.mode !== 'xts') return { data, aligned, sector };
+    const first = this.firstTweaks(sector, aligned.length);
     const x = words(aligned);
-    if (this.spec.mode === 'xts') {
-      const first = this.firstTweaks(sector, aligned.length);
-      this.xorTweaks(first, x, x);
-      this.xorTweaks(first, words(await k1.decryptBlocksAsync(aligned)), x);
-    } else {
-      this.cbcUnchain(aligned, sector, words(await k1.decryptBlocksAsync(aligned)));
-    }
-    if (aligned !== data) data.set(aligned);
+    this.xorTweaks(first, x, x);
+    return { data, aligned, sector, first };
+  }
+
+  /** Decryption after the block cipher: the tweaks again (XTS) or CBC's chaining, the plaintext back in `data`. */
+  private endDecrypt(run: DecryptRun, decrypted: Uint8Array): void {
+    if (run.first) this.xorTweaks(run.first, words(decrypted), words(run.aligned));
+    else this.cbcUnchain(run.aligned, run.sector, words(decrypted));
+    if (run.aligned !== run.data) run.data.set(run.aligned);
   }
 
   /** The encrypted form of `data` (whole 16-byte blocks) as a new array. */
@@ -140,13 +155,6 @@ export class SectorCipher {
     }
   }
 
-  private xtsDecrypt(data: Uint8Array, sector: number): void {
-    const x = words(data);
-    const first = this.firstTweaks(sector, data.length);
-    this.xorTweaks(first, x, x);
-    this.xorTweaks(first, words(this.k1.decryptBlocks(data)), x);
-  }
-
   private xtsEncrypt(data: Uint8Array, sector: number): Uint8Array {
     const first = this.firstTweaks(sector, data.length);
     const mixed = new Uint32Array(data.length >>> 2);
@@ -154,10 +162,6 @@ export class SectorCipher {
     const out = words(this.k1.encryptBlocks(new Uint8Array(mixed.buffer)));
     this.xorTweaks(first, out, out);
     return new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
-  }
-
-  private cbcDecrypt(data: Uint8Array, sector: number): void {
-    this.cbcUnchain(data, sector, words(this.k1.decryptBlocks(data)));
   }
 
   /** CBC's chaining over `decrypted`, the block-wise decryption of `data`: the plaintext, written into `data`. */

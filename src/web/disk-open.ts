@@ -95,7 +95,7 @@ function resolver(base: BaseHandle, snapshot?: BlobStore): StoreResolver {
   };
 }
 
-/** The browser's cryptography for encrypted overlays (AES from @noble/ciphers, WebCrypto's PBKDF2). */
+/** The browser's cryptography for encrypted overlays (web-crypto.ts: WebCrypto's AES for bulk decryption and PBKDF2, @noble/ciphers for the rest). */
 const crypto = webCrypto();
 
 /**

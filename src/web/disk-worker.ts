@@ -337,11 +337,7 @@ async function encryptDisk(passphrase: string, current: string | undefined): Pro
     if (current === undefined) throw new ProblemError('passphrase-needed', 'This disk is encrypted: its current passphrase is needed to change it.');
     await checkPassword(s.device, passwordOf(current)!);
   }
-  if (writeFailure) throw new ProblemError('quota', QUOTA_MESSAGE);
-  await discardStaged();
-  await flush();
-  staged = await stageCopy(s, passwordOf(passphrase)!);
-  await commitImport();
+  await replaceWithCopy(s, passwordOf(passphrase));
 }
 
 /**
@@ -350,12 +346,17 @@ async function encryptDisk(passphrase: string, current: string | undefined): Pro
  */
 async function decryptDisk(passphrase: string): Promise<void> {
   const s = writable('decrypt the disk');
-  if (!(await encryptionOf(s.device)) || !s.password) throw new ProblemError('other', 'This disk is not encrypted.');
+  if (!s.password) throw new ProblemError('other', 'This disk is not encrypted.');
   await checkPassword(s.device, passwordOf(passphrase)!);
+  await replaceWithCopy(s, undefined);
+}
+
+/** The stored disk rewritten as a copy of itself, encrypted with `password` or plain, swapped in as an import is. */
+async function replaceWithCopy(s: Session, password: Uint8Array | undefined): Promise<void> {
   if (writeFailure) throw new ProblemError('quota', QUOTA_MESSAGE);
   await discardStaged();
   await flush();
-  staged = await stageCopy(s, undefined);
+  staged = await stageCopy(s, password);
   await commitImport();
 }
 

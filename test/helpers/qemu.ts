@@ -7,12 +7,11 @@ import { createHash } from 'node:crypto';
 import { createReadStream, rmSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
+import { tempDir } from './temp.js';
 
 // qemu-utils is the oracle for every image test: install it (as root, on CI) before anything runs.
 const root = resolve(import.meta.dirname, '../..');
 execFileSync(process.execPath, [join(root, 'scripts/system-deps.mjs'), 'qemu-utils'], { stdio: 'inherit' });
-
-import { tempDir } from './temp.js';
 
 export { cleanupTempDirs, tempDir } from './temp.js';
 

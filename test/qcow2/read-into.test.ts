@@ -3,17 +3,15 @@
  * qemu-img convert gives: every extent kind overwrites stale buffer contents, and tables evicted while a read
  * waits for another table still map correctly.
  */
-import { afterAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { join } from 'node:path';
 import { FileStore, nodeResolver } from '../../src/io/node.js';
 import { nodeCodecs } from '../../src/io/node-codecs.js';
 import { openImage } from '../../src/qcow2/open.js';
-import { cleanupTempDirs, makeImage, qemuConvertToRaw, tempDir } from '../helpers/qemu.js';
+import { makeImage, qemuConvertToRaw, tempDir } from '../helpers/qemu.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-
-afterAll(cleanupTempDirs);
 
 /** A backing file shorter than its overlay, and an overlay with data, zero, compressed and unallocated parts. */
 async function chain(extendedL2: boolean, clusterSize: number): Promise<string> {

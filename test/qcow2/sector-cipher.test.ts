@@ -104,7 +104,7 @@ describe('sector cipher', () => {
         copy.set(encrypted);
         cipher.decrypt(copy, first);
         expect(Buffer.from(copy).equals(data)).toBe(true);
-        // The data path's asynchronous decryption, two runs at once (each keeps its own tweaks while it waits).
+        // The data path's asynchronous decryption, two runs at once, one of them from an unaligned view.
         const a = encrypted.slice(0, 20 * 512);
         const b = new Uint8Array(encrypted.length - 20 * 512 + 1).subarray(1);
         b.set(encrypted.subarray(20 * 512));
